@@ -1,0 +1,81 @@
+"""(FG)²U: forward gradient unrolling with forward gradients (Shen et al., NeurIPS 2024, arXiv 2406.14095).
+
+The primal inner loop runs once. Beside it, every direction v carries a tangent (dθ_t, ds_t) of the inner
+state, pushed through each step: dg = H_θθ dθ + H_θφ v (the inner gradient's tangent, see ``jvp``), then
+the optimizer update's own JVP. Tangents of a chunk of directions are batched with ``torch.func.vmap``.
+Nothing is kept across steps, so memory does not grow with T. At the end ⟨∇h, v⟩ = ⟨∇_θ f, dθ_T⟩ + ⟨∇_φ f, v⟩.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.utils._pytree import tree_map
+
+from ..optim import InnerOptimizer
+from .unroll import LossFn, detach_tree, make_grad_tangent, step_rng, tree_dot, tree_zeros_like
+
+
+def forward_directional_derivatives(
+    inner_loss: LossFn,
+    outer_loss: LossFn,
+    optimizer: InnerOptimizer,
+    params,
+    state,
+    outer,
+    inner_batches: Sequence,
+    meta_batch,
+    direction_dicts: list[dict[str, torch.Tensor]],
+    seeds: Sequence[int | None],
+    jvp: str = "forward",
+    fd_epsilon: float | None = None,
+    progress=None,
+):
+    """Push each chunk of directions (dicts of tensors with a leading direction axis) through the unroll.
+
+    Returns (⟨∇_θ f, dθ_T⟩ for every direction [b], ∇_φ f, h, θ_T, s_T, inner losses). The direct term ∇_φ f
+    is returned whole so callers can add it exactly instead of estimating it.
+    """
+    grad_tangent = make_grad_tangent(inner_loss, jvp, fd_epsilon)
+    chunks = []
+    for d_outer in direction_dicts:
+        size = next(iter(d_outer.values())).shape[0]
+        chunks.append((tree_zeros_like(params, (size,)), tree_zeros_like(state, (size,)), d_outer))
+    losses = []
+    for batch, seed in zip(inner_batches, seeds, strict=True):
+        with step_rng(seed):
+            grads, loss = torch.func.grad_and_value(inner_loss)(params, outer, batch)
+        new_params, new_state = optimizer.update(grads, state, params)
+
+        def tangent_step(d_params, d_state, d_outer, params=params, state=state, grads=grads, batch=batch):
+            d_grads = grad_tangent(params, outer, batch, d_params, d_outer)
+            _, (d_new_params, d_new_state) = torch.func.jvp(
+                optimizer.update, (grads, state, params), (d_grads, d_state, d_params)
+            )
+            return d_new_params, d_new_state
+
+        batched_step = torch.func.vmap(tangent_step, randomness="same")
+        new_chunks = []
+        for d_params, d_state, d_outer in chunks:
+            with step_rng(seed):
+                d_params, d_state = batched_step(d_params, d_state, d_outer)
+            new_chunks.append((detach_tree(d_params), detach_tree(d_state), d_outer))
+        chunks = new_chunks
+        params, state = detach_tree(new_params), detach_tree(new_state)
+        losses.append(float(loss))
+        if progress is not None:
+            progress.update(1)
+
+    (meta_grad_params, meta_grad_outer), meta_value = torch.func.grad_and_value(outer_loss, argnums=(0, 1))(
+        params, outer, meta_batch
+    )
+    pair = torch.func.vmap(lambda d: tree_dot(meta_grad_params, d))
+    directional = torch.cat([pair(d_params) for d_params, _, _ in chunks])
+    return directional, tree_map(torch.Tensor.detach, meta_grad_outer), float(meta_value), params, state, losses
+
+
+def split_directions(directions: dict[str, torch.Tensor], per_pass: int) -> list[dict[str, torch.Tensor]]:
+    """Split dicts with a leading direction axis into chunks of at most ``per_pass`` directions."""
+    total = next(iter(directions.values())).shape[0]
+    return [{k: v[i : i + per_pass] for k, v in directions.items()} for i in range(0, total, per_pass)]

@@ -1,0 +1,100 @@
+"""Implicit hypergradients at θ_T: Neumann series, conjugate gradient, and the Hessian-free (identity
+inverse-Hessian, SAMA/DARTS-style, first-order) approximation.
+
+All assume θ_T is near a stationary point of the inner loss, so dθ*/dφ = −H_θθ⁻¹ H_θφ and
+∇h = ∇_φ f − H_φθ q with q ≈ H_θθ⁻¹ ∇_θ f. Hessians use the last inner batch. The optimizer path that led
+to θ_T does not enter: these are the references for a converged inner problem, not for the unroll.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.utils._pytree import tree_map
+
+from ..optim import InnerOptimizer
+from .unroll import LossFn, detach_tree, make_grad_tangent, run_inner_loop, step_rng, tree_axpy, tree_dot
+
+
+def implicit_hypergradient(
+    inner_loss: LossFn,
+    outer_loss: LossFn,
+    optimizer: InnerOptimizer,
+    params,
+    state,
+    outer,
+    inner_batches: Sequence,
+    meta_batch,
+    seeds: Sequence[int | None],
+    method: str,
+    inner_lr: float,
+    implicit_steps: int = 10,
+    neumann_lr: float | None = None,
+    cg_damping: float = 0.0,
+    jvp: str = "forward",
+    fd_epsilon: float | None = None,
+    progress=None,
+):
+    """Return (∇h estimate, h, θ_T, s_T, inner losses) for method "neumann", "cg" or "hessian_free"."""
+    params, state, losses = run_inner_loop(inner_loss, optimizer, params, state, outer, inner_batches, seeds, progress)
+    batch, seed = inner_batches[-1], seeds[-1]
+    (meta_params, meta_outer), value = torch.func.grad_and_value(outer_loss, argnums=(0, 1))(params, outer, meta_batch)
+    zero_outer = tree_map(torch.zeros_like, outer)
+    grad_tangent = make_grad_tangent(inner_loss, jvp, fd_epsilon)
+
+    def hvp(vector):
+        with step_rng(seed):
+            return detach_tree(grad_tangent(params, outer, batch, vector, zero_outer))
+
+    if method == "neumann":
+        alpha = inner_lr if neumann_lr is None else neumann_lr
+        term, total = meta_params, meta_params
+        for _ in range(implicit_steps):
+            term = tree_axpy(-alpha, hvp(term), term)
+            total = tree_map(torch.add, total, term)
+        solution = tree_map(lambda t: alpha * t, total)
+    elif method == "cg":
+        solution = conjugate_gradient(hvp, meta_params, implicit_steps, cg_damping)
+    elif method == "hessian_free":
+        solution = tree_map(lambda t: inner_lr * t, meta_params)
+    else:
+        raise ValueError(f"implicit method {method!r} is not known.")
+
+    with step_rng(seed):
+        mixed = mixed_product(inner_loss, params, outer, batch, solution, jvp, fd_epsilon, method == "hessian_free")
+    grad = tree_map(lambda direct, m: (direct - m).detach(), meta_outer, mixed)
+    return grad, float(value), params, state, losses
+
+
+def conjugate_gradient(hvp, rhs, steps: int, damping: float = 0.0):
+    """Solve (H + damping·I) x = rhs from x = 0 with ``steps`` CG iterations; H must be positive definite."""
+    x = tree_map(torch.zeros_like, rhs)
+    residual, direction = rhs, rhs
+    rr = tree_dot(residual, residual)
+    for _ in range(steps):
+        if float(rr) == 0.0:
+            break
+        product = tree_axpy(damping, direction, hvp(direction))
+        alpha = rr / tree_dot(direction, product)
+        x = tree_axpy(alpha, direction, x)
+        residual = tree_axpy(-alpha, product, residual)
+        rr_new = tree_dot(residual, residual)
+        direction = tree_axpy(rr_new / rr, direction, residual)
+        rr = rr_new
+    return x
+
+
+def mixed_product(inner_loss, params, outer, batch, vector, jvp: str, fd_epsilon, first_order: bool):
+    """H_φθ·vector = ∇_φ⟨∇_θL, vector⟩: by reverse-over-reverse, or by a central difference of ∇_φL along
+    ``vector`` when only first-order derivatives are allowed."""
+    if first_order or jvp == "finite_difference":
+        grad_outer = torch.func.grad(inner_loss, argnums=1)
+        first = next(iter(params.values()))
+        eps = fd_epsilon if fd_epsilon is not None else (1e-5 if first.dtype == torch.float64 else 1e-2)
+        step = eps / torch.sqrt(tree_dot(vector, vector)).clamp_min(1e-30)
+        plus = grad_outer(tree_axpy(step, vector, params), outer, batch)
+        minus = grad_outer(tree_axpy(-step, vector, params), outer, batch)
+        return tree_map(lambda a, b: (a - b) / (2 * step), plus, minus)
+    grad_params = torch.func.grad(inner_loss, argnums=0)
+    return torch.func.grad(lambda o: tree_dot(grad_params(params, o, batch), vector))(outer)

@@ -1,0 +1,117 @@
+"""Shared pieces of every method: pytree helpers, the primal inner step, per-step RNG and inner-gradient
+tangents (the three ``jvp`` modes)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.utils._pytree import tree_leaves, tree_map
+
+from ..optim import InnerOptimizer
+
+LossFn = Callable[[dict, dict, object], torch.Tensor]
+JVP_MODES = ("forward", "double_backward", "finite_difference")
+
+
+def tree_dot(a, b) -> torch.Tensor:
+    """Σ ⟨a_leaf, b_leaf⟩ over matching pytrees (leading vmap dims are handled by vmap itself)."""
+    return sum((x * y).sum() for x, y in zip(tree_leaves(a), tree_leaves(b), strict=True))
+
+
+def tree_axpy(alpha, x, y):
+    """alpha·x + y, leafwise."""
+    return tree_map(lambda a, b: alpha * a + b, x, y)
+
+
+def tree_zeros_like(tree, leading: tuple[int, ...] = ()):
+    return tree_map(lambda t: torch.zeros(*leading, *t.shape, dtype=t.dtype, device=t.device), tree)
+
+
+def detach_tree(tree):
+    return tree_map(lambda t: t.detach(), tree)
+
+
+@contextlib.contextmanager
+def step_rng(seed: int | None):
+    """Fix the global RNG for one inner step, so every pass over it (primal, each tangent chunk) sees the
+    same dropout masks: all directions differentiate the same function."""
+    if seed is None:
+        yield
+        return
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def inner_step(inner_loss: LossFn, optimizer: InnerOptimizer, params, state, outer, batch):
+    """One primal inner step: (θ, s) -> (θ', s'), plus the inner loss value before the step."""
+    grads, loss = torch.func.grad_and_value(inner_loss)(params, outer, batch)
+    new_params, new_state = optimizer.update(grads, state, params)
+    return new_params, new_state, loss
+
+
+def run_inner_loop(
+    inner_loss: LossFn,
+    optimizer: InnerOptimizer,
+    params,
+    state,
+    outer,
+    batches: Sequence,
+    seeds: Sequence[int | None],
+    progress=None,
+):
+    """Run the primal inner loop with nothing differentiated; returns (θ_T, s_T, inner losses)."""
+    losses = []
+    for batch, seed in zip(batches, seeds, strict=True):
+        with step_rng(seed):
+            params, state, loss = inner_step(inner_loss, optimizer, params, state, outer, batch)
+        params, state = detach_tree(params), detach_tree(state)
+        losses.append(float(loss))
+        if progress is not None:
+            progress.update(1)
+    return params, state, losses
+
+
+def make_grad_tangent(inner_loss: LossFn, mode: str, fd_epsilon: float | None) -> Callable:
+    """Return ``tangent(params, outer, batch, d_params, d_outer) -> H_θθ·d_params + H_θφ·d_outer``, the
+    directional derivative of ∇_θ L along (d_params, d_outer); it batches under vmap in every mode.
+
+    - "forward": ``torch.func.jvp`` of ``torch.func.grad`` (forward-over-reverse);
+    - "double_backward": ∇_θ(⟨∇_θL, d_params⟩ + ⟨∇_φL, d_outer⟩), reverse-over-reverse;
+    - "finite_difference": a central difference of ∇_θL along the direction, first-order only, for
+      kernels with neither forward AD nor double backward.
+    """
+    grad_params = torch.func.grad(inner_loss, argnums=0)
+
+    if mode == "forward":
+
+        def tangent(params, outer, batch, d_params, d_outer):
+            return torch.func.jvp(lambda p, o: grad_params(p, o, batch), (params, outer), (d_params, d_outer))[1]
+
+    elif mode == "double_backward":
+        grad_both = torch.func.grad(inner_loss, argnums=(0, 1))
+
+        def tangent(params, outer, batch, d_params, d_outer):
+            def pairing(p):
+                g_params, g_outer = grad_both(p, outer, batch)
+                return tree_dot(g_params, d_params) + tree_dot(g_outer, d_outer)
+
+            return torch.func.grad(pairing)(params)
+
+    elif mode == "finite_difference":
+
+        def tangent(params, outer, batch, d_params, d_outer):
+            first = next(iter(tree_leaves(params)))
+            eps = fd_epsilon if fd_epsilon is not None else (1e-5 if first.dtype == torch.float64 else 1e-2)
+            norm = torch.sqrt(tree_dot(d_params, d_params) + tree_dot(d_outer, d_outer))
+            step = eps / norm.clamp_min(1e-30)
+            plus = grad_params(tree_axpy(step, d_params, params), tree_axpy(step, d_outer, outer), batch)
+            minus = grad_params(tree_axpy(-step, d_params, params), tree_axpy(-step, d_outer, outer), batch)
+            return tree_map(lambda a, b: (a - b) / (2 * step), plus, minus)
+
+    else:
+        raise ValueError(f"jvp={mode!r} is not known; use one of {JVP_MODES}.")
+    return tangent

@@ -1,0 +1,59 @@
+"""(FG)²U-ZO: ⟨∇h, v⟩ from finite differences of h itself, for inner loops that cannot be differentiated.
+
+Each direction costs one (forward scheme) or two (central scheme) extra primal unrolls at φ ± μv; a chunk
+of directions runs as one batched unroll under ``torch.func.vmap``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..optim import InnerOptimizer
+from .unroll import LossFn, inner_step, run_inner_loop, step_rng
+
+ZO_SCHEMES = ("central", "forward")
+
+
+def zeroth_order_directional_derivatives(
+    inner_loss: LossFn,
+    outer_loss: LossFn,
+    optimizer: InnerOptimizer,
+    params,
+    state,
+    outer,
+    inner_batches: Sequence,
+    meta_batch,
+    direction_dicts: list[dict[str, torch.Tensor]],
+    seeds: Sequence[int | None],
+    zo_epsilon: float = 1e-3,
+    zo_scheme: str = "central",
+    progress=None,
+):
+    """Return (⟨∇h, v⟩ estimates [b], h, θ_T, s_T, inner losses)."""
+    if zo_scheme not in ZO_SCHEMES:
+        raise ValueError(f"zo_scheme={zo_scheme!r} is not known; use one of {ZO_SCHEMES}.")
+
+    def unrolled_value(phi):
+        p, s = params, state
+        for batch, seed in zip(inner_batches, seeds, strict=True):
+            with step_rng(seed):
+                p, s, _ = inner_step(inner_loss, optimizer, p, s, phi, batch)
+        return outer_loss(p, phi, meta_batch)
+
+    batched_value = torch.func.vmap(unrolled_value, randomness="same")
+    final_params, final_state, losses = run_inner_loop(
+        inner_loss, optimizer, params, state, outer, inner_batches, seeds, progress
+    )
+    base = outer_loss(final_params, outer, meta_batch).detach()
+    estimates = []
+    for chunk in direction_dicts:
+        shifted_up = {k: outer[k] + zo_epsilon * chunk[k] for k in outer}
+        up = batched_value(shifted_up).detach()
+        if zo_scheme == "central":
+            shifted_down = {k: outer[k] - zo_epsilon * chunk[k] for k in outer}
+            estimates.append((up - batched_value(shifted_down).detach()) / (2 * zo_epsilon))
+        else:
+            estimates.append((up - base) / zo_epsilon)
+    return torch.cat(estimates), float(base), final_params, final_state, losses
