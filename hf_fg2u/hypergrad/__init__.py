@@ -94,6 +94,7 @@ def estimate_hypergradient(
     implicit_steps: int = 10,
     neumann_lr: float | None = None,
     cg_damping: float = 0.0,
+    implicit_batches: str = "all",
     step_seeds: Sequence[int | None] | None = None,
     progress: bool = False,
 ) -> HypergradientResult:
@@ -119,6 +120,8 @@ def estimate_hypergradient(
       truncation: K, the differentiated steps of "trgu".
       zo_epsilon, zo_scheme: step μ and "central"/"forward" differences of "fg2u_zo".
       implicit_steps, neumann_lr, cg_damping: iterations, Neumann step α (default ``inner_lr``), CG damping.
+      implicit_batches: "all" (default) or "last": the inner batches whose mean loss defines the Hessians of
+        "neumann", "cg" and "hessian_free".
       step_seeds: the RNG seed of each inner step (dropout masks); default derived from ``seed``.
       progress: show a progress bar over the inner steps.
     """
@@ -151,7 +154,7 @@ def estimate_hypergradient(
             directions_per_pass=directions_per_pass, direction_slice=direction_slice,
             active_coordinates=active_coordinates, fd_epsilon=fd_epsilon, truncation=truncation,
             zo_epsilon=zo_epsilon, zo_scheme=zo_scheme, implicit_steps=implicit_steps, neumann_lr=neumann_lr,
-            cg_damping=cg_damping,
+            cg_damping=cg_damping, implicit_batches=implicit_batches,
         )  # fmt: skip
     finally:
         if bar is not None:
@@ -163,7 +166,7 @@ def estimate_hypergradient(
 def _dispatch(method, inner_loss, outer_loss, optimizer, params, state, outer, inner_batches, meta_batch,
               common, bar, *, inner_lr, num_directions, directions, seed, jvp, directions_per_pass,
               direction_slice, active_coordinates, fd_epsilon, truncation, zo_epsilon, zo_scheme,
-              implicit_steps, neumann_lr, cg_damping) -> HypergradientResult:  # fmt: skip
+              implicit_steps, neumann_lr, cg_damping, implicit_batches) -> HypergradientResult:  # fmt: skip
     if method in ("rgu", "trgu"):
         grad, value, params, state, losses = reverse_hypergradient(
             inner_loss, outer_loss, optimizer, params, state, outer, inner_batches, meta_batch,
@@ -174,7 +177,7 @@ def _dispatch(method, inner_loss, outer_loss, optimizer, params, state, outer, i
         grad, value, params, state, losses = implicit_hypergradient(
             inner_loss, outer_loss, optimizer, params, state, outer, inner_batches, meta_batch, method=method,
             inner_lr=inner_lr, implicit_steps=implicit_steps, neumann_lr=neumann_lr, cg_damping=cg_damping,
-            jvp=jvp, fd_epsilon=fd_epsilon, progress=bar, **common,
+            implicit_batches=implicit_batches, jvp=jvp, fd_epsilon=fd_epsilon, progress=bar, **common,
         )  # fmt: skip
         return HypergradientResult(grad, value, params, state, losses, method=method)
 

@@ -1,9 +1,13 @@
 """Implicit hypergradients at θ_T: Neumann series, conjugate gradient, and the Hessian-free (identity
 inverse-Hessian, SAMA/DARTS-style, first-order) approximation.
 
-All assume θ_T is near a stationary point of the inner loss, so dθ*/dφ = −H_θθ⁻¹ H_θφ and
-∇h = ∇_φ f − H_φθ q with q ≈ H_θθ⁻¹ ∇_θ f. Hessians use the last inner batch. The optimizer path that led
+Neumann and CG assume θ_T is near a stationary point of the inner loss averaged over the unroll's batches
+(L̄), so dθ*/dφ = −H̄_θθ⁻¹ H̄_θφ and ∇h = ∇_φ f − H̄_φθ q with q ≈ H̄_θθ⁻¹ ∇_θ f. The optimizer path that led
 to θ_T does not enter: these are the references for a converged inner problem, not for the unroll.
+Hessian-free treats every factor (I − αH_θθ) of the unrolled Jacobian as the identity:
+dθ_T/dφ ≈ −α Σ_t ∂_φ∇_θL(θ_{t-1}, batch_t), so ∇h ≈ ∇_φ f − α Σ_t H_φθ(θ_{t-1}) ∇_θ f(θ_T): first-order
+(central differences of ∇_φL, DARTS/SAMA-style), it keeps the T inner iterates (adapter-sized), and it is
+exact for one SGD step.
 """
 
 from __future__ import annotations
@@ -32,20 +36,33 @@ def implicit_hypergradient(
     implicit_steps: int = 10,
     neumann_lr: float | None = None,
     cg_damping: float = 0.0,
+    implicit_batches: str = "all",
     jvp: str = "forward",
     fd_epsilon: float | None = None,
     progress=None,
 ):
     """Return (∇h estimate, h, θ_T, s_T, inner losses) for method "neumann", "cg" or "hessian_free"."""
+    if method == "hessian_free":
+        return hessian_free_hypergradient(
+            inner_loss, outer_loss, optimizer, params, state, outer, inner_batches, meta_batch, seeds, inner_lr,
+            fd_epsilon, progress,
+        )  # fmt: skip
     params, state, losses = run_inner_loop(inner_loss, optimizer, params, state, outer, inner_batches, seeds, progress)
-    batch, seed = inner_batches[-1], seeds[-1]
+    if implicit_batches == "last":
+        inner_batches, seeds = inner_batches[-1:], seeds[-1:]
+    elif implicit_batches != "all":
+        raise ValueError(f"implicit_batches={implicit_batches!r} is not known; use 'all' or 'last'.")
+    pairs = list(zip(inner_batches, seeds, strict=True))
     (meta_params, meta_outer), value = torch.func.grad_and_value(outer_loss, argnums=(0, 1))(params, outer, meta_batch)
     zero_outer = tree_map(torch.zeros_like, outer)
     grad_tangent = make_grad_tangent(inner_loss, jvp, fd_epsilon)
 
     def hvp(vector):
-        with step_rng(seed):
-            return detach_tree(grad_tangent(params, outer, batch, vector, zero_outer))
+        products = []
+        for batch, seed in pairs:
+            with step_rng(seed):
+                products.append(detach_tree(grad_tangent(params, outer, batch, vector, zero_outer)[0]))
+        return tree_map(lambda *leaves: sum(leaves) / len(leaves), *products)
 
     if method == "neumann":
         alpha = inner_lr if neumann_lr is None else neumann_lr
@@ -56,14 +73,36 @@ def implicit_hypergradient(
         solution = tree_map(lambda t: alpha * t, total)
     elif method == "cg":
         solution = conjugate_gradient(hvp, meta_params, implicit_steps, cg_damping)
-    elif method == "hessian_free":
-        solution = tree_map(lambda t: inner_lr * t, meta_params)
     else:
         raise ValueError(f"implicit method {method!r} is not known.")
 
-    with step_rng(seed):
-        mixed = mixed_product(inner_loss, params, outer, batch, solution, jvp, fd_epsilon, method == "hessian_free")
-    grad = tree_map(lambda direct, m: (direct - m).detach(), meta_outer, mixed)
+    mixed = []
+    for batch, seed in pairs:
+        with step_rng(seed):
+            mixed.append(mixed_product(inner_loss, params, outer, batch, solution, jvp, fd_epsilon, False))
+    mean_mixed = tree_map(lambda *leaves: sum(leaves) / len(leaves), *mixed)
+    grad = tree_map(lambda direct, m: (direct - m).detach(), meta_outer, mean_mixed)
+    return grad, float(value), params, state, losses
+
+
+def hessian_free_hypergradient(
+    inner_loss, outer_loss, optimizer, params, state, outer, inner_batches, meta_batch, seeds, inner_lr, fd_epsilon,
+    progress,
+):  # fmt: skip
+    """∇_φ f − α Σ_t H_φθ(θ_{t-1}, batch_t) ∇_θ f(θ_T), with only first derivatives."""
+    iterates, losses = [], []
+    for batch, seed in zip(inner_batches, seeds, strict=True):
+        iterates.append(params)
+        params, state, step_losses = run_inner_loop(
+            inner_loss, optimizer, params, state, outer, [batch], [seed], progress
+        )
+        losses += step_losses
+    (meta_params, meta_outer), value = torch.func.grad_and_value(outer_loss, argnums=(0, 1))(params, outer, meta_batch)
+    grad = tree_map(torch.Tensor.detach, meta_outer)
+    for iterate, batch, seed in zip(iterates, inner_batches, seeds, strict=True):
+        with step_rng(seed):
+            mixed = mixed_product(inner_loss, iterate, outer, batch, meta_params, "finite_difference", fd_epsilon, True)
+        grad = tree_map(lambda g, m: (g - inner_lr * m).detach(), grad, mixed)
     return grad, float(value), params, state, losses
 
 

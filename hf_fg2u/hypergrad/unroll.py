@@ -76,8 +76,10 @@ def run_inner_loop(
 
 
 def make_grad_tangent(inner_loss: LossFn, mode: str, fd_epsilon: float | None) -> Callable:
-    """Return ``tangent(params, outer, batch, d_params, d_outer) -> H_θθ·d_params + H_θφ·d_outer``, the
-    directional derivative of ∇_θ L along (d_params, d_outer); it batches under vmap in every mode.
+    """Return ``tangent(params, outer, batch, d_params, d_outer) -> (dg, g, loss)``: dg = H_θθ·d_params +
+    H_θφ·d_outer is the directional derivative of g = ∇_θL along (d_params, d_outer); it batches under vmap.
+    g and the loss come for free from the same pass ("forward", "double_backward"; None otherwise) and do not
+    depend on the direction, so a vmap can return them unbatched.
 
     - "forward": ``torch.func.jvp`` of ``torch.func.grad`` (forward-over-reverse);
     - "double_backward": ∇_θ(⟨∇_θL, d_params⟩ + ⟨∇_φL, d_outer⟩), reverse-over-reverse;
@@ -87,19 +89,24 @@ def make_grad_tangent(inner_loss: LossFn, mode: str, fd_epsilon: float | None) -
     grad_params = torch.func.grad(inner_loss, argnums=0)
 
     if mode == "forward":
+        grad_and_loss = torch.func.grad_and_value(inner_loss, argnums=0)
 
         def tangent(params, outer, batch, d_params, d_outer):
-            return torch.func.jvp(lambda p, o: grad_params(p, o, batch), (params, outer), (d_params, d_outer))[1]
+            primal, (d_grads, _) = torch.func.jvp(
+                lambda p, o: grad_and_loss(p, o, batch), (params, outer), (d_params, d_outer)
+            )
+            return d_grads, primal[0], primal[1]
 
     elif mode == "double_backward":
-        grad_both = torch.func.grad(inner_loss, argnums=(0, 1))
+        grad_both = torch.func.grad_and_value(inner_loss, argnums=(0, 1))
 
         def tangent(params, outer, batch, d_params, d_outer):
             def pairing(p):
-                g_params, g_outer = grad_both(p, outer, batch)
-                return tree_dot(g_params, d_params) + tree_dot(g_outer, d_outer)
+                (g_params, g_outer), loss = grad_both(p, outer, batch)
+                return tree_dot(g_params, d_params) + tree_dot(g_outer, d_outer), (g_params, loss)
 
-            return torch.func.grad(pairing)(params)
+            d_grads, (grads, loss) = torch.func.grad(pairing, has_aux=True)(params)
+            return d_grads, grads, loss
 
     elif mode == "finite_difference":
 
@@ -110,7 +117,7 @@ def make_grad_tangent(inner_loss: LossFn, mode: str, fd_epsilon: float | None) -
             step = eps / norm.clamp_min(1e-30)
             plus = grad_params(tree_axpy(step, d_params, params), tree_axpy(step, d_outer, outer), batch)
             minus = grad_params(tree_axpy(-step, d_params, params), tree_axpy(-step, d_outer, outer), batch)
-            return tree_map(lambda a, b: (a - b) / (2 * step), plus, minus)
+            return tree_map(lambda a, b: (a - b) / (2 * step), plus, minus), None, None
 
     else:
         raise ValueError(f"jvp={mode!r} is not known; use one of {JVP_MODES}.")

@@ -1,0 +1,347 @@
+"""Peak memory growth and time of one hypergradient vs the unroll length T, methods side by side.
+
+Model: a tiny Llama built from config (hidden 256, intermediate 688, 4 layers, 4 heads, vocab 2048, eager
+attention, float32) with peft LoRA r=4 on q_proj/v_proj; T inner batches of 8x128 random tokens. The outer
+variable is a logit per training example (``example_logits``, T·batch zeros, softmax-normalised per batch);
+every coordinate is active. Inner optimizer: SGD.
+
+Methods: ``plain`` (T plain LoRA steps, no hypergradient: the baseline), ``fg2u`` (b directions in one vmap
+pass), ``rgu``, ``trgu`` (last min(T, K) steps), ``neumann`` (5 iterations, Hessian of the last inner batch
+batches). Each (method, T, b) runs in a fresh process of this script: build the model, one warm-up call of the
+same method with T=1 (kernels, caches), then the measured call. growth = peak RSS during the call − RSS just
+before it (see ``_bench_common``).
+
+Copy-paste (from the repository root)::
+
+    .venv/bin/python scripts/bench_unroll.py --quick --out-dir /tmp/bench     # a fast check (~2 min)
+    .venv/bin/python scripts/bench_unroll.py                                  # the full default, to docs/
+    .venv/bin/python scripts/bench_unroll.py --hidden 128 --layers 2 --batch-size 4 --seq-len 64 \\
+        --steps 1 2 4 8 16 --out-dir /tmp/bench                               # a medium run
+    .venv/bin/python scripts/bench_unroll.py --methods plain fg2u --fg2u-directions 1 8   # cost of b=8 vs b=1
+
+Writes ``bench_unroll.md`` (table), ``bench_unroll.json`` (config + raw records) and ``bench_unroll.png``
+(memory and time vs T, log-log) to ``--out-dir``. Run nothing else on the machine meanwhile: an OpenMP team
+that shares a core with another busy process slows down many-fold (use ``--threads 1`` beside other work).
+
+With glibc's default (dynamic) mmap threshold, freed activations stay in the heap and fragment it, so even
+the flat methods drift up by a few MB over T=1..16; ``--mmap-threshold 65536`` removes the drift (exactly
+flat growth) but roughly doubles the times, so use it for memory-only runs.
+
+Worker mode (one measurement, one JSON line on stdout; what the parent runs, and what a test can run)::
+
+    .venv/bin/python scripts/bench_unroll.py --worker --methods fg2u --steps 8 --directions 1 --quick
+    # {"method": "fg2u", "T": 8, "b": 1, "growth_mb": ..., "seconds": ..., "baseline_mb": ..., ...}
+
+``--worker`` takes exactly one method and one T; size flags, ``--jvp``, ``--truncation``, ``--threads`` apply
+(``--mmap-threshold`` does not: set ``MALLOC_MMAP_THRESHOLD_`` in the worker's environment instead).
+In-process, ``measure(method, steps, directions, sizes)`` returns the same dict (put ``scripts/`` on
+``sys.path`` to import it); its memory numbers are only clean in a process that does nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from _bench_common import ModelSizes, build_lora_llama, measure_peak, random_token_batches
+
+from hf_fg2u.functional import trainable_parameters
+from hf_fg2u.hypergrad import DEFAULT_JVP, JVP_MODES, estimate_hypergradient
+from hf_fg2u.hypergrad.unroll import run_inner_loop
+from hf_fg2u.optim import make_inner_optimizer
+from hf_fg2u.problem import batch_softmax_weights, make_lm_problem
+
+METHODS = ("plain", "fg2u", "rgu", "trgu", "neumann")
+DEFAULT_STEPS = [1, 2, 4, 8, 16, 32]
+QUICK = {"hidden": 64, "layers": 2, "batch_size": 4, "seq_len": 32, "steps": [1, 2, 4]}
+SIZE_FLAGS = ("hidden", "intermediate", "layers", "heads", "vocab", "rank", "batch_size", "seq_len")
+INNER_LR = 1e-2
+NEUMANN_STEPS = 5
+REPO = Path(__file__).resolve().parents[1]
+
+
+def method_options(method: str, steps: int, directions: int, jvp: str, truncation: int) -> dict:
+    """Keyword arguments of ``estimate_hypergradient`` for one benchmarked method at unroll length T.
+    fg2u batches all b directions in one vmap pass, so b's cost shows in one call."""
+    if method == "fg2u":
+        return {"num_directions": directions, "directions_per_pass": directions, "jvp": jvp}
+    if method == "trgu":
+        return {"truncation": min(steps, truncation)}
+    if method == "neumann":
+        return {"implicit_steps": NEUMANN_STEPS, "implicit_batches": "last", "jvp": jvp}
+    return {}
+
+
+def make_runner(model, method: str, batches: list[dict], meta: dict, directions: int, jvp: str, truncation: int):
+    """``run(T)``: the method on the first T batches. The outer vector covers all batches, so the warm-up
+    (T=1) and the measured call share the problem; active_coordinates is left None: all are active."""
+    inner_loss, outer_loss = make_lm_problem(model, batch_softmax_weights(), second_order=method != "plain")
+    params = trainable_parameters(model)
+    outer = {"example_logits": torch.zeros(sum(len(b["example_id"]) for b in batches))}
+    if method == "plain":
+        optimizer = make_inner_optimizer("sgd", INNER_LR)
+        return lambda T: run_inner_loop(
+            inner_loss, optimizer, params, optimizer.init(params), outer, batches[:T], list(range(T))
+        )
+    return lambda T: estimate_hypergradient(
+        inner_loss, outer_loss, params, outer, batches[:T], meta, method=method, inner_lr=INNER_LR,
+        **method_options(method, T, directions, jvp, truncation),
+    )  # fmt: skip
+
+
+def measure(
+    method: str,
+    steps: int,
+    directions: int = 1,
+    sizes: ModelSizes | None = None,
+    *,
+    jvp: str = DEFAULT_JVP,
+    truncation: int = 4,
+    threads: int = 2,
+    seed: int = 0,
+) -> dict:
+    """One measurement in this process: build, warm up with T=1, then time the call at T=``steps``.
+
+    sizes: default :class:`ModelSizes`. Returns {method, T, b, growth_mb, seconds, baseline_mb, peak_mb,
+    peak_reset}; b is None except for fg2u.
+    """
+    sizes = sizes or ModelSizes()
+    torch.set_num_threads(threads)
+    model = build_lora_llama(sizes, seed)
+    batches, meta = random_token_batches(steps, sizes, seed + 1)
+    run = make_runner(model, method, batches, meta, directions, jvp, truncation)
+    run(1)
+    stats = measure_peak(lambda: run(steps))
+    return {"method": method, "T": steps, "b": directions if method == "fg2u" else None, **stats}
+
+
+def worker_command(method: str, steps: int, directions: int | None, args: argparse.Namespace) -> list[str]:
+    """The command line of one ``--worker`` measurement with the parent's sizes and options."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--methods", method, "--steps", str(steps)]
+    command += ["--directions", str(directions or 1), "--jvp", args.jvp, "--truncation", str(args.truncation)]
+    command += ["--threads", str(args.threads), "--seed", str(args.seed)]
+    for flag in SIZE_FLAGS:
+        if getattr(args, flag) is not None:
+            command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    return command
+
+
+def run_worker(method: str, steps: int, directions: int | None, args: argparse.Namespace) -> dict:
+    """One measurement in a fresh process, so RSS holds nothing from other measurements. A worker that
+    fails (out of memory, killed) yields a record with ``error`` instead of stopping the whole benchmark."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    if args.mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+    done = subprocess.run(worker_command(method, steps, directions, args), capture_output=True, text=True, env=env)
+    if done.returncode == 0:
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    if done.returncode < 0:
+        error = f"killed by signal {-done.returncode} (out of memory?)"
+    else:
+        error = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+    return {"method": method, "T": steps, "b": directions, "error": error}
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, int, int | None]]:
+    """(method, T, b) of every measurement, T-major so that a partial run covers all methods; b is None for
+    the methods without directions."""
+    directions = args.fg2u_directions or [args.directions]
+    return [
+        (method, steps, b)
+        for steps in args.steps
+        for method in args.methods
+        for b in (directions if method == "fg2u" else [None])
+    ]
+
+
+def label(record: dict, several_b: bool) -> str:
+    return f"fg2u b={record['b']}" if record["method"] == "fg2u" and several_b else record["method"]
+
+
+def cell(value: float | None, digits: int) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None where either is missing or b is too small to divide by meaningfully."""
+    return None if a is None or b is None or b <= 1e-9 else a / b
+
+
+def ratio_columns(labels: list[str], fg2u_labels: list[str], steps: list[int]) -> list[tuple]:
+    """(title, numerator, denominator, key, fixed T of the denominator or None) of each ratio column: is fg2u's
+    memory flat in T (vs its T=2 value, vs RGU, vs plain), what it costs over T plain steps, and per direction."""
+    if not fg2u_labels:
+        return []
+    fg2u = fg2u_labels[0]
+    reference = min([t for t in steps if t >= 2] or steps)
+    columns = [(f"{fg2u} mem / T={reference}", fg2u, fg2u, "growth_mb", reference)]
+    columns += [
+        (f"{fg2u} mem / {other}", fg2u, other, "growth_mb", None) for other in ("rgu", "plain") if other in labels
+    ]
+    if "plain" in labels:
+        columns.append((f"{fg2u} time / plain", fg2u, "plain", "seconds", None))
+    if len(fg2u_labels) > 1:
+        columns.append((f"time {fg2u_labels[-1]} / {fg2u}", fg2u_labels[-1], fg2u, "seconds", None))
+    return columns
+
+
+def markdown_table(records: list[dict], steps: list[int], labels: list[str], fg2u_labels: list[str]) -> str:
+    """Rows T; memory growth (MB) and time (s) per method, then the ratio columns."""
+    several_b = len(fg2u_labels) > 1
+    value = {(label(r, several_b), r["T"]): r for r in records if "error" not in r}
+    failed = {(label(r, several_b), r["T"]) for r in records if "error" in r}
+
+    def get(name: str, steps_: int, key: str) -> float | None:
+        return value[(name, steps_)][key] if (name, steps_) in value else None
+
+    def fmt(name: str, steps_: int, key: str, digits: int) -> str:
+        return "fail" if (name, steps_) in failed else cell(get(name, steps_, key), digits)
+
+    ratios = ratio_columns(labels, fg2u_labels, steps)
+    header = [f"mem {name} (MB)" for name in labels] + [f"time {name} (s)" for name in labels]
+    header += [title for title, *_ in ratios]
+    lines = ["| T | " + " | ".join(header) + " |", "|" + "---|" * (len(header) + 1)]
+    for t in steps:
+        row = [fmt(n, t, "growth_mb", 1) for n in labels] + [fmt(n, t, "seconds", 2) for n in labels]
+        row += [cell(ratio(get(num, t, key), get(den, fixed or t, key)), 2) for _, num, den, key, fixed in ratios]
+        lines.append(f"| {t} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], labels: list[str], several_b: bool, path: Path) -> None:
+    """Two log-log panels, memory growth and time vs T, one line per method; non-positive growth (noise
+    around zero for flat methods) cannot sit on a log axis and is left out."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[plots]'): no plot written.")
+        return
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in labels:
+        mine = sorted((r for r in records if "error" not in r and label(r, several_b) == name), key=lambda r: r["T"])
+        for axis, key in zip(axes, ("growth_mb", "seconds"), strict=True):
+            points = [(r["T"], r[key]) for r in mine if r[key] > 0]
+            if points:
+                axis.plot(*zip(*points, strict=True), marker="o", label=name)
+    steps = sorted({r["T"] for r in records})
+    for axis, title in zip(axes, ("peak memory growth (MB)", "time per call (s)"), strict=True):
+        axis.set(xscale="log", yscale="log", xlabel="unroll length T", title=title)
+        axis.set_xticks(steps, [str(t) for t in steps])
+        axis.xaxis.set_minor_formatter(NullFormatter())
+        axis.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        axis.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        axis.yaxis.set_minor_formatter(NullFormatter())
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def describe(args: argparse.Namespace, sizes: ModelSizes) -> str:
+    return (
+        f"Llama + LoRA {sizes.as_dict()}, {args.threads} threads, jvp={args.jvp}, trgu K={args.truncation}, "
+        f"neumann {NEUMANN_STEPS} steps, SGD lr={INNER_LR}, torch {torch.__version__}, MALLOC_MMAP_THRESHOLD_="
+        f"{args.mmap_threshold or 'glibc default'}. Memory: peak RSS growth over the RSS before the call (fresh "
+        "process per cell, after a T=1 warm-up)."
+    )
+
+
+def warn_if_busy(threads: int) -> None:
+    """Warn when other processes hold the cores the workers need: an OpenMP team that shares a core with
+    another busy process waits at every barrier (measured here: 40x slower at 2 threads beside one busy
+    process), so the times would be meaningless. Memory is unaffected."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load + threads > cores + 0.5:
+        print(
+            f"warning: load average {load:.1f} on {cores} cores; with --threads {threads} the times will be "
+            "distorted by other processes (use fewer threads or an idle machine).",
+            flush=True,
+        )
+
+
+def run_benchmark(args: argparse.Namespace, sizes: ModelSizes) -> None:
+    """Run every measurement in its own worker, print progress, then write the table, JSON and plot."""
+    warn_if_busy(args.threads)
+    records, todo = [], plan(args)
+    for index, (method, steps, b) in enumerate(todo, 1):
+        record = run_worker(method, steps, b, args)
+        records.append(record)
+        name = f"{method} T={steps}" + (f" b={b}" if b else "")
+        result = record.get("error") or f"+{record['growth_mb']:.1f} MB, {record['seconds']:.2f} s"
+        print(f"[{index}/{len(todo)}] {name}: {result}", flush=True)
+
+    several_b = len(args.fg2u_directions or []) > 1
+    labels = list(dict.fromkeys(label(r, several_b) for r in records))
+    fg2u_labels = [name for name in labels if name.startswith("fg2u")]
+    table = markdown_table(records, args.steps, labels, fg2u_labels)
+    text = f"# Hypergradient cost vs unroll length\n\n{describe(args, sizes)}\n\n{table}\n"
+    print("\n" + text)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_unroll.md").write_text(text)
+    config = {**vars(args), "sizes": sizes.as_dict(), "torch": torch.__version__, "inner_lr": INNER_LR}
+    (out / "bench_unroll.json").write_text(json.dumps({"config": config, "records": records}, indent=1) + "\n")
+    plot(records, labels, several_b, out / "bench_unroll.png")
+    print(f"wrote {out}/bench_unroll.{{md,json,png}}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """CLI; ``--quick`` swaps in small defaults that explicit size and step flags still override."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--steps", nargs="+", type=int, default=DEFAULT_STEPS, help="unroll lengths T")
+    parser.add_argument("--directions", type=int, default=1, help="fg2u's b (one value)")
+    parser.add_argument("--fg2u-directions", nargs="+", type=int, help="several b for fg2u, e.g. 1 8")
+    parser.add_argument("--jvp", choices=JVP_MODES, default=DEFAULT_JVP, help="tangent mode of fg2u and neumann")
+    parser.add_argument("--truncation", type=int, default=4, help="trgu's K; it differentiates min(T, K) steps")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per worker")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--mmap-threshold",
+        type=int,
+        help="bytes; workers get MALLOC_MMAP_THRESHOLD_ so glibc returns freed tensors at once: growth without "
+        "malloc's few-MB drift with T, but slower times (e.g. 65536)",
+    )
+    defaults = ModelSizes()
+    for flag in SIZE_FLAGS:
+        parser.add_argument(f"--{flag.replace('_', '-')}", type=int, default=getattr(defaults, flag))
+    parser.add_argument("--quick", action="store_true", help="tiny model and T in 1 2 4: a fast check")
+    parser.add_argument("--out-dir", default=str(REPO / "docs"))
+    parser.add_argument("--worker", action="store_true", help="one measurement (one method, one T) as JSON")
+    quick, _ = parser.parse_known_args(argv)
+    if quick.quick:
+        parser.set_defaults(**QUICK)
+    args = parser.parse_args(argv)
+    if args.worker and (len(args.methods) != 1 or len(args.steps) != 1):
+        parser.error("--worker measures one cell: give exactly one --methods and one --steps value.")
+    if min(args.steps) < 1 or args.directions < 1 or min(args.fg2u_directions or [1]) < 1:
+        parser.error("--steps and directions must be >= 1.")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    sizes = ModelSizes(**{flag: getattr(args, flag) for flag in SIZE_FLAGS})
+    if args.worker:
+        record = measure(
+            args.methods[0], args.steps[0], args.directions, sizes, jvp=args.jvp, truncation=args.truncation,
+            threads=args.threads, seed=args.seed,
+        )  # fmt: skip
+        print(json.dumps(record))
+    else:
+        run_benchmark(args, sizes)
+
+
+if __name__ == "__main__":
+    main()
