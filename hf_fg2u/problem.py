@@ -10,7 +10,7 @@ import torch
 
 from .functional import functional_forward, preflight, unwrap_model
 
-WeightFn = Callable[[dict[str, torch.Tensor], dict], torch.Tensor]
+WeightFn = Callable[[dict[str, torch.Tensor], dict, torch.Tensor], torch.Tensor | None]
 PrefixFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 MODEL_INPUTS = ("input_ids", "attention_mask")
 
@@ -83,7 +83,7 @@ def make_lm_problem(
 ) -> tuple[Callable, Callable]:
     """Build (inner_loss, outer_loss) for a causal LM.
 
-    inner_loss = Σ_i w_i(φ, batch) ℓ_i(θ) with ``example_weights`` (default: the batch mean);
+    inner_loss = Σ_i w_i(φ, batch, ℓ.detach()) ℓ_i(θ) with ``example_weights`` (default, or None: the mean);
     outer_loss = mean_i ℓ_i(θ) on the meta batch. ``prefix(φ)`` is a soft prompt used by both.
     ``second_order`` says whether the chosen method differentiates through inner gradients (preflight).
     """
@@ -96,9 +96,10 @@ def make_lm_problem(
 
     def inner_loss(params, outer, batch):
         per_example = losses(params, outer, batch)
-        if example_weights is None:
+        weights = None if example_weights is None else example_weights(outer, batch, per_example.detach())
+        if weights is None:
             return per_example.mean()
-        return (example_weights(outer, batch).to(per_example.dtype) * per_example).sum()
+        return (weights.to(per_example.dtype) * per_example).sum()
 
     def outer_loss(params, outer, batch):
         return losses(params, outer, batch).mean()
@@ -109,7 +110,7 @@ def make_lm_problem(
 def batch_softmax_weights(key: str = "example_logits", id_column: str = "example_id") -> WeightFn:
     """Per-example weights: a logit per training example, softmax-normalised within the batch."""
 
-    def weights(outer, batch):
+    def weights(outer, batch, losses=None):
         return torch.softmax(outer[key][batch[id_column]], dim=0)
 
     return weights

@@ -1,0 +1,160 @@
+"""``BilevelConfig``: every knob of bilevel meta-tuning, on top of ``transformers.TrainingArguments``.
+
+The Trainer's own fields keep their meaning for the *outer* problem: ``learning_rate``, ``optim``,
+``lr_scheduler_type`` and ``max_steps`` drive the outer optimizer over φ, and one Trainer step is one outer step
+(``unroll_steps`` inner batches + one meta batch). ``per_device_train_batch_size`` is the inner batch size.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .hypergrad import DEFAULT_JVP, DIRECTIONS, JVP_MODES, METHODS, needs_second_order
+from .hypergrad.zeroth_order import ZO_SCHEMES
+from .optim import INNER_OPTIMIZERS
+
+NONFINITE_POLICIES = ("skip", "stop")
+REGULARIZERS = ("none", "kl_uniform", "l2")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not known; use one of {list(choices)}.")
+
+
+@dataclass
+class BilevelConfig(TrainingArguments):
+    # -- hypergradient method ----------------------------------------------------------------------------------
+    method: str = field(
+        default="fg2u",
+        metadata={"help": f"Hypergradient method, one of {METHODS}. fg2u: forward gradient unrolling (unbiased, "
+                  "memory constant in the unroll length)."},
+    )  # fmt: skip
+    jvp: str = field(
+        default=DEFAULT_JVP,
+        metadata={"help": f"How each inner step's tangent is computed, one of {JVP_MODES}. 'finite_difference' "
+                  "works with kernels that have no forward AD or double backward (flash attention)."},
+    )  # fmt: skip
+    num_directions: int = field(default=8, metadata={"help": "b, random directions per outer step (fg2u, fg2u_zo)."})
+    directions: str = field(default="rademacher", metadata={"help": f"Kind of directions, one of {DIRECTIONS}."})
+    directions_per_pass: int = field(
+        default=8, metadata={"help": "Directions batched in one vmap pass; lower it to save memory."}
+    )
+    truncation: int = field(default=4, metadata={"help": "K, the differentiated last inner steps of 'trgu'."})
+    implicit_steps: int = field(default=10, metadata={"help": "Neumann terms or CG iterations ('neumann', 'cg')."})
+    neumann_lr: float | None = field(default=None, metadata={"help": "Neumann step size; default inner_lr."})
+    cg_damping: float = field(default=0.0, metadata={"help": "λ of (H + λI) in 'cg'."})
+    zo_epsilon: float = field(default=1e-3, metadata={"help": "Step μ of the finite differences of 'fg2u_zo'."})
+    zo_scheme: str = field(default="central", metadata={"help": f"'fg2u_zo' differences, one of {ZO_SCHEMES}."})
+
+    # -- unroll -----------------------------------------------------------------------------------------------
+    unroll_steps: int = field(default=4, metadata={"help": "T, inner optimizer steps per outer step."})
+    inner_reset_every: int = field(
+        default=0,
+        metadata={"help": "Reset θ and the inner optimizer state to their start every k outer steps: 0 = never "
+                  "(warm start, online bilevel), 1 = every outer step."},
+    )  # fmt: skip
+    meta_batch_size: int = field(default=8, metadata={"help": "Examples of the meta (outer) batch per outer step."})
+
+    # -- inner optimizer ---------------------------------------------------------------------------------------
+    inner_optimizer: str = field(
+        default="adam", metadata={"help": f"Inner optimizer, one of {sorted(INNER_OPTIMIZERS)} (differentiable)."}
+    )
+    inner_lr: float = field(default=1e-3, metadata={"help": "Inner learning rate."})
+    inner_momentum: float = field(default=0.9, metadata={"help": "β of 'momentum'."})
+    inner_beta1: float = field(default=0.9, metadata={"help": "β₁ of 'adam'."})
+    inner_beta2: float = field(default=0.999, metadata={"help": "β₂ of 'adam'."})
+    inner_weight_decay: float = field(default=0.0, metadata={"help": "Inner weight decay (decoupled for 'adam')."})
+
+    # -- two-phase schedule ------------------------------------------------------------------------------------
+    phase1_method: str | None = field(
+        default=None, metadata={"help": "A cheap method for the first phase1_steps outer steps (e.g. hessian_free)."}
+    )
+    phase1_steps: int = field(default=0, metadata={"help": "Outer steps of phase 1 before switching to method."})
+
+    # -- outer variables ---------------------------------------------------------------------------------------
+    weight_regularization: str = field(
+        default="none", metadata={"help": f"Penalty on learned weights, one of {REGULARIZERS}."}
+    )
+    weight_regularization_coef: float = field(default=0.0, metadata={"help": "Coefficient of the penalty."})
+    nonfinite_policy: str = field(
+        default="skip",
+        metadata={"help": "On a NaN/inf loss or hypergradient: 'skip' the outer update with a warning (θ is "
+                  "kept from before the step), or 'stop' with an error."},
+    )  # fmt: skip
+    model_init_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments (JSON) for from_pretrained when the model is given by name."},
+    )
+
+    # -- Trainer defaults that suit outer steps ------------------------------------------------------------------
+    learning_rate: float = field(default=0.1, metadata={"help": "Outer learning rate (of φ)."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every N outer steps."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_choice("method", self.method, METHODS)
+        _check_choice("jvp", self.jvp, JVP_MODES)
+        _check_choice("directions", self.directions, DIRECTIONS)
+        _check_choice("zo_scheme", self.zo_scheme, ZO_SCHEMES)
+        _check_choice("inner_optimizer", self.inner_optimizer, sorted(INNER_OPTIMIZERS))
+        _check_choice("nonfinite_policy", self.nonfinite_policy, NONFINITE_POLICIES)
+        _check_choice("weight_regularization", self.weight_regularization, REGULARIZERS)
+        for name in ("num_directions", "directions_per_pass", "unroll_steps", "meta_batch_size", "truncation"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
+        if self.inner_reset_every < 0:
+            raise ValueError(f"inner_reset_every={self.inner_reset_every} must be >= 0 (0 = never reset).")
+        if self.inner_lr <= 0:
+            raise ValueError(f"inner_lr={self.inner_lr} must be > 0.")
+        if self.phase1_method is not None:
+            _check_choice("phase1_method", self.phase1_method, METHODS)
+        if self.phase1_steps < 0 or (self.phase1_steps > 0 and self.phase1_method is None):
+            raise ValueError(
+                f"phase1_steps={self.phase1_steps} needs phase1_method (e.g. 'hessian_free') and must be >= 0."
+            )
+        if self.gradient_accumulation_steps != 1:
+            raise ValueError(
+                f"gradient_accumulation_steps={self.gradient_accumulation_steps}: one Trainer step is one outer "
+                "step here. Raise meta_batch_size, num_directions or unroll_steps instead, and keep it at 1."
+            )
+        if self.auto_find_batch_size:
+            raise ValueError("auto_find_batch_size is not supported; set per_device_train_batch_size yourself.")
+        second_order = {needs_second_order(m, self.jvp) for m in (self.method, self.phase1_method) if m}
+        if self.gradient_checkpointing and True in second_order:
+            raise ValueError(
+                "gradient_checkpointing=True does not compose with torch.func transforms. Set it to False (fg2u's "
+                "memory does not grow with the unroll), or use method='hessian_free' / 'fg2u_zo'."
+            )
+        if (self.fsdp or self.deepspeed) and True in second_order:
+            raise ValueError(
+                "FSDP / DeepSpeed shard parameters, which forward-mode and double-backward passes cannot call "
+                "functionally. Use plain data parallelism (accelerate multi-GPU without FSDP/ZeRO-3), or "
+                "jvp='finite_difference', or a first-order method ('hessian_free', 'fg2u_zo')."
+            )
+        if isinstance(self.model_init_kwargs, str):
+            try:
+                self.model_init_kwargs = json.loads(self.model_init_kwargs)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"model_init_kwargs is not valid JSON: {error}") from error
+
+    def method_at(self, outer_step: int) -> str:
+        """The method of outer step ``outer_step`` under the two-phase schedule."""
+        if self.phase1_method is not None and outer_step < self.phase1_steps:
+            return self.phase1_method
+        return self.method
+
+    def inner_optimizer_kwargs(self) -> dict:
+        if self.inner_optimizer == "momentum":
+            return {"beta": self.inner_momentum, "weight_decay": self.inner_weight_decay}
+        if self.inner_optimizer == "adam":
+            return {"betas": (self.inner_beta1, self.inner_beta2), "weight_decay": self.inner_weight_decay}
+        return {"weight_decay": self.inner_weight_decay}
+
+    def bilevel_fields(self) -> dict:
+        """The bilevel part of the config (for checkpoints and the model card); never holds tokens."""
+        names = [f for f in BilevelConfig.__dataclass_fields__ if f not in TrainingArguments.__dataclass_fields__]
+        return {name: getattr(self, name) for name in names}

@@ -1,0 +1,127 @@
+"""The common interface of outer variables: an ``nn.Module`` whose parameters are φ, read by pure functions
+of a dict of tensors (so ``estimate_hypergradient`` can differentiate them) and saved peft-style."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+CONFIG_NAME = "outer_config.json"
+WEIGHTS_NAME = "outer_model.safetensors"
+OUTER_TYPES: dict[str, type[OuterModule]] = {}
+
+
+class OuterModule(torch.nn.Module):
+    """Outer variables φ. Subclasses override the hooks they use; the defaults mean "does not do that".
+
+    ``required_columns`` names the dataset columns that batches must carry for this module; ``config`` holds
+    the constructor arguments (JSON) so that ``from_pretrained`` can rebuild the module.
+    """
+
+    required_columns: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        OUTER_TYPES[cls.__name__] = cls
+
+    def __init__(self, **config):
+        super().__init__()
+        self.config = config
+
+    # -- pure functions of φ (a dict like ``outer_dict()``) ---------------------------------------------------
+    def example_weights(self, outer: dict, batch: dict, losses: torch.Tensor) -> torch.Tensor | None:
+        """Weights [B] of the inner loss's examples (summing to 1), or None for the plain mean.
+        ``losses`` are the detached per-example losses, a feature for weighting networks."""
+        return None
+
+    def row_weights(self, outer: dict, batch: dict, losses: torch.Tensor) -> torch.Tensor | None:
+        """Unnormalised weights [B] comparable across batches (for exporting a dataset's weights), or None."""
+        return None
+
+    def prefix(self, outer: dict) -> torch.Tensor | None:
+        """Input embeddings [P, H] prepended to every inner and meta example, or None."""
+        return None
+
+    def regularizer(self, outer: dict, kind: str) -> torch.Tensor | None:
+        """A scalar penalty on φ ("kl_uniform", "l2"), or None when it does not apply to this module."""
+        return None
+
+    # -- data ---------------------------------------------------------------------------------------------
+    def prepare_dataset(self, dataset, role: str):
+        """Check (and add) the columns this module reads; ``role`` is "train", "meta" or "eval"."""
+        return dataset
+
+    def active_coordinates(self, inner_batches: list[dict]) -> dict[str, torch.Tensor] | None:
+        """Boolean masks of the coordinates of φ the unroll can affect (default: all)."""
+        return None
+
+    def summary(self) -> dict[str, float]:
+        """Numbers worth logging every outer step."""
+        return {}
+
+    # -- state --------------------------------------------------------------------------------------------
+    def outer_dict(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in self.named_parameters()}
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_NAME).write_text(json.dumps({"type": type(self).__name__, **self.config}, indent=2))
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / WEIGHTS_NAME))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> OuterModule:
+        """Rebuild the outer module saved in ``directory`` (its class is read from the config)."""
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        if not config_path.is_file() or not weights_path.is_file():
+            raise FileNotFoundError(
+                f"{directory} holds no outer variables: expected {CONFIG_NAME} and {WEIGHTS_NAME} (written by "
+                "BilevelTrainer.save_model or OuterModule.save_pretrained)."
+            )
+        try:
+            config = json.loads(config_path.read_text())
+            kind = config.pop("type")
+            module = OUTER_TYPES[kind](**config)
+            state = load_file(str(weights_path))
+        except (json.JSONDecodeError, KeyError, TypeError, SafetensorError, OSError) as error:
+            raise ValueError(
+                f"Could not load the outer variables in {directory}: {error!r}. The files are corrupt or from an "
+                "incompatible version; restore them from an earlier checkpoint."
+            ) from error
+        if cls is not OuterModule and not isinstance(module, cls):
+            raise TypeError(f"{directory} holds a {kind}, not a {cls.__name__}.")
+        module.load_state_dict(state)
+        return module
+
+
+def normalized_entropy(probs: torch.Tensor) -> float:
+    """Entropy of a distribution divided by log(size): 1 for uniform, 0 for a point mass."""
+    if probs.numel() < 2:
+        return 1.0
+    entropy = -(probs * probs.clamp_min(1e-30).log()).sum()
+    return float(entropy / math.log(probs.numel()))
+
+
+def softmax_regularizer(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """KL(softmax(logits) ‖ uniform) = log N − H, or ½‖logits‖²."""
+    if kind == "kl_uniform":
+        log_probs = torch.log_softmax(logits, dim=0)
+        return (log_probs.exp() * log_probs).sum() + math.log(logits.numel())
+    if kind == "l2":
+        return 0.5 * logits.pow(2).sum()
+    raise ValueError(f"weight_regularization={kind!r} is not known; use 'none', 'kl_uniform' or 'l2'.")
+
+
+def require_columns(dataset, columns, role: str, owner: str):
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"The {role} dataset has no column {missing} that {owner} reads (columns: {dataset.column_names}). "
+            f"Add it, or pass the column's name to {owner}(...)."
+        )

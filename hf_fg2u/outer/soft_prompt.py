@@ -1,0 +1,36 @@
+"""``SoftPrompt``: learned input embeddings prepended to every inner and meta example."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import OuterModule
+
+
+class SoftPrompt(OuterModule):
+    """P virtual tokens of size H. The attention mask and labels are extended by the loss functions
+    (``hf_fg2u.problem.per_example_lm_loss``), so the prompt is trained only through its effect on θ_T and
+    on the meta loss."""
+
+    def __init__(self, num_virtual_tokens: int, hidden_size: int, init_std: float = 0.02):
+        super().__init__(num_virtual_tokens=num_virtual_tokens, hidden_size=hidden_size, init_std=init_std)
+        if num_virtual_tokens < 1:
+            raise ValueError(f"SoftPrompt needs num_virtual_tokens >= 1, got {num_virtual_tokens}.")
+        self.embeddings = torch.nn.Parameter(torch.randn(num_virtual_tokens, hidden_size) * init_std)
+
+    @classmethod
+    def from_text(cls, text: str, tokenizer, model, num_virtual_tokens: int | None = None) -> SoftPrompt:
+        """Initialise from the embeddings of ``text``'s tokens (repeated or cut to ``num_virtual_tokens``)."""
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"SoftPrompt.from_text: {text!r} tokenizes to nothing; pass a non-empty text.")
+        size = num_virtual_tokens or len(ids)
+        ids = (ids * (size // len(ids) + 1))[:size]
+        table = model.get_input_embeddings().weight.detach()
+        prompt = cls(size, table.shape[1])
+        with torch.no_grad():
+            prompt.embeddings.copy_(table[torch.tensor(ids)].float())
+        return prompt
+
+    def prefix(self, outer):
+        return outer["embeddings"]

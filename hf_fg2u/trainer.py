@@ -1,0 +1,448 @@
+"""``BilevelTrainer``: a ``transformers.Trainer`` whose step is one outer step of bilevel meta-tuning.
+
+One Trainer step draws ``unroll_steps`` inner batches (one train batch of ``unroll_steps × batch`` examples,
+split) and one meta batch, estimates the hypergradient of the meta loss after the unrolled inner training, and
+hands it to the Trainer's own optimizer and scheduler as the outer variables' gradient. The inner θ (LoRA) and
+its optimizer state carry over between outer steps per ``inner_reset_every``. Logging, callbacks, evaluation,
+checkpoints and ``push_to_hub`` are the Trainer's, extended with the bilevel state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, Trainer
+
+from .config import BilevelConfig
+from .functional import load_parameters, trainable_parameters, unwrap_model
+from .hypergrad import NonFiniteHypergradientError, estimate_hypergradient, needs_second_order
+from .model_card import write_model_card
+from .outer import OuterModule
+from .problem import make_lm_problem, per_example_lm_loss
+
+STATE_NAME = "bilevel_state.safetensors"
+STATE_CONFIG_NAME = "bilevel_state.json"
+MODEL_INPUT_COLUMNS = ("input_ids", "attention_mask", "labels")
+
+
+@dataclass
+class BilevelDataCollator:
+    """Pads ``input_ids``/``attention_mask``/``labels`` (labels with -100) to the longest example and stacks
+    the other numeric columns (example ids, domain indices) as tensors."""
+
+    pad_token_id: int = 0
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        length = max(len(f["input_ids"]) for f in features)
+        fill = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": -100}
+        batch = {}
+        for key in features[0]:
+            values = [f[key] for f in features]
+            if key in fill:
+                batch[key] = torch.tensor([list(v) + [fill[key]] * (length - len(v)) for v in values])
+            elif isinstance(values[0], int | float | bool) or torch.is_tensor(values[0]):
+                batch[key] = torch.as_tensor(values)
+        if "attention_mask" not in batch:
+            lengths = torch.tensor([len(f["input_ids"]) for f in features])
+            batch["attention_mask"] = (torch.arange(length) < lengths[:, None]).long()
+        return batch
+
+
+class BilevelTrainer(Trainer):
+    """Learns outer variables (data weights, a soft prompt) by hypergradients through LoRA fine-tuning.
+
+    Args beyond ``Trainer``'s: ``meta_dataset`` (the outer objective's data), ``outer`` (an
+    :class:`~hf_fg2u.outer.OuterModule`), ``peft_config`` (wraps ``model`` in an adapter). ``model`` may be a
+    name or path, loaded with ``AutoModelForCausalLM.from_pretrained(model, **args.model_init_kwargs)``.
+    """
+
+    _tag_names = ["hf_fg2u", "bilevel", "fg2u", "data-reweighting"]
+    _name = "Bilevel (FG)²U"
+    _paper = {
+        "title": "Memory-Efficient Gradient Unrolling for Large-Scale Bi-level Optimization",
+        "id": "2406.14095",
+        "citation": (
+            "@inproceedings{shen2024fg2u,\n  title     = {Memory-Efficient Gradient Unrolling for Large-Scale "
+            "Bi-level Optimization},\n  author    = {Shen, Qianli and Wang, Yezhen and Yang, Zhouhao and Li, "
+            "Xiang and Wang, Haonan and Zhang, Yang and Scarlett, Jonathan and Zhu, Zhanxing and Kawaguchi, "
+            "Kenji},\n  booktitle = {Advances in Neural Information Processing Systems},\n  year      = {2024}\n}"
+        ),
+    }
+
+    def __init__(
+        self,
+        model,
+        args: BilevelConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        meta_dataset=None,
+        eval_dataset=None,
+        outer: OuterModule | None = None,
+        processing_class=None,
+        peft_config=None,
+        callbacks=None,
+        optimizers=(None, None),
+        **kwargs,
+    ):
+        args = args or BilevelConfig(output_dir="bilevel-output")
+        if not isinstance(args, BilevelConfig):
+            raise TypeError(f"args must be a BilevelConfig, got {type(args).__name__}.")
+        if outer is None or not isinstance(outer, OuterModule):
+            raise TypeError(
+                "outer must be an OuterModule (ExampleWeights, DomainWeights, WeightNet or SoftPrompt), got "
+                f"{type(outer).__name__}."
+            )
+        if isinstance(model, str):
+            self.model_name = model
+            model = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
+        else:
+            self.model_name = getattr(getattr(model, "config", None), "_name_or_path", None)
+        if peft_config is not None:
+            model = wrap_with_peft(model, peft_config)
+        trainable_parameters(model)  # raises a clear error when nothing is trainable
+        if meta_dataset is None or len(meta_dataset) == 0:
+            raise ValueError(
+                "meta_dataset is missing or empty: the outer objective needs held-out examples (e.g. clean or "
+                "target-domain data), tokenized like the train dataset."
+            )
+        if train_dataset is None or len(train_dataset) == 0:
+            raise ValueError("train_dataset is missing or empty: the inner loop needs training examples.")
+        check_model_columns(train_dataset, "train")
+        check_model_columns(meta_dataset, "meta")
+        self.outer = outer
+        train_dataset = outer.prepare_dataset(train_dataset, "train")
+        meta_dataset = outer.prepare_dataset(meta_dataset, "meta")
+        self.meta_dataset = meta_dataset.select_columns(
+            [c for c in MODEL_INPUT_COLUMNS if c in meta_dataset.column_names]
+        )
+        if eval_dataset is not None:
+            check_model_columns(eval_dataset, "eval")
+        if data_collator is None:
+            pad = getattr(processing_class, "pad_token_id", None)
+            data_collator = BilevelDataCollator(pad_token_id=pad if pad is not None else 0)
+        super().__init__(
+            model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+            eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks, optimizers=optimizers,
+            **kwargs,
+        )  # fmt: skip
+        self.outer.to(self.args.device)
+        self._inner_params: dict[str, torch.Tensor] | None = None
+        self._inner_state: dict | None = None
+        self._initial_params: dict[str, torch.Tensor] | None = None
+        self._problems: dict[bool, tuple] = {}
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(self._tag_names)
+
+    # -- Trainer hooks ------------------------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer (``args.optim``, ``learning_rate``...) over the outer variables φ."""
+        return super().create_optimizer(model=self.outer)
+
+    def get_train_dataloader(self):
+        """Batches of ``unroll_steps × batch`` examples: one Trainer step is one unroll."""
+        return self._get_dataloader(
+            dataset=self.train_dataset, description="Training", sampler_fn=self._get_train_sampler, is_training=True,
+            batch_size=self._train_batch_size * self.args.unroll_steps,
+        )  # fmt: skip
+
+    def _set_signature_columns_if_needed(self):
+        # Keep the columns the outer module reads (example ids, domains) through remove_unused_columns.
+        super()._set_signature_columns_if_needed()
+        self._signature_columns += [c for c in self.outer.required_columns if c not in self._signature_columns]
+
+    def _clip_grad_norm(self, model):
+        # The gradients this Trainer produces belong to the outer variables, not to the model.
+        return self.accelerator.clip_grad_norm_(self.outer.parameters(), self.args.max_grad_norm)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """One outer step: unroll, estimate the hypergradient, write it to φ.grad. Returns the meta loss."""
+        step = self.state.global_step
+        method = self.args.method_at(step)
+        inputs = self._prepare_inputs(inputs)
+        size = self._train_batch_size
+        inner_batches = [
+            {k: v[i : i + size] for k, v in inputs.items()} for i in range(0, len(inputs["input_ids"]), size)
+        ]
+        meta_batch = self._prepare_inputs(self.meta_batch(step))
+        self._ensure_inner_state(model, step)
+        inner_loss, outer_loss, _ = self._problem(model, method)
+        start = time.perf_counter()
+        try:
+            result = estimate_hypergradient(
+                inner_loss, outer_loss, self._inner_params, self.outer.outer_dict(), inner_batches, meta_batch,
+                method=method, inner_optimizer=self.args.inner_optimizer, inner_lr=self.args.inner_lr,
+                num_directions=self.args.num_directions, directions=self.args.directions,
+                seed=self.args.seed * 1_000_003 + step, inner_optimizer_kwargs=self.args.inner_optimizer_kwargs(),
+                optimizer_state=self._inner_state, jvp=self.args.jvp,
+                directions_per_pass=self.args.directions_per_pass,
+                active_coordinates=self.outer.active_coordinates(inner_batches), truncation=self.args.truncation,
+                zo_epsilon=self.args.zo_epsilon, zo_scheme=self.args.zo_scheme,
+                implicit_steps=self.args.implicit_steps, neumann_lr=self.args.neumann_lr,
+                cg_damping=self.args.cg_damping,
+            )  # fmt: skip
+        except NonFiniteHypergradientError as error:
+            if self.args.nonfinite_policy == "stop":
+                raise
+            warnings.warn(f"Outer step {step} skipped (nonfinite_policy='skip'): {error}", stacklevel=2)
+            for parameter in self.outer.parameters():
+                parameter.grad = None
+            self._metrics["skipped_steps"].append(1.0)
+            return torch.tensor(float("nan"), device=self.args.device)
+        seconds = time.perf_counter() - start
+        grads = self._add_regularizer(result.grad)
+        for name, parameter in self.outer.named_parameters():
+            parameter.grad = grads[name].to(parameter.dtype)
+        self._inner_params, self._inner_state = result.params, result.optimizer_state
+        load_parameters(model, result.params)
+        self._record(result, method, step, seconds)
+        return torch.tensor(result.outer_loss, device=self.args.device)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The meta loss of a batch under the current θ and φ (soft prompt included); used for evaluation."""
+        params = {n: p for n, p in unwrap_model(model).named_parameters() if p.requires_grad}
+        prefix = self.outer.prefix(self.outer.outer_dict())
+        with self._problem(model, self.args.method)[2]():
+            loss = per_example_lm_loss(unwrap_model(model), params, inputs, prefix).mean()
+        return (loss, None) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the bilevel metrics gathered since the last log (means) and the outer variables' summary."""
+        if "loss" in logs:
+            for key, values in self._metrics.items():
+                logs[key] = sum(values) if key == "skipped_steps" else sum(values) / len(values)
+            logs.update(self.outer.summary())
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """The Trainer's save (the peft adapter, tokenizer, args), then the outer variables, the inner
+        optimizer state and a model card: a folder ready for the Hub and for exact resumption."""
+        super()._save(output_dir, state_dict=state_dict)
+        if not self.args.should_save:
+            return
+        output_dir = Path(output_dir or self.args.output_dir)
+        self.outer.save_pretrained(output_dir)
+        self._save_bilevel_state(output_dir)
+        self.create_model_card()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        directory = Path(resume_from_checkpoint)
+        self._check_resume_compatible(directory)
+        loaded = OuterModule.from_pretrained(directory)
+        if loaded.config != self.outer.config:
+            raise ValueError(
+                f"Checkpoint {directory} holds outer variables {type(loaded).__name__}({loaded.config}) but this "
+                f"trainer has {type(self.outer).__name__}({self.outer.config}). Resume with the same outer module."
+            )
+        self.outer.load_state_dict(loaded.state_dict())
+        self._load_bilevel_state(directory, model or self.model)
+
+    def create_model_card(self, model_name: str | None = None, **kwargs) -> None:
+        """Write README.md: method, config, final metrics, versions, citation and tags (never a token)."""
+        if not self.is_world_process_zero():
+            return
+        write_model_card(self, Path(self.args.output_dir), model_name=model_name, **kwargs)
+
+    # -- bilevel pieces -------------------------------------------------------------------------------------------
+    def meta_batch(self, step: int) -> dict:
+        """The meta batch of outer step ``step``: a seeded draw without replacement, so resuming at any step
+        draws the same batches without saving a data position."""
+        generator = torch.Generator().manual_seed(self.args.seed * 7_919 + step)
+        size = min(self.args.meta_batch_size, len(self.meta_dataset))
+        rows = torch.randperm(len(self.meta_dataset), generator=generator)[:size].tolist()
+        return self.data_collator([self.meta_dataset[i] for i in rows])
+
+    def export_weights(self, dataset=None, column: str = "weight"):
+        """``dataset`` (default: the train dataset) with a ``weight`` column from the learned outer variables,
+        ready for ``push_to_hub``. Weights have mean 1 over the dataset."""
+        dataset = self.train_dataset if dataset is None else self.outer.prepare_dataset(dataset, "train")
+        weights = self.dataset_weights(dataset)
+        return dataset.add_column(column, weights.tolist())
+
+    @torch.no_grad()
+    def dataset_weights(self, dataset) -> torch.Tensor:
+        """Per-example weight of every row of ``dataset`` (mean 1), from the current θ and φ."""
+        model = unwrap_model(self.model)
+        outer = self.outer.outer_dict()
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        columns = [c for c in (*MODEL_INPUT_COLUMNS, *self.outer.required_columns) if c in dataset.column_names]
+        view, chunks = dataset.select_columns(columns), []
+        with self._problem(model, self.args.method)[2]():
+            for start in range(0, len(view), 64):
+                rows = [view[i] for i in range(start, min(start + 64, len(view)))]
+                batch = self._prepare_inputs(self.data_collator(rows))
+                losses = per_example_lm_loss(model, params, batch, self.outer.prefix(outer))
+                weights = self.outer.row_weights(outer, batch, losses)
+                chunks.append(torch.ones_like(losses) if weights is None else weights)
+        weights = torch.cat(chunks).double().cpu()
+        return (weights / weights.mean()).float()
+
+    def _problem(self, model, method: str):
+        second_order = needs_second_order(method, self.args.jvp)
+        if second_order not in self._problems:
+            from .functional import preflight
+
+            model = unwrap_model(model)
+            inner_loss, outer_loss = make_lm_problem(
+                model, self.outer.example_weights, self.outer.prefix, second_order=second_order
+            )
+            self._problems[second_order] = (inner_loss, outer_loss, preflight(model, second_order))
+        return self._problems[second_order]
+
+    def _ensure_inner_state(self, model, step: int) -> None:
+        if self._inner_params is None:
+            self._inner_params = trainable_parameters(model)
+        if self._initial_params is None:
+            self._initial_params = {k: v.clone() for k, v in self._inner_params.items()}
+        every = self.args.inner_reset_every
+        if every and step > 0 and step % every == 0:
+            self._inner_params = {k: v.clone() for k, v in self._initial_params.items()}
+            self._inner_state = None
+            load_parameters(model, self._inner_params)
+
+    def _add_regularizer(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        coef, kind = self.args.weight_regularization_coef, self.args.weight_regularization
+        if kind == "none" or coef == 0.0:
+            return grads
+        outer = {k: v.clone().requires_grad_(True) for k, v in self.outer.outer_dict().items()}
+        with torch.enable_grad():
+            penalty = self.outer.regularizer(outer, kind)
+            if penalty is None:
+                return grads
+            extra = torch.autograd.grad(coef * penalty, list(outer.values()), allow_unused=True)
+        self._metrics["weight_penalty"].append(float(penalty))
+        return {k: g if e is None else g + e for (k, g), e in zip(grads.items(), extra, strict=True)}
+
+    def _record(self, result, method: str, step: int, seconds: float) -> None:
+        metrics = self._metrics
+        metrics["meta_loss"].append(result.outer_loss)
+        metrics["inner_loss"].append(sum(result.inner_losses) / len(result.inner_losses))
+        metrics["hypergrad_norm"].append(result.grad_norm)
+        metrics["phase"].append(1.0 if method != self.args.method or step < self.args.phase1_steps else 2.0)
+        metrics["outer_step_seconds"].append(seconds)
+        if result.num_directions:
+            metrics["directions_per_second"].append(result.num_directions / max(seconds, 1e-9))
+
+    def _save_bilevel_state(self, directory: Path) -> None:
+        tensors = {}
+        if self._initial_params is not None:
+            tensors.update({f"initial/{k}": v for k, v in self._initial_params.items()})
+        for key, value in flatten_state(self._inner_state or {}).items():
+            tensors[f"inner_state/{key}"] = value
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(directory / STATE_NAME))
+        description = {
+            "outer_type": type(self.outer).__name__,
+            "outer_config": self.outer.config,
+            "inner_optimizer": self.args.inner_optimizer,
+            "inner_parameters": sorted(trainable_parameters(self.model)),
+            "bilevel_config": self.args.bilevel_fields(),
+        }
+        (directory / STATE_CONFIG_NAME).write_text(json.dumps(description, indent=2, default=str))
+
+    def _check_resume_compatible(self, directory: Path) -> None:
+        path = directory / STATE_CONFIG_NAME
+        if not path.is_file():
+            raise ValueError(f"{directory} is not a BilevelTrainer checkpoint: {STATE_CONFIG_NAME} is missing.")
+        saved = json.loads(path.read_text())
+        mine = {
+            "outer_type": type(self.outer).__name__,
+            "inner_optimizer": self.args.inner_optimizer,
+            "inner_parameters": sorted(trainable_parameters(self.model)),
+        }
+        wrong = [key for key, value in mine.items() if saved.get(key) != value]
+        if wrong:
+            details = "; ".join(f"{k}: checkpoint {saved.get(k)!r:.120} vs now {mine[k]!r:.120}" for k in wrong)
+            raise ValueError(
+                f"Checkpoint {directory} comes from an incompatible config ({details}). Resume with the config it "
+                "was written with, or start a new run in another output_dir."
+            )
+
+    def _load_bilevel_state(self, directory: Path, model) -> None:
+        try:
+            tensors = load_file(str(directory / STATE_NAME))
+        except (SafetensorError, OSError) as error:
+            raise ValueError(
+                f"Could not read {directory / STATE_NAME}: {error}. The checkpoint is corrupt or incomplete; "
+                "resume from an earlier checkpoint."
+            ) from error
+        device = self.args.device
+        self._inner_params = {k: v.detach().clone().to(device) for k, v in trainable_parameters(model).items()}
+        initial = {k.removeprefix("initial/"): v.to(device) for k, v in tensors.items() if k.startswith("initial/")}
+        self._initial_params = initial or None
+        state = {
+            k.removeprefix("inner_state/"): v.to(device) for k, v in tensors.items() if k.startswith("inner_state/")
+        }
+        self._inner_state = unflatten_state(state) if state else None
+
+
+def wrap_with_peft(model, peft_config):
+    """Wrap ``model`` in a peft adapter; a config that matches no module is an error that names the modules."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as error:
+        names = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name})
+        raise ValueError(
+            f"The peft config targets nothing in this model ({error}). target_modules="
+            f"{getattr(peft_config, 'target_modules', None)}; module names here include {names[:20]}."
+        ) from error
+
+
+def check_model_columns(dataset, role: str) -> None:
+    if "input_ids" not in dataset.column_names:
+        raise ValueError(
+            f"The {role} dataset has no 'input_ids' column (columns: {dataset.column_names}). Tokenize it first, "
+            "e.g. with hf_fg2u.data.tokenize_for_causal_lm(dataset, tokenizer)."
+        )
+
+
+def flatten_state(state: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    """{'exp_avg': {'w': t}, 'step': s} -> {'exp_avg/w': t, 'step': s}."""
+    flat = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            flat.update(flatten_state(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def unflatten_state(flat: dict[str, torch.Tensor]) -> dict:
+    """Inverse of :func:`flatten_state` (parameter names never start with a state key, so one split suffices)."""
+    state: dict = {}
+    for key, value in flat.items():
+        head, _, rest = key.partition("/")
+        if rest:
+            state.setdefault(head, {})[rest] = value
+        else:
+            state[head] = value
+    return state
+
+
+def auroc(scores: torch.Tensor, positives: torch.Tensor) -> float:
+    """Area under the ROC curve of ``scores`` for boolean ``positives`` (ties count one half)."""
+    scores, positives = torch.as_tensor(scores).double(), torch.as_tensor(positives).bool()
+    pos, neg = scores[positives], scores[~positives]
+    if len(pos) == 0 or len(neg) == 0:
+        return math.nan
+    greater = (pos[:, None] > neg[None, :]).double().mean()
+    ties = (pos[:, None] == neg[None, :]).double().mean()
+    return float(greater + 0.5 * ties)
