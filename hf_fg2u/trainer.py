@@ -9,6 +9,7 @@ checkpoints and ``push_to_hub`` are the Trainer's, extended with the bilevel sta
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -21,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from .config import BilevelConfig
 from .functional import load_parameters, trainable_parameters, unwrap_model
@@ -105,8 +107,13 @@ class BilevelTrainer(Trainer):
             self.model_name = model
             model = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
         else:
-            self.model_name = getattr(getattr(model, "config", None), "_name_or_path", None)
+            self.model_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         if peft_config is not None:
+            if hasattr(model, "peft_config"):
+                raise ValueError(
+                    "The model already has a peft adapter and peft_config was given too. Drop peft_config to train "
+                    "the existing adapter (load it with is_trainable=True), or pass the base model."
+                )
             model = wrap_with_peft(model, peft_config)
         trainable_parameters(model)  # raises a clear error when nothing is trainable
         if meta_dataset is None or len(meta_dataset) == 0:
@@ -140,6 +147,8 @@ class BilevelTrainer(Trainer):
         self._initial_params: dict[str, torch.Tensor] | None = None
         self._problems: dict[bool, tuple] = {}
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        for method in {self.args.method, self.args.phase1_method} - {None}:
+            self._problem(self.model, method)  # preflight now, not deep inside the first step
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
 
@@ -237,9 +246,13 @@ class BilevelTrainer(Trainer):
         if not self.args.should_save:
             return
         output_dir = Path(output_dir or self.args.output_dir)
+        # The Trainer pickles its args, hub_token included, into a file that push_to_hub uploads.
+        redacted = copy.copy(self.args)
+        redacted.hub_token = None
+        torch.save(redacted, output_dir / TRAINING_ARGS_NAME)
         self.outer.save_pretrained(output_dir)
         self._save_bilevel_state(output_dir)
-        self.create_model_card()
+        write_model_card(self, output_dir)  # replaces peft's generic card
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -327,7 +340,7 @@ class BilevelTrainer(Trainer):
             if penalty is None:
                 return grads
             extra = torch.autograd.grad(coef * penalty, list(outer.values()), allow_unused=True)
-        self._metrics["weight_penalty"].append(float(penalty))
+        self._metrics["weight_penalty"].append(float(penalty.detach()))
         return {k: g if e is None else g + e for (k, g), e in zip(grads.items(), extra, strict=True)}
 
     def _record(self, result, method: str, step: int, seconds: float) -> None:
