@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-all lint format bench clean
+.PHONY: install demo demo-hypergradient test test-all lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,6 +20,9 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
+	$(VENV)/bin/hf-fg2u demo
+
+demo-hypergradient: install
 	$(PY) scripts/demo_hypergradient.py
 
 test: install

@@ -17,7 +17,7 @@ import string
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, concatenate_datasets
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -482,4 +482,25 @@ def make_fact_splits(
     train = _to_dataset(prompts, answers, flags, ["facts"] * len(rows))
     clean = [f"{name}=" for name in names], [str(v) for v in values]
     meta = _to_dataset(*clean, [False] * num_facts, ["facts"] * num_facts)
+    return DatasetDict({"train": train, "meta": meta, "eval": meta})
+
+
+def make_fact_domain_splits(
+    num_domains: int, num_facts: int, copies: int, seed: int, target_domain: str = "facts_a"
+) -> DatasetDict:
+    """Several fact tables as domains ("facts_a", "facts_b", ...), clean; "meta" and "eval" state the facts
+    of ``target_domain`` only, so a learned mixture should move its mass there."""
+    if num_domains < 2:
+        raise ValueError(f"num_domains must be >= 2, got {num_domains}.")
+    names = [f"facts_{chr(ord('a') + i)}" for i in range(num_domains)]
+    if target_domain not in names:
+        raise ValueError(f"target_domain={target_domain!r} is not one of the generated domains {names}.")
+    parts, meta = [], None
+    for offset, name in enumerate(names):
+        splits = make_fact_splits(num_facts, copies, seed * 1000 + offset, corrupted_fraction=0.0)
+        parts.append(splits["train"].map(lambda row, name=name: {"domain": name}))
+        if name == target_domain:
+            meta = splits["meta"].map(lambda row, name=name: {"domain": name})
+    train = concatenate_datasets(parts)
+    train = train.map(lambda _, i: {"example_id": i}, with_indices=True)
     return DatasetDict({"train": train, "meta": meta, "eval": meta})

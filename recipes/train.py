@@ -1,0 +1,9 @@
+"""Run a recipe from a YAML config, CLI flags overriding it (the same as `hf-fg2u train`).
+
+python recipes/train.py --config recipes/noisy_reweighting.yaml --max_steps 20
+"""
+
+from hf_fg2u.recipe import main, parse_args
+
+if __name__ == "__main__":
+    main(*parse_args())
