@@ -58,7 +58,7 @@ class ScriptArguments:
     copies: int = field(default=8, metadata={"help": "Built-in data: training rows per fact."})
     corrupted_fraction: float = field(default=0.4, metadata={"help": "Built-in data: fraction of wrong rows."})
     num_domains: int = field(default=3, metadata={"help": "Built-in domain_mixture data: number of domains."})
-    data_seed: int = field(default=0, metadata={"help": "Seed of the built-in data."})
+    generation_seed: int = field(default=0, metadata={"help": "Seed of the built-in data."})
     num_virtual_tokens: int = field(default=4, metadata={"help": "soft_prompt: virtual tokens."})
     weight_net_hidden_size: int = field(default=8, metadata={"help": "weight_net: hidden units."})
     compare_uniform: bool = field(
@@ -161,10 +161,12 @@ def load_model_and_tokenizer(model_args: ModelArguments, seed: int):
 def builtin_splits(script_args: ScriptArguments) -> DatasetDict:
     s = script_args
     if s.recipe == "noisy_reweighting":
-        return builtin_data.make_fact_splits(s.num_facts, s.copies, s.data_seed, s.corrupted_fraction)
+        return builtin_data.make_fact_splits(s.num_facts, s.copies, s.generation_seed, s.corrupted_fraction)
     if s.recipe == "domain_mixture":
-        return builtin_data.make_fact_domain_splits(s.num_domains, s.num_facts, s.copies, s.data_seed, s.target_domain)
-    return builtin_data.make_fact_splits(s.num_facts, s.copies, s.data_seed, 0.0)
+        return builtin_data.make_fact_domain_splits(
+            s.num_domains, s.num_facts, s.copies, s.generation_seed, s.target_domain
+        )
+    return builtin_data.make_fact_splits(s.num_facts, s.copies, s.generation_seed, 0.0)
 
 
 def hub_splits(script_args: ScriptArguments) -> DatasetDict:
@@ -216,8 +218,8 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
         outer = make_outer(script_args, raw, model, tokenizer)
         args = training_args
         if name == "uniform":  # the same budget with φ frozen: what plain fine-tuning would give
-            args = clone_config(training_args, learning_rate=0.0, output_dir=str(output_dir / "uniform"),
-                                method="hessian_free", phase1_method=None, phase1_steps=0, push_to_hub=False)  # fmt: skip
+            frozen = {"learning_rate": 0.0, "method": "hessian_free", "phase1_method": None, "phase1_steps": 0}
+            args = clone_config(training_args, output_dir=str(output_dir / "uniform"), push_to_hub=False, **frozen)
         lora = LoraConfig(
             r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
             target_modules=model_args.lora_target_modules,
