@@ -40,7 +40,8 @@ format: install
 	$(VENV)/bin/ruff format .
 
 bench: install
-	$(PY) scripts/bench_unroll.py
+	$(PY) scripts/bench_unroll.py --out-dir docs
+	$(PY) scripts/bench_unroll.py --methods plain fg2u --steps 4 --fg2u-directions 1 8 --out-dir docs/bench_directions
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -65,6 +65,11 @@ class ScriptArguments:
         default=True, metadata={"help": "Also run the same budget with the outer variables frozen, and compare."}
     )
     plot: bool = field(default=True, metadata={"help": "Write PNG plots into output_dir."})
+    final_stage_steps: int = field(
+        default=0,
+        metadata={"help": "noisy_reweighting: then train a fresh adapter for this many steps with the learned "
+                  "weights as a plain weighted loss (no bilevel), saved in output_dir/final_adapter."},
+    )  # fmt: skip
 
 
 @dataclass
@@ -236,8 +241,39 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
     trainer = runs["bilevel"]
     trainer.save_model()
     results.update(summarize(script_args, raw, trainer, results, output_dir))
+    if script_args.plot and len(runs) > 1:
+        from .report import meta_loss_history, plot_meta_loss_curves
+
+        curves = {name: meta_loss_history(run.state.log_history) for name, run in runs.items()}
+        results["meta_loss_plot"] = str(plot_meta_loss_curves(curves, output_dir / "meta_loss.png"))
+    if script_args.final_stage_steps and script_args.recipe == "noisy_reweighting":
+        results["final_adapter_meta_loss"] = final_stage(script_args, training_args, model_args, trainer)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def final_stage(script_args, training_args, model_args, trainer) -> float:
+    """Train a fresh adapter on the train data weighted by the learned weights; returns its meta loss."""
+    from transformers import TrainingArguments
+
+    from .final_stage import train_final_adapter
+
+    output_dir = Path(training_args.output_dir) / "final_adapter"
+    model, tokenizer = load_model_and_tokenizer(model_args, training_args.seed)
+    weighted, meta = trainer.export_weights(), trainer.meta_dataset  # tokenized by the same tokenizer
+    args = TrainingArguments(
+        output_dir=str(output_dir), max_steps=script_args.final_stage_steps, learning_rate=training_args.inner_lr,
+        per_device_train_batch_size=training_args.per_device_train_batch_size, report_to=[], save_strategy="no",
+        logging_steps=training_args.logging_steps, seed=training_args.seed, use_cpu=training_args.use_cpu,
+        disable_tqdm=training_args.disable_tqdm,
+    )  # fmt: skip
+    lora = LoraConfig(
+        r=model_args.lora_r, lora_alpha=model_args.lora_alpha, target_modules=model_args.lora_target_modules
+    )
+    print(f"[hf_fg2u] final stage: a fresh adapter, {script_args.final_stage_steps} steps of weighted loss")
+    final = train_final_adapter(model, weighted, lora, args, processing_class=tokenizer, eval_dataset=meta)
+    final.save_model()
+    return final.evaluate()["eval_loss"]
 
 
 def summarize(script_args, raw, trainer, results, output_dir: Path) -> dict:

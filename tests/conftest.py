@@ -103,3 +103,13 @@ def random_lm_batches(steps: int, batch_size: int = 4, length: int = 10, seed: i
         return out
 
     return [batch(t * batch_size) for t in range(steps)], batch()
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """A stand-in Hub on 127.0.0.1 that accepts the token "hf_fake"; the client is pointed at it."""
+    from .fake_hub import FakeHub
+
+    with FakeHub(token="hf_fake") as fake:
+        fake.patch_endpoint(monkeypatch)
+        yield fake

@@ -69,6 +69,9 @@ def test_each_recipe_runs_its_offline_default(tmp_path, name):
     assert (out / "adapter_model.safetensors").is_file() and (out / "outer_model.safetensors").is_file()
     if name == "noisy_reweighting":
         assert 0.0 <= results["auroc_corrupted"] <= 1.0
+        final = cli.run_train(args + ["--final_stage_steps", "2", "--output_dir", str(tmp_path / "final")])
+        assert final["final_adapter_meta_loss"] > 0
+        assert (tmp_path / "final" / "final_adapter" / "adapter_model.safetensors").is_file()
         text = cli.run_weights([str(out), "--top", "3"])
         assert "auroc" in text.lower() and (out / "weights_histogram.png").is_file()
     if name == "domain_mixture":

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 from huggingface_hub import HfApi, hf_hub_download
 from safetensors.torch import load, save_file
@@ -17,13 +16,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 from .fake_hub import FakeHub
 
 TOKEN = "hf_fake"
-
-
-@pytest.fixture
-def hub(monkeypatch):
-    with FakeHub(token=TOKEN) as fake:
-        fake.patch_endpoint(monkeypatch)
-        yield fake
 
 
 def assert_token_only_in_authorization(hub: FakeHub) -> None:

@@ -3,24 +3,15 @@
 import io
 import json
 
-import pytest
 import torch
 from safetensors.torch import load
 
 from hf_fg2u import ExampleWeights
 
-from .fake_hub import FakeHub
 from .test_fake_hub import assert_token_only_in_authorization
 from .test_trainer import fact_data, trainer_for
 
 TOKEN = "hf_fake"
-
-
-@pytest.fixture
-def hub(monkeypatch):
-    with FakeHub(token=TOKEN) as fake:
-        fake.patch_endpoint(monkeypatch)
-        yield fake
 
 
 def test_push_to_hub_lands_adapter_outer_variables_and_card_without_the_token(hub, tmp_path, capsys):
