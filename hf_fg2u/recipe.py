@@ -160,7 +160,20 @@ def load_model_and_tokenizer(model_args: ModelArguments, seed: int):
         model_args.model_name_or_path, attn_implementation=model_args.attn_implementation,
         dtype=torch.float32, **extra,
     )  # fmt: skip
+    if model_args.gguf_file:
+        model = dequantized_copy(model)
     return model, tokenizer
+
+
+def dequantized_copy(model):
+    """A GGUF-loaded model is already dequantised to fp32 but still marked quantized, which the Trainer refuses
+    to train and save; rebuild the architecture from its config without the mark and load the weights."""
+    config = model.config
+    config.quantization_config = None
+    delattr(config, "quantization_config")
+    fresh = AutoModelForCausalLM.from_config(config, attn_implementation=config._attn_implementation)
+    fresh.load_state_dict(model.state_dict())
+    return fresh.to(torch.float32)
 
 
 def builtin_splits(script_args: ScriptArguments) -> DatasetDict:

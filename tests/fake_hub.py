@@ -159,6 +159,9 @@ class FakeHub:
         monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
         monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
         monkeypatch.setattr(hf_api.api, "endpoint", url)
+        # `make test` exports HF_HUB_OFFLINE=1 so nothing reaches the real Hub; this loopback Hub must stay reachable.
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         try:  # imported here even if unused so far: a cache built during the test must not outlive it
             import transformers.utils.hub as transformers_hub
         except ImportError:
