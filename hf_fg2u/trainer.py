@@ -164,6 +164,15 @@ class BilevelTrainer(Trainer):
             batch_size=self._train_batch_size * self.args.unroll_steps,
         )  # fmt: skip
 
+    def direction_share(self, method: str) -> slice | None:
+        """This process's contiguous share of the b directions (None: all of them, on one process)."""
+        world = self.accelerator.num_processes
+        if world == 1 or method not in ("fg2u", "fg2u_zo"):
+            return None
+        per_rank = math.ceil(self.args.num_directions / world)
+        start = min(self.args.num_directions, self.accelerator.process_index * per_rank)
+        return slice(start, min(self.args.num_directions, start + per_rank))
+
     def _set_signature_columns_if_needed(self):
         # Keep the columns the outer module reads (example ids, domains) through remove_unused_columns.
         super()._set_signature_columns_if_needed()
@@ -179,6 +188,8 @@ class BilevelTrainer(Trainer):
         method = self.args.method_at(step)
         inputs = self._prepare_inputs(inputs)
         size = self._train_batch_size
+        if self.accelerator.num_processes > 1:  # ranks split directions, not data: all run the same unroll
+            inputs, size = self._gather_unroll(inputs), size * self.accelerator.num_processes
         inner_batches = [
             {k: v[i : i + size] for k, v in inputs.items()} for i in range(0, len(inputs["input_ids"]), size)
         ]
@@ -195,6 +206,7 @@ class BilevelTrainer(Trainer):
                 optimizer_state=self._inner_state, jvp=self.args.jvp,
                 directions_per_pass=self.args.directions_per_pass,
                 active_coordinates=self.outer.active_coordinates(inner_batches), truncation=self.args.truncation,
+                direction_slice=self.direction_share(method),
                 zo_epsilon=self.args.zo_epsilon, zo_scheme=self.args.zo_scheme,
                 implicit_steps=self.args.implicit_steps, neumann_lr=self.args.neumann_lr,
                 cg_damping=self.args.cg_damping,
@@ -208,7 +220,7 @@ class BilevelTrainer(Trainer):
             self._metrics["skipped_steps"].append(1.0)
             return torch.tensor(float("nan"), device=self.args.device)
         seconds = time.perf_counter() - start
-        grads = self._add_regularizer(result.grad)
+        grads = self._add_regularizer(self._sum_over_processes(result.grad, method))
         for name, parameter in self.outer.named_parameters():
             parameter.grad = grads[name].to(parameter.dtype)
         self._inner_params, self._inner_state = result.params, result.optimizer_state
@@ -329,6 +341,28 @@ class BilevelTrainer(Trainer):
             self._inner_params = {k: v.clone() for k, v in self._initial_params.items()}
             self._inner_state = None
             load_parameters(model, self._inner_params)
+
+    def _gather_unroll(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every rank's rows of the unroll, concatenated in rank order — the rows one process with
+        ``num_processes ×`` the batch size would read — after padding to a common length."""
+        fill = {"input_ids": getattr(self.data_collator, "pad_token_id", 0), "attention_mask": 0, "labels": -100}
+        gathered = {}
+        for key, value in inputs.items():
+            if value.dim() > 1:
+                value = self.accelerator.pad_across_processes(value, dim=1, pad_index=fill.get(key, 0))
+            gathered[key] = self.accelerator.gather(value.contiguous())
+        return gathered
+
+    def _sum_over_processes(self, grads: dict[str, torch.Tensor], method: str) -> dict[str, torch.Tensor]:
+        """The one all-reduce of an outer step: the shares of the directions sum to the full estimate."""
+        if self.direction_share(method) is None:
+            return grads
+        summed = {}
+        for name, value in grads.items():
+            value = value.contiguous().clone()
+            torch.distributed.all_reduce(value)
+            summed[name] = value
+        return summed
 
     def _add_regularizer(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         coef, kind = self.args.weight_regularization_coef, self.args.weight_regularization

@@ -306,3 +306,13 @@ def test_training_args_on_disk_hold_no_token(tmp_path):
     state = json.loads((folder / "bilevel_state.json").read_text())
     assert state["outer_type"] == "ExampleWeights" and "hub_token" not in json.dumps(state)
     assert set(load_file(folder / "bilevel_state.safetensors")) >= {f"initial/{n}" for n in trainer._inner_params}
+
+
+def test_soft_prompt_from_text_copies_the_token_embeddings():
+    model = tiny_llama()
+    prompt = SoftPrompt.from_text("ab", TOKENIZER, model, num_virtual_tokens=3)
+    ids = TOKENIZER("ab", add_special_tokens=False)["input_ids"]
+    table = model.get_input_embeddings().weight.detach()
+    torch.testing.assert_close(prompt.embeddings.detach(), table[torch.tensor([ids[0], ids[1], ids[0]])])
+    with pytest.raises(ValueError, match="non-empty"):
+        SoftPrompt.from_text("", TOKENIZER, model)

@@ -1,0 +1,38 @@
+"""A few outer steps of BilevelTrainer, for tests/test_distributed.py: run it with torchrun (2 processes) or
+plainly (1 process); rank 0 writes the outer logits and the world size to --result."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hf_fg2u import ExampleWeights  # noqa: E402
+from tests.test_trainer import fact_data, trainer_for  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--output", required=True, type=Path)
+    parser.add_argument("--result", required=True, type=Path)
+    parser.add_argument("--batch", type=int, required=True, help="per-process inner batch size")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--resume", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    _, data = fact_data(num_facts=8, copies=4)
+    trainer = trainer_for(
+        args.output, ExampleWeights(32), data, max_steps=args.steps, per_device_train_batch_size=args.batch,
+        num_directions=4, directions="rademacher", save_strategy="steps", save_steps=2, logging_steps=1,
+    )  # fmt: skip
+    trainer.train(resume_from_checkpoint=args.resume)
+    if trainer.accelerator.is_main_process:
+        result = {"world_size": trainer.accelerator.num_processes, "logits": trainer.outer.logits.tolist()}
+        args.result.write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
