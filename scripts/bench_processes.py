@@ -4,7 +4,7 @@
     .venv/bin/python scripts/bench_processes.py --worker ...   # one measurement (launched by the parent)
 
 Each process runs the same unroll and takes b/P of the directions; the estimates meet in one all-reduce.
-The model is the tiny fact-table setup of the tests (hidden 32) scaled by --hidden.
+The data is the tests' fact table; the model a Llama from config of --hidden size and --layers.
 """
 
 from __future__ import annotations
@@ -24,14 +24,23 @@ def worker(args) -> None:
     import torch
 
     sys.path.insert(0, str(REPO))
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     from hf_fg2u import ExampleWeights
-    from tests.test_trainer import fact_data, trainer_for
+    from tests.test_trainer import TOKENIZER, fact_data, trainer_for
 
     torch.set_num_threads(1)
     _, data = fact_data(num_facts=8, copies=8)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(TOKENIZER), hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+        num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        attn_implementation="eager", initializer_range=0.2, pad_token_id=TOKENIZER.pad_token_id,
+    )  # fmt: skip
     trainer = trainer_for(
-        Path(args.scratch) / f"p{world}", ExampleWeights(64), data, max_steps=args.steps + 1,
+        Path(args.scratch) / f"p{world}", ExampleWeights(64), data, model=LlamaForCausalLM(config),
+        max_steps=args.steps + 1,
         per_device_train_batch_size=8 // world, num_directions=args.directions, directions="rademacher",
         directions_per_pass=args.directions, logging_steps=1, disable_tqdm=True,
     )  # fmt: skip
@@ -43,7 +52,8 @@ def worker(args) -> None:
 
 def measure(processes: int, args) -> dict:
     command = [str(Path(__file__).resolve()), "--worker", "--directions", str(args.directions)]
-    command += ["--steps", str(args.steps), "--scratch", args.scratch]
+    command += ["--steps", str(args.steps), "--scratch", args.scratch, "--hidden", str(args.hidden)]
+    command += ["--layers", str(args.layers)]
     if processes > 1:
         command = [
             sys.executable,
@@ -64,6 +74,8 @@ def main() -> None:
     parser.add_argument("--directions", type=int, default=8)
     parser.add_argument("--steps", type=int, default=6, help="timed outer steps (after one warm-up step)")
     parser.add_argument("--scratch", default="/tmp/hf_fg2u_bench_processes")
+    parser.add_argument("--hidden", type=int, default=256, help="hidden size of the Llama built from config")
+    parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--out", default=str(REPO / "docs" / "bench_processes.md"))
     parser.add_argument("--worker", action="store_true")
     args = parser.parse_args()
@@ -75,7 +87,9 @@ def main() -> None:
     speedup = one["seconds_per_step"] / two["seconds_per_step"]
     table = (
         f"# 1 vs 2 processes, b={args.directions}\n\n`python scripts/bench_processes.py --directions "
-        f"{args.directions}` (CPU, one thread per process, tiny Llama, T=2, 8 rows per inner step)\n\n"
+        f"{args.directions} --hidden {args.hidden} --layers {args.layers}` (CPU, one thread per process, Llama from "
+        f"config with hidden {args.hidden} and {args.layers} layers, LoRA r=8, T=2, 8 rows of 10 tokens per inner "
+        "step)\n\n"
         "| processes | seconds per outer step |\n|---|---|\n"
         f"| 1 | {one['seconds_per_step']:.3f} |\n| 2 | {two['seconds_per_step']:.3f} |\n\n"
         f"speed-up 2 vs 1: **{speedup:.2f}×** (measured in {time.time() - start:.0f} s)\n"
