@@ -195,6 +195,7 @@ class BilevelTrainer(Trainer):
         ]
         meta_batch = self._prepare_inputs(self.meta_batch(step))
         self._ensure_inner_state(model, step)
+        self._resync_inner_state(model)
         inner_loss, outer_loss, _ = self._problem(model, method)
         start = time.perf_counter()
         try:
@@ -246,7 +247,7 @@ class BilevelTrainer(Trainer):
         """Add the bilevel metrics gathered since the last log (means) and the outer variables' summary."""
         if "loss" in logs:
             for key, values in self._metrics.items():
-                logs[key] = sum(values) if key == "skipped_steps" else sum(values) / len(values)
+                logs[key] = sum(values) if key in ("skipped_steps", "theta_resyncs") else sum(values) / len(values)
             logs.update(self.outer.summary())
             self._metrics.clear()
         super().log(logs, start_time)
@@ -352,6 +353,22 @@ class BilevelTrainer(Trainer):
                 value = self.accelerator.pad_across_processes(value, dim=1, pad_index=fill.get(key, 0))
             gathered[key] = self.accelerator.gather(value.contiguous())
         return gathered
+
+    def _resync_inner_state(self, model) -> None:
+        """Ranks compute θ identically by construction; check a checksum of θ every outer step and, if a rank
+        drifted (non-deterministic kernels, a bug), copy rank 0's θ and inner optimizer state to all."""
+        if self.accelerator.num_processes == 1:
+            return
+        checksum = torch.stack([v.double().sum() for v in self._inner_params.values()]).sum().reshape(1)
+        sums = self.accelerator.gather(checksum.to(self.args.device))
+        if float((sums - sums[0]).abs().max()) <= 1e-9 * (1.0 + float(sums[0].abs())):
+            return
+        warnings.warn(f"Inner parameters differ across processes (checksums {sums.tolist()}); resynchronising "
+                      "from rank 0.", stacklevel=2)  # fmt: skip
+        for value in [*self._inner_params.values(), *flatten_state(self._inner_state or {}).values()]:
+            torch.distributed.broadcast(value, src=0)
+        load_parameters(model, self._inner_params)
+        self._metrics["theta_resyncs"].append(1.0)
 
     def _sum_over_processes(self, grads: dict[str, torch.Tensor], method: str) -> dict[str, torch.Tensor]:
         """The one all-reduce of an outer step: the shares of the directions sum to the full estimate."""

@@ -7,11 +7,24 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_fg2u import ExampleWeights  # noqa: E402
 from tests.test_trainer import fact_data, trainer_for  # noqa: E402
+
+
+class DriftOnRankOne(TrainerCallback):
+    """Perturbs rank 1's inner parameters after the first outer step, as a non-deterministic kernel might."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1 and self.trainer.accelerator.process_index == 1:
+            for value in self.trainer._inner_params.values():
+                value.add_(1e-3)
 
 
 def main() -> None:
@@ -21,6 +34,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, required=True, help="per-process inner batch size")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--perturb", action="store_true", help="make rank 1's θ drift after the first step")
     args = parser.parse_args()
     torch.set_num_threads(1)
     _, data = fact_data(num_facts=8, copies=4)
@@ -28,9 +42,13 @@ def main() -> None:
         args.output, ExampleWeights(32), data, max_steps=args.steps, per_device_train_batch_size=args.batch,
         num_directions=4, directions="rademacher", save_strategy="steps", save_steps=2, logging_steps=1,
     )  # fmt: skip
+    if args.perturb:
+        trainer.add_callback(DriftOnRankOne(trainer))
     trainer.train(resume_from_checkpoint=args.resume)
     if trainer.accelerator.is_main_process:
+        resyncs = sum(e.get("theta_resyncs", 0) for e in trainer.state.log_history)
         result = {"world_size": trainer.accelerator.num_processes, "logits": trainer.outer.logits.tolist()}
+        result["resyncs"] = resyncs
         args.result.write_text(json.dumps(result))
 
 

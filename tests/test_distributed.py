@@ -12,13 +12,16 @@ import torch
 SCRIPT = Path(__file__).resolve().parent / "distributed_run.py"
 
 
-def run(tmp_path: Path, name: str, processes: int, batch: int, steps: int = 2, resume: str | None = None) -> dict:
+def run(tmp_path: Path, name: str, processes: int, batch: int, steps: int = 2, resume: str | None = None,
+        perturb: bool = False) -> dict:  # fmt: skip
     result = tmp_path / f"{name}.json"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     command = (launcher if processes > 1 else [sys.executable]) + [str(SCRIPT), "--output", str(tmp_path / name)]
     command += ["--result", str(result), "--batch", str(batch), "--steps", str(steps)]
     if resume:
         command += ["--resume", resume]
+    if perturb:
+        command += ["--perturb"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -27,9 +30,10 @@ def run(tmp_path: Path, name: str, processes: int, batch: int, steps: int = 2, r
 
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
 def test_two_processes_equal_one_process_with_the_union_of_directions(tmp_path):
-    two = run(tmp_path, "two", processes=2, batch=4)
+    two = run(tmp_path, "two", processes=2, batch=4, perturb=True)
     one = run(tmp_path, "one", processes=1, batch=8)
     assert two["world_size"] == 2 and one["world_size"] == 1
+    assert two["resyncs"] == 1  # rank 1 drifted after step 1 and was resynchronised from rank 0
     torch.testing.assert_close(torch.tensor(two["logits"]), torch.tensor(one["logits"]), rtol=0, atol=1e-6)
     assert torch.tensor(two["logits"]).abs().max() > 0  # the outer variables did move
     checkpoints = sorted(p.name for p in (tmp_path / "two" / "run").iterdir() if p.name.startswith("checkpoint"))
