@@ -264,6 +264,8 @@ class BilevelTrainer(Trainer):
         redacted.hub_token = None
         torch.save(redacted, output_dir / TRAINING_ARGS_NAME)
         self.outer.save_pretrained(output_dir)
+        base_model = unwrap_model(self.model).get_base_model() if hasattr(self.model, "get_base_model") else None
+        self.outer.save_peft_adapter(output_dir / "prompt_adapter", base_model or self.model, self.model_name)
         self._save_bilevel_state(output_dir)
         write_model_card(self, output_dir)  # replaces peft's generic card
 

@@ -316,3 +316,13 @@ def test_soft_prompt_from_text_copies_the_token_embeddings():
     torch.testing.assert_close(prompt.embeddings.detach(), table[torch.tensor([ids[0], ids[1], ids[0]])])
     with pytest.raises(ValueError, match="non-empty"):
         SoftPrompt.from_text("", TOKENIZER, model)
+
+
+def test_soft_prompt_is_also_saved_as_a_peft_prompt_tuning_adapter(tmp_path):
+    _, data = fact_data(num_facts=8, copies=4)
+    prompt = SoftPrompt(3, 32, init_std=0.5)
+    trainer = trainer_for(tmp_path, prompt, data, max_steps=1, num_directions=2, optim="sgd", learning_rate=0.05)
+    trainer.train()
+    trainer.save_model()
+    adapter = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "run" / "prompt_adapter"))
+    torch.testing.assert_close(adapter.get_prompt_embedding_to_save("default"), prompt.embeddings.detach())

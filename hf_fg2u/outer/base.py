@@ -74,6 +74,10 @@ class OuterModule(torch.nn.Module):
         (directory / CONFIG_NAME).write_text(json.dumps({"type": type(self).__name__, **self.config}, indent=2))
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / WEIGHTS_NAME))
 
+    def save_peft_adapter(self, directory: str | Path, model, base_model_name: str | None = None) -> Path | None:
+        """Also write the outer variables as a peft adapter where one fits (a soft prompt); default: none."""
+        return None
+
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> OuterModule:
         """Rebuild the outer module saved in ``directory`` (its class is read from the config)."""

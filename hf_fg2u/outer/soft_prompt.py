@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .base import OuterModule
+
+WEIGHTS = "adapter_model.safetensors"
 
 
 class SoftPrompt(OuterModule):
@@ -34,3 +38,20 @@ class SoftPrompt(OuterModule):
 
     def prefix(self, outer):
         return outer["embeddings"]
+
+    def save_peft_adapter(self, directory, model, base_model_name=None):
+        """Write a peft prompt-tuning adapter (``PeftModel.from_pretrained(base, directory)`` loads it), so the
+        prompt works without hf_fg2u. Combine it with the LoRA adapter of the same run for the full effect."""
+        from peft import PromptTuningConfig
+        from safetensors.torch import save_file
+
+        config = model.config
+        peft_config = PromptTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=self.embeddings.shape[0], token_dim=self.embeddings.shape[1],
+            num_transformer_submodules=1, num_attention_heads=config.num_attention_heads,
+            num_layers=config.num_hidden_layers, base_model_name_or_path=base_model_name,
+        )  # fmt: skip
+        directory = Path(directory)
+        peft_config.save_pretrained(str(directory))
+        save_file({"prompt_embeddings": self.embeddings.detach().contiguous().cpu()}, str(directory / WEIGHTS))
+        return directory
