@@ -106,11 +106,14 @@ def _arithmetic_prompt(rng: np.random.Generator, max_operand: int, operations: S
     return f"{a}{op}{b}="
 
 
+def _random_letters(rng: np.random.Generator, size: int) -> str:
+    """``size`` lowercase letters drawn with replacement."""
+    return "".join(string.ascii_lowercase[i] for i in rng.integers(0, 26, size=size))
+
+
 def _letters_prompt(rng: np.random.Generator, task: str, min_letters: int, max_letters: int) -> str:
     """``"task: letters>"`` with ``min_letters``..``max_letters`` lowercase letters drawn with replacement."""
-    size = int(rng.integers(min_letters, max_letters + 1))
-    letters = "".join(string.ascii_lowercase[i] for i in rng.integers(0, 26, size=size))
-    return f"{task}: {letters}>"
+    return f"{task}: {_random_letters(rng, int(rng.integers(min_letters, max_letters + 1)))}>"
 
 
 _LETTER_TASKS = {
@@ -152,8 +155,7 @@ def _wrong_answer(rng: np.random.Generator, prompt: str, max_operand: int, corru
     ``letters``: lowercase letters in place of the number (garbage a weak model can already tell apart).
     """
     if corruption == "letters":
-        length = len(reference_answer(prompt))
-        return "".join(chr(ord("a") + int(i)) for i in rng.integers(0, 26, size=length))
+        return _random_letters(rng, len(reference_answer(prompt)))
     truth = int(reference_answer(prompt))
     if corruption == "off_by_one":
         return str(truth + 1 if truth == 0 or rng.integers(2) else truth - 1)
@@ -462,7 +464,7 @@ def make_fact_splits(
     rng = _rng(seed, _TRAIN_STREAM)
     names: list[str] = []
     while len(names) < num_facts:
-        name = "".join(chr(ord("a") + int(i)) for i in rng.integers(0, 26, size=name_length))
+        name = _random_letters(rng, name_length)
         if name not in names:
             names.append(name)
     values = [int(v) for v in rng.integers(10, 100, size=num_facts)]

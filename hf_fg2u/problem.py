@@ -75,24 +75,23 @@ def per_example_lm_loss(
     return per_example_token_loss(logits, labels)
 
 
-def make_lm_problem(
-    model: torch.nn.Module,
-    example_weights: WeightFn | None = None,
-    prefix: PrefixFn | None = None,
-    second_order: bool = True,
-) -> tuple[Callable, Callable]:
-    """Build (inner_loss, outer_loss) for a causal LM.
-
-    inner_loss = Σ_i w_i(φ, batch, ℓ.detach()) ℓ_i(θ) with ``example_weights`` (default, or None: the mean);
-    outer_loss = mean_i ℓ_i(θ) on the meta batch. ``prefix(φ)`` is a soft prompt used by both.
-    ``second_order`` says whether the chosen method differentiates through inner gradients (preflight).
-    """
+def make_lm_losses(model: torch.nn.Module, prefix: PrefixFn | None = None, second_order: bool = True) -> Callable:
+    """Build ``losses(params, outer, batch) -> [B]``, the per-example loss with ``prefix(φ)`` prepended, run
+    under the attention context the preflight chose. ``second_order`` says whether the chosen method
+    differentiates through inner gradients."""
     model = unwrap_model(model)
     attention_context = preflight(model, second_order)
 
     def losses(params, outer, batch):
         with attention_context():
             return per_example_lm_loss(model, params, batch, None if prefix is None else prefix(outer))
+
+    return losses
+
+
+def losses_to_problem(losses: Callable, example_weights: WeightFn | None = None) -> tuple[Callable, Callable]:
+    """(inner_loss, outer_loss) from per-example ``losses``: inner_loss = Σ_i w_i(φ, batch, ℓ.detach()) ℓ_i(θ)
+    with ``example_weights`` (None, or weights None: the mean); outer_loss = mean_i ℓ_i(θ) on the meta batch."""
 
     def inner_loss(params, outer, batch):
         per_example = losses(params, outer, batch)
@@ -105,6 +104,18 @@ def make_lm_problem(
         return losses(params, outer, batch).mean()
 
     return inner_loss, outer_loss
+
+
+def make_lm_problem(
+    model: torch.nn.Module,
+    example_weights: WeightFn | None = None,
+    prefix: PrefixFn | None = None,
+    second_order: bool = True,
+) -> tuple[Callable, Callable]:
+    """Build (inner_loss, outer_loss) for a causal LM (see :func:`losses_to_problem`); ``prefix(φ)`` is a soft
+    prompt used by both. ``second_order`` says whether the chosen method differentiates through inner
+    gradients (preflight)."""
+    return losses_to_problem(make_lm_losses(model, prefix, second_order), example_weights)
 
 
 def batch_softmax_weights(key: str = "example_logits", id_column: str = "example_id") -> WeightFn:

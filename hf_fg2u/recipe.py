@@ -205,7 +205,7 @@ def hub_splits(script_args: ScriptArguments) -> DatasetDict:
     return DatasetDict(splits)
 
 
-def make_outer(script_args: ScriptArguments, splits: DatasetDict, model, tokenizer):
+def make_outer(script_args: ScriptArguments, splits: DatasetDict, model):
     s = script_args
     if s.recipe == "noisy_reweighting":
         if s.outer == "weight_net":
@@ -233,7 +233,7 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
             raw, tokenizer, max_length=script_args.max_length, text_column=script_args.text_column,
             answer_only=script_args.answer_only,
         )  # fmt: skip
-        outer = make_outer(script_args, raw, model, tokenizer)
+        outer = make_outer(script_args, raw, model)
         args = training_args
         if name == "uniform":  # the same budget with φ frozen: what plain fine-tuning would give
             frozen = {"learning_rate": 0.0, "method": "hessian_free", "phase1_method": None, "phase1_steps": 0}

@@ -29,7 +29,7 @@ from .functional import load_parameters, trainable_parameters, unwrap_model
 from .hypergrad import NonFiniteHypergradientError, estimate_hypergradient, needs_second_order
 from .model_card import write_model_card
 from .outer import OuterModule
-from .problem import make_lm_problem, per_example_lm_loss
+from .problem import losses_to_problem, make_lm_losses
 
 STATE_NAME = "bilevel_state.safetensors"
 STATE_CONFIG_NAME = "bilevel_state.json"
@@ -43,9 +43,14 @@ class BilevelDataCollator:
 
     pad_token_id: int = 0
 
+    @property
+    def fill(self) -> dict[str, int]:
+        """The padding value of each padded column."""
+        return {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": -100}
+
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         length = max(len(f["input_ids"]) for f in features)
-        fill = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": -100}
+        fill = self.fill
         batch = {}
         for key in features[0]:
             values = [f[key] for f in features]
@@ -232,9 +237,8 @@ class BilevelTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The meta loss of a batch under the current θ and φ (soft prompt included); used for evaluation."""
         params = {n: p for n, p in unwrap_model(model).named_parameters() if p.requires_grad}
-        prefix = self.outer.prefix(self.outer.outer_dict())
-        with self._problem(model, self.args.method)[2]():
-            loss = per_example_lm_loss(unwrap_model(model), params, inputs, prefix).mean()
+        _, outer_loss, _ = self._problem(model, self.args.method)
+        loss = outer_loss(params, self.outer.outer_dict(), inputs)
         return (loss, None) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -312,26 +316,22 @@ class BilevelTrainer(Trainer):
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         columns = [c for c in (*MODEL_INPUT_COLUMNS, *self.outer.required_columns) if c in dataset.column_names]
         view, chunks = dataset.select_columns(columns), []
-        with self._problem(model, self.args.method)[2]():
-            for start in range(0, len(view), 64):
-                rows = [view[i] for i in range(start, min(start + 64, len(view)))]
-                batch = self._prepare_inputs(self.data_collator(rows))
-                losses = per_example_lm_loss(model, params, batch, self.outer.prefix(outer))
-                weights = self.outer.row_weights(outer, batch, losses)
-                chunks.append(torch.ones_like(losses) if weights is None else weights)
+        _, _, per_example_losses = self._problem(model, self.args.method)
+        for start in range(0, len(view), 64):
+            rows = [view[i] for i in range(start, min(start + 64, len(view)))]
+            batch = self._prepare_inputs(self.data_collator(rows))
+            losses = per_example_losses(params, outer, batch)
+            weights = self.outer.row_weights(outer, batch, losses)
+            chunks.append(torch.ones_like(losses) if weights is None else weights)
         weights = torch.cat(chunks).double().cpu()
         return (weights / weights.mean()).float()
 
     def _problem(self, model, method: str):
+        """(inner_loss, outer_loss, per-example losses) for ``method``, built (and preflighted) once per kind."""
         second_order = needs_second_order(method, self.args.jvp)
         if second_order not in self._problems:
-            from .functional import preflight
-
-            model = unwrap_model(model)
-            inner_loss, outer_loss = make_lm_problem(
-                model, self.outer.example_weights, self.outer.prefix, second_order=second_order
-            )
-            self._problems[second_order] = (inner_loss, outer_loss, preflight(model, second_order))
+            losses = make_lm_losses(model, self.outer.prefix, second_order=second_order)
+            self._problems[second_order] = (*losses_to_problem(losses, self.outer.example_weights), losses)
         return self._problems[second_order]
 
     def _ensure_inner_state(self, model, step: int) -> None:
@@ -348,7 +348,7 @@ class BilevelTrainer(Trainer):
     def _gather_unroll(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Every rank's rows of the unroll, concatenated in rank order — the rows one process with
         ``num_processes ×`` the batch size would read — after padding to a common length."""
-        fill = {"input_ids": getattr(self.data_collator, "pad_token_id", 0), "attention_mask": 0, "labels": -100}
+        fill = getattr(self.data_collator, "fill", BilevelDataCollator().fill)
         gathered = {}
         for key, value in inputs.items():
             if value.dim() > 1:
@@ -414,24 +414,27 @@ class BilevelTrainer(Trainer):
             tensors[f"inner_state/{key}"] = value
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(directory / STATE_NAME))
         description = {
-            "outer_type": type(self.outer).__name__,
+            **self._compatibility_fields(),
             "outer_config": self.outer.config,
-            "inner_optimizer": self.args.inner_optimizer,
-            "inner_parameters": sorted(trainable_parameters(self.model)),
             "bilevel_config": self.args.bilevel_fields(),
         }
         (directory / STATE_CONFIG_NAME).write_text(json.dumps(description, indent=2, default=str))
+
+    def _compatibility_fields(self) -> dict:
+        """What a checkpoint must share with this trainer to resume: the outer type, the inner optimizer (its
+        state's layout) and the names of the inner parameters."""
+        return {
+            "outer_type": type(self.outer).__name__,
+            "inner_optimizer": self.args.inner_optimizer,
+            "inner_parameters": sorted(trainable_parameters(self.model)),
+        }
 
     def _check_resume_compatible(self, directory: Path) -> None:
         path = directory / STATE_CONFIG_NAME
         if not path.is_file():
             raise ValueError(f"{directory} is not a BilevelTrainer checkpoint: {STATE_CONFIG_NAME} is missing.")
         saved = json.loads(path.read_text())
-        mine = {
-            "outer_type": type(self.outer).__name__,
-            "inner_optimizer": self.args.inner_optimizer,
-            "inner_parameters": sorted(trainable_parameters(self.model)),
-        }
+        mine = self._compatibility_fields()
         wrong = [key for key, value in mine.items() if saved.get(key) != value]
         if wrong:
             details = "; ".join(f"{k}: checkpoint {saved.get(k)!r:.120} vs now {mine[k]!r:.120}" for k in wrong)

@@ -44,28 +44,30 @@ def forward_directional_derivatives(
         chunks.append((tree_zeros_like(params, (size,)), tree_zeros_like(state, (size,)), d_outer))
     losses = []
     for batch, seed in zip(inner_batches, seeds, strict=True):
-
-        def tangent_step(d_params, d_state, d_outer, params=params, state=state, batch=batch):
-            d_grads, grads, loss = grad_tangent(params, outer, batch, d_params, d_outer)
-            if grads is None:  # finite differences give no primal gradient
+        # The primal gradient does not depend on the direction: the first chunk's tangent pass returns it
+        # unbatched. Finite differences give none, and a process with no direction has no pass: compute it.
+        grads = loss = None
+        if jvp == "finite_difference" or not chunks:
+            with step_rng(seed):
                 grads, loss = torch.func.grad_and_value(inner_loss)(params, outer, batch)
-            _, (d_new_params, d_new_state) = torch.func.jvp(
-                optimizer.update, (grads, state, params), (d_grads, d_state, d_params)
-            )
-            return d_new_params, d_new_state, grads, loss
 
-        # The primal gradient does not depend on the direction: the first chunk returns it unbatched.
+        def tangent_step(d_params, d_state, d_outer, params=params, state=state, batch=batch, known=(grads, loss)):
+            d_grads, step_grads, step_loss = grad_tangent(params, outer, batch, d_params, d_outer)
+            if known[0] is not None:
+                step_grads, step_loss = known
+            _, (d_new_params, d_new_state) = torch.func.jvp(
+                optimizer.update, (step_grads, state, params), (d_grads, d_state, d_params)
+            )
+            return d_new_params, d_new_state, step_grads, step_loss
+
         batched_step = torch.func.vmap(tangent_step, randomness="same", out_dims=(0, 0, None, None))
-        new_chunks, grads = [], None
+        new_chunks = []
         for d_params, d_state, d_outer in chunks:
             with step_rng(seed):
                 d_params, d_state, chunk_grads, chunk_loss = batched_step(d_params, d_state, d_outer)
             if grads is None:
                 grads, loss = chunk_grads, chunk_loss
             new_chunks.append((detach_tree(d_params), detach_tree(d_state), d_outer))
-        if grads is None:  # this process has no direction to carry (an empty direction_slice)
-            with step_rng(seed):
-                grads, loss = torch.func.grad_and_value(inner_loss)(params, outer, batch)
         chunks = new_chunks
         new_params, new_state = optimizer.update(detach_tree(grads), state, params)
         params, state = detach_tree(new_params), detach_tree(new_state)
