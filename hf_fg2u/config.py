@@ -8,6 +8,7 @@ The Trainer's own fields keep their meaning for the *outer* problem: ``learning_
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -17,7 +18,15 @@ from .hypergrad.zeroth_order import ZO_SCHEMES
 from .optim import INNER_OPTIMIZERS
 
 NONFINITE_POLICIES = ("skip", "stop")
+PROCESS_SPLITS = ("directions", "data")
+DATA_PARALLEL_METHODS = ("fg2u",)
 REGULARIZERS = ("none", "kl_uniform", "l2")
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -58,6 +67,14 @@ class BilevelConfig(TrainingArguments):
                   "(warm start, online bilevel), 1 = every outer step."},
     )  # fmt: skip
     meta_batch_size: int = field(default=8, metadata={"help": "Examples of the meta (outer) batch per outer step."})
+    process_split: str = field(
+        default="directions",
+        metadata={"help": f"How several processes share an outer step, one of {PROCESS_SPLITS}. 'directions': every "
+                  "process runs the same unroll on all ranks' rows and takes b/P of the directions (one all-reduce "
+                  "per outer step). 'data': every process keeps its own rows and all b directions; the inner "
+                  "gradient and its tangents are averaged across processes at every inner step (for batches that "
+                  "do not fit one device; fg2u only)."},
+    )  # fmt: skip
 
     # -- inner optimizer ---------------------------------------------------------------------------------------
     inner_optimizer: str = field(
@@ -95,6 +112,9 @@ class BilevelConfig(TrainingArguments):
     logging_steps: float = field(default=1, metadata={"help": "Log every N outer steps."})
 
     def __post_init__(self):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
+            # `accelerate launch` with a multi-GPU config on a machine without GPUs: run the ranks on CPU (gloo).
+            self.use_cpu = True
         super().__post_init__()
         _check_choice("method", self.method, METHODS)
         _check_choice("jvp", self.jvp, JVP_MODES)
@@ -103,6 +123,14 @@ class BilevelConfig(TrainingArguments):
         _check_choice("inner_optimizer", self.inner_optimizer, sorted(INNER_OPTIMIZERS))
         _check_choice("nonfinite_policy", self.nonfinite_policy, NONFINITE_POLICIES)
         _check_choice("weight_regularization", self.weight_regularization, REGULARIZERS)
+        _check_choice("process_split", self.process_split, PROCESS_SPLITS)
+        unsupported = [m for m in (self.method, self.phase1_method) if m and m not in DATA_PARALLEL_METHODS]
+        if self.process_split == "data" and unsupported:
+            raise ValueError(
+                f"process_split='data' averages inner gradients and their tangents across processes, which only "
+                f"{list(DATA_PARALLEL_METHODS)} does; got {unsupported}. Use process_split='directions' (every "
+                "method), or method='fg2u' without phase1_method."
+            )
         for name in ("num_directions", "directions_per_pass", "unroll_steps", "meta_batch_size", "truncation"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")

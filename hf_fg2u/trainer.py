@@ -169,10 +169,15 @@ class BilevelTrainer(Trainer):
             batch_size=self._train_batch_size * self.args.unroll_steps,
         )  # fmt: skip
 
+    @property
+    def data_parallel(self) -> bool:
+        """Whether processes keep their own inner rows and average inner gradients (``process_split='data'``)."""
+        return self.args.process_split == "data" and self.accelerator.num_processes > 1
+
     def direction_share(self, method: str) -> slice | None:
         """This process's contiguous share of the b directions (None: all of them, on one process)."""
         world = self.accelerator.num_processes
-        if world == 1 or method not in ("fg2u", "fg2u_zo"):
+        if world == 1 or method not in ("fg2u", "fg2u_zo") or self.data_parallel:
             return None
         per_rank = math.ceil(self.args.num_directions / world)
         start = min(self.args.num_directions, self.accelerator.process_index * per_rank)
@@ -193,7 +198,7 @@ class BilevelTrainer(Trainer):
         method = self.args.method_at(step)
         inputs = self._prepare_inputs(inputs)
         size = self._train_batch_size
-        if self.accelerator.num_processes > 1:  # ranks split directions, not data: all run the same unroll
+        if self.accelerator.num_processes > 1 and not self.data_parallel:  # ranks split directions: same unroll
             inputs, size = self._gather_unroll(inputs), size * self.accelerator.num_processes
         inner_batches = [
             {k: v[i : i + size] for k, v in inputs.items()} for i in range(0, len(inputs["input_ids"]), size)
@@ -211,8 +216,9 @@ class BilevelTrainer(Trainer):
                 seed=self.args.seed * 1_000_003 + step, inner_optimizer_kwargs=self.args.inner_optimizer_kwargs(),
                 optimizer_state=self._inner_state, jvp=self.args.jvp,
                 directions_per_pass=self.args.directions_per_pass,
-                active_coordinates=self.outer.active_coordinates(inner_batches), truncation=self.args.truncation,
+                active_coordinates=self._active_coordinates(inner_batches), truncation=self.args.truncation,
                 direction_slice=self.direction_share(method),
+                reduce_gradients=self._average_over_processes if self.data_parallel else None,
                 zo_epsilon=self.args.zo_epsilon, zo_scheme=self.args.zo_scheme,
                 implicit_steps=self.args.implicit_steps, neumann_lr=self.args.neumann_lr,
                 cg_damping=self.args.cg_damping,
@@ -371,6 +377,32 @@ class BilevelTrainer(Trainer):
             torch.distributed.broadcast(value, src=0)
         load_parameters(model, self._inner_params)
         self._metrics["theta_resyncs"].append(1.0)
+
+    def _active_coordinates(self, inner_batches: list[dict]) -> dict[str, torch.Tensor | None] | None:
+        """The coordinates of φ the unroll can affect; with a data-parallel inner loop, the union over ranks
+        (every rank must draw the same directions)."""
+        active = self.outer.active_coordinates(inner_batches)
+        if active is None or not self.data_parallel:
+            return active
+        union = {}
+        for key, mask in active.items():
+            if mask is not None:
+                counts = mask.to(torch.int32).contiguous()
+                torch.distributed.all_reduce(counts)
+                mask = counts > 0
+            union[key] = mask
+        return union
+
+    def _average_over_processes(self, tree: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Mean over processes of a dict of tensors: the inner gradient (and its tangents) of the data-parallel
+        inner loop."""
+        world = self.accelerator.num_processes
+        averaged = {}
+        for name, value in tree.items():
+            value = value.contiguous().clone()
+            torch.distributed.all_reduce(value)
+            averaged[name] = value / world
+        return averaged
 
     def _sum_over_processes(self, grads: dict[str, torch.Tensor], method: str) -> dict[str, torch.Tensor]:
         """The one all-reduce of an outer step: the shares of the directions sum to the full estimate."""

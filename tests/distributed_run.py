@@ -1,5 +1,5 @@
-"""A few outer steps of BilevelTrainer, for tests/test_distributed.py: run it with torchrun (2 processes) or
-plainly (1 process); rank 0 writes the outer logits and the world size to --result."""
+"""A few outer steps of BilevelTrainer, for tests/test_distributed.py: run it with ``accelerate launch`` (2
+processes) or plainly (1 process); rank 0 writes the outer logits, world size and θ checksums to --result."""
 
 import argparse
 import json
@@ -35,20 +35,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--resume", default=None)
     parser.add_argument("--perturb", action="store_true", help="make rank 1's θ drift after the first step")
+    parser.add_argument("--process_split", default="directions", choices=["directions", "data"])
     args = parser.parse_args()
     torch.set_num_threads(1)
     _, data = fact_data(num_facts=8, copies=4)
     trainer = trainer_for(
         args.output, ExampleWeights(32), data, max_steps=args.steps, per_device_train_batch_size=args.batch,
         num_directions=4, directions="rademacher", save_strategy="steps", save_steps=2, logging_steps=1,
+        process_split=args.process_split,
     )  # fmt: skip
     if args.perturb:
         trainer.add_callback(DriftOnRankOne(trainer))
     trainer.train(resume_from_checkpoint=args.resume)
+    checksum = torch.stack([v.double().sum() for v in trainer._inner_params.values()]).sum().reshape(1)
+    checksums = trainer.accelerator.gather(checksum).tolist()
     if trainer.accelerator.is_main_process:
         resyncs = sum(e.get("theta_resyncs", 0) for e in trainer.state.log_history)
         result = {"world_size": trainer.accelerator.num_processes, "logits": trainer.outer.logits.tolist()}
-        result["resyncs"] = resyncs
+        result.update(resyncs=resyncs, theta_checksums=checksums)
         args.result.write_text(json.dumps(result))
 
 

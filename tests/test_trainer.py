@@ -287,6 +287,9 @@ def test_flash_attention_with_forward_mode_is_refused_at_construction(tmp_path):
         ({"phase1_steps": 3}, "phase1_method"),
         ({"gradient_accumulation_steps": 2}, "one outer step"),
         ({"nonfinite_policy": "ignore"}, "nonfinite_policy"),
+        ({"process_split": "data", "method": "rgu"}, "process_split='directions'"),
+        ({"process_split": "data", "phase1_method": "hessian_free", "phase1_steps": 2}, "without phase1_method"),
+        ({"process_split": "rows"}, "process_split"),
     ],
 )
 def test_config_errors_name_the_field_and_the_fix(tmp_path, overrides, message):

@@ -96,6 +96,7 @@ def estimate_hypergradient(
     cg_damping: float = 0.0,
     implicit_batches: str = "all",
     step_seeds: Sequence[int | None] | None = None,
+    reduce_gradients: Callable | None = None,
     progress: bool = False,
 ) -> HypergradientResult:
     """Estimate ∇_φ h(φ), h(φ) = outer_loss(θ_T(φ), φ, meta_batch), θ_T from T inner optimizer steps.
@@ -123,6 +124,8 @@ def estimate_hypergradient(
       implicit_batches: "all" (default) or "last": the inner batches whose mean loss defines the Hessians of
         "neumann", "cg" and "hessian_free".
       step_seeds: the RNG seed of each inner step (dropout masks); default derived from ``seed``.
+      reduce_gradients: "fg2u" only: a function applied to each step's inner gradient and its tangents (a dict
+        of tensors, tangents with a leading direction axis), e.g. a mean over data-parallel processes.
       progress: show a progress bar over the inner steps.
     """
     if method not in METHODS:
@@ -135,6 +138,8 @@ def estimate_hypergradient(
         raise ValueError(f"method='trgu' needs truncation=K >= 1 (the differentiated last steps), got {truncation}.")
     if not params:
         raise ValueError("params is empty: the inner problem has no trainable parameters.")
+    if reduce_gradients is not None and method != "fg2u":
+        raise ValueError(f"reduce_gradients (a data-parallel inner loop) is only supported by 'fg2u', not {method!r}.")
     optimizer = make_inner_optimizer(inner_optimizer, inner_lr, **(inner_optimizer_kwargs or {}))
     params, outer = detach_tree(dict(params)), detach_tree(dict(outer))
     state = optimizer.init(params) if optimizer_state is None else detach_tree(optimizer_state)
@@ -154,7 +159,7 @@ def estimate_hypergradient(
             directions_per_pass=directions_per_pass, direction_slice=direction_slice,
             active_coordinates=active_coordinates, fd_epsilon=fd_epsilon, truncation=truncation,
             zo_epsilon=zo_epsilon, zo_scheme=zo_scheme, implicit_steps=implicit_steps, neumann_lr=neumann_lr,
-            cg_damping=cg_damping, implicit_batches=implicit_batches,
+            cg_damping=cg_damping, implicit_batches=implicit_batches, reduce_gradients=reduce_gradients,
         )  # fmt: skip
     finally:
         if bar is not None:
@@ -166,7 +171,8 @@ def estimate_hypergradient(
 def _dispatch(method, inner_loss, outer_loss, optimizer, params, state, outer, inner_batches, meta_batch,
               common, bar, *, inner_lr, num_directions, directions, seed, jvp, directions_per_pass,
               direction_slice, active_coordinates, fd_epsilon, truncation, zo_epsilon, zo_scheme,
-              implicit_steps, neumann_lr, cg_damping, implicit_batches) -> HypergradientResult:  # fmt: skip
+              implicit_steps, neumann_lr, cg_damping, implicit_batches,
+              reduce_gradients) -> HypergradientResult:  # fmt: skip
     if method in ("rgu", "trgu"):
         grad, value, params, state, losses = reverse_hypergradient(
             inner_loss, outer_loss, optimizer, params, state, outer, inner_batches, meta_batch,
@@ -194,7 +200,7 @@ def _dispatch(method, inner_loss, outer_loss, optimizer, params, state, outer, i
     if method == "fg2u":
         through_params, direct, value, params, state, losses = forward_directional_derivatives(
             inner_loss, outer_loss, optimizer, params, state, outer, inner_batches, meta_batch, chunks,
-            jvp=jvp, fd_epsilon=fd_epsilon, progress=bar, **common,
+            jvp=jvp, fd_epsilon=fd_epsilon, progress=bar, reduce_gradients=reduce_gradients, **common,
         )  # fmt: skip
         estimate = space.to_dict(scale * (matrix.T @ through_params.to(matrix.dtype)), outer)
         share = 1.0 if direction_slice is None else matrix.shape[0] / num_directions

@@ -8,7 +8,8 @@ Nothing is kept across steps, so memory does not grow with T. At the end ⟨∇h
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from torch.utils._pytree import tree_map
@@ -31,13 +32,24 @@ def forward_directional_derivatives(
     jvp: str = "forward",
     fd_epsilon: float | None = None,
     progress=None,
+    reduce_gradients: Callable | None = None,
 ):
     """Push each chunk of directions (dicts of tensors with a leading direction axis) through the unroll.
 
     Returns (⟨∇_θ f, dθ_T⟩ for every direction [b], ∇_φ f, h, θ_T, s_T, inner losses). The direct term ∇_φ f
-    is returned whole so callers can add it exactly instead of estimating it.
+    is returned whole so callers can add it exactly instead of estimating it. ``reduce_gradients`` (a function
+    of a dict of tensors, e.g. a mean over processes) is applied to every step's inner gradient and to each
+    chunk's tangents of it before the optimizer update: the data-parallel inner loop. Collectives cannot run
+    inside ``vmap``, so the tangent pass and the optimizer's JVP are two vmapped calls with the reduction between.
     """
     grad_tangent = make_grad_tangent(inner_loss, jvp, fd_epsilon)
+    reduce = reduce_gradients or (lambda tree: tree)
+
+    def update_tangent(grads, d_grads, d_state, d_params, state, params):
+        _, tangents = torch.func.jvp(optimizer.update, (grads, state, params), (d_grads, d_state, d_params))
+        return tangents
+
+    batched_update = torch.func.vmap(update_tangent, in_dims=(None, 0, 0, 0, None, None))
     chunks = []
     for d_outer in direction_dicts:
         size = next(iter(d_outer.values())).shape[0]
@@ -50,27 +62,22 @@ def forward_directional_derivatives(
         if jvp == "finite_difference" or not chunks:
             with step_rng(seed):
                 grads, loss = torch.func.grad_and_value(inner_loss)(params, outer, batch)
-
-        def tangent_step(d_params, d_state, d_outer, params=params, state=state, batch=batch, known=(grads, loss)):
-            d_grads, step_grads, step_loss = grad_tangent(params, outer, batch, d_params, d_outer)
-            if known[0] is not None:
-                step_grads, step_loss = known
-            _, (d_new_params, d_new_state) = torch.func.jvp(
-                optimizer.update, (step_grads, state, params), (d_grads, d_state, d_params)
-            )
-            return d_new_params, d_new_state, step_grads, step_loss
-
-        batched_step = torch.func.vmap(tangent_step, randomness="same", out_dims=(0, 0, None, None))
-        new_chunks = []
-        for d_params, d_state, d_outer in chunks:
+        batched_grad_tangent = torch.func.vmap(
+            partial(grad_tangent, params, outer, batch), randomness="same", out_dims=(0, None, None)
+        )
+        d_grads = []
+        for d_params, _, d_outer in chunks:
             with step_rng(seed):
-                d_params, d_state, chunk_grads, chunk_loss = batched_step(d_params, d_state, d_outer)
+                chunk_d_grads, chunk_grads, chunk_loss = batched_grad_tangent(d_params, d_outer)
             if grads is None:
                 grads, loss = chunk_grads, chunk_loss
-            new_chunks.append((detach_tree(d_params), detach_tree(d_state), d_outer))
-        chunks = new_chunks
-        new_params, new_state = optimizer.update(detach_tree(grads), state, params)
-        params, state = detach_tree(new_params), detach_tree(new_state)
+            d_grads.append(reduce(detach_tree(chunk_d_grads)))
+        grads = reduce(detach_tree(grads))
+        chunks = [
+            (*detach_tree(batched_update(grads, dg, d_state, d_params, state, params)), d_outer)
+            for dg, (d_params, d_state, d_outer) in zip(d_grads, chunks, strict=True)
+        ]
+        params, state = detach_tree(optimizer.update(grads, state, params))
         losses.append(float(loss))
         if progress is not None:
             progress.update(1)
