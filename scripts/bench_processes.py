@@ -1,10 +1,16 @@
-"""Time per outer step at b directions with 1 vs 2 processes (one thread each), side by side in one run.
+"""Time per outer step at b directions with 1 vs 2 processes, side by side in one run, for both ways of
+splitting an outer step (``process_split``): by directions (every process runs the same unroll and takes b/P
+of the directions; one all-reduce per outer step) and by data (every process keeps its own rows and all b
+directions; inner gradients and tangents are averaged at every inner step).
 
-    .venv/bin/python scripts/bench_processes.py                # b=8, writes docs/bench_processes.md
-    .venv/bin/python scripts/bench_processes.py --worker ...   # one measurement (launched by the parent)
+    .venv/bin/python scripts/bench_processes.py                  # CPU: 1 vs 2 processes, one thread each
+    .venv/bin/python scripts/bench_processes.py --gpu --processes 1 2 4 8 --hidden 1024 --layers 8 \\
+        --seq-len 256 --batch 32 --out /tmp/bench_processes_gpu.md   # the GPU variant, a process per GPU
+    .venv/bin/python scripts/bench_processes.py --worker ...     # one measurement (what the parent launches)
 
-Each process runs the same unroll and takes b/P of the directions; the estimates meet in one all-reduce.
-The data is the tests' fact table; the model a Llama from config of --hidden size and --layers.
+Processes are started by ``accelerate launch`` with recipes/accelerate_configs/cpu_2proc.yaml (CPU) or
+``--multi_gpu`` (GPU). The data is the facts table padded to --seq-len tokens; the model a Llama from config.
+The inner batch (--batch rows) is the same for every process count: with P processes each reads batch/P rows.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+CPU_CONFIG = REPO / "recipes" / "accelerate_configs" / "cpu_2proc.yaml"
 
 
 def worker(args) -> None:
@@ -27,22 +34,25 @@ def worker(args) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from hf_fg2u import ExampleWeights
-    from tests.test_trainer import TOKENIZER, fact_data, trainer_for
+    from hf_fg2u.data import make_fact_splits, tokenize_for_causal_lm
+    from tests.test_trainer import TOKENIZER, trainer_for
 
-    torch.set_num_threads(1)
-    _, data = fact_data(num_facts=8, copies=8)
+    if not args.gpu:
+        torch.set_num_threads(1)
+    data = tokenize_for_causal_lm(make_fact_splits(8, 8, seed=0), TOKENIZER, max_length=args.seq_len)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(TOKENIZER), hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-        num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        attn_implementation="eager", initializer_range=0.2, pad_token_id=TOKENIZER.pad_token_id,
+        num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=args.seq_len, attn_implementation="eager", initializer_range=0.2,
+        pad_token_id=TOKENIZER.pad_token_id,
     )  # fmt: skip
     trainer = trainer_for(
-        Path(args.scratch) / f"p{world}", ExampleWeights(64), data, model=LlamaForCausalLM(config),
-        max_steps=args.steps + 1,
-        per_device_train_batch_size=8 // world, num_directions=args.directions, directions="rademacher",
-        directions_per_pass=args.directions, logging_steps=1, disable_tqdm=True,
+        Path(args.scratch) / f"{args.split}-p{world}", ExampleWeights(len(data["train"])), data,
+        model=LlamaForCausalLM(config), max_steps=args.steps + 1, per_device_train_batch_size=args.batch // world,
+        num_directions=args.directions, directions="rademacher", directions_per_pass=args.directions,
+        process_split=args.split, logging_steps=1, disable_tqdm=True, use_cpu=not args.gpu,
     )  # fmt: skip
     trainer.train()
     seconds = [e["outer_step_seconds"] for e in trainer.state.log_history if "outer_step_seconds" in e][1:]
@@ -50,32 +60,41 @@ def worker(args) -> None:
         print(json.dumps({"processes": world, "seconds_per_step": sum(seconds) / len(seconds)}))
 
 
-def measure(processes: int, args) -> dict:
-    command = [str(Path(__file__).resolve()), "--worker", "--directions", str(args.directions)]
-    command += ["--steps", str(args.steps), "--scratch", args.scratch, "--hidden", str(args.hidden)]
-    command += ["--layers", str(args.layers)]
-    if processes > 1:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={processes}",
-        ] + command
+def measure(processes: int, split: str, args) -> float:
+    command = [str(Path(__file__).resolve()), "--worker", "--split", split]
+    for flag in ("directions", "steps", "scratch", "hidden", "layers", "seq_len", "batch"):
+        command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    if args.gpu:
+        command.append("--gpu")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if processes == 1:
+        command = [sys.executable, *command]
+    elif args.gpu:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                   str(processes), *command]  # fmt: skip
     else:
-        command = [sys.executable] + command
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
-    return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG), *command]
+    if not args.gpu:
+        env["OMP_NUM_THREADS"] = "1"
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])["seconds_per_step"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--directions", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=6, help="timed outer steps (after one warm-up step)")
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--splits", nargs="+", default=["directions", "data"], choices=["directions", "data"])
+    parser.add_argument("--steps", type=int, default=4, help="timed outer steps (after one warm-up step)")
     parser.add_argument("--scratch", default="/tmp/hf_fg2u_bench_processes")
     parser.add_argument("--hidden", type=int, default=256, help="hidden size of the Llama built from config")
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=64, help="tokens per row (the facts padded to this length)")
+    parser.add_argument("--batch", type=int, default=8, help="inner batch rows per step, over all processes")
+    parser.add_argument("--gpu", action="store_true", help="one process per GPU (accelerate --multi_gpu)")
+    parser.add_argument("--split", default="directions", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(REPO / "docs" / "bench_processes.md"))
     parser.add_argument("--worker", action="store_true")
     args = parser.parse_args()
@@ -83,16 +102,22 @@ def main() -> None:
         worker(args)
         return
     start = time.time()
-    one, two = measure(1, args), measure(2, args)
-    speedup = one["seconds_per_step"] / two["seconds_per_step"]
+    seconds = {(split, p): measure(p, split, args) for split in args.splits for p in args.processes}
+    base = args.processes[0]
+    rows = [
+        f"| {split} | {p} | {seconds[split, p]:.3f} | {seconds[split, base] / seconds[split, p]:.2f}× |"
+        for split in args.splits
+        for p in args.processes
+    ]
+    command = "python scripts/bench_processes.py " + " ".join(sys.argv[1:])
+    device = "GPU, one process per GPU" if args.gpu else "CPU, one thread per process"
     table = (
-        f"# 1 vs 2 processes, b={args.directions}\n\n`python scripts/bench_processes.py --directions "
-        f"{args.directions} --hidden {args.hidden} --layers {args.layers}` (CPU, one thread per process, Llama from "
-        f"config with hidden {args.hidden} and {args.layers} layers, LoRA r=8, T=2, 8 rows of 10 tokens per inner "
-        "step)\n\n"
-        "| processes | seconds per outer step |\n|---|---|\n"
-        f"| 1 | {one['seconds_per_step']:.3f} |\n| 2 | {two['seconds_per_step']:.3f} |\n\n"
-        f"speed-up 2 vs 1: **{speedup:.2f}×** (measured in {time.time() - start:.0f} s)\n"
+        f"# Processes, b={args.directions}\n\n`{command.strip()}` ({device}; Llama from config with hidden "
+        f"{args.hidden} and {args.layers} layers, LoRA r=8, T=2, {args.batch} rows of {args.seq_len} tokens per "
+        f"inner step in all, {args.steps} timed outer steps)\n\n"
+        f"| process_split | processes | seconds per outer step | speed-up vs {base} |\n|---|---|---|---|\n"
+        + "\n".join(rows)
+        + f"\n\nmeasured in {time.time() - start:.0f} s\n"
     )
     Path(args.out).write_text(table)
     print(table)
