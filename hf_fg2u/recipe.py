@@ -228,25 +228,11 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
     raw = hub_splits(script_args) if script_args.dataset_name else builtin_splits(script_args)
     results, runs = {}, {}
     for name in ("bilevel", "uniform") if script_args.compare_uniform else ("bilevel",):
-        model, tokenizer = load_model_and_tokenizer(model_args, training_args.seed)
-        splits = builtin_data.tokenize_for_causal_lm(
-            raw, tokenizer, max_length=script_args.max_length, text_column=script_args.text_column,
-            answer_only=script_args.answer_only,
-        )  # fmt: skip
-        outer = make_outer(script_args, raw, model)
         args = training_args
         if name == "uniform":  # the same budget with φ frozen: what plain fine-tuning would give
             frozen = {"learning_rate": 0.0, "method": "hessian_free", "phase1_method": None, "phase1_steps": 0}
             args = clone_config(training_args, output_dir=str(output_dir / "uniform"), push_to_hub=False, **frozen)
-        lora = LoraConfig(
-            r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
-            target_modules=model_args.lora_target_modules,
-        )  # fmt: skip
-        trainer = BilevelTrainer(
-            model, args, train_dataset=splits["train"], meta_dataset=splits["meta"],
-            eval_dataset=splits.get("eval", splits["meta"]), outer=outer, processing_class=tokenizer,
-            peft_config=lora,
-        )  # fmt: skip
+        trainer = build_trainer(script_args, args, model_args, raw)
         print(f"[hf_fg2u] {script_args.recipe}: {name} run ({args.max_steps} outer steps, method {args.method})")
         trainer.train()
         results[f"{name}_meta_loss"] = trainer.evaluate()["eval_loss"]
@@ -263,6 +249,24 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
         results["final_adapter_meta_loss"] = final_stage(script_args, training_args, model_args, trainer)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def build_trainer(script_args, training_args: BilevelConfig, model_args: ModelArguments, raw: DatasetDict):
+    """A BilevelTrainer for a recipe's raw splits: model, tokenizer, tokenized splits, outer module, LoRA."""
+    model, tokenizer = load_model_and_tokenizer(model_args, training_args.seed)
+    splits = builtin_data.tokenize_for_causal_lm(
+        raw, tokenizer, max_length=script_args.max_length, text_column=script_args.text_column,
+        answer_only=script_args.answer_only,
+    )  # fmt: skip
+    lora = LoraConfig(
+        r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_target_modules,
+    )  # fmt: skip
+    return BilevelTrainer(
+        model, training_args, train_dataset=splits["train"], meta_dataset=splits["meta"],
+        eval_dataset=splits.get("eval", splits["meta"]), outer=make_outer(script_args, raw, model),
+        processing_class=tokenizer, peft_config=lora,
+    )  # fmt: skip
 
 
 def final_stage(script_args, training_args, model_args, trainer) -> float:

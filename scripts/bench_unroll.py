@@ -56,7 +56,7 @@ from hf_fg2u.hypergrad.unroll import run_inner_loop
 from hf_fg2u.optim import make_inner_optimizer
 from hf_fg2u.problem import batch_softmax_weights, make_lm_problem
 
-METHODS = ("plain", "fg2u", "rgu", "trgu", "neumann")
+METHODS = ("plain", "fg2u", "rgu", "trgu", "neumann", "cg", "hessian_free")
 DEFAULT_STEPS = [1, 2, 4, 8, 16, 32]
 QUICK = {"hidden": 64, "layers": 2, "batch_size": 4, "seq_len": 32, "steps": [1, 2, 4]}
 SIZE_FLAGS = ("hidden", "intermediate", "layers", "heads", "vocab", "rank", "batch_size", "seq_len")
@@ -72,7 +72,7 @@ def method_options(method: str, steps: int, directions: int, jvp: str, truncatio
         return {"num_directions": directions, "directions_per_pass": directions, "jvp": jvp}
     if method == "trgu":
         return {"truncation": min(steps, truncation)}
-    if method == "neumann":
+    if method in ("neumann", "cg"):
         return {"implicit_steps": NEUMANN_STEPS, "implicit_batches": "last", "jvp": jvp}
     return {}
 
@@ -104,10 +104,12 @@ def measure(
     truncation: int = 4,
     threads: int = 2,
     seed: int = 0,
+    memory_cap_mb: int | None = None,
 ) -> dict:
     """One measurement in this process: build, warm up with T=1, then time the call at T=``steps``.
 
-    sizes: default :class:`ModelSizes`. Returns {method, T, b, growth_mb, seconds, baseline_mb, peak_mb,
+    sizes: default :class:`ModelSizes`. memory_cap_mb: see :func:`cap_address_space`.
+    Returns {method, T, b, growth_mb, seconds, baseline_mb, peak_mb,
     peak_reset}; b is None except for fg2u.
     """
     sizes = sizes or ModelSizes()
@@ -116,8 +118,22 @@ def measure(
     batches, meta = random_token_batches(steps, sizes, seed + 1)
     run = make_runner(model, method, batches, meta, directions, jvp, truncation)
     run(1)
+    if memory_cap_mb:
+        cap_address_space(memory_cap_mb)
     stats = measure_peak(lambda: run(steps))
     return {"method": method, "T": steps, "b": directions if method == "fg2u" else None, **stats}
+
+
+def cap_address_space(extra_mb: int) -> None:
+    """Let the measured call map at most ``extra_mb`` MB more than the process holds now: past that, torch's
+    allocator raises "can't allocate memory" and the cell is recorded as out of memory, instead of the kernel
+    killing whatever runs on the machine."""
+    import resource
+
+    with open("/proc/self/status") as status:
+        size_kb = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
+    limit = (size_kb // 1024 + extra_mb) * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
 
 
 def worker_command(method: str, steps: int, directions: int | None, args: argparse.Namespace) -> list[str]:
@@ -125,6 +141,8 @@ def worker_command(method: str, steps: int, directions: int | None, args: argpar
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--methods", method, "--steps", str(steps)]
     command += ["--directions", str(directions or 1), "--jvp", args.jvp, "--truncation", str(args.truncation)]
     command += ["--threads", str(args.threads), "--seed", str(args.seed)]
+    if args.memory_cap_mb:
+        command += ["--memory-cap-mb", str(args.memory_cap_mb)]
     for flag in SIZE_FLAGS:
         if getattr(args, flag) is not None:
             command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
@@ -143,6 +161,8 @@ def run_worker(method: str, steps: int, directions: int | None, args: argparse.N
         return json.loads(done.stdout.strip().splitlines()[-1])
     if done.returncode < 0:
         error = f"killed by signal {-done.returncode} (out of memory?)"
+    elif "can't allocate memory" in done.stderr or "MemoryError" in done.stderr:
+        error = f"out of memory (over the {args.memory_cap_mb} MB cap)"
     else:
         error = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
     return {"method": method, "T": steps, "b": directions, "error": error}
@@ -166,6 +186,13 @@ def label(record: dict, several_b: bool) -> str:
 
 def cell(value: float | None, digits: int) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
+
+
+def failure(error: str) -> str:
+    """The table's word for a cell without numbers."""
+    if error.startswith("skipped"):
+        return "skip"
+    return "OOM" if "out of memory" in error else "fail"
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -195,13 +222,13 @@ def markdown_table(records: list[dict], steps: list[int], labels: list[str], fg2
     """Rows T; memory growth (MB) and time (s) per method, then the ratio columns."""
     several_b = len(fg2u_labels) > 1
     value = {(label(r, several_b), r["T"]): r for r in records if "error" not in r}
-    failed = {(label(r, several_b), r["T"]) for r in records if "error" in r}
+    failed = {(label(r, several_b), r["T"]): failure(r["error"]) for r in records if "error" in r}
 
     def get(name: str, steps_: int, key: str) -> float | None:
         return value[(name, steps_)][key] if (name, steps_) in value else None
 
     def fmt(name: str, steps_: int, key: str, digits: int) -> str:
-        return "fail" if (name, steps_) in failed else cell(get(name, steps_, key), digits)
+        return failed.get((name, steps_)) or cell(get(name, steps_, key), digits)
 
     ratios = ratio_columns(labels, fg2u_labels, steps)
     header = [f"mem {name} (MB)" for name in labels] + [f"time {name} (s)" for name in labels]
@@ -273,9 +300,16 @@ def warn_if_busy(threads: int) -> None:
 def run_benchmark(args: argparse.Namespace, sizes: ModelSizes) -> None:
     """Run every measurement in its own worker, print progress, then write the table, JSON and plot."""
     warn_if_busy(args.threads)
-    records, todo = [], plan(args)
+    records, todo, stopped = [], plan(args), {}
     for index, (method, steps, b) in enumerate(todo, 1):
-        record = run_worker(method, steps, b, args)
+        if (method, b) in stopped:
+            record = {"method": method, "T": steps, "b": b, "error": f"skipped: {stopped[method, b]}"}
+        else:
+            record = run_worker(method, steps, b, args)
+        if "error" in record:
+            stopped.setdefault((method, b), f"failed at T={steps}")
+        elif args.max_seconds and record["seconds"] > args.max_seconds:
+            stopped[method, b] = f"T={steps} took {record['seconds']:.0f} s > --max-seconds {args.max_seconds:g}"
         records.append(record)
         name = f"{method} T={steps}" + (f" b={b}" if b else "")
         result = record.get("error") or f"+{record['growth_mb']:.1f} MB, {record['seconds']:.2f} s"
@@ -307,6 +341,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--truncation", type=int, default=4, help="trgu's K; it differentiates min(T, K) steps")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per worker")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--memory-cap-mb", type=int, help="address-space cap of a call (MB): over it, out of memory")
+    parser.add_argument("--max-seconds", type=float, help="skip a method's larger T once one call takes longer")
     parser.add_argument(
         "--mmap-threshold",
         type=int,
@@ -336,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         record = measure(
             args.methods[0], args.steps[0], args.directions, sizes, jvp=args.jvp, truncation=args.truncation,
-            threads=args.threads, seed=args.seed,
+            threads=args.threads, seed=args.seed, memory_cap_mb=args.memory_cap_mb,
         )  # fmt: skip
         print(json.dumps(record))
     else:
