@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo demo-real demo-hypergradient test test-all lint format bench clean
+.PHONY: install demo demo-real demo-hypergradient test test-all lint format bench bench-large clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -52,9 +52,25 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# Regenerates docs/benchmarks.md and docs/bench/ (~30 min on 2 idle cores; run nothing else meanwhile).
+# Betty (the peer) is installed here only; its 0.2.x metadata says Python < 3.11, hence the flags.
+BENCH := docs/bench
+UNROLL_SIZES := --hidden 128 --layers 2 --batch-size 4 --seq-len 64
 bench: install
-	$(PY) scripts/bench_unroll.py --out-dir docs
-	$(PY) scripts/bench_unroll.py --methods plain fg2u --steps 4 --fg2u-directions 1 8 --out-dir docs/bench_directions
+	$(PY) -m pip install -q --no-deps --ignore-requires-python betty-ml==0.2.1 || echo "betty-ml not installed"
+	$(PY) scripts/bench_unroll.py $(UNROLL_SIZES) --steps 1 2 4 8 16 32 64 --memory-cap-mb 8000 --max-seconds 40 \
+	  --out-dir $(BENCH)/unroll
+	$(PY) scripts/bench_unroll.py --methods plain fg2u --steps 4 --fg2u-directions 1 8 --out-dir $(BENCH)/directions
+	$(PY) scripts/bench_processes.py --out $(BENCH)/bench_processes.md
+	$(PY) scripts/bench_fidelity.py --out-dir $(BENCH)/fidelity
+	$(PY) scripts/bench_betty.py --out-dir $(BENCH)
+	$(PY) scripts/bench_training.py --out-dir $(BENCH)
+	$(PY) scripts/bench_report.py
+
+# The memory/time sweep on the larger model of DESIGN.md's targets (~40 min; rgu needs ~12 GB at T=16).
+bench-large: install
+	$(PY) scripts/bench_unroll.py --steps 1 2 4 8 16 32 --memory-cap-mb 16000 --out-dir $(BENCH)/unroll_large
+	$(PY) scripts/bench_report.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

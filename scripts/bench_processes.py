@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="inner batch rows per step, over all processes")
     parser.add_argument("--gpu", action="store_true", help="one process per GPU (accelerate --multi_gpu)")
     parser.add_argument("--split", default="directions", help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=str(REPO / "docs" / "bench_processes.md"))
+    parser.add_argument("--out", default=str(REPO / "docs" / "bench" / "bench_processes.md"), help="also .json")
     parser.add_argument("--worker", action="store_true")
     args = parser.parse_args()
     if args.worker:
@@ -119,7 +119,10 @@ def main() -> None:
         + "\n".join(rows)
         + f"\n\nmeasured in {time.time() - start:.0f} s\n"
     )
-    Path(args.out).write_text(table)
+    out = Path(args.out)
+    out.write_text(table)
+    records = [{"process_split": split, "processes": p, "seconds_per_step": seconds[split, p]} for split, p in seconds]
+    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "records": records}, indent=1) + "\n")
     print(table)
 
 
