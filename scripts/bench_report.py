@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,12 +19,15 @@ def load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def body(path: Path) -> str:
-    """A sub-report without its top-level title, its headings one level down."""
+def body(path: Path, docs: Path) -> str:
+    """A sub-report without its top-level title, its headings one level down, its image links made relative
+    to docs/."""
     lines = path.read_text().splitlines()
     if lines and lines[0].startswith("# "):
         lines = lines[1:]
-    return "\n".join("#" + line if line.startswith("## ") else line for line in lines).strip()
+    text = "\n".join("#" + line if line.startswith("## ") else line for line in lines).strip()
+    folder = path.parent.relative_to(docs).as_posix()
+    return re.sub(r"\]\(([^/)]+\.png)\)", lambda m: f"]({folder}/{m.group(1)})", text)
 
 
 def unroll_headlines(data: dict) -> list[str]:
@@ -91,7 +95,25 @@ def training_headlines(data: dict) -> list[str]:
 
 
 def fidelity_headlines(data: dict) -> list[str]:
-    return [str(line) for line in data.get("headlines", [])]
+    lines = [f"fg2u with N basis directions vs rgu: relative error {data['sanity']['basis_vs_rgu_relative_error']:.1e}"]
+    lines += [
+        f"variance of {v['kind']} b={v['b']} over {v['seeds']} seeds / theory: **{v['ratio']:.2f}** ± "
+        f"{v['ratio_se']:.2f}; bias / its noise {v['bias'] / v['bias_noise']:.2f}"
+        for v in data["variance"]
+    ]
+    rgu = next((m for m in data["memory"] if m["method"] == "rgu"), None)
+    if rgu:
+        cells = [
+            f"{m['label']} {m['growth_mb'] / rgu['growth_mb']:.2f}× memory, cosine {mean(m['cosines']):.2f}"
+            for m in sorted(data["memory"], key=lambda m: m["growth_mb"])
+            if m is not rgu
+        ]
+        lines.append(f"at T={data['memory_steps']}, against rgu: " + "; ".join(cells))
+    return lines
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 SECTIONS = [
@@ -128,7 +150,7 @@ def section(bench: Path, title, table, data_name, headlines, plots, command, wha
     lines = headlines(data)
     if lines:
         parts.append("Headlines (computed from the JSON):\n\n" + "\n".join(f"- {line}" for line in lines) + "\n")
-    parts.append(body(table_path) + "\n")
+    parts.append(body(table_path, bench.parent) + "\n")
     parts += [f"![{title}](bench/{plot})\n" for plot in plots if (bench / plot).exists()]
     return "\n".join(parts)
 
