@@ -58,11 +58,16 @@ def build_lora_llama(sizes: ModelSizes, seed: int = 0) -> torch.nn.Module:
     lora = LoraConfig(r=sizes.rank, lora_alpha=2 * sizes.rank, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
     model = get_peft_model(LlamaForCausalLM(config), lora).to(torch.float32)
     model.eval()
+    perturb_lora_b(model)
+    return model
+
+
+def perturb_lora_b(model: torch.nn.Module, std: float = 0.02) -> None:
+    """Draw lora_B away from peft's zero init (at B = 0 the LoRA A gradients vanish)."""
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
-                parameter.normal_(0.0, 0.02)
-    return model
+                parameter.normal_(0.0, std)
 
 
 def random_token_batches(steps: int, sizes: ModelSizes, seed: int = 1) -> tuple[list[dict], dict]:

@@ -44,7 +44,7 @@ from pathlib import Path
 import peft
 import torch
 import transformers
-from _bench_common import ModelSizes, random_token_batches
+from _bench_common import ModelSizes, perturb_lora_b, random_token_batches
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -78,10 +78,7 @@ def build_model(sizes: ModelSizes, kv_heads: int, device: torch.device, base_dty
     lora = LoraConfig(r=sizes.rank, lora_alpha=2 * sizes.rank, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
     model = get_peft_model(base, lora)
     model.eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0.0, 0.02)
+    perturb_lora_b(model)
     return model
 
 
