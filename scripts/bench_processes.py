@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -57,7 +58,7 @@ def worker(args) -> None:
     trainer.train()
     seconds = [e["outer_step_seconds"] for e in trainer.state.log_history if "outer_step_seconds" in e][1:]
     if trainer.accelerator.is_main_process:
-        print(json.dumps({"processes": world, "seconds_per_step": sum(seconds) / len(seconds)}))
+        print(json.dumps({"processes": world, "seconds_per_step": statistics.median(seconds)}))
 
 
 def measure(processes: int, split: str, args) -> float:
@@ -82,12 +83,26 @@ def measure(processes: int, split: str, args) -> float:
     return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])["seconds_per_step"]
 
 
+def measure_all(args) -> dict[tuple[str, int], list[float]]:
+    """Seconds per outer step of every (split, processes) cell, ``--repeats`` times, interleaved so that slow
+    phases of a shared machine spread over all cells. With one process the split changes nothing: it is
+    measured once per repeat and counts for every split."""
+    runs: dict[tuple[str, int], list[float]] = {(s, p): [] for s in args.splits for p in args.processes}
+    for _ in range(args.repeats):
+        for p in args.processes:
+            for index, split in enumerate(args.splits):
+                value = measure(p, split, args) if p > 1 or index == 0 else runs[args.splits[0], p][-1]
+                runs[split, p].append(value)
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--directions", type=int, default=8)
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--splits", nargs="+", default=["directions", "data"], choices=["directions", "data"])
-    parser.add_argument("--steps", type=int, default=4, help="timed outer steps (after one warm-up step)")
+    parser.add_argument("--steps", type=int, default=6, help="timed outer steps (after one warm-up step)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of every cell, interleaved")
     parser.add_argument("--scratch", default="/tmp/hf_fg2u_bench_processes")
     parser.add_argument("--hidden", type=int, default=256, help="hidden size of the Llama built from config")
     parser.add_argument("--layers", type=int, default=4)
@@ -102,10 +117,12 @@ def main() -> None:
         worker(args)
         return
     start = time.time()
-    seconds = {(split, p): measure(p, split, args) for split in args.splits for p in args.processes}
+    runs = measure_all(args)
+    seconds = {cell: statistics.median(values) for cell, values in runs.items()}
     base = args.processes[0]
     rows = [
-        f"| {split} | {p} | {seconds[split, p]:.3f} | {seconds[split, base] / seconds[split, p]:.2f}× |"
+        f"| {split} | {p} | {seconds[split, p]:.3f} | {' / '.join(f'{v:.2f}' for v in runs[split, p])} | "
+        f"{seconds[split, base] / seconds[split, p]:.2f}× |"
         for split in args.splits
         for p in args.processes
     ]
@@ -114,14 +131,18 @@ def main() -> None:
     table = (
         f"# Processes, b={args.directions}\n\n`{command.strip()}` ({device}; Llama from config with hidden "
         f"{args.hidden} and {args.layers} layers, LoRA r=8, T=2, {args.batch} rows of {args.seq_len} tokens per "
-        f"inner step in all, {args.steps} timed outer steps)\n\n"
-        f"| process_split | processes | seconds per outer step | speed-up vs {base} |\n|---|---|---|---|\n"
+        f"inner step in all; a run's time is the median of its {args.steps} timed outer steps, a cell's the "
+        f"median of {args.repeats} runs, interleaved)\n\n"
+        f"| process_split | processes | seconds per outer step | runs | speed-up vs {base} |\n|---|---|---|---|---|\n"
         + "\n".join(rows)
         + f"\n\nmeasured in {time.time() - start:.0f} s\n"
     )
     out = Path(args.out)
     out.write_text(table)
-    records = [{"process_split": split, "processes": p, "seconds_per_step": seconds[split, p]} for split, p in seconds]
+    records = [
+        {"process_split": split, "processes": p, "seconds_per_step": seconds[split, p], "runs": runs[split, p]}
+        for split, p in seconds
+    ]
     out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "records": records}, indent=1) + "\n")
     print(table)
 

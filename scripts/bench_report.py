@@ -126,14 +126,19 @@ SECTIONS = [
      directions_headlines, [], "make bench (scripts/bench_unroll.py --fg2u-directions 1 8)",
      "The same model at T = 4, fg2u with b = 1 and b = 8 directions in one vmap pass."),
     ("Processes", "bench_processes.md", "bench_processes.json", processes_headlines, [],
-     "make bench (scripts/bench_processes.py)", "Time per outer step with 1 and 2 processes (one thread each)."),
+     "make bench (scripts/bench_processes.py)",
+     "Time per outer step with 1 and 2 processes (one thread each). Every rank still computes the primal inner "
+     "gradient, so with a per-direction cost D and a fixed cost P the speed-up is at most (P + bD)/(P + bD/2)."),
     ("Fidelity", "fidelity/bench_fidelity.md", "fidelity/bench_fidelity.json", fidelity_headlines, [],
      "make bench (scripts/bench_fidelity.py)",
      "How close each estimate is to the exact hypergradient, and what it costs."),
     ("Peers: Betty", "bench_betty.md", "bench_betty.json", betty_headlines, [], "make bench (scripts/bench_betty.py)",
      "Betty's hypergradients and ours against the exact one on the same LoRA reweighting problem."),
     ("End to end", "bench_training.md", "bench_training.json", training_headlines, [],
-     "make bench (scripts/bench_training.py)", "The demo's noisy-data recipe with each method, same wall clock."),
+     "make bench (scripts/bench_training.py)",
+     "The demo's noisy-data recipe with each method, same wall clock. θ is warm-started across outer steps "
+     "(inner_reset_every=0), so a method that takes more outer steps also trains θ longer: the eval meta loss "
+     "mixes the quality of the weights with the inner progress; AUROC measures the weights alone."),
     ("Memory and time vs T, a larger model", "unroll_large/bench_unroll.md", "unroll_large/bench_unroll.json",
      unroll_headlines, ["unroll_large/bench_unroll.png"], "make bench-large (~40 min, not part of make bench)",
      "The same measurement on hidden 256, 4 layers and 8×128-token batches (the sizes of DESIGN.md's targets)."),

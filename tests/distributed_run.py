@@ -1,5 +1,6 @@
 """A few outer steps of BilevelTrainer, for tests/test_distributed.py: run it with ``accelerate launch`` (2
-processes) or plainly (1 process); rank 0 writes the outer logits, world size and θ checksums to --result."""
+processes) or plainly (1 process); rank 0 writes the outer logits, the world size and every rank's θ and φ
+checksums to --result."""
 
 import argparse
 import json
@@ -47,12 +48,14 @@ def main() -> None:
     if args.perturb:
         trainer.add_callback(DriftOnRankOne(trainer))
     trainer.train(resume_from_checkpoint=args.resume)
-    checksum = torch.stack([v.double().sum() for v in trainer._inner_params.values()]).sum().reshape(1)
-    checksums = trainer.accelerator.gather(checksum).tolist()
+    theta = torch.stack([v.double().sum() for v in trainer._inner_params.values()]).sum().reshape(1)
+    phi = (trainer.outer.logits.detach().double() * torch.arange(1, 33)).sum().reshape(1)  # order-sensitive
+    checksums = trainer.accelerator.gather(theta).tolist()
+    outer_checksums = trainer.accelerator.gather(phi).tolist()
     if trainer.accelerator.is_main_process:
         resyncs = sum(e.get("theta_resyncs", 0) for e in trainer.state.log_history)
         result = {"world_size": trainer.accelerator.num_processes, "logits": trainer.outer.logits.tolist()}
-        result.update(resyncs=resyncs, theta_checksums=checksums)
+        result.update(resyncs=resyncs, theta_checksums=checksums, outer_checksums=outer_checksums)
         args.result.write_text(json.dumps(result))
 
 

@@ -74,6 +74,8 @@ def test_data_parallel_trainer_keeps_ranks_in_step(tmp_path):
     assert parallel["world_size"] == 2 and parallel["resyncs"] == 0
     first, second = parallel["theta_checksums"]
     assert first == second
+    first, second = parallel["outer_checksums"]  # same directions on every rank, hence the same estimate
+    assert first == second
     logits = torch.tensor(parallel["logits"])
     assert torch.isfinite(logits).all() and logits.abs().max() > 0
     assert checkpoints(tmp_path / "data" / "run") == ["checkpoint-2"]
