@@ -1,5 +1,7 @@
 """Every method against an exact reference on a closed-form bilevel quadratic, in float64."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -119,6 +121,18 @@ def test_zeroth_order_with_basis_directions(quadratic, scheme):
 def test_implicit_methods_match_the_implicit_gradient_after_a_long_unroll(quadratic, method, steps):
     result = estimate(quadratic, method, steps=600, implicit_steps=steps, implicit_batches="last")
     assert relative_error(result.grad["phi"], quadratic.implicit_gradient()) < 1e-6
+
+
+def test_cg_stops_with_a_warning_at_negative_curvature(quadratic):
+    quadratic.A = quadratic.A - 2.0 * torch.eye(quadratic.A.shape[0], dtype=quadratic.A.dtype)
+    assert float(torch.linalg.eigvalsh(quadratic.A).min()) < 0  # indefinite: θ_T is no minimum
+    with pytest.warns(UserWarning, match="non-positive curvature.*cg_damping"):
+        estimate(quadratic, "cg", steps=3, implicit_steps=20)
+    damping = 1.0 - float(torch.linalg.eigvalsh(quadratic.A).min())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = estimate(quadratic, "cg", steps=3, implicit_steps=50, cg_damping=damping)
+    assert torch.isfinite(result.grad["phi"]).all()
 
 
 def test_hessian_free_equals_the_one_step_unrolled_gradient(quadratic):

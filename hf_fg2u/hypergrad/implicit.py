@@ -12,6 +12,7 @@ exact for one SGD step.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -107,15 +108,26 @@ def hessian_free_hypergradient(
 
 
 def conjugate_gradient(hvp, rhs, steps: int, damping: float = 0.0):
-    """Solve (H + damping·I) x = rhs from x = 0 with ``steps`` CG iterations; H must be positive definite."""
+    """Solve (H + damping·I) x = rhs from x = 0 with ``steps`` CG iterations; H must be positive definite.
+    At a direction of non-positive curvature CG has no meaningful step: stop there with a warning (the
+    iterate so far is kept) instead of returning a solution that may point the wrong way."""
     x = tree_map(torch.zeros_like, rhs)
     residual, direction = rhs, rhs
     rr = tree_dot(residual, residual)
-    for _ in range(steps):
+    for iteration in range(steps):
         if float(rr) == 0.0:
             break
         product = tree_axpy(damping, direction, hvp(direction))
-        alpha = rr / tree_dot(direction, product)
+        curvature = tree_dot(direction, product)
+        if float(curvature) <= 0.0:
+            warnings.warn(
+                f"cg: non-positive curvature {float(curvature):.3g} at iteration {iteration + 1}: the inner Hessian at "
+                "θ_T is not positive definite (θ_T is not near a minimum of the inner loss). Stopped there. Raise "
+                "cg_damping, unroll further before using an implicit method, or use method='fg2u' or 'neumann'.",
+                stacklevel=2,
+            )
+            break
+        alpha = rr / curvature
         x = tree_axpy(alpha, direction, x)
         residual = tree_axpy(-alpha, product, residual)
         rr_new = tree_dot(residual, residual)
