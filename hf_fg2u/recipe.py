@@ -248,6 +248,7 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
     if script_args.final_stage_steps and script_args.recipe == "noisy_reweighting":
         results["final_adapter_meta_loss"] = final_stage(script_args, training_args, model_args, trainer)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    trainer.accelerator.end_training()  # under several processes: destroy the process group before exit
     return results
 
 

@@ -59,6 +59,7 @@ def worker(args) -> None:
     seconds = [e["outer_step_seconds"] for e in trainer.state.log_history if "outer_step_seconds" in e][1:]
     if trainer.accelerator.is_main_process:
         print(json.dumps({"processes": world, "seconds_per_step": statistics.median(seconds)}))
+    trainer.accelerator.end_training()
 
 
 def measure(processes: int, split: str, args) -> float:

@@ -61,6 +61,8 @@ def main() -> None:
         result = {name: r.grad["example_logits"].tolist() for name, r in grads.items()}
         result["world_size"] = state.num_processes
         args.result.write_text(json.dumps(result))
+    state.wait_for_everyone()
+    state.destroy_process_group()
 
 
 if __name__ == "__main__":

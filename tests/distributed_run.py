@@ -57,6 +57,8 @@ def main() -> None:
         result = {"world_size": trainer.accelerator.num_processes, "logits": trainer.outer.logits.tolist()}
         result.update(resyncs=resyncs, theta_checksums=checksums, outer_checksums=outer_checksums)
         args.result.write_text(json.dumps(result))
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()  # destroys the process group: no gloo thread is left running at exit
 
 
 if __name__ == "__main__":
