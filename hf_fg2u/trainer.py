@@ -154,8 +154,24 @@ class BilevelTrainer(Trainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
         for method in {self.args.method, self.args.phase1_method} - {None}:
             self._problem(self.model, method)  # preflight now, not deep inside the first step
+        self._warn_if_truncation_hides_rows()
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
+
+    def _warn_if_truncation_hides_rows(self) -> None:
+        """trgu differentiates only the last K steps: outer variables tied to rows (per-example weights) of the
+        earlier steps get exactly zero hypergradient, every outer step."""
+        args = self.args
+        per_row = type(self.outer).active_coordinates is not OuterModule.active_coordinates
+        hidden_steps = args.unroll_steps - args.truncation
+        if "trgu" in (args.method, args.phase1_method) and per_row and hidden_steps > 0:
+            warnings.warn(
+                f"method 'trgu' with truncation={args.truncation} < unroll_steps={args.unroll_steps}: the "
+                f"{type(self.outer).__name__} of rows in the first {hidden_steps} inner steps of every unroll get a "
+                "zero hypergradient. Set truncation=unroll_steps, or use 'fg2u' or 'hessian_free', which reach "
+                "every step.",
+                stacklevel=3,
+            )
 
     # -- Trainer hooks ------------------------------------------------------------------------------------------
     def create_optimizer(self, model=None):

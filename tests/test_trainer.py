@@ -277,6 +277,15 @@ def test_flash_attention_with_forward_mode_is_refused_at_construction(tmp_path):
     trainer_for(tmp_path, ExampleWeights(32), data, model=model, jvp="finite_difference")  # the documented fix
 
 
+def test_truncation_that_hides_rows_from_per_example_weights_warns(tmp_path):
+    _, data = fact_data(num_facts=8, copies=4)
+    with pytest.warns(UserWarning, match="first 1 inner steps.*zero hypergradient"):
+        trainer_for(tmp_path, ExampleWeights(32), data, method="trgu", truncation=1, unroll_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        trainer_for(tmp_path, ExampleWeights(32), data, method="trgu", truncation=2, unroll_steps=2)
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
