@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import json
 import math
+import os
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -135,3 +138,26 @@ def measure_peak(call: Callable[[], object]) -> dict:
         "growth_mb": peak - baseline, "seconds": seconds, "baseline_mb": baseline, "peak_mb": peak,
         "peak_reset": peak_reset,
     }  # fmt: skip
+
+
+def run_worker_process(
+    command: list[str], threads: int, extra_env: dict[str, str] | None = None, error_lines: int = 1
+) -> tuple[dict | None, str | None]:
+    """Run one measurement in a fresh process (RSS then holds nothing from other measurements) with
+    ``threads`` OpenMP/MKL threads; its last stdout line is its JSON record. Returns (record, None), or
+    (None, error) for a worker that failed: "killed by signal N (out of memory?)", or the last ``error_lines``
+    lines of its traceback (Python's ^^^ marker lines left out) — a failure never stops the whole benchmark."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **(extra_env or {})}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode == 0:
+        return json.loads(done.stdout.strip().splitlines()[-1]), None
+    if done.returncode < 0:
+        return None, f"killed by signal {-done.returncode} (out of memory?)"
+    lines = [line.strip() for line in done.stderr.splitlines() if line.strip().strip("^~")]
+    return None, " | ".join(lines[-error_lines:]) or f"exit status {done.returncode}"
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine similarity of two flat vectors, in float64."""
+    return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))

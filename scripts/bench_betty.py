@@ -43,7 +43,6 @@ import math
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -52,7 +51,7 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from _bench_common import ModelSizes, build_lora_llama, measure_peak, random_token_batches
+from _bench_common import ModelSizes, build_lora_llama, cosine, measure_peak, random_token_batches, run_worker_process
 
 from hf_fg2u.functional import trainable_parameters
 from hf_fg2u.hypergrad import estimate_hypergradient
@@ -215,16 +214,9 @@ def run_worker(method_id: str, args: argparse.Namespace) -> dict:
     command += ["--threads", str(args.threads), "--seed", str(args.seed)]
     for flag in SIZE_FLAGS:
         command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode == 0:
-        return json.loads(done.stdout.strip().splitlines()[-1])
-    if done.returncode < 0:
-        return {"method": method_id, "error": f"killed by signal {-done.returncode} (out of memory?)"}
-    # The traceback's last frame, its source line and the exception, without Python 3.11's ^^^ markers.
-    lines = [line.strip() for line in done.stderr.splitlines() if line.strip().strip("^~")]
-    return {"method": method_id, "error": " | ".join(lines[-3:]) or f"exit status {done.returncode}"}
+    # The traceback's last frame, its source line and the exception.
+    record, error = run_worker_process(command, args.threads, error_lines=3)
+    return record if record is not None else {"method": method_id, "error": error}
 
 
 def betty_version() -> tuple[str | None, str]:
@@ -234,11 +226,6 @@ def betty_version() -> tuple[str | None, str]:
     except Exception as error:
         return None, f"{type(error).__name__}: {error}"
     return metadata.version("betty-ml"), "ok"
-
-
-def cosine(a: list[float], b: list[float]) -> float:
-    x, y = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
-    return float(x @ y / (x.norm() * y.norm()).clamp_min(1e-300))
 
 
 def norm_ratio(a: list[float], b: list[float]) -> float:
@@ -265,7 +252,7 @@ def compare(records: list[dict]) -> list[dict]:
     for record in records:
         row = {"label": label(record["method"]), **record}
         if exact is not None and "error" not in record:
-            row["cosine"] = cosine(record["grad"], exact["grad"])
+            row["cosine"] = cosine(torch.tensor(record["grad"]), torch.tensor(exact["grad"]))
             row["norm_ratio"] = norm_ratio(record["grad"], exact["grad"])
             row["mem_vs_rgu"] = record["growth_mb"] / exact["growth_mb"] if exact["growth_mb"] > 1e-9 else None
             row["time_vs_rgu"] = record["median_seconds"] / exact["median_seconds"]

@@ -40,7 +40,6 @@ import json
 import math
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,7 +48,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from _bench_common import ModelSizes, build_lora_llama, measure_peak, random_token_batches
+from _bench_common import ModelSizes, build_lora_llama, cosine, measure_peak, random_token_batches, run_worker_process
 
 from hf_fg2u.functional import trainable_parameters
 from hf_fg2u.hypergrad import estimate_hypergradient
@@ -141,10 +140,6 @@ def fg2u(problem: Problem, directions: int, kind: str, seed: int) -> torch.Tenso
     return problem.hypergradient(
         "fg2u", num_directions=directions, directions=kind, seed=seed, directions_per_pass=directions
     )
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
 
 
 def relative_error(estimate: torch.Tensor, exact: torch.Tensor) -> float:
@@ -289,13 +284,10 @@ def measure_in_worker(spec: dict) -> dict:
 
 def run_worker(spec: dict) -> dict:
     """One measurement in a fresh process of this script; a failed worker gives a record with ``error``."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"])}
-    env.setdefault("HF_HUB_OFFLINE", "1")
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode == 0:
-        return json.loads(done.stdout.strip().splitlines()[-1])
-    error = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+    record, error = run_worker_process(command, spec["threads"])
+    if record is not None:
+        return record
     return {"label": spec["label"], "method": spec["method"], "options": spec["options"], "error": error}
 
 

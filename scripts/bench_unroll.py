@@ -43,12 +43,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
-from _bench_common import ModelSizes, build_lora_llama, measure_peak, random_token_batches
+from _bench_common import ModelSizes, build_lora_llama, measure_peak, random_token_batches, run_worker_process
 
 from hf_fg2u.functional import trainable_parameters
 from hf_fg2u.hypergrad import DEFAULT_JVP, JVP_MODES, estimate_hypergradient
@@ -150,21 +149,14 @@ def worker_command(method: str, steps: int, directions: int | None, args: argpar
 
 
 def run_worker(method: str, steps: int, directions: int | None, args: argparse.Namespace) -> dict:
-    """One measurement in a fresh process, so RSS holds nothing from other measurements. A worker that
-    fails (out of memory, killed) yields a record with ``error`` instead of stopping the whole benchmark."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    if args.mmap_threshold:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
-    done = subprocess.run(worker_command(method, steps, directions, args), capture_output=True, text=True, env=env)
-    if done.returncode == 0:
-        return json.loads(done.stdout.strip().splitlines()[-1])
-    if done.returncode < 0:
-        error = f"killed by signal {-done.returncode} (out of memory?)"
-    elif "can't allocate memory" in done.stderr or "MemoryError" in done.stderr:
+    """One measurement in a fresh process; a failed worker (out of memory, killed) yields a record with
+    ``error`` instead of stopping the whole benchmark."""
+    extra_env = {"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)} if args.mmap_threshold else None
+    record, error = run_worker_process(worker_command(method, steps, directions, args), args.threads, extra_env)
+    if record is not None:
+        return record
+    if "can't allocate memory" in error or "MemoryError" in error:
         error = f"out of memory (over the {args.memory_cap_mb} MB cap)"
-    else:
-        error = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
     return {"method": method, "T": steps, "b": directions, "error": error}
 
 
