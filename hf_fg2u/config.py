@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 
 from .hypergrad import DEFAULT_JVP, DIRECTIONS, JVP_MODES, METHODS, needs_second_order
@@ -24,8 +25,6 @@ REGULARIZERS = ("none", "kl_uniform", "l2")
 
 
 def _has_accelerator() -> bool:
-    import torch
-
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 

@@ -413,23 +413,11 @@ class BilevelTrainer(Trainer):
         """Mean over processes of a dict of tensors: the inner gradient (and its tangents) of the data-parallel
         inner loop."""
         world = self.accelerator.num_processes
-        averaged = {}
-        for name, value in tree.items():
-            value = value.contiguous().clone()
-            torch.distributed.all_reduce(value)
-            averaged[name] = value / world
-        return averaged
+        return {name: value / world for name, value in all_reduce_sum(tree).items()}
 
     def _sum_over_processes(self, grads: dict[str, torch.Tensor], method: str) -> dict[str, torch.Tensor]:
         """The one all-reduce of an outer step: the shares of the directions sum to the full estimate."""
-        if self.direction_share(method) is None:
-            return grads
-        summed = {}
-        for name, value in grads.items():
-            value = value.contiguous().clone()
-            torch.distributed.all_reduce(value)
-            summed[name] = value
-        return summed
+        return grads if self.direction_share(method) is None else all_reduce_sum(grads)
 
     def _add_regularizer(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         coef, kind = self.args.weight_regularization_coef, self.args.weight_regularization
@@ -529,6 +517,16 @@ def check_model_columns(dataset, role: str) -> None:
             f"The {role} dataset has no 'input_ids' column (columns: {dataset.column_names}). Tokenize it first, "
             "e.g. with hf_fg2u.data.tokenize_for_causal_lm(dataset, tokenizer)."
         )
+
+
+def all_reduce_sum(tree: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sum over processes of a dict of tensors, into new tensors (the inputs are left as they are)."""
+    summed = {}
+    for name, value in tree.items():
+        value = value.contiguous().clone()
+        torch.distributed.all_reduce(value)
+        summed[name] = value
+    return summed
 
 
 def flatten_state(state: dict, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_fg2u.functional import trainable_parameters  # noqa: E402
 from hf_fg2u.hypergrad import estimate_hypergradient  # noqa: E402
 from hf_fg2u.problem import batch_softmax_weights, make_lm_problem  # noqa: E402
+from hf_fg2u.trainer import all_reduce_sum  # noqa: E402
 from tests.conftest import random_lm_batches, tiny_lm  # noqa: E402
 
 STEPS, BATCH, HALF = 3, 8, 4
@@ -26,12 +27,7 @@ def halves(batch: dict) -> list[dict]:
 
 
 def average_over_ranks(tree: dict) -> dict:
-    averaged = {}
-    for key, value in tree.items():
-        value = value.contiguous().clone()
-        torch.distributed.all_reduce(value)
-        averaged[key] = value / torch.distributed.get_world_size()
-    return averaged
+    return {key: value / torch.distributed.get_world_size() for key, value in all_reduce_sum(tree).items()}
 
 
 def main() -> None:
