@@ -259,14 +259,18 @@ def build_trainer(script_args, training_args: BilevelConfig, model_args: ModelAr
         raw, tokenizer, max_length=script_args.max_length, text_column=script_args.text_column,
         answer_only=script_args.answer_only,
     )  # fmt: skip
-    lora = LoraConfig(
-        r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
-        target_modules=model_args.lora_target_modules,
-    )  # fmt: skip
     return BilevelTrainer(
         model, training_args, train_dataset=splits["train"], meta_dataset=splits["meta"],
         eval_dataset=splits.get("eval", splits["meta"]), outer=make_outer(script_args, raw, model),
-        processing_class=tokenizer, peft_config=lora,
+        processing_class=tokenizer, peft_config=lora_config(model_args),
+    )  # fmt: skip
+
+
+def lora_config(model_args: ModelArguments) -> LoraConfig:
+    """The LoRA adapter of the model arguments (the bilevel run's and the final stage's)."""
+    return LoraConfig(
+        r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_target_modules,
     )  # fmt: skip
 
 
@@ -285,10 +289,8 @@ def final_stage(script_args, training_args, model_args, trainer) -> float:
         logging_steps=training_args.logging_steps, seed=training_args.seed, use_cpu=training_args.use_cpu,
         disable_tqdm=training_args.disable_tqdm,
     )  # fmt: skip
-    lora = LoraConfig(
-        r=model_args.lora_r, lora_alpha=model_args.lora_alpha, target_modules=model_args.lora_target_modules
-    )
     print(f"[hf_fg2u] final stage: a fresh adapter, {script_args.final_stage_steps} steps of weighted loss")
+    lora = lora_config(model_args)
     final = train_final_adapter(model, weighted, lora, args, processing_class=tokenizer, eval_dataset=meta)
     final.save_model()
     return final.evaluate()["eval_loss"]
