@@ -62,21 +62,20 @@ def forward_directional_derivatives(
         if jvp == "finite_difference" or not chunks:
             with step_rng(seed):
                 grads, loss = torch.func.grad_and_value(inner_loss)(params, outer, batch)
+            grads = reduce(detach_tree(grads))
         batched_grad_tangent = torch.func.vmap(
             partial(grad_tangent, params, outer, batch), randomness="same", out_dims=(0, None, None)
         )
-        d_grads = []
-        for d_params, _, d_outer in chunks:
+        new_chunks = []
+        for d_params, d_state, d_outer in chunks:  # chunk by chunk: one chunk's d_grads alive at a time
             with step_rng(seed):
-                chunk_d_grads, chunk_grads, chunk_loss = batched_grad_tangent(d_params, d_outer)
+                d_grads, chunk_grads, chunk_loss = batched_grad_tangent(d_params, d_outer)
             if grads is None:
-                grads, loss = chunk_grads, chunk_loss
-            d_grads.append(reduce(detach_tree(chunk_d_grads)))
-        grads = reduce(detach_tree(grads))
-        chunks = [
-            (*detach_tree(batched_update(grads, dg, d_state, d_params, state, params)), d_outer)
-            for dg, (d_params, d_state, d_outer) in zip(d_grads, chunks, strict=True)
-        ]
+                grads, loss = reduce(detach_tree(chunk_grads)), chunk_loss
+            d_grads = reduce(detach_tree(d_grads))
+            d_params, d_state = detach_tree(batched_update(grads, d_grads, d_state, d_params, state, params))
+            new_chunks.append((d_params, d_state, d_outer))
+        chunks = new_chunks
         params, state = detach_tree(optimizer.update(grads, state, params))
         losses.append(float(loss))
         if progress is not None:
