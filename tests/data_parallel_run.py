@@ -1,6 +1,7 @@
-"""The data-parallel inner loop of fg2u on 2 CPU ranks, for tests/test_distributed.py (run it with
+"""The data-parallel inner loop of fg2u and rgu on 2 CPU ranks, for tests/test_distributed.py (run it with
 ``accelerate launch``): each rank takes half of every inner batch, inner gradients and tangents are averaged
-across ranks at every step. Rank 0 also computes, alone, fg2u and rgu with the inner loss defined as the mean
+across ranks at every step. rgu averages the VJP of the inner gradient likewise.
+Rank 0 also computes, alone, fg2u and rgu with the inner loss defined as the mean
 of the two halves' losses — the same function — and writes all three to --result."""
 
 import argparse
@@ -46,6 +47,10 @@ def main() -> None:
     parallel = estimate_hypergradient(
         inner_loss, outer_loss, params, outer, local, meta, reduce_gradients=average_over_ranks, **common
     )
+    parallel_rgu = estimate_hypergradient(
+        inner_loss, outer_loss, params, outer, local, meta, method="rgu", reduce_gradients=average_over_ranks,
+        checkpoint_every=2, **common,
+    )  # fmt: skip
     if state.is_main_process:
 
         def mean_of_halves(p, o, batch):
@@ -53,7 +58,7 @@ def main() -> None:
 
         single = estimate_hypergradient(mean_of_halves, outer_loss, params, outer, batches, meta, **common)
         exact = estimate_hypergradient(mean_of_halves, outer_loss, params, outer, batches, meta, method="rgu", **common)
-        grads = {"parallel": parallel, "single": single, "rgu": exact}
+        grads = {"parallel": parallel, "parallel_rgu": parallel_rgu, "single": single, "rgu": exact}
         result = {name: r.grad["example_logits"].tolist() for name, r in grads.items()}
         result["world_size"] = state.num_processes
         args.result.write_text(json.dumps(result))

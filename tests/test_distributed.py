@@ -66,6 +66,7 @@ def test_data_parallel_inner_loop_equals_one_process_on_the_mean_loss(tmp_path):
     torch.testing.assert_close(grads["parallel"], grads["single"], rtol=0, atol=1e-10)
     # float64 model, but Llama's RMSNorm computes in float32: forward vs reverse agree to ~1e-7 only.
     assert float((grads["parallel"] - grads["rgu"]).norm() / grads["rgu"].norm()) < 1e-5
+    assert float((grads["parallel_rgu"] - grads["rgu"]).norm() / grads["rgu"].norm()) < 1e-5
     assert float(grads["rgu"].norm()) > 1e-3
 
 

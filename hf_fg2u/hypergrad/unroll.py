@@ -46,11 +46,15 @@ def step_rng(seed: int | None):
         yield
 
 
-def inner_step(inner_loss: LossFn, optimizer: InnerOptimizer, params, state, outer, batch):
-    """One primal inner step: (θ, s) -> (θ', s'), plus the inner loss value before the step."""
-    grads, loss = torch.func.grad_and_value(inner_loss)(params, outer, batch)
+def primal_step(inner_loss: LossFn, optimizer: InnerOptimizer, params, state, outer, batch, seed, reduce=None):
+    """One inner step with nothing differentiated: (θ, s) -> (θ', s'), plus the inner loss before the step.
+
+    ``reduce`` (a mean over data-parallel processes) is applied to the inner gradient before the update."""
+    with step_rng(seed):
+        grads, loss = torch.func.grad_and_value(inner_loss)(params, outer, batch)
+    grads = detach_tree(grads) if reduce is None else reduce(detach_tree(grads))
     new_params, new_state = optimizer.update(grads, state, params)
-    return new_params, new_state, loss
+    return detach_tree(new_params), detach_tree(new_state), loss.detach()
 
 
 def run_inner_loop(
@@ -62,13 +66,12 @@ def run_inner_loop(
     batches: Sequence,
     seeds: Sequence[int | None],
     progress=None,
+    reduce_gradients: Callable | None = None,
 ):
     """Run the primal inner loop with nothing differentiated; returns (θ_T, s_T, inner losses)."""
     losses = []
     for batch, seed in zip(batches, seeds, strict=True):
-        with step_rng(seed):
-            params, state, loss = inner_step(inner_loss, optimizer, params, state, outer, batch)
-        params, state = detach_tree(params), detach_tree(state)
+        params, state, loss = primal_step(inner_loss, optimizer, params, state, outer, batch, seed, reduce_gradients)
         losses.append(float(loss))
         if progress is not None:
             progress.update(1)

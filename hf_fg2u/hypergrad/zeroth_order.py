@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from ..optim import InnerOptimizer
-from .unroll import LossFn, inner_step, run_inner_loop, step_rng
+from .unroll import LossFn, primal_step, run_inner_loop
 
 ZO_SCHEMES = ("central", "forward")
 
@@ -38,8 +38,7 @@ def zeroth_order_directional_derivatives(
     def unrolled_value(phi):
         p, s = params, state
         for batch, seed in zip(inner_batches, seeds, strict=True):
-            with step_rng(seed):
-                p, s, _ = inner_step(inner_loss, optimizer, p, s, phi, batch)
+            p, s, _ = primal_step(inner_loss, optimizer, p, s, phi, batch, seed)
         return outer_loss(p, phi, meta_batch)
 
     batched_value = torch.func.vmap(unrolled_value, randomness="same")
