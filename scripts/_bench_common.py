@@ -48,20 +48,27 @@ class ModelSizes:
         return {**asdict(self), "intermediate": self.ffn}
 
 
-def build_lora_llama(sizes: ModelSizes, seed: int = 0) -> torch.nn.Module:
-    """A float32 Llama with eager attention (forward AD and double backward both work through it) wrapped in
-    LoRA on q_proj/v_proj. lora_B is drawn away from peft's zero init: at B = 0 the LoRA A gradients vanish
-    and the second-order work of the benchmarked methods would be unrepresentative."""
+def build_llama(sizes: ModelSizes, seed: int = 0, inner: str = "lora") -> torch.nn.Module:
+    """A float32 Llama with eager attention (forward AD and double backward both work through it). ``inner``:
+    "lora" wraps it in LoRA on q_proj/v_proj (only the adapter trains; lora_B is drawn away from peft's zero init:
+    at B = 0 the LoRA A gradients vanish and the second-order work of the benchmarked methods would be
+    unrepresentative); "full" trains every parameter."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=sizes.vocab, hidden_size=sizes.hidden, intermediate_size=sizes.ffn,
         num_hidden_layers=sizes.layers, num_attention_heads=sizes.heads, num_key_value_heads=sizes.heads,
         max_position_embeddings=sizes.seq_len, attn_implementation="eager",
     )  # fmt: skip
-    lora = LoraConfig(r=sizes.rank, lora_alpha=2 * sizes.rank, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-    model = get_peft_model(LlamaForCausalLM(config), lora).to(torch.float32)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    if inner == "lora":
+        lora = LoraConfig(
+            r=sizes.rank, lora_alpha=2 * sizes.rank, target_modules=["q_proj", "v_proj"], lora_dropout=0.0
+        )
+        model = get_peft_model(model, lora).to(torch.float32)
+        perturb_lora_b(model)
+    elif inner != "full":
+        raise ValueError(f"inner={inner!r}: use 'lora' or 'full'.")
     model.eval()
-    perturb_lora_b(model)
     return model
 
 

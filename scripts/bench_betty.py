@@ -51,7 +51,7 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from _bench_common import ModelSizes, build_lora_llama, cosine, measure_peak, random_token_batches, run_worker_process
+from _bench_common import ModelSizes, build_llama, cosine, measure_peak, random_token_batches, run_worker_process
 
 from hf_fg2u.functional import trainable_parameters
 from hf_fg2u.hypergrad import estimate_hypergradient
@@ -93,7 +93,7 @@ class Setup:
 
 
 def build_setup(sizes: ModelSizes, steps: int, seed: int) -> Setup:
-    model = build_lora_llama(sizes, seed)
+    model = build_llama(sizes, seed)
     batches, meta = random_token_batches(steps, sizes, seed + 1)
     inner_loss, outer_loss = make_lm_problem(model, batch_softmax_weights(KEY))
     outer = {KEY: torch.zeros(steps * sizes.batch_size)}

@@ -48,7 +48,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from _bench_common import ModelSizes, build_lora_llama, cosine, measure_peak, random_token_batches, run_worker_process
+from _bench_common import ModelSizes, build_llama, cosine, measure_peak, random_token_batches, run_worker_process
 
 from hf_fg2u.functional import trainable_parameters
 from hf_fg2u.hypergrad import estimate_hypergradient
@@ -263,7 +263,7 @@ def measure_in_worker(spec: dict) -> dict:
     estimates (unmeasured) for the cosine."""
     torch.set_num_threads(spec["threads"])
     sizes = ModelSizes(**spec["sizes"])
-    problem = build_problem(build_lora_llama(sizes, MODEL_SEED), sizes, spec["steps"])
+    problem = build_problem(build_llama(sizes, MODEL_SEED), sizes, spec["steps"])
     exact = torch.load(spec["exact"])
     first, *rest = spec["seeds"]
 
@@ -561,7 +561,7 @@ def run_benchmark(plan: Plan, args: argparse.Namespace, argv: list[str]) -> dict
     """All four parts in order; returns everything the report and the JSON need."""
     start, load = time.perf_counter(), os.getloadavg()[0]
     torch.set_num_threads(args.threads)
-    model = build_lora_llama(plan.sizes, MODEL_SEED)
+    model = build_llama(plan.sizes, MODEL_SEED)
     problem = build_problem(model, plan.sizes, plan.steps)
     exact = problem.hypergradient("rgu")
     log(f"T={plan.steps}, N={problem.size}, ‖∇h‖ = {float(exact.norm()):.3e}")

@@ -1,15 +1,18 @@
 """Peak memory growth and time of one hypergradient vs the unroll length T, methods side by side.
 
 Model: a tiny Llama built from config (hidden 256, intermediate 688, 4 layers, 4 heads, vocab 2048, eager
-attention, float32) with peft LoRA r=4 on q_proj/v_proj; T inner batches of 8x128 random tokens. The outer
-variable is a logit per training example (``example_logits``, T·batch zeros, softmax-normalised per batch);
-every coordinate is active. Inner optimizer: SGD.
+attention, float32); the inner variables θ are peft LoRA r=4 on q_proj/v_proj (``--inner lora``) or every
+parameter of the model (``--inner full``); T inner batches of 8x128 random tokens. The outer variable is a logit
+per training example (``example_logits``, T·batch zeros, softmax-normalised per batch); every coordinate is
+active. Inner optimizer: ``--inner-optimizer`` (SGD lr 1e-2 or Adam lr 1e-3).
 
-Methods: ``plain`` (T plain LoRA steps, no hypergradient: the baseline), ``fg2u`` (b directions in one vmap
-pass), ``rgu``, ``trgu`` (last min(T, K) steps), ``neumann`` (5 iterations, Hessian of the last inner batch
-batches). Each (method, T, b) runs in a fresh process of this script: build the model, one warm-up call of the
-same method with T=1 (kernels, caches), then the measured call. growth = peak RSS during the call − RSS just
-before it (see ``_bench_common``).
+Methods: ``plain`` (T plain inner steps, no hypergradient: the baseline), ``fg2u`` (b directions in one vmap
+pass), ``rgu`` (exact; stores the trajectory (θ_t, s_t) and recomputes one step at a time going backwards),
+``graph_rgu`` (the graph-retaining reverse unroll of higher/Betty-style libraries, ``hf_fg2u.hypergrad.reference``:
+not a method of this library, the baseline it used to be measured against), ``trgu`` (last min(T, K) steps),
+``neumann`` / ``cg`` (5 iterations, Hessian of the last inner batch), ``hessian_free``. Each (method, T, b) runs
+in a fresh process of this script: build the model, one warm-up call of the same method with T=1 (kernels,
+caches), then the measured call. growth = peak RSS during the call − RSS just before it (see ``_bench_common``).
 
 Copy-paste (from the repository root)::
 
@@ -47,19 +50,21 @@ import sys
 from pathlib import Path
 
 import torch
-from _bench_common import ModelSizes, build_lora_llama, measure_peak, random_token_batches, run_worker_process
+from _bench_common import ModelSizes, build_llama, measure_peak, random_token_batches, run_worker_process
 
 from hf_fg2u.functional import trainable_parameters
 from hf_fg2u.hypergrad import DEFAULT_JVP, JVP_MODES, estimate_hypergradient
+from hf_fg2u.hypergrad.reference import graph_reverse_hypergradient
 from hf_fg2u.hypergrad.unroll import run_inner_loop
 from hf_fg2u.optim import make_inner_optimizer
 from hf_fg2u.problem import batch_softmax_weights, make_lm_problem
 
-METHODS = ("plain", "fg2u", "rgu", "trgu", "neumann", "cg", "hessian_free")
+METHODS = ("plain", "fg2u", "rgu", "graph_rgu", "trgu", "neumann", "cg", "hessian_free")
 DEFAULT_STEPS = [1, 2, 4, 8, 16, 32]
 QUICK = {"hidden": 64, "layers": 2, "batch_size": 4, "seq_len": 32, "steps": [1, 2, 4]}
 SIZE_FLAGS = ("hidden", "intermediate", "layers", "heads", "vocab", "rank", "batch_size", "seq_len")
-INNER_LR = 1e-2
+INNER_LR = {"sgd": 1e-2, "adam": 1e-3}
+INNERS = ("lora", "full")
 NEUMANN_STEPS = 5
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,19 +81,25 @@ def method_options(method: str, steps: int, directions: int, jvp: str, truncatio
     return {}
 
 
-def make_runner(model, method: str, batches: list[dict], meta: dict, directions: int, jvp: str, truncation: int):
+def make_runner(model, method: str, batches: list[dict], meta: dict, directions: int, jvp: str, truncation: int,
+                inner_optimizer: str = "sgd"):  # fmt: skip
     """``run(T)``: the method on the first T batches. The outer vector covers all batches, so the warm-up
     (T=1) and the measured call share the problem; active_coordinates is left None: all are active."""
     inner_loss, outer_loss = make_lm_problem(model, batch_softmax_weights(), second_order=method != "plain")
     params = trainable_parameters(model)
     outer = {"example_logits": torch.zeros(sum(len(b["example_id"]) for b in batches))}
+    lr = INNER_LR[inner_optimizer]
+    optimizer = make_inner_optimizer(inner_optimizer, lr)
     if method == "plain":
-        optimizer = make_inner_optimizer("sgd", INNER_LR)
         return lambda T: run_inner_loop(
             inner_loss, optimizer, params, optimizer.init(params), outer, batches[:T], list(range(T))
         )
+    if method == "graph_rgu":
+        return lambda T: graph_reverse_hypergradient(
+            inner_loss, outer_loss, optimizer, params, optimizer.init(params), outer, batches[:T], meta, list(range(T))
+        )
     return lambda T: estimate_hypergradient(
-        inner_loss, outer_loss, params, outer, batches[:T], meta, method=method, inner_lr=INNER_LR,
+        inner_loss, outer_loss, params, outer, batches[:T], meta, method=method, inner_optimizer=optimizer, inner_lr=lr,
         **method_options(method, T, directions, jvp, truncation),
     )  # fmt: skip
 
@@ -104,23 +115,27 @@ def measure(
     threads: int = 2,
     seed: int = 0,
     memory_cap_mb: int | None = None,
+    inner: str = "lora",
+    inner_optimizer: str = "sgd",
 ) -> dict:
     """One measurement in this process: build, warm up with T=1, then time the call at T=``steps``.
 
     sizes: default :class:`ModelSizes`. memory_cap_mb: see :func:`cap_address_space`.
-    Returns {method, T, b, growth_mb, seconds, baseline_mb, peak_mb,
-    peak_reset}; b is None except for fg2u.
+    Returns {method, T, b, growth_mb, seconds, baseline_mb, peak_mb, peak_reset, inner, theta_numel}; b is None
+    except for fg2u; theta_numel = |θ|, the number of inner parameters.
     """
     sizes = sizes or ModelSizes()
     torch.set_num_threads(threads)
-    model = build_lora_llama(sizes, seed)
+    model = build_llama(sizes, seed, inner)
     batches, meta = random_token_batches(steps, sizes, seed + 1)
-    run = make_runner(model, method, batches, meta, directions, jvp, truncation)
+    run = make_runner(model, method, batches, meta, directions, jvp, truncation, inner_optimizer)
+    theta_numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
     run(1)
     if memory_cap_mb:
         cap_address_space(memory_cap_mb)
     stats = measure_peak(lambda: run(steps))
-    return {"method": method, "T": steps, "b": directions if method == "fg2u" else None, **stats}
+    b = directions if method == "fg2u" else None
+    return {"method": method, "T": steps, "b": b, **stats, "inner": inner, "theta_numel": theta_numel}
 
 
 def cap_address_space(extra_mb: int) -> None:
@@ -140,6 +155,7 @@ def worker_command(method: str, steps: int, directions: int | None, args: argpar
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--methods", method, "--steps", str(steps)]
     command += ["--directions", str(directions or 1), "--jvp", args.jvp, "--truncation", str(args.truncation)]
     command += ["--threads", str(args.threads), "--seed", str(args.seed)]
+    command += ["--inner", args.inner, "--inner-optimizer", args.inner_optimizer]
     if args.memory_cap_mb:
         command += ["--memory-cap-mb", str(args.memory_cap_mb)]
     for flag in SIZE_FLAGS:
@@ -193,20 +209,21 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def ratio_columns(labels: list[str], fg2u_labels: list[str], steps: list[int]) -> list[tuple]:
-    """(title, numerator, denominator, key, fixed T of the denominator or None) of each ratio column: is fg2u's
-    memory flat in T (vs its T=2 value, vs RGU, vs plain), what it costs over T plain steps, and per direction."""
-    if not fg2u_labels:
-        return []
-    fg2u = fg2u_labels[0]
+    """(title, numerator, denominator, key, fixed T of the denominator or None) of each ratio column: is the
+    memory of fg2u and of trajectory rgu flat in T (vs their T=2 value), fg2u's memory vs rgu's (and vs the
+    graph-retaining baseline), rgu's time vs fg2u's, and what each costs over T plain steps."""
     reference = min([t for t in steps if t >= 2] or steps)
-    columns = [(f"{fg2u} mem / T={reference}", fg2u, fg2u, "growth_mb", reference)]
-    columns += [
-        (f"{fg2u} mem / {other}", fg2u, other, "growth_mb", None) for other in ("rgu", "plain") if other in labels
-    ]
+    fg2u = fg2u_labels[0] if fg2u_labels else None
+    flat = [name for name in (fg2u, "rgu") if name in labels]
+    columns = [(f"{name} mem / T={reference}", name, name, "growth_mb", reference) for name in flat]
+    if fg2u:
+        columns += [(f"{fg2u} mem / {o}", fg2u, o, "growth_mb", None) for o in ("rgu", "graph_rgu") if o in labels]
+    if "rgu" in labels:
+        columns += [(f"rgu time / {name}", "rgu", name, "seconds", None) for name in fg2u_labels]
     if "plain" in labels:
-        columns.append((f"{fg2u} time / plain", fg2u, "plain", "seconds", None))
-    if len(fg2u_labels) > 1:
-        columns.append((f"time {fg2u_labels[-1]} / {fg2u}", fg2u_labels[-1], fg2u, "seconds", None))
+        columns += [
+            (f"{name} time / plain", name, "plain", "seconds", None) for name in (fg2u, "rgu") if name in labels
+        ]
     return columns
 
 
@@ -269,10 +286,11 @@ def plot(records: list[dict], labels: list[str], several_b: bool, path: Path) ->
 
 def describe(args: argparse.Namespace, sizes: ModelSizes) -> str:
     return (
-        f"Llama + LoRA {sizes.as_dict()}, {args.threads} threads, jvp={args.jvp}, trgu K={args.truncation}, "
-        f"neumann {NEUMANN_STEPS} steps, SGD lr={INNER_LR}, torch {torch.__version__}, MALLOC_MMAP_THRESHOLD_="
-        f"{args.mmap_threshold or 'glibc default'}. Memory: peak RSS growth over the RSS before the call (fresh "
-        "process per cell, after a T=1 warm-up)."
+        f"Llama {sizes.as_dict()}, inner variables: {'LoRA' if args.inner == 'lora' else 'every parameter'}, "
+        f"{args.threads} threads, jvp={args.jvp}, trgu K={args.truncation}, neumann {NEUMANN_STEPS} steps, inner "
+        f"{args.inner_optimizer} lr={INNER_LR[args.inner_optimizer]}, torch {torch.__version__}, "
+        f"MALLOC_MMAP_THRESHOLD_={args.mmap_threshold or 'glibc default'}. Memory: peak RSS growth over the RSS "
+        "before the call (fresh process per cell, after a T=1 warm-up)."
     )
 
 
@@ -316,7 +334,8 @@ def run_benchmark(args: argparse.Namespace, sizes: ModelSizes) -> None:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_unroll.md").write_text(text)
-    config = {**vars(args), "sizes": sizes.as_dict(), "torch": torch.__version__, "inner_lr": INNER_LR}
+    config = {**vars(args), "sizes": sizes.as_dict(), "torch": torch.__version__}
+    config["inner_lr"] = INNER_LR[args.inner_optimizer]
     (out / "bench_unroll.json").write_text(json.dumps({"config": config, "records": records}, indent=1) + "\n")
     plot(records, labels, several_b, out / "bench_unroll.png")
     print(f"wrote {out}/bench_unroll.{{md,json,png}}")
@@ -332,6 +351,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jvp", choices=JVP_MODES, default=DEFAULT_JVP, help="tangent mode of fg2u and neumann")
     parser.add_argument("--truncation", type=int, default=4, help="trgu's K; it differentiates min(T, K) steps")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per worker")
+    parser.add_argument("--inner", choices=INNERS, default="lora", help="inner variables: LoRA or every parameter")
+    parser.add_argument("--inner-optimizer", choices=sorted(INNER_LR), default="sgd")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--memory-cap-mb", type=int, help="address-space cap of a call (MB): over it, out of memory")
     parser.add_argument("--max-seconds", type=float, help="skip a method's larger T once one call takes longer")
@@ -364,7 +385,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         record = measure(
             args.methods[0], args.steps[0], args.directions, sizes, jvp=args.jvp, truncation=args.truncation,
-            threads=args.threads, seed=args.seed, memory_cap_mb=args.memory_cap_mb,
+            threads=args.threads, seed=args.seed, memory_cap_mb=args.memory_cap_mb, inner=args.inner,
+            inner_optimizer=args.inner_optimizer,
         )  # fmt: skip
         print(json.dumps(record))
     else:

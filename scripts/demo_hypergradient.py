@@ -19,7 +19,7 @@ import torch
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
 
-from _bench_common import ModelSizes, build_lora_llama, measure_peak, random_token_batches  # noqa: E402
+from _bench_common import ModelSizes, build_llama, measure_peak, random_token_batches  # noqa: E402
 
 from hf_fg2u.functional import trainable_parameters  # noqa: E402
 from hf_fg2u.hypergrad import estimate_hypergradient  # noqa: E402
@@ -31,7 +31,7 @@ SIZES = ModelSizes(hidden=128, layers=2, vocab=512, batch_size=4, seq_len=64)
 def run_method(method: str, steps: int, directions: int) -> dict:
     """Compute one hypergradient in this process and return it with its cost."""
     torch.set_num_threads(2)
-    model = build_lora_llama(SIZES)
+    model = build_llama(SIZES)
     batches, meta = random_token_batches(steps, SIZES)
     inner_loss, outer_loss = make_lm_problem(model, batch_softmax_weights())
     outer = {"example_logits": torch.zeros(steps * SIZES.batch_size)}
