@@ -10,7 +10,6 @@ checkpoints and ``push_to_hub`` are the Trainer's, extended with the bilevel sta
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 import warnings
@@ -19,20 +18,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
+from .checkpointing import (
+    check_resume_compatible,
+    compatibility_fields,
+    load_bilevel_state,
+    save_bilevel_state,
+)
 from .config import BilevelConfig
+from .distributed import ProcessPolicy
 from .functional import load_parameters, trainable_parameters, unwrap_model
 from .hypergrad import NonFiniteHypergradientError, estimate_hypergradient, needs_second_order
 from .model_card import write_model_card
 from .outer import OuterModule
 from .problem import losses_to_problem, make_lm_losses
 
-STATE_NAME = "bilevel_state.safetensors"
-STATE_CONFIG_NAME = "bilevel_state.json"
 MODEL_INPUT_COLUMNS = ("input_ids", "attention_mask", "labels")
 
 
@@ -147,6 +149,7 @@ class BilevelTrainer(Trainer):
             **kwargs,
         )  # fmt: skip
         self.outer.to(self.args.device)
+        self.processes = ProcessPolicy(self.accelerator, self.args)
         self._inner_params: dict[str, torch.Tensor] | None = None
         self._inner_state: dict | None = None
         self._initial_params: dict[str, torch.Tensor] | None = None
@@ -185,20 +188,6 @@ class BilevelTrainer(Trainer):
             batch_size=self._train_batch_size * self.args.unroll_steps,
         )  # fmt: skip
 
-    @property
-    def data_parallel(self) -> bool:
-        """Whether processes keep their own inner rows and average inner gradients (``process_split='data'``)."""
-        return self.args.process_split == "data" and self.accelerator.num_processes > 1
-
-    def direction_share(self, method: str) -> slice | None:
-        """This process's contiguous share of the b directions (None: all of them, on one process)."""
-        world = self.accelerator.num_processes
-        if world == 1 or method not in ("fg2u", "fg2u_zo") or self.data_parallel:
-            return None
-        per_rank = math.ceil(self.args.num_directions / world)
-        start = min(self.args.num_directions, self.accelerator.process_index * per_rank)
-        return slice(start, min(self.args.num_directions, start + per_rank))
-
     def _set_signature_columns_if_needed(self):
         # Keep the columns the outer module reads (example ids, domains) through remove_unused_columns.
         super()._set_signature_columns_if_needed()
@@ -214,14 +203,16 @@ class BilevelTrainer(Trainer):
         method = self.args.method_at(step)
         inputs = self._prepare_inputs(inputs)
         size = self._train_batch_size
-        if self.accelerator.num_processes > 1 and not self.data_parallel:  # ranks split directions: same unroll
-            inputs, size = self._gather_unroll(inputs), size * self.accelerator.num_processes
+        if self.processes.shares_unroll:  # ranks split directions: same unroll
+            fill = getattr(self.data_collator, "fill", BilevelDataCollator().fill)
+            inputs, size = self.processes.gather_unroll(inputs, fill), size * self.processes.world
         inner_batches = [
             {k: v[i : i + size] for k, v in inputs.items()} for i in range(0, len(inputs["input_ids"]), size)
         ]
         meta_batch = self._prepare_inputs(self.meta_batch(step))
         self._ensure_inner_state(model, step)
-        self._resync_inner_state(model)
+        if self.processes.resync_inner_state(model, self._inner_params, self._inner_state, self.args.device):
+            self._metrics["theta_resyncs"].append(1.0)
         inner_loss, outer_loss, _ = self._problem(model, method)
         start = time.perf_counter()
         try:
@@ -232,9 +223,9 @@ class BilevelTrainer(Trainer):
                 seed=self.args.seed * 1_000_003 + step, inner_optimizer_kwargs=self.args.inner_optimizer_kwargs(),
                 optimizer_state=self._inner_state, jvp=self.args.jvp,
                 directions_per_pass=self.args.directions_per_pass,
-                active_coordinates=self._active_coordinates(inner_batches), truncation=self.args.truncation,
-                direction_slice=self.direction_share(method),
-                reduce_gradients=self._average_over_processes if self.data_parallel else None,
+                active_coordinates=self.processes.active_coordinates(self.outer.active_coordinates(inner_batches)),
+                truncation=self.args.truncation, direction_slice=self.processes.direction_share(method),
+                reduce_gradients=self.processes.inner_gradient_reducer(),
                 zo_epsilon=self.args.zo_epsilon, zo_scheme=self.args.zo_scheme,
                 implicit_steps=self.args.implicit_steps, neumann_lr=self.args.neumann_lr,
                 cg_damping=self.args.cg_damping,
@@ -248,7 +239,7 @@ class BilevelTrainer(Trainer):
             self._metrics["skipped_steps"].append(1.0)
             return torch.tensor(float("nan"), device=self.args.device)
         seconds = time.perf_counter() - start
-        grads = self._add_regularizer(self._sum_over_processes(result.grad, method))
+        grads = self._add_regularizer(self.processes.sum_direction_shares(result.grad, method))
         for name, parameter in self.outer.named_parameters():
             parameter.grad = grads[name].to(parameter.dtype)
         self._inner_params, self._inner_state = result.params, result.optimizer_state
@@ -292,13 +283,18 @@ class BilevelTrainer(Trainer):
         self.outer.save_pretrained(output_dir)
         base_model = unwrap_model(self.model).get_base_model() if hasattr(self.model, "get_base_model") else None
         self.outer.save_peft_adapter(output_dir / "prompt_adapter", base_model or self.model, self.model_name)
-        self._save_bilevel_state(output_dir)
+        description = {
+            **compatibility_fields(self.outer, self.args, self.model),
+            "outer_config": self.outer.config,
+            "bilevel_config": self.args.bilevel_fields(),
+        }
+        save_bilevel_state(output_dir, self._initial_params, self._inner_state, description)
         write_model_card(self, output_dir)  # replaces peft's generic card
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         directory = Path(resume_from_checkpoint)
-        self._check_resume_compatible(directory)
+        check_resume_compatible(directory, compatibility_fields(self.outer, self.args, self.model))
         loaded = OuterModule.from_pretrained(directory)
         if loaded.config != self.outer.config:
             raise ValueError(
@@ -306,7 +302,10 @@ class BilevelTrainer(Trainer):
                 f"trainer has {type(self.outer).__name__}({self.outer.config}). Resume with the same outer module."
             )
         self.outer.load_state_dict(loaded.state_dict())
-        self._load_bilevel_state(directory, model or self.model)
+        device = self.args.device
+        inner = trainable_parameters(model or self.model)
+        self._inner_params = {k: v.detach().clone().to(device) for k, v in inner.items()}
+        self._initial_params, self._inner_state = load_bilevel_state(directory, device)
 
     def create_model_card(self, model_name: str | None = None, **kwargs) -> None:
         """Write README.md: method, config, final metrics, versions, citation and tags (never a token)."""
@@ -367,58 +366,6 @@ class BilevelTrainer(Trainer):
             self._inner_state = None
             load_parameters(model, self._inner_params)
 
-    def _gather_unroll(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Every rank's rows of the unroll, concatenated in rank order — the rows one process with
-        ``num_processes ×`` the batch size would read — after padding to a common length."""
-        fill = getattr(self.data_collator, "fill", BilevelDataCollator().fill)
-        gathered = {}
-        for key, value in inputs.items():
-            if value.dim() > 1:
-                value = self.accelerator.pad_across_processes(value, dim=1, pad_index=fill.get(key, 0))
-            gathered[key] = self.accelerator.gather(value.contiguous())
-        return gathered
-
-    def _resync_inner_state(self, model) -> None:
-        """Ranks compute θ identically by construction; check a checksum of θ every outer step and, if a rank
-        drifted (non-deterministic kernels, a bug), copy rank 0's θ and inner optimizer state to all."""
-        if self.accelerator.num_processes == 1:
-            return
-        checksum = torch.stack([v.double().sum() for v in self._inner_params.values()]).sum().reshape(1)
-        sums = self.accelerator.gather(checksum.to(self.args.device))
-        if float((sums - sums[0]).abs().max()) <= 1e-9 * (1.0 + float(sums[0].abs())):
-            return
-        warnings.warn(f"Inner parameters differ across processes (checksums {sums.tolist()}); resynchronising "
-                      "from rank 0.", stacklevel=2)  # fmt: skip
-        for value in [*self._inner_params.values(), *flatten_state(self._inner_state or {}).values()]:
-            torch.distributed.broadcast(value, src=0)
-        load_parameters(model, self._inner_params)
-        self._metrics["theta_resyncs"].append(1.0)
-
-    def _active_coordinates(self, inner_batches: list[dict]) -> dict[str, torch.Tensor | None] | None:
-        """The coordinates of φ the unroll can affect; with a data-parallel inner loop, the union over ranks
-        (every rank must draw the same directions)."""
-        active = self.outer.active_coordinates(inner_batches)
-        if active is None or not self.data_parallel:
-            return active
-        union = {}
-        for key, mask in active.items():
-            if mask is not None:
-                counts = mask.to(torch.int32).contiguous()
-                torch.distributed.all_reduce(counts)
-                mask = counts > 0
-            union[key] = mask
-        return union
-
-    def _average_over_processes(self, tree: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Mean over processes of a dict of tensors: the inner gradient (and its tangents) of the data-parallel
-        inner loop."""
-        world = self.accelerator.num_processes
-        return {name: value / world for name, value in all_reduce_sum(tree).items()}
-
-    def _sum_over_processes(self, grads: dict[str, torch.Tensor], method: str) -> dict[str, torch.Tensor]:
-        """The one all-reduce of an outer step: the shares of the directions sum to the full estimate."""
-        return grads if self.direction_share(method) is None else all_reduce_sum(grads)
-
     def _add_regularizer(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         coef, kind = self.args.weight_regularization_coef, self.args.weight_regularization
         if kind == "none" or coef == 0.0:
@@ -442,60 +389,6 @@ class BilevelTrainer(Trainer):
         if result.num_directions:
             metrics["directions_per_second"].append(result.num_directions / max(seconds, 1e-9))
 
-    def _save_bilevel_state(self, directory: Path) -> None:
-        tensors = {}
-        if self._initial_params is not None:
-            tensors.update({f"initial/{k}": v for k, v in self._initial_params.items()})
-        for key, value in flatten_state(self._inner_state or {}).items():
-            tensors[f"inner_state/{key}"] = value
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(directory / STATE_NAME))
-        description = {
-            **self._compatibility_fields(),
-            "outer_config": self.outer.config,
-            "bilevel_config": self.args.bilevel_fields(),
-        }
-        (directory / STATE_CONFIG_NAME).write_text(json.dumps(description, indent=2, default=str))
-
-    def _compatibility_fields(self) -> dict:
-        """What a checkpoint must share with this trainer to resume: the outer type, the inner optimizer (its
-        state's layout) and the names of the inner parameters."""
-        return {
-            "outer_type": type(self.outer).__name__,
-            "inner_optimizer": self.args.inner_optimizer,
-            "inner_parameters": sorted(trainable_parameters(self.model)),
-        }
-
-    def _check_resume_compatible(self, directory: Path) -> None:
-        path = directory / STATE_CONFIG_NAME
-        if not path.is_file():
-            raise ValueError(f"{directory} is not a BilevelTrainer checkpoint: {STATE_CONFIG_NAME} is missing.")
-        saved = json.loads(path.read_text())
-        mine = self._compatibility_fields()
-        wrong = [key for key, value in mine.items() if saved.get(key) != value]
-        if wrong:
-            details = "; ".join(f"{k}: checkpoint {saved.get(k)!r:.120} vs now {mine[k]!r:.120}" for k in wrong)
-            raise ValueError(
-                f"Checkpoint {directory} comes from an incompatible config ({details}). Resume with the config it "
-                "was written with, or start a new run in another output_dir."
-            )
-
-    def _load_bilevel_state(self, directory: Path, model) -> None:
-        try:
-            tensors = load_file(str(directory / STATE_NAME))
-        except (SafetensorError, OSError) as error:
-            raise ValueError(
-                f"Could not read {directory / STATE_NAME}: {error}. The checkpoint is corrupt or incomplete; "
-                "resume from an earlier checkpoint."
-            ) from error
-        device = self.args.device
-        self._inner_params = {k: v.detach().clone().to(device) for k, v in trainable_parameters(model).items()}
-        initial = {k.removeprefix("initial/"): v.to(device) for k, v in tensors.items() if k.startswith("initial/")}
-        self._initial_params = initial or None
-        state = {
-            k.removeprefix("inner_state/"): v.to(device) for k, v in tensors.items() if k.startswith("inner_state/")
-        }
-        self._inner_state = unflatten_state(state) if state else None
-
 
 def wrap_with_peft(model, peft_config):
     """Wrap ``model`` in a peft adapter; a config that matches no module is an error that names the modules."""
@@ -517,39 +410,6 @@ def check_model_columns(dataset, role: str) -> None:
             f"The {role} dataset has no 'input_ids' column (columns: {dataset.column_names}). Tokenize it first, "
             "e.g. with hf_fg2u.data.tokenize_for_causal_lm(dataset, tokenizer)."
         )
-
-
-def all_reduce_sum(tree: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Sum over processes of a dict of tensors, into new tensors (the inputs are left as they are)."""
-    summed = {}
-    for name, value in tree.items():
-        value = value.contiguous().clone()
-        torch.distributed.all_reduce(value)
-        summed[name] = value
-    return summed
-
-
-def flatten_state(state: dict, prefix: str = "") -> dict[str, torch.Tensor]:
-    """{'exp_avg': {'w': t}, 'step': s} -> {'exp_avg/w': t, 'step': s}."""
-    flat = {}
-    for key, value in state.items():
-        if isinstance(value, dict):
-            flat.update(flatten_state(value, f"{prefix}{key}/"))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def unflatten_state(flat: dict[str, torch.Tensor]) -> dict:
-    """Inverse of :func:`flatten_state` (parameter names never start with a state key, so one split suffices)."""
-    state: dict = {}
-    for key, value in flat.items():
-        head, _, rest = key.partition("/")
-        if rest:
-            state.setdefault(head, {})[rest] = value
-        else:
-            state[head] = value
-    return state
 
 
 def auroc(scores: torch.Tensor, positives: torch.Tensor) -> float:

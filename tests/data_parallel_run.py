@@ -14,10 +14,10 @@ from accelerate import PartialState
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hf_fg2u.distributed import all_reduce_sum  # noqa: E402
 from hf_fg2u.functional import trainable_parameters  # noqa: E402
 from hf_fg2u.hypergrad import estimate_hypergradient  # noqa: E402
 from hf_fg2u.problem import batch_softmax_weights, make_lm_problem  # noqa: E402
-from hf_fg2u.trainer import all_reduce_sum  # noqa: E402
 from tests.conftest import random_lm_batches, tiny_lm  # noqa: E402
 
 STEPS, BATCH, HALF = 3, 8, 4
