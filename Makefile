@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo demo-real demo-hypergradient test test-all lint format bench bench-large clean
+.PHONY: install demo demo-real demo-hypergradient test test-all lint format bench bench-unroll bench-large clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -56,15 +56,20 @@ format: install
 # Betty (the peer) is installed here only; its 0.2.x metadata says Python < 3.11, hence the flags.
 BENCH := docs/bench
 UNROLL_SIZES := --hidden 128 --layers 2 --batch-size 4 --seq-len 64
-bench: install
+UNROLL_RUN := --steps 1 2 4 8 16 32 64 --fg2u-directions 1 8 --inner-optimizer adam --memory-cap-mb 8000 --max-seconds 40
+bench: bench-unroll
 	$(PY) -m pip install -q --no-deps --ignore-requires-python betty-ml==0.2.1 || echo "betty-ml not installed"
-	$(PY) scripts/bench_unroll.py $(UNROLL_SIZES) --steps 1 2 4 8 16 32 64 --memory-cap-mb 8000 --max-seconds 40 \
-	  --out-dir $(BENCH)/unroll
-	$(PY) scripts/bench_unroll.py --methods plain fg2u --steps 4 --fg2u-directions 1 8 --out-dir $(BENCH)/directions
 	$(PY) scripts/bench_processes.py --out $(BENCH)/bench_processes.md
 	$(PY) scripts/bench_fidelity.py --out-dir $(BENCH)/fidelity
 	$(PY) scripts/bench_betty.py --out-dir $(BENCH)
 	$(PY) scripts/bench_training.py --out-dir $(BENCH)
+	$(PY) scripts/bench_report.py
+
+# Memory and time vs T, LoRA and full-parameter inner variables (~15 min): the "which method when" evidence.
+bench-unroll: install
+	$(PY) scripts/bench_unroll.py $(UNROLL_SIZES) $(UNROLL_RUN) --out-dir $(BENCH)/unroll
+	$(PY) scripts/bench_unroll.py $(UNROLL_SIZES) $(UNROLL_RUN) --inner full --methods plain fg2u rgu graph_rgu \
+	  --out-dir $(BENCH)/unroll_full
 	$(PY) scripts/bench_report.py
 
 # The memory/time sweep on the larger model of DESIGN.md's targets (~40 min; rgu needs ~12 GB at T=16).

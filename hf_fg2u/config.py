@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
-from .hypergrad import DEFAULT_JVP, DIRECTIONS, JVP_MODES, METHODS, needs_second_order
+from .hypergrad import DEFAULT_JVP, DIRECTIONS, JVP_MODES, METHOD_SPECS, METHODS, make_method
+from .hypergrad.methods import data_parallel_methods
 from .hypergrad.zeroth_order import ZO_SCHEMES
 from .optim import INNER_OPTIMIZERS
 
 NONFINITE_POLICIES = ("skip", "stop")
 PROCESS_SPLITS = ("directions", "data")
-DATA_PARALLEL_METHODS = ("fg2u",)
+CONFIG_METHODS = (*METHODS, "auto")
 REGULARIZERS = ("none", "kl_uniform", "l2")
 
 
@@ -38,8 +39,11 @@ class BilevelConfig(TrainingArguments):
     # -- hypergradient method ----------------------------------------------------------------------------------
     method: str = field(
         default="fg2u",
-        metadata={"help": f"Hypergradient method, one of {METHODS}. fg2u: forward gradient unrolling (unbiased, "
-                  "memory constant in the unroll length)."},
+        metadata={"help": f"Hypergradient method, one of {CONFIG_METHODS}. fg2u: forward gradient unrolling "
+                  "(unbiased, memory constant in the unroll length and in |θ|). rgu: exact reverse unrolling that "
+                  "stores the trajectory (T copies of θ and the inner optimizer state: cheap for LoRA). auto: rgu "
+                  "when its trajectory fits in memory (memory_budget_mb), else fg2u.",
+                  "choices": list(CONFIG_METHODS)},
     )  # fmt: skip
     jvp: str = field(
         default=DEFAULT_JVP,
@@ -52,11 +56,33 @@ class BilevelConfig(TrainingArguments):
         default=8, metadata={"help": "Directions batched in one vmap pass; lower it to save memory."}
     )
     truncation: int = field(default=4, metadata={"help": "K, the differentiated last inner steps of 'trgu'."})
+    checkpoint_every: int = field(
+        default=1,
+        metadata={"help": "rgu/trgu: keep every k-th inner state and recompute the others in the backward sweep "
+                  "(memory ≈ (T/k + k)·|θ, s| instead of T·|θ, s|, one more primal step per step)."},
+    )  # fmt: skip
+    offload_trajectory: bool = field(
+        default=False, metadata={"help": "rgu/trgu: keep the stored inner states in CPU memory (accelerator runs)."}
+    )
+    memory_budget_mb: float | None = field(
+        default=None,
+        metadata={"help": "method='auto': the memory (MB) rgu's stored trajectory may use; default: half of what is "
+                  "free on the accelerator after the model, or half of the available system memory on CPU."},
+    )  # fmt: skip
     implicit_steps: int = field(default=10, metadata={"help": "Neumann terms or CG iterations ('neumann', 'cg')."})
     neumann_lr: float | None = field(default=None, metadata={"help": "Neumann step size; default inner_lr."})
     cg_damping: float = field(default=0.0, metadata={"help": "λ of (H + λI) in 'cg'."})
     zo_epsilon: float = field(default=1e-3, metadata={"help": "Step μ of the finite differences of 'fg2u_zo'."})
     zo_scheme: str = field(default="central", metadata={"help": f"'fg2u_zo' differences, one of {ZO_SCHEMES}."})
+
+    # -- inner variables ------------------------------------------------------------------------------------------
+    inner_parameters: list[str] | None = field(
+        default=None,
+        metadata={"help": "Without a peft config: regular expressions (re.search) over parameter names selecting θ, "
+                  "e.g. 'lm_head' 'layers\\.1[01]\\.'; the rest is frozen. Default: every parameter that requires "
+                  "grad (all of them for a plain model: full fine-tuning). With a peft config: a subset of the "
+                  "adapter's parameters."},
+    )  # fmt: skip
 
     # -- unroll -----------------------------------------------------------------------------------------------
     unroll_steps: int = field(default=4, metadata={"help": "T, inner optimizer steps per outer step."})
@@ -115,7 +141,7 @@ class BilevelConfig(TrainingArguments):
             # `accelerate launch` with a multi-GPU config on a machine without GPUs: run the ranks on CPU (gloo).
             self.use_cpu = True
         super().__post_init__()
-        _check_choice("method", self.method, METHODS)
+        _check_choice("method", self.method, CONFIG_METHODS)
         _check_choice("jvp", self.jvp, JVP_MODES)
         _check_choice("directions", self.directions, DIRECTIONS)
         _check_choice("zo_scheme", self.zo_scheme, ZO_SCHEMES)
@@ -123,14 +149,17 @@ class BilevelConfig(TrainingArguments):
         _check_choice("nonfinite_policy", self.nonfinite_policy, NONFINITE_POLICIES)
         _check_choice("weight_regularization", self.weight_regularization, REGULARIZERS)
         _check_choice("process_split", self.process_split, PROCESS_SPLITS)
-        unsupported = [m for m in (self.method, self.phase1_method) if m and m not in DATA_PARALLEL_METHODS]
+        unsupported = [
+            m for m in (self.method, self.phase1_method) if m in METHODS and not METHOD_SPECS[m].data_parallel
+        ]
         if self.process_split == "data" and unsupported:
             raise ValueError(
-                f"process_split='data' averages inner gradients and their tangents across processes, which only "
-                f"{list(DATA_PARALLEL_METHODS)} does; got {unsupported}. Use process_split='directions' (every "
-                "method), or method='fg2u' without phase1_method."
+                f"process_split='data' averages inner gradients (and their tangents or VJPs) across processes, which "
+                f"{data_parallel_methods()} do; got {unsupported}. Use process_split='directions' (every method), "
+                "or one of those methods."
             )
-        for name in ("num_directions", "directions_per_pass", "unroll_steps", "meta_batch_size", "truncation"):
+        names = ("num_directions", "directions_per_pass", "unroll_steps", "meta_batch_size", "truncation")
+        for name in (*names, "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
         if self.inner_reset_every < 0:
@@ -150,7 +179,9 @@ class BilevelConfig(TrainingArguments):
             )
         if self.auto_find_batch_size:
             raise ValueError("auto_find_batch_size is not supported; set per_device_train_batch_size yourself.")
-        second_order = {needs_second_order(m, self.jvp) for m in (self.method, self.phase1_method) if m}
+        if self.memory_budget_mb is not None and not self.memory_budget_mb > 0:
+            raise ValueError(f"memory_budget_mb={self.memory_budget_mb} must be > 0 (MB), or None to measure it.")
+        second_order = {self.method_is_second_order(m) for m in (self.method, self.phase1_method) if m}
         if self.gradient_checkpointing and True in second_order:
             raise ValueError(
                 "gradient_checkpointing=True does not compose with torch.func transforms. Set it to False (fg2u's "
@@ -167,6 +198,10 @@ class BilevelConfig(TrainingArguments):
                 self.model_init_kwargs = json.loads(self.model_init_kwargs)
             except json.JSONDecodeError as error:
                 raise ValueError(f"model_init_kwargs is not valid JSON: {error}") from error
+
+    def method_is_second_order(self, method: str) -> bool:
+        """Whether ``method`` needs forward AD or double backward; 'auto' may pick rgu, so it does."""
+        return method == "auto" or make_method(method, jvp=self.jvp).second_order
 
     def method_at(self, outer_step: int) -> str:
         """The method of outer step ``outer_step`` under the two-phase schedule."""

@@ -16,6 +16,7 @@ import torch
 
 from .checkpointing import flatten_state
 from .functional import load_parameters
+from .hypergrad import METHOD_SPECS
 
 
 class ProcessPolicy:
@@ -41,7 +42,7 @@ class ProcessPolicy:
 
     def direction_share(self, method: str) -> slice | None:
         """This process's contiguous share of the b directions (None: all of them, on one process)."""
-        if self.world == 1 or method not in ("fg2u", "fg2u_zo") or self.data_parallel:
+        if self.world == 1 or not METHOD_SPECS[method].directional or self.data_parallel:
             return None
         per_rank = math.ceil(self.args.num_directions / self.world)
         start = min(self.args.num_directions, self.accelerator.process_index * per_rank)

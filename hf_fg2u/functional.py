@@ -37,6 +37,30 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return params
 
 
+def select_inner_parameters(model: torch.nn.Module, patterns: list[str]) -> list[str]:
+    """Make θ the parameters whose names match any regular expression of ``patterns`` (``re.search``) among
+    those that require grad now, and freeze the rest; returns the selected names. A pattern that matches nothing
+    is an error that names some parameters, so a typo cannot silently train nothing or everything."""
+    import re
+
+    named = {n: p for n, p in unwrap_model(model).named_parameters() if p.requires_grad}
+    selected = set()
+    for pattern in patterns:
+        try:
+            matches = {name for name in named if re.search(pattern, name)}
+        except re.error as error:
+            raise ValueError(f"inner_parameters: {pattern!r} is not a regular expression ({error}).") from error
+        if not matches:
+            raise ValueError(
+                f"inner_parameters: {pattern!r} matches none of the trainable parameters; their names include "
+                f"{list(named)[:8]}."
+            )
+        selected |= matches
+    for name, parameter in named.items():
+        parameter.requires_grad_(name in selected)
+    return sorted(selected)
+
+
 @torch.no_grad()
 def load_parameters(model: torch.nn.Module, params: dict[str, torch.Tensor]) -> None:
     """Write θ back into the model's parameters in place (after an outer step, before saving)."""

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.utils import logging
 
 from .checkpointing import (
     check_resume_compatible,
@@ -29,11 +30,15 @@ from .checkpointing import (
 )
 from .config import BilevelConfig
 from .distributed import ProcessPolicy
-from .functional import load_parameters, trainable_parameters, unwrap_model
-from .hypergrad import NonFiniteHypergradientError, estimate_hypergradient, needs_second_order
+from .functional import load_parameters, select_inner_parameters, trainable_parameters, unwrap_model
+from .hypergrad import METHOD_SPECS, NonFiniteHypergradientError, estimate_hypergradient, method_from_config
+from .method_choice import choose_method
 from .model_card import write_model_card
+from .optim import make_inner_optimizer
 from .outer import OuterModule
 from .problem import losses_to_problem, make_lm_losses
+
+logger = logging.get_logger(__name__)
 
 MODEL_INPUT_COLUMNS = ("input_ids", "attention_mask", "labels")
 
@@ -122,6 +127,8 @@ class BilevelTrainer(Trainer):
                     "the existing adapter (load it with is_trainable=True), or pass the base model."
                 )
             model = wrap_with_peft(model, peft_config)
+        if args.inner_parameters:
+            select_inner_parameters(model, args.inner_parameters)
         trainable_parameters(model)  # raises a clear error when nothing is trainable
         if meta_dataset is None or len(meta_dataset) == 0:
             raise ValueError(
@@ -155,11 +162,33 @@ class BilevelTrainer(Trainer):
         self._initial_params: dict[str, torch.Tensor] | None = None
         self._problems: dict[bool, tuple] = {}
         self._metrics: dict[str, list[float]] = defaultdict(list)
-        for method in {self.args.method, self.args.phase1_method} - {None}:
+        self.method_choice = self._resolve_auto_method() if self.args.method == "auto" else None
+        # Built once from the config; every outer step then passes data only.
+        self._methods = {name: method_from_config(self.args, name) for name in self._method_names()}
+        self._inner_optimizer = make_inner_optimizer(
+            self.args.inner_optimizer, self.args.inner_lr, **self.args.inner_optimizer_kwargs()
+        )
+        for method in self._methods:
             self._problem(self.model, method)  # preflight now, not deep inside the first step
         self._warn_if_truncation_hides_rows()
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
+
+    def _method_names(self) -> list[str]:
+        return [name for name in (self.args.method, self.args.phase1_method) if name is not None]
+
+    def _resolve_auto_method(self):
+        """method='auto': rgu when its stored trajectory fits the memory budget, else fg2u; logged once, and
+        written into the config so checkpoints and the model card say what ran."""
+        choice = choose_method(
+            trainable_parameters(self.model), self.args.inner_optimizer, self.args.unroll_steps,
+            self.args.memory_budget_mb, self.args.device,
+        )  # fmt: skip
+        logger.warning(choice.message())
+        self.args.method = choice.method
+        if choice.method == "rgu":
+            self.args.checkpoint_every = choice.checkpoint_every
+        return choice
 
     def _warn_if_truncation_hides_rows(self) -> None:
         """trgu differentiates only the last K steps: outer variables tied to rows (per-example weights) of the
@@ -167,7 +196,8 @@ class BilevelTrainer(Trainer):
         args = self.args
         per_row = type(self.outer).active_coordinates is not OuterModule.active_coordinates
         hidden_steps = args.unroll_steps - args.truncation
-        if "trgu" in (args.method, args.phase1_method) and per_row and hidden_steps > 0:
+        partial = [name for name in self._methods if not METHOD_SPECS[name].reaches_every_step]
+        if partial and per_row and hidden_steps > 0:
             warnings.warn(
                 f"method 'trgu' with truncation={args.truncation} < unroll_steps={args.unroll_steps}: the "
                 f"{type(self.outer).__name__} of rows in the first {hidden_steps} inner steps of every unroll get a "
@@ -218,17 +248,11 @@ class BilevelTrainer(Trainer):
         try:
             result = estimate_hypergradient(
                 inner_loss, outer_loss, self._inner_params, self.outer.outer_dict(), inner_batches, meta_batch,
-                method=method, inner_optimizer=self.args.inner_optimizer, inner_lr=self.args.inner_lr,
-                num_directions=self.args.num_directions, directions=self.args.directions,
-                seed=self.args.seed * 1_000_003 + step, inner_optimizer_kwargs=self.args.inner_optimizer_kwargs(),
-                optimizer_state=self._inner_state, jvp=self.args.jvp,
-                directions_per_pass=self.args.directions_per_pass,
+                method=self._methods[method], inner_optimizer=self._inner_optimizer, inner_lr=self.args.inner_lr,
+                seed=self.args.seed * 1_000_003 + step, optimizer_state=self._inner_state,
                 active_coordinates=self.processes.active_coordinates(self.outer.active_coordinates(inner_batches)),
-                truncation=self.args.truncation, direction_slice=self.processes.direction_share(method),
+                direction_slice=self.processes.direction_share(method),
                 reduce_gradients=self.processes.inner_gradient_reducer(),
-                zo_epsilon=self.args.zo_epsilon, zo_scheme=self.args.zo_scheme,
-                implicit_steps=self.args.implicit_steps, neumann_lr=self.args.neumann_lr,
-                cg_damping=self.args.cg_damping,
             )  # fmt: skip
         except NonFiniteHypergradientError as error:
             if self.args.nonfinite_policy == "stop":
@@ -349,7 +373,7 @@ class BilevelTrainer(Trainer):
 
     def _problem(self, model, method: str):
         """(inner_loss, outer_loss, per-example losses) for ``method``, built (and preflighted) once per kind."""
-        second_order = needs_second_order(method, self.args.jvp)
+        second_order = self._methods[method].second_order
         if second_order not in self._problems:
             losses = make_lm_losses(model, self.outer.prefix, second_order=second_order)
             self._problems[second_order] = (*losses_to_problem(losses, self.outer.example_weights), losses)

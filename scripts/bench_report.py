@@ -30,42 +30,113 @@ def body(path: Path, docs: Path) -> str:
     return re.sub(r"\]\(([^/)]+\.png)\)", lambda m: f"]({folder}/{m.group(1)})", text)
 
 
+def unroll_records(data: dict) -> tuple[dict, dict, list[int]]:
+    """(successful records by (label, T), errors by (label, T), every T) of a bench_unroll run; fg2u is labelled
+    with its b when the run has several."""
+    several_b = len({r["b"] for r in data["records"] if r["method"] == "fg2u"}) > 1
+
+    def name(record):
+        return f"fg2u b={record['b']}" if record["method"] == "fg2u" and several_b else record["method"]
+
+    ok = {(name(r), r["T"]): r for r in data["records"] if "error" not in r}
+    failed = {(name(r), r["T"]): r["error"] for r in data["records"] if "error" in r}
+    return ok, failed, sorted({r["T"] for r in data["records"]})
+
+
+def fg2u_labels(ok: dict) -> list[str]:
+    labels = {label for label, _ in ok if label.startswith("fg2u")}
+    return sorted(labels, key=lambda label: int(label.split("=")[1]) if "=" in label else 0)
+
+
 def unroll_headlines(data: dict) -> list[str]:
-    ok = {(r["method"], r["T"]): r for r in data["records"] if "error" not in r}
-    failed = {(r["method"], r["T"]): r["error"] for r in data["records"] if "error" in r}
-    steps = sorted({r["T"] for r in data["records"]})
-    fg2u = [t for t in steps if ("fg2u", t) in ok]
-    if not fg2u:
-        return ["fg2u has no result in this run."]
-    top, ref = max(fg2u), min([t for t in fg2u if t >= 2] or fg2u)
-    low, high = ok["fg2u", ref]["growth_mb"], ok["fg2u", top]["growth_mb"]
-    lines = [f"fg2u peak memory growth at T={top} / at T={ref}: **{high / low:.2f}** ({low:.0f} → {high:.0f} MB)"]
-    rgu = [t for t in steps if ("rgu", t) in ok and ("fg2u", t) in ok]
-    if rgu:
-        t = max(rgu)
-        ratio = ok["fg2u", t]["growth_mb"] / ok["rgu", t]["growth_mb"]
-        lines.append(f"fg2u / rgu memory at T={t} (rgu's longest run): **{ratio:.3f}**")
-    rgu_failed = sorted(t for (m, t) in failed if m == "rgu")
-    if rgu_failed:
-        lines.append(f"rgu at T={rgu_failed[0]}: {failed['rgu', rgu_failed[0]]}")
-    plain = [t for t in fg2u if ("plain", t) in ok]
-    if plain:
-        memory = [ok["fg2u", t]["growth_mb"] / ok["plain", t]["growth_mb"] for t in plain]
-        time = [ok["fg2u", t]["seconds"] / ok["plain", t]["seconds"] for t in plain]
-        lines.append(f"fg2u (b=1) / plain LoRA steps: memory {min(memory):.2f}–{max(memory):.2f}×, "
-                     f"time {min(time):.2f}–{max(time):.2f}×")  # fmt: skip
+    ok, failed, steps = unroll_records(data)
+    lines = []
+    reference = min([t for t in steps if t >= 2] or steps)
+    for name in [*fg2u_labels(ok)[:1], "rgu"]:
+        mine = [t for t in steps if (name, t) in ok]
+        if len(mine) > 1 and (name, reference) in ok:
+            top = max(mine)
+            low, high = ok[name, reference]["growth_mb"], ok[name, top]["growth_mb"]
+            lines.append(f"{name} peak memory growth at T={top} / at T={reference}: **{high / low:.2f}** "
+                         f"({low:.0f} → {high:.0f} MB)")  # fmt: skip
+    for name in fg2u_labels(ok):
+        both = [t for t in steps if ("rgu", t) in ok and (name, t) in ok]
+        if both:
+            ratios = [ok["rgu", t]["seconds"] / ok[name, t]["seconds"] for t in both]
+            memory = [ok[name, t]["growth_mb"] / ok["rgu", t]["growth_mb"] for t in both]
+            lines.append(f"rgu time / {name} time over T={both[0]}..{both[-1]}: {min(ratios):.2f}–{max(ratios):.2f}×; "
+                         f"{name} memory / rgu memory: {min(memory):.2f}–{max(memory):.2f}×")  # fmt: skip
+    graph = [t for t in steps if ("graph_rgu", t) in ok and ("rgu", t) in ok]
+    if graph:
+        t = max(graph)
+        ratio = ok["rgu", t]["growth_mb"] / ok["graph_rgu", t]["growth_mb"]
+        lines.append(f"trajectory rgu / graph-retaining rgu memory at T={t}: **{ratio:.3f}** (same numbers, exact)")
+    graph_failed = sorted(t for (m, t) in failed if m == "graph_rgu")
+    if graph_failed:
+        lines.append(f"graph_rgu at T={graph_failed[0]}: {failed['graph_rgu', graph_failed[0]]}")
+    fg2u = fg2u_labels(ok)[:1]
+    plain = [t for t in steps if fg2u and (fg2u[0], t) in ok and ("plain", t) in ok]
+    for name in [*fg2u, "rgu"]:
+        both = [t for t in plain if (name, t) in ok]
+        if both:
+            time = [ok[name, t]["seconds"] / ok["plain", t]["seconds"] for t in both]
+            lines.append(f"{name} time / plain inner steps: {min(time):.2f}–{max(time):.2f}×")
     return lines
 
 
-def directions_headlines(data: dict) -> list[str]:
-    ok = [r for r in data["records"] if "error" not in r and r["method"] == "fg2u"]
-    by_b = {r["b"]: r for r in ok}
-    if len(by_b) < 2:
-        return []
-    low, high = min(by_b), max(by_b)
-    time = by_b[high]["seconds"] / by_b[low]["seconds"]
-    memory = by_b[high]["growth_mb"] / by_b[low]["growth_mb"]
-    return [f"fg2u b={high} in one vmap pass / b={low}: time **{time:.2f}×**, memory {memory:.2f}×"]
+def crossover(data: dict) -> dict | None:
+    """Where fg2u b=1 needs less memory than trajectory rgu (full-parameter run), and the per-parameter costs
+    behind it: rgu's memory per stored step and fg2u's constant overhead, both in bytes per inner parameter."""
+    ok, _, steps = unroll_records(data)
+    fg2u = fg2u_labels(ok)[:1]
+    both = [t for t in steps if fg2u and (fg2u[0], t) in ok and ("rgu", t) in ok]
+    if len(both) < 2:
+        return None
+    numel = ok["rgu", both[0]]["theta_numel"]
+    below = [t for t in both if ok[fg2u[0], t]["growth_mb"] < ok["rgu", t]["growth_mb"]]
+    first, last = both[0], both[-1]
+    rgu_slope = (ok["rgu", last]["growth_mb"] - ok["rgu", first]["growth_mb"]) / (last - first)
+    fg2u_mean = sum(ok[fg2u[0], t]["growth_mb"] for t in both) / len(both)
+    return {
+        "label": fg2u[0], "steps": both, "T_star": below[0] if below else None, "theta_numel": numel,
+        "rgu_bytes_per_param_step": rgu_slope * 2**20 / numel, "fg2u_bytes_per_param": fg2u_mean * 2**20 / numel,
+    }  # fmt: skip
+
+
+def full_headlines(data: dict) -> list[str]:
+    lines = unroll_headlines(data)
+    found = crossover(data)
+    if found is None:
+        return lines
+    if found["T_star"] is None:
+        lines.append(f"{found['label']} needed more memory than rgu at every T measured ({found['steps']}).")
+    else:
+        lines.append(f"crossover **T\\* = {found['T_star']}**: from this unroll length on (of {found['steps']}), "
+                     f"{found['label']} needs less memory than trajectory rgu on full-parameter inner variables "
+                     f"(|θ| = {found['theta_numel']:,})")  # fmt: skip
+    per_step, fixed = found["rgu_bytes_per_param_step"], found["fg2u_bytes_per_param"]
+    lines.append(f"measured per inner parameter: rgu stores **{per_step:.1f} B per unrolled step** (θ and Adam's two "
+                 f"moments in fp32 = 12 B), fg2u b=1 needs **{fixed:.1f} B** whatever T (tangents of θ and the "
+                 "moments, and the tangent pass's activations at this small size)")  # fmt: skip
+    return lines + gpu_sizes(per_step, fixed)
+
+
+GPU_MEMORY_GB = (40, 80)
+BASE_BYTES_PER_PARAM = 16  # fp32 weights, gradient and Adam's two moments: what plain full fine-tuning holds
+
+
+def gpu_sizes(rgu_per_step: float, fg2u_fixed: float) -> list[str]:
+    """The largest model (full fine-tuning, fp32 Adam) each method fits on a 40/80 GB GPU at T = 8 and 32,
+    from the measured per-parameter costs on top of plain full fine-tuning's 16 B/parameter (activations not
+    counted: they are the same for both methods and depend on the batch)."""
+    cells = []
+    for gb in GPU_MEMORY_GB:
+        for steps in (8, 32):
+            rgu = gb * 1e9 / (BASE_BYTES_PER_PARAM + steps * rgu_per_step) / 1e9
+            fg2u = gb * 1e9 / (BASE_BYTES_PER_PARAM + fg2u_fixed) / 1e9
+            cells.append(f"{gb} GB, T={steps}: rgu ≤ {rgu:.2f}B, fg2u ≤ {fg2u:.2f}B parameters")
+    return ["largest full fine-tune that fits (16 B/param of plain Adam training + the measured extra): "
+            + "; ".join(cells)]  # fmt: skip
 
 
 def processes_headlines(data: dict) -> list[str]:
@@ -118,13 +189,17 @@ def mean(values: list[float]) -> float:
 
 SECTIONS = [
     # (title, folder or file under docs/bench, json name, headline function, plots, command, what it shows)
-    ("Memory and time vs unroll length T", "unroll/bench_unroll.md", "unroll/bench_unroll.json", unroll_headlines,
-     ["unroll/bench_unroll.png"], "make bench (scripts/bench_unroll.py)",
-     "One hypergradient of each method on a LoRA Llama from config, each cell in a fresh process; `OOM` = over "
-     "the address-space cap, `skip` = a shorter T already failed or ran past the time limit."),
-    ("Batching directions with vmap", "directions/bench_unroll.md", "directions/bench_unroll.json",
-     directions_headlines, [], "make bench (scripts/bench_unroll.py --fg2u-directions 1 8)",
-     "The same model at T = 4, fg2u with b = 1 and b = 8 directions in one vmap pass."),
+    ("Memory and time vs unroll length T: LoRA inner variables", "unroll/bench_unroll.md", "unroll/bench_unroll.json",
+     unroll_headlines, ["unroll/bench_unroll.png"], "make bench (scripts/bench_unroll.py)",
+     "One hypergradient of each method on a LoRA Llama from config (Adam inner), each cell in a fresh process; "
+     "`rgu` stores the trajectory (θ_t, s_t), `graph_rgu` is the graph-retaining reverse unroll that higher- and "
+     "Betty-style libraries run (kept in the benchmark only); fg2u with b = 1 and b = 8 directions in one vmap "
+     "pass. `OOM` = over the address-space cap, `skip` = a shorter T already failed or ran past the time limit."),
+    ("Memory and time vs unroll length T: full-parameter inner variables", "unroll_full/bench_unroll.md",
+     "unroll_full/bench_unroll.json", full_headlines, ["unroll_full/bench_unroll.png"],
+     "make bench (scripts/bench_unroll.py --inner full)",
+     "The same model with every parameter as θ (full fine-tuning, Adam inner): rgu now stores T copies of the "
+     "model and its two Adam moments, fg2u none. This is fg2u's home ground."),
     ("Processes", "bench_processes.md", "bench_processes.json", processes_headlines, [],
      "make bench (scripts/bench_processes.py)",
      "Time per outer step with 1 and 2 processes (one thread each). Every rank still computes the primal inner "
@@ -147,6 +222,63 @@ SECTIONS = [
 ]  # fmt: skip
 
 
+README_MARKERS = (
+    "<!-- which-method:begin (scripts/bench_report.py writes this table) -->",
+    "<!-- which-method:end -->",
+)
+
+
+def which_method(bench: Path) -> str:
+    """The "which method when" table, its evidence computed from the LoRA and full-parameter unroll runs and the
+    end-to-end run."""
+    names = ("unroll/bench_unroll.json", "unroll_full/bench_unroll.json", "bench_training.json")
+    lora, full, training = (load(bench / name) for name in names)
+    rows = []
+    if lora:
+        ok, _, steps = unroll_records(lora)
+        fg2u = fg2u_labels(ok)
+        both = [t for t in steps if ("rgu", t) in ok and fg2u and (fg2u[-1], t) in ok]
+        if both:
+            time = max(ok["rgu", t]["seconds"] / ok[fg2u[-1], t]["seconds"] for t in both)
+            low, high = ok["rgu", both[0]]["growth_mb"], ok["rgu", both[-1]]["growth_mb"]
+            rows.append(("LoRA / adapter inner variables (the usual case)", "`rgu`",
+                         f"exact; at most {time:.2f}× the time of {fg2u[-1]} at T={both[0]}..{both[-1]}; its memory "
+                         f"grew {low:.0f} → {high:.0f} MB over that range"))  # fmt: skip
+    found = crossover(full) if full else None
+    if found and found["T_star"] is not None:
+        rows.append((f"full-parameter inner variables, T < {found['T_star']}", "`rgu`",
+                     "exact; its stored trajectory is still smaller than fg2u's constant overhead"))  # fmt: skip
+        rows.append((f"full-parameter inner variables, T ≥ {found['T_star']}, or a trajectory that does not fit",
+                     "`fg2u`", f"memory constant in T: {found['fg2u_bytes_per_param']:.0f} B/parameter vs rgu's "
+                     f"{found['rgu_bytes_per_param_step']:.0f} B/parameter per unrolled step"))  # fmt: skip
+    if training:
+        runs = sorted(training["runs"].values(), key=lambda r: r["eval_meta_loss"])
+        best = runs[0]
+        rows.append(("short unrolls, many outer steps, bias acceptable", f"`{best['name']}`",
+                     "lowest eval meta loss under the same wall clock in the end-to-end run "
+                     f"({best['eval_meta_loss']:.3f}, AUROC {best['auroc']:.2f})"))  # fmt: skip
+    rows.append(("kernels without forward AD or double backward (flash attention)",
+                 '`fg2u_zo`, or `jvp="finite_difference"`',
+                 "first-order: finite differences instead of second derivatives"))  # fmt: skip
+    rows.append(("not sure", '`method="auto"`', "picks `rgu` when its trajectory fits `memory_budget_mb` (default: "
+                 "half of the free memory), else `fg2u`, and logs the estimate"))  # fmt: skip
+    lines = ["| situation | method | why (measured by `make bench`) |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def write_readme_table(table: str, readme: Path) -> None:
+    """Replace the table between the README's markers (left alone when the markers are missing)."""
+    text = readme.read_text()
+    begin, end = README_MARKERS
+    if begin not in text or end not in text:
+        print(f"{readme} has no which-method markers: table not written there.")
+        return
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{begin}\n{table}\n{end}{tail}")
+
+
 def section(bench: Path, title, table, data_name, headlines, plots, command, what) -> str:
     table_path, data = bench / table, load(bench / data_name)
     if not table_path.exists() or data is None:
@@ -164,6 +296,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bench-dir", default=str(REPO / "docs" / "bench"))
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
+    parser.add_argument("--readme", default=str(REPO / "README.md"))
     args = parser.parse_args()
     bench = Path(args.bench_dir)
     text = [
@@ -173,9 +306,12 @@ def main() -> None:
         "it, in a fresh process (CPU torch has no allocator statistics). Times on 2 CPU cores are noisy to ±20% "
         "when anything else runs.\n",
     ]
+    table = which_method(bench)
+    text += ["## Which method when\n", table + "\n"]
     text += [section(bench, *spec) for spec in SECTIONS]
     Path(args.out).write_text("\n".join(text))
-    print(f"wrote {args.out}")
+    write_readme_table(table, Path(args.readme))
+    print(f"wrote {args.out} and the table of {args.readme}")
 
 
 if __name__ == "__main__":

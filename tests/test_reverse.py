@@ -122,7 +122,7 @@ def test_checkpointed_segments_give_the_same_hypergradient(checkpoint_every):
 
 
 def test_offloaded_states_give_the_same_hypergradient():
-    assert compare(gpt2(), offload=True, checkpoint_every=2) < 1e-10
+    assert compare(gpt2(), offload_trajectory=True, checkpoint_every=2) < 1e-10
 
 
 def test_full_parameter_inner_variables():

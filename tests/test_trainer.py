@@ -296,8 +296,14 @@ def test_truncation_that_hides_rows_from_per_example_weights_warns(tmp_path):
         ({"phase1_steps": 3}, "phase1_method"),
         ({"gradient_accumulation_steps": 2}, "one outer step"),
         ({"nonfinite_policy": "ignore"}, "nonfinite_policy"),
-        ({"process_split": "data", "method": "rgu"}, "process_split='directions'"),
-        ({"process_split": "data", "phase1_method": "hessian_free", "phase1_steps": 2}, "without phase1_method"),
+        ({"process_split": "data", "method": "cg"}, "process_split='directions'"),
+        (
+            {"process_split": "data", "phase1_method": "hessian_free", "phase1_steps": 2},
+            r"\['fg2u', 'rgu', 'trgu'\] do",
+        ),
+        ({"checkpoint_every": 0}, "checkpoint_every=0 must be >= 1"),
+        ({"memory_budget_mb": 0}, "memory_budget_mb=0 must be > 0"),
+        ({"method": "betty"}, "'auto'"),
         ({"process_split": "rows"}, "process_split"),
     ],
 )

@@ -60,7 +60,7 @@ def estimate_hypergradient(
     fd_epsilon: float | None = None,
     truncation: int | None = None,
     checkpoint_every: int = 1,
-    offload: bool = False,
+    offload_trajectory: bool = False,
     zo_epsilon: float = 1e-3,
     zo_scheme: str = "central",
     implicit_steps: int = 10,
@@ -87,7 +87,8 @@ def estimate_hypergradient(
         every model we measured (docs/benchmarks.md). fd_epsilon: its perturbation norm (default 1e-2, 1e-5 in
         float64).
       truncation: K, the differentiated steps of "trgu". checkpoint_every: rgu/trgu keep every k-th inner state
-        and recompute the rest (memory ≈ (T/k + k)·|θ, s|). offload: rgu/trgu keep stored states in CPU memory.
+        and recompute the rest (memory ≈ (T/k + k)·|θ, s|). offload_trajectory: rgu/trgu keep the stored states in
+        CPU memory.
       zo_epsilon, zo_scheme: step μ and "central"/"forward" differences of "fg2u_zo".
       implicit_steps, neumann_lr, cg_damping: iterations, Neumann step α (default ``inner_lr``), CG damping.
       implicit_batches: "all" (default) or "last": the inner batches whose mean loss defines the Hessians of
@@ -108,7 +109,8 @@ def estimate_hypergradient(
     """
     method = make_method(
         method, num_directions=num_directions, directions=directions, directions_per_pass=directions_per_pass,
-        jvp=jvp, fd_epsilon=fd_epsilon, truncation=truncation, checkpoint_every=checkpoint_every, offload=offload,
+        jvp=jvp, fd_epsilon=fd_epsilon, truncation=truncation, checkpoint_every=checkpoint_every,
+        offload_trajectory=offload_trajectory,
         zo_epsilon=zo_epsilon, zo_scheme=zo_scheme, implicit_steps=implicit_steps, neumann_lr=neumann_lr,
         cg_damping=cg_damping, implicit_batches=implicit_batches,
     )  # fmt: skip

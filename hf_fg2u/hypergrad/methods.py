@@ -97,7 +97,7 @@ class ReverseOptions:
 
     truncation: int | None = None
     checkpoint_every: int = 1
-    offload: bool = False
+    offload_trajectory: bool = False
 
     def __post_init__(self):
         _check_positive("checkpoint_every", self.checkpoint_every)
@@ -175,7 +175,7 @@ def _run_reverse(method: HypergradientMethod, u: Unroll) -> HypergradientResult:
         raise ValueError(f"method='trgu' needs truncation=K >= 1 (the differentiated last steps), got {truncation}.")
     grad, value, params, state, losses = reverse_hypergradient(
         u.inner_loss, u.outer_loss, u.optimizer, u.params, u.state, u.outer, u.inner_batches, u.meta_batch, u.seeds,
-        truncation=truncation, checkpoint_every=o.checkpoint_every, offload=o.offload,
+        truncation=truncation, checkpoint_every=o.checkpoint_every, offload_trajectory=o.offload_trajectory,
         reduce_gradients=u.reduce_gradients, progress=u.progress,
     )  # fmt: skip
     return HypergradientResult(grad, value, params, state, losses, method=method.name)

@@ -7,8 +7,8 @@ respect to (θ_t, s_t, φ) (Maclaurin et al. 2015; Franceschi et al. 2017), so o
 alive. Memory ≈ one step + T·|θ, s|; time ≈ 4× T plain steps (a primal forward, then per step a recomputed
 gradient and its double-backward VJP). ``checkpoint_every=k`` keeps every k-th state and recomputes each segment
 forward before its backward sweep: memory ≈ (T/k + k)·|θ, s| for one more primal step per step.
-``offload=True`` keeps the stored states in CPU memory (accelerator runs). TRGU differentiates only the last K
-steps and treats θ_{T-K} as a constant: biased.
+``offload_trajectory=True`` keeps the stored states in CPU memory (accelerator runs). TRGU differentiates only
+the last K steps and treats θ_{T-K} as a constant: biased.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def reverse_hypergradient(
     seeds: Sequence[int | None],
     truncation: int | None = None,
     checkpoint_every: int = 1,
-    offload: bool = False,
+    offload_trajectory: bool = False,
     reduce_gradients: Callable | None = None,
     progress=None,
 ):
@@ -55,8 +55,8 @@ def reverse_hypergradient(
     )  # fmt: skip
     steps = list(zip(inner_batches[total - keep :], seeds[total - keep :], strict=True))
     device = next(iter(params.values())).device
-    store = (lambda tree: tree_map(lambda t: t.to("cpu"), tree)) if offload else (lambda tree: tree)
-    fetch = (lambda tree: tree_map(lambda t: t.to(device), tree)) if offload else (lambda tree: tree)
+    store = (lambda tree: tree_map(lambda t: t.to("cpu"), tree)) if offload_trajectory else (lambda tree: tree)
+    fetch = (lambda tree: tree_map(lambda t: t.to(device), tree)) if offload_trajectory else (lambda tree: tree)
 
     stored = []  # (θ_t, s_t) at t = 0, k, 2k, ... of the differentiated steps
     for t, (batch, seed) in enumerate(steps):

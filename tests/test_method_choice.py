@@ -1,0 +1,114 @@
+"""``method="auto"`` on both sides of its memory threshold, and full-parameter inner variables (no adapter)."""
+
+import pytest
+import torch
+from transformers.testing_utils import CaptureLogger
+
+from hf_fg2u import BilevelTrainer, ExampleWeights
+from hf_fg2u.functional import trainable_parameters
+from hf_fg2u.hypergrad import METHODS, estimate_hypergradient
+from hf_fg2u.method_choice import trajectory_megabytes
+from hf_fg2u.problem import batch_softmax_weights, make_lm_problem
+from hf_fg2u.trainer import logger, wrap_with_peft
+
+from .conftest import random_lm_batches
+from .test_reverse import gpt2
+from .test_trainer import TOKENIZER, config, fact_data, lora, tiny_llama
+
+T = 4
+
+
+def auto_trainer(tmp_path, budget_mb, peft=True, **overrides):
+    _, data = fact_data(num_facts=4, copies=4)
+    args = config(tmp_path, method="auto", memory_budget_mb=budget_mb, unroll_steps=T, per_device_train_batch_size=4,
+                  max_steps=1, logging_steps=1, inner_optimizer="adam", **overrides)  # fmt: skip
+    with CaptureLogger(logger) as captured:
+        trainer = BilevelTrainer(
+            tiny_llama(), args, train_dataset=data["train"], meta_dataset=data["meta"],
+            outer=ExampleWeights(len(data["train"])), peft_config=lora() if peft else None, processing_class=TOKENIZER,
+        )  # fmt: skip
+    return trainer, captured.out
+
+
+def adapter_megabytes(checkpoint_every=1):
+    """What auto_trainer's trajectory needs: θ of the same LoRA on the same model."""
+    params = trainable_parameters(wrap_with_peft(tiny_llama(), lora()))
+    return trajectory_megabytes(params, "adam", T, checkpoint_every)
+
+
+def test_auto_picks_rgu_when_the_whole_trajectory_fits_and_logs_why(tmp_path):
+    whole = adapter_megabytes()
+    trainer, log = auto_trainer(tmp_path, budget_mb=1.01 * whole)
+    assert (trainer.args.method, trainer.args.checkpoint_every) == ("rgu", 1)
+    assert f"picked 'rgu' (exact): the stored trajectory needs {whole:.1f} MB" in log
+    assert "available (memory_budget_mb)" in log
+    trainer.train()
+    assert trainer.state.log_history[0]["phase"] == 2.0
+
+
+def test_auto_checkpoints_the_trajectory_when_only_that_fits(tmp_path):
+    whole, checkpointed = adapter_megabytes(), adapter_megabytes(checkpoint_every=2)  # ⌈√4⌉ = 2
+    assert checkpointed < whole
+    trainer, log = auto_trainer(tmp_path, budget_mb=(whole + checkpointed) / 2)
+    assert (trainer.args.method, trainer.args.checkpoint_every) == ("rgu", 2)
+    assert "checkpoint_every=2" in log
+
+
+def test_auto_picks_fg2u_when_the_trajectory_does_not_fit(tmp_path):
+    checkpointed = adapter_megabytes(checkpoint_every=2)
+    trainer, log = auto_trainer(tmp_path, budget_mb=0.99 * checkpointed)
+    assert trainer.args.method == "fg2u"
+    assert "picked 'fg2u'" in log
+    trainer.train()
+    assert trainer.state.log_history[0]["directions_per_second"] > 0
+
+
+def test_trajectory_megabytes_counts_optimizer_slots():
+    params = {"w": torch.zeros(2**18)}  # 1 MB of float32
+    assert trajectory_megabytes(params, "sgd", 10) == pytest.approx(10 + 3)
+    assert trajectory_megabytes(params, "adam", 10) == pytest.approx(30 + 3)
+    assert trajectory_megabytes(params, "adam", 16, checkpoint_every=4) == pytest.approx(3 * (4 + 3) + 3)
+
+
+FULL_INNER = [r"layers\.1\.", "lm_head"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_full_parameter_inner_variables(tmp_path, method):
+    """No peft config: θ is the parameters ``inner_parameters`` selects; the rest stays frozen and unchanged."""
+    _, data = fact_data(num_facts=4, copies=4)
+    model = tiny_llama()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = config(tmp_path, method=method, max_steps=1, per_device_train_batch_size=4, num_directions=4,
+                  inner_parameters=FULL_INNER, truncation=2, logging_steps=1)  # fmt: skip
+    trainer = BilevelTrainer(model, args, train_dataset=data["train"], meta_dataset=data["meta"],
+                             outer=ExampleWeights(len(data["train"])), processing_class=TOKENIZER)  # fmt: skip
+    trainer.train()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    selected = {n for n in before if "layers.1." in n or "lm_head" in n}
+    assert changed and changed <= selected, sorted(changed - selected)
+    assert trainer.state.log_history[0]["hypergrad_norm"] > 0
+
+
+def test_inner_parameters_that_match_nothing_name_the_parameters(tmp_path):
+    _, data = fact_data(num_facts=4, copies=4)
+    args = config(tmp_path, inner_parameters=["attention_query"])
+    with pytest.raises(ValueError, match=r"'attention_query' matches none .* include \['model.embed_tokens.weight'"):
+        BilevelTrainer(tiny_llama(), args, train_dataset=data["train"], meta_dataset=data["meta"],
+                       outer=ExampleWeights(len(data["train"])))  # fmt: skip
+
+
+def test_fg2u_basis_equals_rgu_on_full_parameters():
+    """Every weight of a float64 GPT-2 is θ: forward-mode FGU with the coordinate basis is the exact gradient."""
+    model = gpt2(lora=False)
+    batches, meta = random_lm_batches(3, 4)
+    inner_loss, outer_loss = make_lm_problem(model, batch_softmax_weights(), second_order=True)
+    outer = {"example_logits": torch.linspace(-0.5, 0.5, 12, dtype=torch.float64)}
+    params = trainable_parameters(model)
+    common = dict(inner_optimizer="adam", inner_lr=1e-2)
+    exact = estimate_hypergradient(inner_loss, outer_loss, params, outer, batches, meta, method="rgu", **common)
+    basis = estimate_hypergradient(inner_loss, outer_loss, params, outer, batches, meta, method="fg2u",
+                                   directions="basis", num_directions=12, **common)  # fmt: skip
+    reference = exact.grad["example_logits"]
+    assert float(reference.norm()) > 1e-6
+    assert float((basis.grad["example_logits"] - reference).norm() / reference.norm()) < 1e-8
