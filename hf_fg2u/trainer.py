@@ -21,19 +21,20 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, Trainer
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from .config import BilevelConfig
+from .data_checks import check_token_rows, check_unique_ids, check_unroll_fits
+from .formats import MODEL_INPUT_COLUMNS, prepare_split
 from .functional import load_parameters, trainable_parameters, unwrap_model
 from .hypergrad import NonFiniteHypergradientError, estimate_hypergradient, needs_second_order
 from .model_card import write_model_card
-from .outer import OuterModule
+from .outer import ExampleWeights, OuterModule
 from .problem import losses_to_problem, make_lm_losses
 
 STATE_NAME = "bilevel_state.safetensors"
 STATE_CONFIG_NAME = "bilevel_state.json"
-MODEL_INPUT_COLUMNS = ("input_ids", "attention_mask", "labels")
 
 
 @dataclass
@@ -128,16 +129,25 @@ class BilevelTrainer(Trainer):
             )
         if train_dataset is None or len(train_dataset) == 0:
             raise ValueError("train_dataset is missing or empty: the inner loop needs training examples.")
-        check_model_columns(train_dataset, "train")
-        check_model_columns(meta_dataset, "meta")
         self.outer = outer
-        train_dataset = outer.prepare_dataset(train_dataset, "train")
-        meta_dataset = outer.prepare_dataset(meta_dataset, "meta")
+        self.user_train_dataset = train_dataset  # as given: what export_weights() returns, with a weight column
+        vocab_size = model.get_input_embeddings().weight.shape[0]
+        train_dataset, meta_dataset = (
+            prepare_dataset(d, role, outer, processing_class, args, vocab_size)
+            for d, role in ((train_dataset, "train"), (meta_dataset, "meta"))
+        )
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {
+                k: prepare_dataset(d, f"eval {k!r}", outer, processing_class, args, vocab_size)
+                for k, d in eval_dataset.items()
+            }
+        elif eval_dataset is not None:
+            eval_dataset = prepare_dataset(eval_dataset, "eval", outer, processing_class, args, vocab_size)
+        check_unroll_fits(len(train_dataset), args.per_device_train_batch_size, args.unroll_steps,
+                          args.world_size, args.dataloader_drop_last)  # fmt: skip
         self.meta_dataset = meta_dataset.select_columns(
             [c for c in MODEL_INPUT_COLUMNS if c in meta_dataset.column_names]
         )
-        if eval_dataset is not None:
-            check_model_columns(eval_dataset, "eval")
         if data_collator is None:
             pad = getattr(processing_class, "pad_token_id", None)
             data_collator = BilevelDataCollator(pad_token_id=pad if pad is not None else 0)
@@ -155,6 +165,7 @@ class BilevelTrainer(Trainer):
         for method in {self.args.method, self.args.phase1_method} - {None}:
             self._problem(self.model, method)  # preflight now, not deep inside the first step
         self._warn_if_truncation_hides_rows()
+        self.add_callback(LogLastStep())
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
 
@@ -324,11 +335,20 @@ class BilevelTrainer(Trainer):
         return self.data_collator([self.meta_dataset[i] for i in rows])
 
     def export_weights(self, dataset=None, column: str = "weight"):
-        """``dataset`` (default: the train dataset) with a ``weight`` column from the learned outer variables,
-        ready for ``push_to_hub``. Weights have mean 1 over the dataset."""
-        dataset = self.train_dataset if dataset is None else self.outer.prepare_dataset(dataset, "train")
-        weights = self.dataset_weights(dataset)
-        return dataset.add_column(column, weights.tolist())
+        """``dataset`` (default: the train dataset as given to the trainer) with every column it has except
+        token ids, plus a ``weight`` column from the learned outer variables (mean 1), ready for
+        ``push_to_hub``. A raw dataset is tokenized like the train dataset; rows without an id column are
+        numbered 0..n-1 in order."""
+        if dataset is None:
+            dataset, tokenized = self.user_train_dataset, self.train_dataset
+        else:
+            tokenized = prepare_dataset(
+                dataset, "exported", self.outer, self.processing_class, self.args,
+                unwrap_model(self.model).get_input_embeddings().weight.shape[0],
+            )  # fmt: skip
+        weights = self.dataset_weights(tokenized)
+        keep = [c for c in dataset.column_names if c not in MODEL_INPUT_COLUMNS]
+        return dataset.select_columns(keep).add_column(column, weights.tolist())
 
     @torch.no_grad()
     def dataset_weights(self, dataset) -> torch.Tensor:
@@ -509,6 +529,30 @@ def wrap_with_peft(model, peft_config):
             f"The peft config targets nothing in this model ({error}). target_modules="
             f"{getattr(peft_config, 'target_modules', None)}; module names here include {names[:20]}."
         ) from error
+
+
+class LogLastStep(TrainerCallback):
+    """Log at the last step whatever ``logging_steps`` is, so that a run shorter than ``logging_steps`` still
+    records its meta loss and bilevel metrics."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps and args.logging_strategy != "no":
+            control.should_log = True
+        return control
+
+
+def prepare_dataset(dataset, role: str, outer: OuterModule, tokenizer, args: BilevelConfig, vocab_size: int):
+    """A split ready for the bilevel losses: tokenized when raw (see ``hf_fg2u.formats``), train rows numbered
+    when ``ExampleWeights`` needs ids and there are none, the outer module's columns added, every row checked."""
+    dataset = prepare_split(dataset, role, tokenizer, args.max_length, args.dataset_text_field)
+    check_model_columns(dataset, role)
+    train = role in ("train", "exported")
+    if train and isinstance(outer, ExampleWeights):
+        if outer.id_column not in dataset.column_names:
+            dataset = dataset.map(lambda _, i: {outer.id_column: i}, with_indices=True)
+        check_unique_ids(dataset, outer.id_column, role)
+    check_token_rows(dataset, role, vocab_size)
+    return outer.prepare_dataset(dataset, "train" if train else role)
 
 
 def check_model_columns(dataset, role: str) -> None:

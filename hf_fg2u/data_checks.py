@@ -1,0 +1,100 @@
+"""Checks of tokenized datasets at ``BilevelTrainer`` construction: data that would train on nothing, crash
+deep inside an unroll, or silently change the unroll, is refused before any compute with the count and the fix.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+
+from .data import IGNORE_INDEX
+
+SHOWN = 5  # row indices quoted in an error
+
+
+def _rows(indices: list[int]) -> str:
+    more = f" and {len(indices) - SHOWN} more" if len(indices) > SHOWN else ""
+    return f"{indices[:SHOWN]}{more}"
+
+
+def check_token_rows(dataset, role: str, vocab_size: int) -> None:
+    """Refuse empty rows, token ids outside ``[0, vocab_size)`` and rows with no token to learn from.
+
+    A row's loss compares logits[:-1] with labels[1:], so a row whose labels are all -100 past position 0
+    contributes nothing: its loss is 0, its hypergradient 0, and a split made only of such rows "trains" on
+    nothing while reporting loss 0.
+    """
+    columns = dataset.column_names
+    masks = dataset["attention_mask"] if "attention_mask" in columns else None
+    labels = dataset["labels"] if "labels" in columns else None
+    empty, out_of_range, unlearnable = [], [], []
+    for index, ids in enumerate(dataset["input_ids"]):
+        mask = masks[index] if masks is not None else [1] * len(ids)
+        if not any(mask):
+            empty.append(index)
+            continue
+        targets = (
+            labels[index] if labels is not None else [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
+        )
+        if any(not 0 <= t < vocab_size for t in ids) or any(
+            t != IGNORE_INDEX and not 0 <= t < vocab_size for t in targets
+        ):
+            out_of_range.append(index)
+        if all(t == IGNORE_INDEX for t in targets[1:]):
+            unlearnable.append(index)
+    total = len(dataset)
+    if empty:
+        raise ValueError(
+            f"{len(empty)} of {total} rows of the {role} dataset are empty (no token, or attention_mask all 0): "
+            f"rows {_rows(empty)}. Remove them, e.g. dataset.filter(lambda row: sum(row['attention_mask']) > 0)."
+        )
+    if out_of_range:
+        raise ValueError(
+            f"{len(out_of_range)} of {total} rows of the {role} dataset hold token ids outside the model's "
+            f"vocabulary [0, {vocab_size}): rows {_rows(out_of_range)}. Tokenize with the model's own tokenizer "
+            "(or resize the model's embeddings to the tokenizer)."
+        )
+    if unlearnable:
+        raise ValueError(
+            f"{len(unlearnable)} of {total} rows of the {role} dataset have no token to learn from: every label "
+            f"after the first is -100 (rows {_rows(unlearnable)}), so they add loss 0 and hypergradient 0. Usually "
+            "max_length cut off the answer or completion: raise max_length, or drop these rows."
+        )
+
+
+def check_unique_ids(dataset, column: str, role: str = "train") -> None:
+    """Refuse repeated ids: rows sharing an id would share one learned weight."""
+    counts = Counter(dataset[column])
+    repeated = sorted(i for i, n in counts.items() if n > 1)
+    if repeated:
+        raise ValueError(
+            f"Column {column!r} of the {role} dataset repeats ids {_rows(repeated)} "
+            f"({sum(counts[i] for i in repeated)} rows share an id), so those rows would share one weight. Number "
+            "the rows 0..n-1: dataset.map(lambda _, i: {'" + column + "': i}, with_indices=True)."
+        )
+
+
+def check_unroll_fits(num_rows: int, batch_size: int, unroll_steps: int, num_processes: int, drop_last: bool):
+    """One outer step reads ``unroll_steps × batch_size`` rows per process; fewer rows make a shorter unroll
+    than configured. Refuse a dataset without one complete unroll, and say how many rows each epoch drops."""
+    per_unroll = batch_size * unroll_steps * num_processes
+    if num_rows < per_unroll:
+        raise ValueError(
+            f"The train dataset has {num_rows} rows, fewer than one unroll reads: unroll_steps={unroll_steps} × "
+            f"per_device_train_batch_size={batch_size} × {num_processes} process(es) = {per_unroll}. Every outer "
+            f"step would unroll fewer steps than configured. Lower unroll_steps or the batch size, or add rows."
+        )
+    left = num_rows % per_unroll
+    if left and not drop_last:
+        raise ValueError(
+            f"dataloader_drop_last=False with {num_rows} train rows and {per_unroll} rows per unroll: the last "
+            f"unroll of every epoch would have only {left} rows, fewer inner steps than unroll_steps={unroll_steps}. "
+            "Set dataloader_drop_last=True (the default of BilevelConfig)."
+        )
+    if left:
+        warnings.warn(
+            f"{num_rows} train rows are not a multiple of the {per_unroll} rows per unroll: each epoch drops its "
+            f"last incomplete unroll ({left} rows, different ones each epoch when shuffled). Make the row count a "
+            "multiple to use every row every epoch.",
+            stacklevel=3,
+        )
