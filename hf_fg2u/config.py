@@ -119,11 +119,6 @@ class BilevelConfig(TrainingArguments):
     # -- Trainer defaults that suit outer steps ------------------------------------------------------------------
     learning_rate: float = field(default=0.1, metadata={"help": "Outer learning rate (of φ)."})
     logging_steps: float = field(default=1, metadata={"help": "Log every N outer steps."})
-    dataloader_drop_last: bool = field(
-        default=True,
-        metadata={"help": "Drop an epoch's last incomplete unroll (fewer rows than unroll_steps × batch), which "
-                  "would silently unroll fewer inner steps."},
-    )  # fmt: skip
 
     def __post_init__(self):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():

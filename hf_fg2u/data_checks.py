@@ -74,9 +74,10 @@ def check_unique_ids(dataset, column: str, role: str = "train") -> None:
         )
 
 
-def check_unroll_fits(num_rows: int, batch_size: int, unroll_steps: int, num_processes: int, drop_last: bool):
-    """One outer step reads ``unroll_steps × batch_size`` rows per process; fewer rows make a shorter unroll
-    than configured. Refuse a dataset without one complete unroll, and say how many rows each epoch drops."""
+def check_unroll_fits(num_rows: int, batch_size: int, unroll_steps: int, num_processes: int) -> None:
+    """One outer step reads ``unroll_steps × batch_size`` rows per process; fewer rows would make a shorter unroll
+    than configured. Refuse a dataset without one complete unroll; say how many rows each epoch drops (the train
+    dataloader drops an epoch's incomplete last unroll)."""
     per_unroll = batch_size * unroll_steps * num_processes
     if num_rows < per_unroll:
         raise ValueError(
@@ -85,16 +86,10 @@ def check_unroll_fits(num_rows: int, batch_size: int, unroll_steps: int, num_pro
             f"step would unroll fewer steps than configured. Lower unroll_steps or the batch size, or add rows."
         )
     left = num_rows % per_unroll
-    if left and not drop_last:
-        raise ValueError(
-            f"dataloader_drop_last=False with {num_rows} train rows and {per_unroll} rows per unroll: the last "
-            f"unroll of every epoch would have only {left} rows, fewer inner steps than unroll_steps={unroll_steps}. "
-            "Set dataloader_drop_last=True (the default of BilevelConfig)."
-        )
     if left:
         warnings.warn(
             f"{num_rows} train rows are not a multiple of the {per_unroll} rows per unroll: each epoch drops its "
-            f"last incomplete unroll ({left} rows, different ones each epoch when shuffled). Make the row count a "
-            "multiple to use every row every epoch.",
+            f"last incomplete unroll ({left} rows, different ones each epoch when shuffled), which would unroll "
+            f"fewer than unroll_steps={unroll_steps} inner steps. Make the row count a multiple to use every row.",
             stacklevel=3,
         )

@@ -143,8 +143,7 @@ class BilevelTrainer(Trainer):
             }
         elif eval_dataset is not None:
             eval_dataset = prepare_dataset(eval_dataset, "eval", outer, processing_class, args, vocab_size)
-        check_unroll_fits(len(train_dataset), args.per_device_train_batch_size, args.unroll_steps,
-                          args.world_size, args.dataloader_drop_last)  # fmt: skip
+        check_unroll_fits(len(train_dataset), args.per_device_train_batch_size, args.unroll_steps, args.world_size)
         self.meta_dataset = meta_dataset.select_columns(
             [c for c in MODEL_INPUT_COLUMNS if c in meta_dataset.column_names]
         )
@@ -190,11 +189,16 @@ class BilevelTrainer(Trainer):
         return super().create_optimizer(model=self.outer)
 
     def get_train_dataloader(self):
-        """Batches of ``unroll_steps × batch`` examples: one Trainer step is one unroll."""
-        return self._get_dataloader(
-            dataset=self.train_dataset, description="Training", sampler_fn=self._get_train_sampler, is_training=True,
-            batch_size=self._train_batch_size * self.args.unroll_steps,
-        )  # fmt: skip
+        """Batches of ``unroll_steps × batch`` examples: one Trainer step is one unroll. An epoch's last, incomplete
+        batch is dropped: it would silently unroll fewer inner steps (evaluation keeps its last batch)."""
+        drop_last, self.args.dataloader_drop_last = self.args.dataloader_drop_last, True  # read by _get_dataloader
+        try:
+            return self._get_dataloader(
+                dataset=self.train_dataset, description="Training", sampler_fn=self._get_train_sampler,
+                is_training=True, batch_size=self._train_batch_size * self.args.unroll_steps,
+            )  # fmt: skip
+        finally:
+            self.args.dataloader_drop_last = drop_last
 
     @property
     def data_parallel(self) -> bool:
