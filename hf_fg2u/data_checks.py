@@ -25,10 +25,10 @@ def check_token_rows(dataset, role: str, vocab_size: int) -> None:
     nothing while reporting loss 0.
     """
     columns = dataset.column_names
-    masks = dataset["attention_mask"] if "attention_mask" in columns else None
-    labels = dataset["labels"] if "labels" in columns else None
+    masks = list(dataset["attention_mask"]) if "attention_mask" in columns else None
+    labels = list(dataset["labels"]) if "labels" in columns else None
     empty, out_of_range, unlearnable = [], [], []
-    for index, ids in enumerate(dataset["input_ids"]):
+    for index, ids in enumerate(list(dataset["input_ids"])):
         mask = masks[index] if masks is not None else [1] * len(ids)
         if not any(mask):
             empty.append(index)
