@@ -28,6 +28,17 @@ def ids(tokenizer, text):
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def lm_rows(tokenizer, texts):
+    """Pre-tokenized, numbered rows built here, independently of the code under test: every token trained, then
+    <eos>."""
+    rows = []
+    for index, text in enumerate(texts):
+        input_ids = ids(tokenizer, text) + [tokenizer.eos_token_id]
+        rows.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": list(input_ids),
+                     "example_id": index})  # fmt: skip
+    return rows
+
+
 def trained_text(tokenizer, row):
     return tokenizer.decode([t for t in row["labels"] if t != -100])
 
@@ -103,7 +114,7 @@ def test_trainer_tokenizes_each_raw_format_and_trains(tmp_path, tokenizer, kind)
 
 
 def test_pre_tokenized_data_still_works_and_is_not_tokenized_again(tmp_path, tokenizer):
-    rows = [encode_example({"text": p + a}, tokenizer, "language_modeling") for p, a in facts()]
+    rows = lm_rows(tokenizer, [p + a for p, a in facts()])
     train = Dataset.from_list([{**row, "example_id": i} for i, row in enumerate(rows)])
     trainer = build(tmp_path, tokenizer, train, train.select(range(4)))
     assert trainer.train_dataset["input_ids"] == train["input_ids"]
@@ -148,7 +159,7 @@ def test_rows_whose_labels_are_all_masked_are_refused_with_the_count(tmp_path, t
 
 
 def test_pre_tokenized_meta_rows_with_labels_all_minus_100_are_refused(tmp_path, tokenizer):
-    rows = [encode_example({"text": p + a}, tokenizer, "language_modeling") for p, a in facts()]
+    rows = lm_rows(tokenizer, [p + a for p, a in facts()])
     train = Dataset.from_list(rows)
     masked = Dataset.from_list([{**row, "labels": [-100] * len(row["labels"])} for row in rows[:4]])
     with pytest.raises(ValueError, match=r"4 of 4 rows of the meta dataset have no token to learn from"):
@@ -158,20 +169,19 @@ def test_pre_tokenized_meta_rows_with_labels_all_minus_100_are_refused(tmp_path,
 
 
 def test_empty_rows_are_refused(tmp_path, tokenizer):
-    pairs = facts()
-    train = Dataset.from_dict({"text": [p + a for p, a in pairs]})
-    rows = [encode_example({"text": "ab"}, tokenizer, "language_modeling")] * 3
+    train = Dataset.from_list(lm_rows(tokenizer, [p + a for p, a in facts()]))
+    rows = lm_rows(tokenizer, ["ab"] * 3)
     empty_meta = Dataset.from_list([{**row, "attention_mask": [0] * len(row["input_ids"])} for row in rows])
     with pytest.raises(ValueError, match=r"3 of 3 rows of the meta dataset are empty.*rows \[0, 1, 2\]"):
         build(tmp_path, tokenizer, train, empty_meta)
-    blank = Dataset.from_list([{"input_ids": [], "attention_mask": [], "labels": []}] + list(rows))
+    blank = Dataset.from_list([{"input_ids": [], "attention_mask": [], "labels": [], "example_id": 3}] + list(rows))
     with pytest.raises(ValueError, match=r"1 of 4 rows of the meta dataset are empty"):
         build(tmp_path, tokenizer, train, blank)
 
 
 @pytest.mark.parametrize("bad_id", [-1, 57, 1000])
 def test_token_ids_outside_the_vocabulary_are_refused(tmp_path, tokenizer, bad_id):
-    rows = [encode_example({"text": p + a}, tokenizer, "language_modeling") for p, a in facts()]
+    rows = lm_rows(tokenizer, [p + a for p, a in facts()])
     rows[5] = {**rows[5], "input_ids": [bad_id] + rows[5]["input_ids"][1:]}
     train = Dataset.from_list(rows)
     with pytest.raises(
@@ -181,22 +191,20 @@ def test_token_ids_outside_the_vocabulary_are_refused(tmp_path, tokenizer, bad_i
 
 
 def test_duplicate_example_ids_are_refused(tmp_path, tokenizer):
-    pairs = facts()
-    train = Dataset.from_dict({"text": [p + a for p, a in pairs], "example_id": [i % 8 for i in range(16)]})
+    rows = lm_rows(tokenizer, [p + a for p, a in facts()])
+    train = Dataset.from_list([{**row, "example_id": i % 8} for i, row in enumerate(rows)])
     with pytest.raises(ValueError, match=r"repeats ids \[0, 1, 2, 3, 4\] and 3 more \(16 rows share an id\)"):
         build(tmp_path, tokenizer, train, train.select([0]))
 
 
 def test_fewer_rows_than_one_unroll_are_refused(tmp_path, tokenizer):
-    pairs = facts()
-    train = Dataset.from_dict({"text": [p + a for p, a in pairs]})  # 16 rows; 8 steps x 4 rows = 32 per unroll
+    train = Dataset.from_list(lm_rows(tokenizer, [p + a for p, a in facts()]))  # 16 rows; 8 steps x 4 = 32 per unroll
     with pytest.raises(ValueError, match=r"16 rows, fewer than one unroll reads: unroll_steps=8 × .*= 32"):
         build(tmp_path, tokenizer, train, train.select([0]), unroll_steps=8)
 
 
 def test_an_incomplete_last_unroll_is_dropped_with_a_warning(tmp_path, tokenizer):
-    pairs = facts(20)  # 20 rows, 8 per unroll: 4 left over
-    train = Dataset.from_dict({"text": [p + a for p, a in pairs]})
+    train = Dataset.from_list(lm_rows(tokenizer, [p + a for p, a in facts(20)]))  # 8 rows per unroll: 4 left over
     with pytest.warns(UserWarning, match=r"drops its last incomplete unroll \(4 rows"):
         trainer = build(tmp_path, tokenizer, train, train.select([0]), max_steps=-1, num_train_epochs=1)
     loader = trainer.get_train_dataloader()
