@@ -1,5 +1,6 @@
-"""Checks of tokenized datasets at ``BilevelTrainer`` construction: data that would train on nothing, crash
-deep inside an unroll, or silently change the unroll, is refused before any compute with the count and the fix.
+"""The datasets of ``BilevelTrainer``, prepared and checked at construction: raw data is tokenized, and data that
+would train on nothing, crash deep inside an unroll, or silently change the unroll is refused before any compute,
+with the count of rows and the fix.
 """
 
 from __future__ import annotations
@@ -7,7 +8,10 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 
+from .config import BilevelConfig
 from .data import IGNORE_INDEX
+from .formats import prepare_split
+from .outer import ExampleWeights, OuterModule
 
 SHOWN = 5  # row indices quoted in an error
 
@@ -15,6 +19,44 @@ SHOWN = 5  # row indices quoted in an error
 def _rows(indices: list[int]) -> str:
     more = f" and {len(indices) - SHOWN} more" if len(indices) > SHOWN else ""
     return f"{indices[:SHOWN]}{more}"
+
+
+def prepare_datasets(train, meta, eval_, outer: OuterModule, tokenizer, args: BilevelConfig, vocab_size: int):
+    """(train, meta, eval) ready for the bilevel losses (see :func:`prepare_dataset`); ``eval_`` may be None or a
+    dict of datasets, as the Trainer allows."""
+
+    def prepare(dataset, role):
+        return prepare_dataset(dataset, role, outer, tokenizer, args, vocab_size)
+
+    train, meta = prepare(train, "train"), prepare(meta, "meta")
+    if isinstance(eval_, dict):
+        eval_ = {name: prepare(dataset, f"eval {name!r}") for name, dataset in eval_.items()}
+    elif eval_ is not None:
+        eval_ = prepare(eval_, "eval")
+    check_unroll_fits(len(train), args.per_device_train_batch_size, args.unroll_steps, args.world_size)
+    return train, meta, eval_
+
+
+def prepare_dataset(dataset, role: str, outer: OuterModule, tokenizer, args: BilevelConfig, vocab_size: int):
+    """A split ready for the bilevel losses: tokenized when raw (see ``hf_fg2u.formats``), train rows numbered
+    when ``ExampleWeights`` needs ids and there are none, the outer module's columns added, every row checked."""
+    dataset = prepare_split(dataset, role, tokenizer, args.max_length, args.dataset_text_field)
+    check_model_columns(dataset, role)
+    train = role in ("train", "exported")
+    if train and isinstance(outer, ExampleWeights):
+        if outer.id_column not in dataset.column_names:
+            dataset = dataset.map(lambda _, i: {outer.id_column: i}, with_indices=True)
+        check_unique_ids(dataset, outer.id_column, role)
+    check_token_rows(dataset, role, vocab_size)
+    return outer.prepare_dataset(dataset, "train" if train else role)
+
+
+def check_model_columns(dataset, role: str) -> None:
+    if "input_ids" not in dataset.column_names:
+        raise ValueError(
+            f"The {role} dataset has no 'input_ids' column (columns: {dataset.column_names}). Tokenize it first, "
+            "e.g. with hf_fg2u.data.tokenize_for_causal_lm(dataset, tokenizer)."
+        )
 
 
 def check_token_rows(dataset, role: str, vocab_size: int) -> None:

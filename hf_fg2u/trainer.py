@@ -25,12 +25,12 @@ from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from .config import BilevelConfig
-from .data_checks import check_token_rows, check_unique_ids, check_unroll_fits
-from .formats import MODEL_INPUT_COLUMNS, prepare_split
+from .data_checks import prepare_dataset, prepare_datasets
+from .formats import MODEL_INPUT_COLUMNS
 from .functional import load_parameters, trainable_parameters, unwrap_model
 from .hypergrad import NonFiniteHypergradientError, estimate_hypergradient, needs_second_order
 from .model_card import write_model_card
-from .outer import ExampleWeights, OuterModule
+from .outer import OuterModule
 from .problem import losses_to_problem, make_lm_losses
 
 STATE_NAME = "bilevel_state.safetensors"
@@ -71,6 +71,8 @@ class BilevelTrainer(Trainer):
     Args beyond ``Trainer``'s: ``meta_dataset`` (the outer objective's data), ``outer`` (an
     :class:`~hf_fg2u.outer.OuterModule`), ``peft_config`` (wraps ``model`` in an adapter). ``model`` may be a
     name or path, loaded with ``AutoModelForCausalLM.from_pretrained(model, **args.model_init_kwargs)``.
+    Datasets may be raw, in TRL's formats (tokenized here with ``processing_class``, see ``hf_fg2u.formats``),
+    or tokenized; every split is checked at construction (``hf_fg2u.data_checks``).
     """
 
     _tag_names = ["hf_fg2u", "bilevel", "fg2u", "data-reweighting"]
@@ -131,19 +133,10 @@ class BilevelTrainer(Trainer):
             raise ValueError("train_dataset is missing or empty: the inner loop needs training examples.")
         self.outer = outer
         self.user_train_dataset = train_dataset  # as given: what export_weights() returns, with a weight column
-        vocab_size = model.get_input_embeddings().weight.shape[0]
-        train_dataset, meta_dataset = (
-            prepare_dataset(d, role, outer, processing_class, args, vocab_size)
-            for d, role in ((train_dataset, "train"), (meta_dataset, "meta"))
-        )
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {
-                k: prepare_dataset(d, f"eval {k!r}", outer, processing_class, args, vocab_size)
-                for k, d in eval_dataset.items()
-            }
-        elif eval_dataset is not None:
-            eval_dataset = prepare_dataset(eval_dataset, "eval", outer, processing_class, args, vocab_size)
-        check_unroll_fits(len(train_dataset), args.per_device_train_batch_size, args.unroll_steps, args.world_size)
+        train_dataset, meta_dataset, eval_dataset = prepare_datasets(
+            train_dataset, meta_dataset, eval_dataset, outer, processing_class, args,
+            vocab_size=model.get_input_embeddings().weight.shape[0],
+        )  # fmt: skip
         self.meta_dataset = meta_dataset.select_columns(
             [c for c in MODEL_INPUT_COLUMNS if c in meta_dataset.column_names]
         )
@@ -346,10 +339,8 @@ class BilevelTrainer(Trainer):
         if dataset is None:
             dataset, tokenized = self.user_train_dataset, self.train_dataset
         else:
-            tokenized = prepare_dataset(
-                dataset, "exported", self.outer, self.processing_class, self.args,
-                unwrap_model(self.model).get_input_embeddings().weight.shape[0],
-            )  # fmt: skip
+            vocab_size = unwrap_model(self.model).get_input_embeddings().weight.shape[0]
+            tokenized = prepare_dataset(dataset, "exported", self.outer, self.processing_class, self.args, vocab_size)
         weights = self.dataset_weights(tokenized)
         keep = [c for c in dataset.column_names if c not in MODEL_INPUT_COLUMNS]
         return dataset.select_columns(keep).add_column(column, weights.tolist())
@@ -543,28 +534,6 @@ class LogLastStep(TrainerCallback):
         if state.global_step >= state.max_steps and args.logging_strategy != "no":
             control.should_log = True
         return control
-
-
-def prepare_dataset(dataset, role: str, outer: OuterModule, tokenizer, args: BilevelConfig, vocab_size: int):
-    """A split ready for the bilevel losses: tokenized when raw (see ``hf_fg2u.formats``), train rows numbered
-    when ``ExampleWeights`` needs ids and there are none, the outer module's columns added, every row checked."""
-    dataset = prepare_split(dataset, role, tokenizer, args.max_length, args.dataset_text_field)
-    check_model_columns(dataset, role)
-    train = role in ("train", "exported")
-    if train and isinstance(outer, ExampleWeights):
-        if outer.id_column not in dataset.column_names:
-            dataset = dataset.map(lambda _, i: {outer.id_column: i}, with_indices=True)
-        check_unique_ids(dataset, outer.id_column, role)
-    check_token_rows(dataset, role, vocab_size)
-    return outer.prepare_dataset(dataset, "train" if train else role)
-
-
-def check_model_columns(dataset, role: str) -> None:
-    if "input_ids" not in dataset.column_names:
-        raise ValueError(
-            f"The {role} dataset has no 'input_ids' column (columns: {dataset.column_names}). Tokenize it first, "
-            "e.g. with hf_fg2u.data.tokenize_for_causal_lm(dataset, tokenizer)."
-        )
 
 
 def all_reduce_sum(tree: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
