@@ -253,7 +253,8 @@ def builder_of(files: dict[str, list[str]]) -> str:
 
 
 def load_data(name: str | None, config: str | None, data_files: list[str] | None) -> DatasetDict:
-    """A Hub dataset, a local folder (its files by split), or files by split (``--data_files``)."""
+    """A Hub dataset, a local folder (its files by split), a local file (split "train"), or files by split
+    (``--data_files``)."""
     files = parse_data_files(data_files) if data_files else None
     if name is not None and Path(name).is_dir():
         folder = Path(name)
@@ -261,6 +262,9 @@ def load_data(name: str | None, config: str | None, data_files: list[str] | None
             files = {k: [p if Path(p).exists() else str(folder / p) for p in v] for k, v in files.items()}
         else:
             files = folder_data_files(folder)
+        return load_dataset(builder_of(files), data_files=files)
+    if name is not None and Path(name).is_file():  # one local file: its rows are the "train" split
+        files = {"train": [name]}
         return load_dataset(builder_of(files), data_files=files)
     if name is None:
         if not files:

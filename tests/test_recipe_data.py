@@ -63,6 +63,10 @@ def test_meta_from_another_dataset(tmp_path):
                  meta_dataset_split="clean")  # fmt: skip
     splits = recipe.user_splits(s)
     assert len(splits["meta"]) == 5 and splits["meta"][0]["prompt"] == "fact 20 is "
+    one_file = args_for(
+        dataset_name=str(tmp_path / "mine"), meta_dataset_name=str(tmp_path / "trusted" / "clean.jsonl")
+    )
+    assert len(recipe.user_splits(one_file)["meta"]) == 5  # a single file is its own "train" split
 
 
 def test_missing_meta_and_an_eval_split_that_is_the_meta_split_are_clear_errors(tmp_path):
