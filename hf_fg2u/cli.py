@@ -52,7 +52,7 @@ def print_demo_summary(results: dict) -> None:
 def run_weights(argv: list[str]) -> str:
     parser = argparse.ArgumentParser(prog="hf-fg2u weights", description="Summarise the weights of a finished run.")
     parser.add_argument("output_dir", type=Path)
-    parser.add_argument("--top", type=int, default=10, help="How many of the most down-weighted rows to show.")
+    parser.add_argument("--top", type=int, default=10, help="Rows shown at each end of the weights.")
     parser.add_argument("--push_to_hub", metavar="REPO_ID", help="Push the weighted dataset as a Hub dataset.")
     args = parser.parse_args(argv)
     from .report import report_weights

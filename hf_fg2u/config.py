@@ -132,6 +132,16 @@ class BilevelConfig(TrainingArguments):
         metadata={"help": "Keyword arguments (JSON) for from_pretrained when the model is given by name."},
     )
 
+    # -- data -------------------------------------------------------------------------------------------------
+    max_length: int | None = field(
+        default=512,
+        metadata={"help": "Raw datasets (text, prompt + completion, messages) are tokenized by the trainer and cut "
+                  "at this many tokens (a warning counts the rows cut); None keeps every token."},
+    )  # fmt: skip
+    dataset_text_field: str = field(
+        default="text", metadata={"help": "Column of plain-text rows in a raw dataset (language-modelling format)."}
+    )
+
     # -- Trainer defaults that suit outer steps ------------------------------------------------------------------
     learning_rate: float = field(default=0.1, metadata={"help": "Outer learning rate (of φ)."})
     logging_steps: float = field(default=1, metadata={"help": "Log every N outer steps."})
@@ -164,6 +174,8 @@ class BilevelConfig(TrainingArguments):
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
         if self.inner_reset_every < 0:
             raise ValueError(f"inner_reset_every={self.inner_reset_every} must be >= 0 (0 = never reset).")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"max_length={self.max_length} must be >= 2 (a token and the one it predicts) or None.")
         if self.inner_lr <= 0:
             raise ValueError(f"inner_lr={self.inner_lr} must be > 0.")
         if self.phase1_method is not None:

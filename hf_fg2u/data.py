@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import string
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -443,6 +444,15 @@ def tokenize_for_causal_lm(
         rows = [encode_for_causal_lm(text, tokenizer, max_length, answer_only) for text in batch[text_column]]
         return {key: [row[key] for row in rows] for key in ("input_ids", "attention_mask", "labels")}
 
+    extra = (tokenizer.bos_token_id is not None) + (tokenizer.eos_token_id is not None)
+    lengths = [len(ids) + extra for ids in tokenizer(list(dataset[text_column]), add_special_tokens=False)["input_ids"]]
+    cut = sum(length > max_length for length in lengths)
+    if cut:
+        warnings.warn(
+            f"{cut} of {len(lengths)} rows are longer than max_length={max_length} tokens (longest: {max(lengths)}) "
+            "and were cut at the end. Raise max_length if the cut part matters.",
+            stacklevel=2,
+        )
     return dataset.map(encode_batch, batched=True, remove_columns=[text_column])
 
 

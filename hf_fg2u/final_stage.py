@@ -13,8 +13,9 @@ import warnings
 import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
+from .data_checks import check_model_columns
 from .problem import per_example_token_loss, token_labels
-from .trainer import BilevelDataCollator, check_model_columns, wrap_with_peft
+from .trainer import BilevelDataCollator, wrap_with_peft
 
 WEIGHT_HINT = (
     "Add the learned weights with BilevelTrainer.export_weights(), or pass weight_column= the column that holds them."

@@ -3,18 +3,20 @@
     hf-fg2u train --config recipes/noisy_reweighting.yaml                 # offline default
     hf-fg2u train --config recipes/noisy_reweighting.yaml --max_steps 10  # CLI flags override the YAML
     hf-fg2u train --recipe noisy_reweighting --model_name_or_path HuggingFaceTB/SmolLM2-135M \\
-        --dataset_name my/noisy-data --dataset_meta_split validation      # real model and data (needs the Hub)
+        --data_files train=train.jsonl meta=meta.jsonl eval=eval.jsonl   # your model and your files
 
 Recipes: ``noisy_reweighting`` (ExampleWeights or WeightNet on data with a corrupted subset),
 ``domain_mixture`` (DomainWeights, meta data from one target domain), ``soft_prompt`` (SoftPrompt outer,
-LoRA inner). Without ``--model_name_or_path`` a tiny Llama is built from config; without ``--dataset_name``
-the package generates data with known structure (``hf_fg2u.data``).
+LoRA inner). Without ``--model_name_or_path`` a tiny Llama is built from config; without ``--dataset_name`` or
+``--data_files`` the package generates data with known structure (``hf_fg2u.data``). Your data may be in any
+format ``BilevelTrainer`` tokenizes (``text``, ``prompt`` + ``completion``, ``messages``; see ``hf_fg2u.formats``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,17 +44,36 @@ class ScriptArguments:
         default="example_weights",
         metadata={"help": "noisy_reweighting only: 'example_weights' (a weight per example) or 'weight_net'."},
     )
-    dataset_name: str | None = field(default=None, metadata={"help": "A datasets name/path; default: built-in data."})
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A Hub dataset, a local folder of JSON/JSONL/CSV/Parquet files (each file's name gives "
+                  "its split: train.jsonl, meta.jsonl, eval.jsonl), or a builder (json, csv, parquet) for "
+                  "--data_files. Default: built-in data."},
+    )  # fmt: skip
     dataset_config: str | None = field(default=None, metadata={"help": "The dataset's config name."})
+    data_files: list[str] | None = field(
+        default=None,
+        metadata={"help": "Files by split, as in datasets: train=a.jsonl meta=b.jsonl [eval=c.jsonl] (a path alone "
+                  "goes to train). The builder follows the extension (.json/.jsonl, .csv, .parquet, .txt)."},
+    )  # fmt: skip
     dataset_train_split: str = field(default="train", metadata={"help": "Split for the inner (training) data."})
-    dataset_meta_split: str = field(default="validation", metadata={"help": "Split for the meta (outer) data."})
-    dataset_eval_split: str | None = field(default=None, metadata={"help": "Split for evaluation (optional)."})
-    text_column: str = field(default="text", metadata={"help": "Column holding the raw text."})
+    dataset_meta_split: str | None = field(
+        default=None, metadata={"help": "Split for the meta (outer) data; default 'meta' or 'validation'."}
+    )
+    dataset_eval_split: str | None = field(
+        default=None,
+        metadata={"help": "Held-out split for evaluation, distinct from the meta split; default 'eval' or 'test' "
+                  "when present (else only the meta loss is reported)."},
+    )  # fmt: skip
+    meta_dataset_name: str | None = field(
+        default=None, metadata={"help": "Meta data from another dataset, folder or file (instead of a split)."}
+    )
+    meta_dataset_config: str | None = field(default=None, metadata={"help": "The meta dataset's config name."})
+    meta_dataset_split: str = field(default="train", metadata={"help": "The split of --meta_dataset_name."})
     domain_column: str = field(default="domain", metadata={"help": "domain_mixture: column naming the domain."})
     target_domain: str = field(default="facts_a", metadata={"help": "domain_mixture: domain of the meta data."})
-    max_length: int = field(default=10, metadata={"help": "Tokens per example (pad or truncate)."})
     answer_only: bool = field(
-        default=True, metadata={"help": "Train only on the answer after '=' or '>' (built-in data); False for text."}
+        default=True, metadata={"help": "Built-in data only: train on the answer after '=' or '>', not the prompt."}
     )
     num_facts: int = field(default=12, metadata={"help": "Built-in data: facts (per domain)."})
     copies: int = field(default=8, metadata={"help": "Built-in data: training rows per fact."})
@@ -179,29 +200,113 @@ def dequantized_copy(model):
 def builtin_splits(script_args: ScriptArguments) -> DatasetDict:
     s = script_args
     if s.recipe == "noisy_reweighting":
-        return builtin_data.make_fact_splits(s.num_facts, s.copies, s.generation_seed, s.corrupted_fraction)
-    if s.recipe == "domain_mixture":
-        return builtin_data.make_fact_domain_splits(
+        splits = builtin_data.make_fact_splits(s.num_facts, s.copies, s.generation_seed, s.corrupted_fraction)
+    elif s.recipe == "domain_mixture":
+        splits = builtin_data.make_fact_domain_splits(
             s.num_domains, s.num_facts, s.copies, s.generation_seed, s.target_domain
         )
-    return builtin_data.make_fact_splits(s.num_facts, s.copies, s.generation_seed, 0.0)
+    else:
+        splits = builtin_data.make_fact_splits(s.num_facts, s.copies, s.generation_seed, 0.0)
+    return DatasetDict({"train": splits["train"], "meta": splits["meta"]})  # their "eval" is the meta set again
 
 
-def hub_splits(script_args: ScriptArguments) -> DatasetDict:
-    s = script_args
-    loaded = load_dataset(s.dataset_name, s.dataset_config)
-    missing = [x for x in (s.dataset_train_split, s.dataset_meta_split) if x not in loaded]
-    if missing:
+DATA_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+def uses_own_data(script_args: ScriptArguments) -> bool:
+    return bool(script_args.dataset_name or script_args.data_files)
+
+
+def parse_data_files(entries: list[str]) -> dict[str, list[str]]:
+    """``["train=a.jsonl", "meta=b.jsonl", "c.jsonl"]`` -> ``{"train": ["a.jsonl", "c.jsonl"], "meta": [...]}``."""
+    files: dict[str, list[str]] = {}
+    for entry in entries:
+        split, sep, path = entry.partition("=")
+        if not sep:
+            split, path = "train", entry
+        if not re.fullmatch(r"\w+", split) or not path:
+            raise ValueError(f"--data_files entry {entry!r} is not SPLIT=PATH (e.g. meta=meta.jsonl) or a path.")
+        files.setdefault(split, []).append(path)
+    return files
+
+
+def folder_data_files(folder: Path) -> dict[str, list[str]]:
+    """The data files of a folder by split, the split being the file name's first word (``meta.jsonl``,
+    ``train-00000-of-00002.parquet``)."""
+    files: dict[str, list[str]] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() in DATA_BUILDERS:
+            files.setdefault(re.match(r"[A-Za-z0-9_]*", path.name).group() or "train", []).append(str(path))
+    if not files:
+        raise ValueError(f"{folder} holds no data file ({', '.join(DATA_BUILDERS)}).")
+    return files
+
+
+def builder_of(files: dict[str, list[str]]) -> str:
+    builders = {DATA_BUILDERS.get(Path(f).suffix.lower()) for paths in files.values() for f in paths}
+    if len(builders) != 1 or None in builders:
         raise ValueError(
-            f"{s.dataset_name} has no split {missing} (splits: {list(loaded)}). Set --dataset_train_split and "
-            "--dataset_meta_split."
+            f"Cannot tell how to read {files}: use files of one kind ({', '.join(DATA_BUILDERS)}), or name the "
+            "builder with --dataset_name json|csv|parquet."
         )
-    splits = {"train": loaded[s.dataset_train_split], "meta": loaded[s.dataset_meta_split]}
-    if s.dataset_eval_split:
-        splits["eval"] = loaded[s.dataset_eval_split]
-    train = splits["train"]
-    if "example_id" not in train.column_names:
-        splits["train"] = train.map(lambda _, i: {"example_id": i}, with_indices=True)
+    return builders.pop()
+
+
+def load_data(name: str | None, config: str | None, data_files: list[str] | None) -> DatasetDict:
+    """A Hub dataset, a local folder (its files by split), a local file (split "train"), or files by split
+    (``--data_files``)."""
+    files = parse_data_files(data_files) if data_files else None
+    if name is not None and Path(name).is_dir():
+        folder = Path(name)
+        if files:
+            files = {k: [p if Path(p).exists() else str(folder / p) for p in v] for k, v in files.items()}
+        else:
+            files = folder_data_files(folder)
+        return load_dataset(builder_of(files), data_files=files)
+    if name is not None and Path(name).is_file():  # one local file: its rows are the "train" split
+        files = {"train": [name]}
+        return load_dataset(builder_of(files), data_files=files)
+    if name is None:
+        if not files:
+            raise ValueError("No data: pass --dataset_name or --data_files train=FILE meta=FILE.")
+        return load_dataset(builder_of(files), data_files=files)
+    return load_dataset(name, config, data_files=files)
+
+
+def _split(loaded: DatasetDict, name: str, source: str, flag: str):
+    if name not in loaded:
+        raise ValueError(f"{source} has no split {name!r} (splits: {list(loaded)}). Set {flag}.")
+    return loaded[name]
+
+
+def user_splits(script_args: ScriptArguments) -> DatasetDict:
+    """The user's train, meta and (optional) held-out eval data, raw: ``BilevelTrainer`` tokenizes them."""
+    s = script_args
+    source = s.dataset_name or f"--data_files {' '.join(s.data_files)}"
+    loaded = load_data(s.dataset_name, s.dataset_config, s.data_files)
+    splits = {"train": _split(loaded, s.dataset_train_split, source, "--dataset_train_split")}
+    meta_name = None
+    if s.meta_dataset_name:
+        meta = load_data(s.meta_dataset_name, s.meta_dataset_config, None)
+        splits["meta"] = _split(meta, s.meta_dataset_split, s.meta_dataset_name, "--meta_dataset_split")
+    else:
+        meta_name = s.dataset_meta_split or next((n for n in ("meta", "validation") if n in loaded), None)
+        if meta_name is None:
+            raise ValueError(
+                f"{source} has no meta data (splits: {list(loaded)}). Add a meta split (--data_files meta=FILE, a "
+                "meta.jsonl in the folder), name one with --dataset_meta_split, or pass --meta_dataset_name."
+            )
+        splits["meta"] = _split(loaded, meta_name, source, "--dataset_meta_split")
+    eval_name = s.dataset_eval_split or next((n for n in ("eval", "test") if n in loaded and n != meta_name), None)
+    used = {s.dataset_train_split: "train", meta_name: "meta"}
+    for role, name in (("meta", meta_name), ("eval", eval_name)):
+        if name is not None and (name == s.dataset_train_split or (role == "eval" and name == meta_name)):
+            raise ValueError(
+                f"The {role} split {name!r} is also the {used[name]} split; held-out data must be distinct. Name "
+                f"another split (--dataset_{role}_split) or pass its own file (--data_files {role}=FILE)."
+            )
+    if eval_name is not None:
+        splits["eval"] = _split(loaded, eval_name, source, "--dataset_eval_split")
     return DatasetDict(splits)
 
 
@@ -225,7 +330,7 @@ def make_outer(script_args: ScriptArguments, splits: DatasetDict, model):
 def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args: ModelArguments) -> dict:
     """Run one recipe; returns (and writes to ``output_dir/results.json``) its headline numbers."""
     output_dir = Path(training_args.output_dir)
-    raw = hub_splits(script_args) if script_args.dataset_name else builtin_splits(script_args)
+    raw = user_splits(script_args) if uses_own_data(script_args) else builtin_splits(script_args)
     results, runs = {}, {}
     for name in ("bilevel", "uniform") if script_args.compare_uniform else ("bilevel",):
         args = training_args
@@ -235,7 +340,9 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
         trainer = build_trainer(script_args, args, model_args, raw)
         print(f"[hf_fg2u] {script_args.recipe}: {name} run ({args.max_steps} outer steps, method {args.method})")
         trainer.train()
-        results[f"{name}_meta_loss"] = trainer.evaluate()["eval_loss"]
+        results[f"{name}_meta_loss"] = trainer.evaluate(trainer.meta_dataset, metric_key_prefix="meta")["meta_loss"]
+        if "eval" in raw:  # held out: neither trained on nor used by the outer objective
+            results[f"{name}_eval_loss"] = trainer.evaluate()["eval_loss"]
         runs[name] = trainer
     trainer = runs["bilevel"]
     trainer.save_model()
@@ -244,7 +351,8 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
         from .report import meta_loss_history, plot_meta_loss_curves
 
         curves = {name: meta_loss_history(run.state.log_history) for name, run in runs.items()}
-        results["meta_loss_plot"] = str(plot_meta_loss_curves(curves, output_dir / "meta_loss.png"))
+        if any(curves.values()):  # nothing is logged with logging_strategy="no"
+            results["meta_loss_plot"] = str(plot_meta_loss_curves(curves, output_dir / "meta_loss.png"))
     if script_args.final_stage_steps and script_args.recipe == "noisy_reweighting":
         results["final_adapter_meta_loss"] = final_stage(script_args, training_args, model_args, trainer)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
@@ -255,15 +363,22 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
 def build_trainer(script_args, training_args: BilevelConfig, model_args: ModelArguments, raw: DatasetDict):
     """A BilevelTrainer for a recipe's raw splits: model, tokenizer, tokenized splits, outer module, LoRA."""
     model, tokenizer = load_model_and_tokenizer(model_args, training_args.seed)
-    splits = builtin_data.tokenize_for_causal_lm(
-        raw, tokenizer, max_length=script_args.max_length, text_column=script_args.text_column,
-        answer_only=script_args.answer_only,
-    )  # fmt: skip
+    splits = raw if uses_own_data(script_args) else tokenize_builtin(raw, tokenizer, script_args, training_args)
     return BilevelTrainer(
         model, training_args, train_dataset=splits["train"], meta_dataset=splits["meta"],
         eval_dataset=splits.get("eval", splits["meta"]), outer=make_outer(script_args, raw, model),
         processing_class=tokenizer, peft_config=lora_config(model_args),
     )  # fmt: skip
+
+
+def tokenize_builtin(raw: DatasetDict, tokenizer, script_args, training_args: BilevelConfig) -> DatasetDict:
+    """The built-in toy data, labelled after its '='/'>' answer separator, its train rows keeping their text (the
+    weighted dataset shows it)."""
+    splits = builtin_data.tokenize_for_causal_lm(
+        raw, tokenizer, max_length=training_args.max_length, answer_only=script_args.answer_only
+    )
+    splits["train"] = splits["train"].add_column("text", raw["train"]["text"])
+    return splits
 
 
 def lora_config(model_args: ModelArguments) -> LoraConfig:
@@ -282,7 +397,8 @@ def final_stage(script_args, training_args, model_args, trainer) -> float:
 
     output_dir = Path(training_args.output_dir) / "final_adapter"
     model, tokenizer = load_model_and_tokenizer(model_args, training_args.seed)
-    weighted, meta = trainer.export_weights(), trainer.meta_dataset  # tokenized by the same tokenizer
+    tokenized, meta = trainer.train_dataset, trainer.meta_dataset  # tokenized by the same tokenizer
+    weighted = tokenized.add_column("weight", trainer.dataset_weights(tokenized).tolist())
     args = TrainingArguments(
         output_dir=str(output_dir), max_steps=script_args.final_stage_steps, learning_rate=training_args.inner_lr,
         per_device_train_batch_size=training_args.per_device_train_batch_size, report_to=[], save_strategy="no",
@@ -302,18 +418,16 @@ def summarize(script_args, raw, trainer, results, output_dir: Path) -> dict:
     if "uniform_meta_loss" in results:
         out["meta_loss_reduction"] = 1.0 - results["bilevel_meta_loss"] / results["uniform_meta_loss"]
     if script_args.recipe == "noisy_reweighting":
-        weighted = trainer.export_weights()
-        if "text" in raw["train"].column_names:
-            weighted = weighted.add_column("text", raw["train"]["text"])
+        weighted = trainer.export_weights()  # the user's columns and a weight, no token ids
         weighted.save_to_disk(str(output_dir / "weighted_dataset"))
-        if "is_corrupted" in raw["train"].column_names:
-            corrupted = torch.tensor(raw["train"]["is_corrupted"])
+        if "is_corrupted" in weighted.column_names:
+            corrupted = torch.tensor(weighted["is_corrupted"])
             out["auroc_corrupted"] = auroc(-torch.tensor(weighted["weight"]), corrupted)
             if script_args.plot:
                 from .report import plot_weight_histogram
 
                 path = plot_weight_histogram(
-                    weighted["weight"], raw["train"]["is_corrupted"], output_dir / "weights_histogram.png"
+                    weighted["weight"], weighted["is_corrupted"], output_dir / "weights_histogram.png"
                 )
                 out["histogram"] = str(path)
     if script_args.recipe == "domain_mixture":

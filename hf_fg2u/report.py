@@ -111,13 +111,34 @@ def _column(dataset, name: str) -> list:
     return list(dataset[name])
 
 
+def _as_text(value) -> str:
+    """A string, or chat messages as ``"role: content | role: content"``."""
+    if isinstance(value, list):
+        return " | ".join(f"{m.get('role', '?')}: {m.get('content', '')}" for m in value if isinstance(m, dict))
+    return str(value)
+
+
+def row_text(row: Mapping, text_column: str = "text") -> str | None:
+    """The readable text of one row in any format the trainer reads: ``text``, ``prompt → completion`` or the
+    ``messages``; None when the row has none of them (a tokenized dataset)."""
+    if text_column in row:
+        return _as_text(row[text_column])
+    if "prompt" in row and "completion" in row:
+        return f"{_as_text(row['prompt'])} → {_as_text(row['completion'])}"
+    if "messages" in row:
+        return _as_text(row["messages"])
+    return None
+
+
 def most_downweighted(
-    dataset, k: int = 10, weight_column: str = "weight", text_column: str = "text"
+    dataset, k: int = 10, weight_column: str = "weight", text_column: str = "text", highest: bool = False
 ) -> list[tuple[float, str] | tuple[float, str, bool]]:
-    """The ``k`` rows of ``dataset`` with the smallest weights, smallest first (ties keep dataset order).
+    """The ``k`` rows of ``dataset`` with the smallest weights, smallest first (ties keep dataset order); with
+    ``highest`` the ``k`` largest, largest first.
 
     Each row is ``(weight, text)``, or ``(weight, text, is_corrupted)`` when the dataset has an ``is_corrupted``
-    column. Without ``text_column`` (a tokenized dataset) the text is ``"example_id=<id>"``, or ``"row <i>"``.
+    column. The text is the row's text, ``prompt → completion`` or messages (see :func:`row_text`); without any
+    (a tokenized dataset) it is ``"example_id=<id>"``, or ``"row <i>"``.
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}.")
@@ -127,10 +148,11 @@ def most_downweighted(
             "BilevelTrainer.export_weights(), or pass weight_column= the column that holds the weights."
         )
     weights = torch.as_tensor(_column(dataset, weight_column), dtype=torch.float64)
-    order = torch.sort(weights, stable=True).indices[:k].tolist()
+    order = torch.sort(weights, stable=True, descending=highest).indices[:k].tolist()
     rows = dataset.select(order)
-    if text_column in dataset.column_names:
-        labels = [str(text) for text in _column(rows, text_column)]
+    texts = [row_text(row, text_column) for row in rows]
+    if all(text is not None for text in texts):
+        labels = texts
     elif "example_id" in dataset.column_names:
         labels = [f"example_id={i}" for i in _column(rows, "example_id")]
     else:
@@ -142,9 +164,9 @@ def most_downweighted(
     return result
 
 
-def format_most_downweighted(rows: Sequence[tuple], max_chars: int = 60) -> str:
+def format_most_downweighted(rows: Sequence[tuple], max_chars: int = 60, title: str = "most down-weighted") -> str:
     """Rows from :func:`most_downweighted` as a numbered list; texts on one line, cut at ``max_chars``."""
-    lines = [f"{len(rows)} most down-weighted examples", "rank  weight    text"]
+    lines = [f"{len(rows)} {title} examples", "rank  weight    text"]
     for rank, (weight, text, *extra) in enumerate(rows, start=1):
         text = text.replace("\n", "\\n")
         text = text if len(text) <= max_chars else text[: max_chars - 1] + "…"
@@ -237,7 +259,7 @@ def plot_meta_loss_curves(
 
 
 def report_weights(output_dir: str | Path, dataset=None, k: int = 10, histogram: bool = True) -> str:
-    """The weight report of a run: summary table, the ``k`` most down-weighted rows, and
+    """The weight report of a run: summary table, the ``k`` most down- and up-weighted rows, and
     ``<output_dir>/weights_histogram.png``. Returns the text (the caller prints it).
 
     ``dataset`` defaults to ``<output_dir>/weighted_dataset`` (a ``save_to_disk`` folder with a ``weight`` column
@@ -269,6 +291,9 @@ def report_weights(output_dir: str | Path, dataset=None, k: int = 10, histogram:
     parts = [
         format_summary(weight_summary(weights, corrupted)),
         format_most_downweighted(most_downweighted(dataset, k=min(k, len(dataset)))),
+        format_most_downweighted(
+            most_downweighted(dataset, k=min(k, len(dataset)), highest=True), title="most up-weighted"
+        ),
     ]
     if histogram:
         try:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, Trainer
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import logging
 
@@ -29,7 +29,9 @@ from .checkpointing import (
     save_bilevel_state,
 )
 from .config import BilevelConfig
+from .data_checks import prepare_dataset, prepare_datasets
 from .distributed import ProcessPolicy
+from .formats import MODEL_INPUT_COLUMNS
 from .functional import load_parameters, select_inner_parameters, trainable_parameters, unwrap_model
 from .hypergrad import METHOD_SPECS, NonFiniteHypergradientError, estimate_hypergradient, method_from_config
 from .method_choice import choose_method
@@ -39,8 +41,6 @@ from .outer import OuterModule
 from .problem import losses_to_problem, make_lm_losses
 
 logger = logging.get_logger(__name__)
-
-MODEL_INPUT_COLUMNS = ("input_ids", "attention_mask", "labels")
 
 
 @dataclass
@@ -77,6 +77,8 @@ class BilevelTrainer(Trainer):
     Args beyond ``Trainer``'s: ``meta_dataset`` (the outer objective's data), ``outer`` (an
     :class:`~hf_fg2u.outer.OuterModule`), ``peft_config`` (wraps ``model`` in an adapter). ``model`` may be a
     name or path, loaded with ``AutoModelForCausalLM.from_pretrained(model, **args.model_init_kwargs)``.
+    Datasets may be raw, in TRL's formats (tokenized here with ``processing_class``, see ``hf_fg2u.formats``),
+    or tokenized; every split is checked at construction (``hf_fg2u.data_checks``).
     """
 
     _tag_names = ["hf_fg2u", "bilevel", "fg2u", "data-reweighting"]
@@ -137,16 +139,15 @@ class BilevelTrainer(Trainer):
             )
         if train_dataset is None or len(train_dataset) == 0:
             raise ValueError("train_dataset is missing or empty: the inner loop needs training examples.")
-        check_model_columns(train_dataset, "train")
-        check_model_columns(meta_dataset, "meta")
         self.outer = outer
-        train_dataset = outer.prepare_dataset(train_dataset, "train")
-        meta_dataset = outer.prepare_dataset(meta_dataset, "meta")
+        self.user_train_dataset = train_dataset  # as given: what export_weights() returns, with a weight column
+        train_dataset, meta_dataset, eval_dataset = prepare_datasets(
+            train_dataset, meta_dataset, eval_dataset, outer, processing_class, args,
+            vocab_size=model.get_input_embeddings().weight.shape[0],
+        )  # fmt: skip
         self.meta_dataset = meta_dataset.select_columns(
             [c for c in MODEL_INPUT_COLUMNS if c in meta_dataset.column_names]
         )
-        if eval_dataset is not None:
-            check_model_columns(eval_dataset, "eval")
         if data_collator is None:
             pad = getattr(processing_class, "pad_token_id", None)
             data_collator = BilevelDataCollator(pad_token_id=pad if pad is not None else 0)
@@ -171,6 +172,7 @@ class BilevelTrainer(Trainer):
         for method in self._methods:
             self._problem(self.model, method)  # preflight now, not deep inside the first step
         self._warn_if_truncation_hides_rows()
+        self.add_callback(LogLastStep())
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
 
@@ -212,11 +214,16 @@ class BilevelTrainer(Trainer):
         return super().create_optimizer(model=self.outer)
 
     def get_train_dataloader(self):
-        """Batches of ``unroll_steps × batch`` examples: one Trainer step is one unroll."""
-        return self._get_dataloader(
-            dataset=self.train_dataset, description="Training", sampler_fn=self._get_train_sampler, is_training=True,
-            batch_size=self._train_batch_size * self.args.unroll_steps,
-        )  # fmt: skip
+        """Batches of ``unroll_steps × batch`` examples: one Trainer step is one unroll. An epoch's last, incomplete
+        batch is dropped: it would silently unroll fewer inner steps (evaluation keeps its last batch)."""
+        drop_last, self.args.dataloader_drop_last = self.args.dataloader_drop_last, True  # read by _get_dataloader
+        try:
+            return self._get_dataloader(
+                dataset=self.train_dataset, description="Training", sampler_fn=self._get_train_sampler,
+                is_training=True, batch_size=self._train_batch_size * self.args.unroll_steps,
+            )  # fmt: skip
+        finally:
+            self.args.dataloader_drop_last = drop_last
 
     def _set_signature_columns_if_needed(self):
         # Keep the columns the outer module reads (example ids, domains) through remove_unused_columns.
@@ -347,11 +354,18 @@ class BilevelTrainer(Trainer):
         return self.data_collator([self.meta_dataset[i] for i in rows])
 
     def export_weights(self, dataset=None, column: str = "weight"):
-        """``dataset`` (default: the train dataset) with a ``weight`` column from the learned outer variables,
-        ready for ``push_to_hub``. Weights have mean 1 over the dataset."""
-        dataset = self.train_dataset if dataset is None else self.outer.prepare_dataset(dataset, "train")
-        weights = self.dataset_weights(dataset)
-        return dataset.add_column(column, weights.tolist())
+        """``dataset`` (default: the train dataset as given to the trainer) with every column it has except
+        token ids, plus a ``weight`` column from the learned outer variables (mean 1), ready for
+        ``push_to_hub``. A raw dataset is tokenized like the train dataset; rows without an id column are
+        numbered 0..n-1 in order."""
+        if dataset is None:
+            dataset, tokenized = self.user_train_dataset, self.train_dataset
+        else:
+            vocab_size = unwrap_model(self.model).get_input_embeddings().weight.shape[0]
+            tokenized = prepare_dataset(dataset, "exported", self.outer, self.processing_class, self.args, vocab_size)
+        weights = self.dataset_weights(tokenized)
+        keep = [c for c in dataset.column_names if c not in MODEL_INPUT_COLUMNS]
+        return dataset.select_columns(keep).add_column(column, weights.tolist())
 
     @torch.no_grad()
     def dataset_weights(self, dataset) -> torch.Tensor:
@@ -428,12 +442,14 @@ def wrap_with_peft(model, peft_config):
         ) from error
 
 
-def check_model_columns(dataset, role: str) -> None:
-    if "input_ids" not in dataset.column_names:
-        raise ValueError(
-            f"The {role} dataset has no 'input_ids' column (columns: {dataset.column_names}). Tokenize it first, "
-            "e.g. with hf_fg2u.data.tokenize_for_causal_lm(dataset, tokenizer)."
-        )
+class LogLastStep(TrainerCallback):
+    """Log at the last step whatever ``logging_steps`` is, so that a run shorter than ``logging_steps`` still
+    records its meta loss and bilevel metrics."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps and args.logging_strategy != "no":
+            control.should_log = True
+        return control
 
 
 def auroc(scores: torch.Tensor, positives: torch.Tensor) -> float:

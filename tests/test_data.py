@@ -245,7 +245,8 @@ def test_tokenize_splits_keeps_every_split(tokenizer):
 
 
 def test_tokenize_truncates_at_the_end(tokenizer):
-    row = tokenize_for_causal_lm(toy_dataset(), tokenizer, max_length=7)[0]
+    with pytest.warns(UserWarning, match=r"2 of 2 rows are longer than max_length=7 tokens \(longest: 18\)"):
+        row = tokenize_for_causal_lm(toy_dataset(), tokenizer, max_length=7)[0]
     assert tokenizer.decode(row["input_ids"]) == "<bos>12+7=1"
     assert row["attention_mask"] == [1] * 7
     assert row["labels"] == [-100] * 6 + [row["input_ids"][6]]

@@ -91,6 +91,14 @@ def test_most_downweighted_order_and_labels():
                     (0.6, "fact7=\n7", True)]  # fmt: skip
     without_text = most_downweighted(weighted_dataset(with_text=False).remove_columns("is_corrupted"), k=2)
     assert without_text == [(0.05, "example_id=3"), (0.2, "example_id=1")]
+    assert most_downweighted(weighted_dataset(), k=2, highest=True) == [
+        (2.15, "fact8=\n8", False),
+        (1.8, "fact4=\n4", False),
+    ]
+    pairs = Dataset.from_dict({"prompt": ["a=", "b="], "completion": ["1", "2"], "weight": [0.5, 1.5]})
+    assert most_downweighted(pairs, k=1) == [(0.5, "a= → 1")]
+    chats = Dataset.from_dict({"messages": [[{"role": "user", "content": "hi"}]], "weight": [1.0]})
+    assert most_downweighted(chats, k=1) == [(1.0, "user: hi")]
     assert len(most_downweighted(weighted_dataset(), k=50)) == 9
     text = format_most_downweighted(rows)
     assert text.splitlines()[2] == "   1  0.0500    fact3=\\n3  [corrupted]"
@@ -137,9 +145,10 @@ def test_report_weights_reads_the_saved_dataset(tmp_path):
     weighted_dataset().save_to_disk(str(tmp_path / "run" / "weighted_dataset"))
     text = report_weights(tmp_path / "run", k=3)
     assert "AUROC (-weight, corrupted)      1.0000" in text
-    assert "3 most down-weighted examples" in text
+    assert "3 most down-weighted examples" in text and "3 most up-weighted examples" in text
     ranks = [line for line in text.splitlines() if line.startswith("   ")]
-    assert [line.split()[1] for line in ranks] == ["0.0500", "0.2000", "0.6000"]
+    assert [line.split()[1] for line in ranks] == ["0.0500", "0.2000", "0.6000", "2.1500", "1.8000", "1.4000"]
+    assert "   1  2.1500    fact8=\\n8  [clean]" in text  # the highest-weighted row's text
     assert_png(tmp_path / "run" / "weights_histogram.png")
     assert f"Histogram: {tmp_path / 'run' / 'weights_histogram.png'}" in text
 

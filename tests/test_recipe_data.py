@@ -1,0 +1,117 @@
+"""Your data in the recipes: files by split, local folders, a separate meta dataset, a held-out eval split, and
+results in the data's own terms."""
+
+import json
+from pathlib import Path
+
+import pytest
+from datasets import Dataset, load_from_disk
+
+from hf_fg2u import cli, recipe
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def pairs(count: int, start: int = 0, wrong: bool = False) -> list[dict]:
+    """Prompt/completion rows in the character tokenizer's alphabet; ``wrong`` rows state another number."""
+    return [
+        {"prompt": f"fact {i:02d} is ", "completion": str(60 + i if wrong else 10 + i), "is_corrupted": wrong}
+        for i in range(start, start + count)
+    ]
+
+
+def write(path, rows: list[dict]):
+    kind = path.suffix
+    dataset = Dataset.from_list(rows)
+    if kind in (".json", ".jsonl"):
+        dataset.to_json(str(path))
+    elif kind == ".csv":
+        dataset.to_csv(str(path), index=False)
+    else:
+        dataset.to_parquet(str(path))
+    return path
+
+
+def args_for(**values) -> recipe.ScriptArguments:
+    return recipe.ScriptArguments(**values)
+
+
+def test_data_files_by_split(tmp_path):
+    train = write(tmp_path / "a.jsonl", pairs(12) + pairs(4, wrong=True))
+    meta = write(tmp_path / "b.jsonl", pairs(4, start=20))
+    held = write(tmp_path / "c.jsonl", pairs(6, start=30))
+    splits = recipe.user_splits(args_for(data_files=[f"train={train}", f"meta={meta}", f"eval={held}"]))
+    assert {name: len(split) for name, split in splits.items()} == {"train": 16, "meta": 4, "eval": 6}
+    assert splits["meta"][0]["prompt"] == "fact 20 is " and splits["eval"][0]["completion"] == "40"
+    assert splits["train"].column_names == ["prompt", "completion", "is_corrupted"]  # no ids added here
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_local_folder_splits_by_file_name(tmp_path, suffix):
+    write(tmp_path / f"train{suffix}", pairs(8))
+    write(tmp_path / f"meta{suffix}", pairs(3, start=20))
+    splits = recipe.user_splits(args_for(dataset_name=str(tmp_path)))
+    assert {name: len(split) for name, split in splits.items()} == {"train": 8, "meta": 3}
+
+
+def test_meta_from_another_dataset(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "trusted").mkdir()
+    write(tmp_path / "mine" / "train.jsonl", pairs(8))
+    write(tmp_path / "trusted" / "clean.jsonl", pairs(5, start=20))
+    s = args_for(dataset_name=str(tmp_path / "mine"), meta_dataset_name=str(tmp_path / "trusted"),
+                 meta_dataset_split="clean")  # fmt: skip
+    splits = recipe.user_splits(s)
+    assert len(splits["meta"]) == 5 and splits["meta"][0]["prompt"] == "fact 20 is "
+    one_file = args_for(
+        dataset_name=str(tmp_path / "mine"), meta_dataset_name=str(tmp_path / "trusted" / "clean.jsonl")
+    )
+    assert len(recipe.user_splits(one_file)["meta"]) == 5  # a single file is its own "train" split
+
+
+def test_missing_meta_and_an_eval_split_that_is_the_meta_split_are_clear_errors(tmp_path):
+    train = write(tmp_path / "train.jsonl", pairs(8))
+    with pytest.raises(ValueError, match=r"has no meta data \(splits: \['train'\]\).*--data_files meta=FILE"):
+        recipe.user_splits(args_for(data_files=[str(train)]))
+    meta = write(tmp_path / "meta.jsonl", pairs(3, start=20))
+    files = [f"train={train}", f"meta={meta}"]
+    with pytest.raises(ValueError, match="The eval split 'meta' is also the meta split"):
+        recipe.user_splits(args_for(data_files=files, dataset_eval_split="meta"))
+    with pytest.raises(ValueError, match="not SPLIT=PATH"):
+        recipe.user_splits(args_for(data_files=[f"my split={train}"]))
+
+
+def test_own_jsonl_end_to_end_short_run_writes_results_in_the_users_terms(tmp_path):
+    train = write(tmp_path / "train.jsonl", pairs(12) + pairs(4, start=12, wrong=True))
+    meta = write(tmp_path / "meta.jsonl", pairs(4, start=20))
+    held = write(tmp_path / "eval.jsonl", pairs(4, start=30))
+    out = tmp_path / "run"
+    results = cli.run_train([
+        "--data_files", f"train={train}", f"meta={meta}", f"eval={held}", "--output_dir", str(out),
+        "--max_steps", "1", "--logging_steps", "10", "--per_device_train_batch_size", "4", "--unroll_steps", "2",
+        "--num_directions", "2", "--max_length", "32", "--report_to", "none", "--save_strategy", "no",
+    ])  # fmt: skip
+    # max_steps < logging_steps: the run still logs, plots and writes results.json.
+    assert json.loads((out / "results.json").read_text()) == results
+    assert (out / "meta_loss.png").is_file()
+    assert results["bilevel_eval_loss"] > 0 and results["bilevel_eval_loss"] != results["bilevel_meta_loss"]
+    weighted = load_from_disk(str(out / "weighted_dataset"))
+    assert weighted.column_names == ["prompt", "completion", "is_corrupted", "weight"]
+    assert 0.0 <= results["auroc_corrupted"] <= 1.0
+    text = cli.run_weights([str(out), "--top", "2"])
+    lowest, highest = (min(weighted, key=lambda r: r["weight"]), max(weighted, key=lambda r: r["weight"]))
+    assert "2 most down-weighted examples" in text and "2 most up-weighted examples" in text
+    assert f"{lowest['prompt']} → {lowest['completion']}" in text
+    assert f"{highest['prompt']} → {highest['completion']}" in text
+
+
+def test_built_in_recipe_shorter_than_logging_steps_finishes_and_writes_results(tmp_path):
+    out = tmp_path / "short"
+    results = cli.run_train([
+        "--config", str(RECIPES / "noisy_reweighting.yaml"), "--max_steps", "1", "--logging_steps", "10",
+        "--num_directions", "2", "--directions", "rademacher", "--output_dir", str(out),
+    ])  # fmt: skip
+    assert (out / "results.json").is_file() and (out / "meta_loss.png").is_file()
+    assert "bilevel_eval_loss" not in results  # the built-in data has no held-out split beyond its meta set
+    weighted = load_from_disk(str(out / "weighted_dataset"))
+    assert weighted.column_names == ["example_id", "is_corrupted", "domain", "text", "weight"]
