@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import shutil
 import time
 import warnings
 from collections import defaultdict
@@ -18,14 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, Trainer
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from .checkpointing import (
+    PARTIAL_PREFIX,
     check_resume_compatible,
     compatibility_fields,
     load_bilevel_state,
     save_bilevel_state,
+    verify_checkpoint,
 )
 from .config import BilevelConfig
 from .distributed import ProcessPolicy
@@ -34,6 +39,7 @@ from .hypergrad import NonFiniteHypergradientError, estimate_hypergradient, need
 from .model_card import write_model_card
 from .outer import OuterModule
 from .problem import losses_to_problem, make_lm_losses
+from .run_folder import RunLock, check_output_dir
 
 MODEL_INPUT_COLUMNS = ("input_ids", "attention_mask", "labels")
 
@@ -105,6 +111,7 @@ class BilevelTrainer(Trainer):
         args = args or BilevelConfig(output_dir="bilevel-output")
         if not isinstance(args, BilevelConfig):
             raise TypeError(f"args must be a BilevelConfig, got {type(args).__name__}.")
+        check_output_dir(args.output_dir, args.overwrite_output_dir)
         if outer is None or not isinstance(outer, OuterModule):
             raise TypeError(
                 "outer must be an OuterModule (ExampleWeights, DomainWeights, WeightNet or SoftPrompt), got "
@@ -155,6 +162,10 @@ class BilevelTrainer(Trainer):
         self._initial_params: dict[str, torch.Tensor] | None = None
         self._problems: dict[bool, tuple] = {}
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._outer_before: tuple[dict, dict] | None = None  # φ and the outer optimizer state before the update
+        self._steps_run, self._steps_skipped, self._meta_loss_sum = 0, 0, 0.0
+        self._staging: str | None = None
+        self.add_callback(_OuterUpdateGuard(self))
         for method in {self.args.method, self.args.phase1_method} - {None}:
             self._problem(self.model, method)  # preflight now, not deep inside the first step
         self._warn_if_truncation_hides_rows()
@@ -177,6 +188,29 @@ class BilevelTrainer(Trainer):
             )
 
     # -- Trainer hooks ------------------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+        """The Trainer's train, holding the output_dir's run lock, after reading every file of the checkpoint
+        to resume from; a run whose every outer step was skipped raises instead of ending as a success."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) if os.path.isdir(
+                self.args.output_dir) else None  # fmt: skip
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No checkpoint-N folder to resume from in output_dir={self.args.output_dir!r}.")
+        if resume_from_checkpoint:
+            verify_checkpoint(Path(resume_from_checkpoint))
+        self._steps_run, self._steps_skipped, self._meta_loss_sum = 0, 0, 0.0
+        if self.args.should_save:
+            with RunLock(self.args.output_dir):
+                output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        else:
+            output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        if self._steps_skipped and not self._steps_run:
+            raise RuntimeError(
+                f"All {self._steps_skipped} outer steps were skipped for non-finite values (see the warnings for "
+                "the cause); nothing was learned. Lower inner_lr or learning_rate, or check the data."
+            )
+        return output
+
     def create_optimizer(self, model=None):
         """The Trainer's optimizer (``args.optim``, ``learning_rate``...) over the outer variables φ."""
         return super().create_optimizer(model=self.outer)
@@ -231,21 +265,56 @@ class BilevelTrainer(Trainer):
                 cg_damping=self.args.cg_damping,
             )  # fmt: skip
         except NonFiniteHypergradientError as error:
-            if self.args.nonfinite_policy == "stop":
-                raise
-            warnings.warn(f"Outer step {step} skipped (nonfinite_policy='skip'): {error}", stacklevel=2)
-            for parameter in self.outer.parameters():
-                parameter.grad = None
-            self._metrics["skipped_steps"].append(1.0)
-            return torch.tensor(float("nan"), device=self.args.device)
+            return self._skip_step(step, str(error))
         seconds = time.perf_counter() - start
         grads = self._add_regularizer(self.processes.sum_direction_shares(result.grad, method))
+        bad = [name for name, grad in grads.items() if not torch.isfinite(grad).all()]
+        if bad:
+            return self._skip_step(
+                step, f"the gradient of {bad} is not finite after adding weight_regularization="
+                f"{self.args.weight_regularization!r} × {self.args.weight_regularization_coef:g}; lower the "
+                "coefficient."
+            )  # fmt: skip
+        self._outer_before = (
+            {k: v.detach().clone() for k, v in self.outer.state_dict().items()},
+            copy.deepcopy(self.optimizer.state_dict()),
+        )
         for name, parameter in self.outer.named_parameters():
             parameter.grad = grads[name].to(parameter.dtype)
         self._inner_params, self._inner_state = result.params, result.optimizer_state
         load_parameters(model, result.params)
         self._record(result, method, step, seconds)
         return torch.tensor(result.outer_loss, device=self.args.device)
+
+    def _skip_step(self, step: int, reason: str) -> torch.Tensor:
+        """Skip the outer update of ``step`` (nonfinite_policy='skip') or raise ('stop')."""
+        if self.args.nonfinite_policy == "stop":
+            raise NonFiniteHypergradientError(f"Outer step {step}: {reason}")
+        warnings.warn(f"Outer step {step} skipped (nonfinite_policy='skip'): {reason}", stacklevel=3)
+        for parameter in self.outer.parameters():
+            parameter.grad = None
+        self._metrics["skipped_steps"].append(1.0)
+        self._steps_skipped += 1
+        return torch.tensor(float("nan"), device=self.args.device)
+
+    def _check_outer_update(self) -> None:
+        """After the outer optimizer's step: a non-finite φ (an overflowing learning rate or moment) is put back
+        as it was before the step, with the optimizer state, and the step counts as skipped."""
+        before, self._outer_before = self._outer_before, None
+        if before is None:
+            return
+        bad = [name for name, value in self.outer.state_dict().items() if not torch.isfinite(value).all()]
+        if not bad:
+            self._steps_run += 1
+            self._meta_loss_sum += self._metrics["meta_loss"][-1]
+            return
+        self.outer.load_state_dict(before[0])
+        self.optimizer.load_state_dict(before[1])
+        self._metrics["meta_loss"].pop()  # that step's update did not happen
+        self._skip_step(
+            self.state.global_step, f"the outer update made {bad} non-finite (learning_rate="
+            f"{self.args.learning_rate:g}, optim={self.args.optim!r}); φ was restored. Lower learning_rate."
+        )  # fmt: skip
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The meta loss of a batch under the current θ and φ (soft prompt included); used for evaluation."""
@@ -263,10 +332,19 @@ class BilevelTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the bilevel metrics gathered since the last log (means) and the outer variables' summary."""
         if "loss" in logs:
+            # The Trainer counts a skipped step's loss as 0 or as a past mean: report the steps that ran only.
+            logs.pop("loss")
             for key, values in self._metrics.items():
-                logs[key] = sum(values) if key in ("skipped_steps", "theta_resyncs") else sum(values) / len(values)
+                if values:
+                    logs[key] = sum(values) if key in ("skipped_steps", "theta_resyncs") else sum(values) / len(values)
+            if "meta_loss" in logs:
+                logs["loss"] = logs["meta_loss"]
             logs.update(self.outer.summary())
             self._metrics.clear()
+        if "train_loss" in logs:  # the run's summary: totals over every outer step of this train()
+            logs["train_loss"] = self._meta_loss_sum / self._steps_run if self._steps_run else math.nan
+            logs["skipped_steps"] = float(self._steps_skipped)
+            logs["outer_steps_run"] = float(self._steps_run)
         super().log(logs, start_time)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
@@ -277,24 +355,49 @@ class BilevelTrainer(Trainer):
             return
         output_dir = Path(output_dir or self.args.output_dir)
         # The Trainer pickles its args, hub_token included, into a file that push_to_hub uploads.
-        redacted = copy.copy(self.args)
-        redacted.hub_token = None
-        torch.save(redacted, output_dir / TRAINING_ARGS_NAME)
+        torch.save(self.args.redacted(), output_dir / TRAINING_ARGS_NAME)
         self.outer.save_pretrained(output_dir)
         base_model = unwrap_model(self.model).get_base_model() if hasattr(self.model, "get_base_model") else None
         self.outer.save_peft_adapter(output_dir / "prompt_adapter", base_model or self.model, self.model_name)
         description = {
-            **compatibility_fields(self.outer, self.args, self.model),
+            **compatibility_fields(self.outer, self.args, self.model, self.train_dataset, self.meta_dataset),
             "outer_config": self.outer.config,
             "bilevel_config": self.args.bilevel_fields(),
         }
         save_bilevel_state(output_dir, self._initial_params, self._inner_state, description)
         write_model_card(self, output_dir)  # replaces peft's generic card
 
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, written into ``_partial-checkpoint-N/`` and renamed to ``checkpoint-N``
+        when complete: a kill or a full disk mid-save leaves no ``checkpoint-N`` for a resume to pick."""
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self._staging = os.path.join(run_dir, f"{PARTIAL_PREFIX}{name}")
+        try:
+            super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                final = os.path.join(run_dir, name)
+                shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step replaces it whole
+                os.replace(os.path.join(self._staging, name), final)
+                if self.state.best_global_step == self.state.global_step:
+                    self.state.best_model_checkpoint = final
+                best = self.state.best_model_checkpoint
+                rotate_checkpoints(run_dir, self.args.save_total_limit, best, use_mtime=True)
+        finally:
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging or super()._get_output_dir(trial)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
         directory = Path(resume_from_checkpoint)
-        check_resume_compatible(directory, compatibility_fields(self.outer, self.args, self.model))
+        mine = compatibility_fields(self.outer, self.args, self.model, self.train_dataset, self.meta_dataset)
+        check_resume_compatible(directory, mine)  # before the adapter's load, which fails on other shapes
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
         loaded = OuterModule.from_pretrained(directory)
         if loaded.config != self.outer.config:
             raise ValueError(
@@ -388,6 +491,16 @@ class BilevelTrainer(Trainer):
         metrics["outer_step_seconds"].append(seconds)
         if result.num_directions:
             metrics["directions_per_second"].append(result.num_directions / max(seconds, 1e-9))
+
+
+class _OuterUpdateGuard(TrainerCallback):
+    """Checks φ right after the outer optimizer's step (before the scheduler, logging and saving see it)."""
+
+    def __init__(self, trainer: BilevelTrainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._check_outer_update()
 
 
 def wrap_with_peft(model, peft_config):
