@@ -70,11 +70,18 @@ def check_resume_compatible(directory: Path, mine: dict) -> None:
     # Fields added after a checkpoint was written are compared only where the checkpoint has them.
     wrong = [key for key, value in mine.items() if saved.get(key, value if key in OPTIONAL else None) != value]
     if wrong:
-        details = "; ".join(f"{k}: checkpoint {saved.get(k)!r:.120} vs now {mine[k]!r:.120}" for k in wrong)
+        details = "; ".join(f"{k}: {_difference(saved.get(k), mine[k])}" for k in wrong)
         raise ValueError(
             f"Checkpoint {directory} comes from an incompatible config ({details}). Resume with the config it "
             "was written with, or start a new run in another output_dir."
         )
+
+
+def _difference(saved, mine) -> str:
+    if isinstance(saved, dict) and isinstance(mine, dict):
+        keys = [k for k in sorted({*saved, *mine}) if saved.get(k) != mine.get(k)]
+        return f"{len(keys)} differ, e.g. {keys[0]}: checkpoint {saved.get(keys[0])} vs now {mine.get(keys[0])}"
+    return f"checkpoint {saved!r:.120} vs now {mine!r:.120}"
 
 
 OPTIONAL = ("inner_parameter_shapes", "train_data", "meta_data")
