@@ -211,7 +211,7 @@ class BilevelConfig(TrainingArguments):
     def _check_numbers(self) -> None:
         """Ranges of the numeric knobs: a NaN or inf here turns φ or θ into NaN with no other warning."""
         _check_range("inner_lr", self.inner_lr, 0.0, math.inf, low_open=True)
-        _check_range("learning_rate", self.learning_rate, 0.0, math.inf, low_open=True)
+        _check_range("learning_rate", self.learning_rate, 0.0, math.inf)  # 0: φ frozen (a uniform baseline)
         if self.neumann_lr is not None:
             _check_range("neumann_lr", self.neumann_lr, 0.0, math.inf, low_open=True)
         _check_range("zo_epsilon", self.zo_epsilon, 0.0, math.inf, low_open=True)

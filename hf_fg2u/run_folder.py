@@ -16,9 +16,9 @@ LOCK_NAME = "_hf_fg2u.lock"  # "_*" files are never uploaded by push_to_hub
 
 
 def is_run_folder(directory: Path) -> bool:
-    """Whether ``directory`` was written by a BilevelTrainer: a saved state at the top or in a checkpoint, a
-    partial checkpoint or a run lock."""
-    markers = [STATE_CONFIG_NAME, f"checkpoint-*/{STATE_CONFIG_NAME}", f"{PARTIAL_PREFIX}*", LOCK_NAME]
+    """Whether ``directory`` was written by a BilevelTrainer: a saved state at the top or one level down (a
+    checkpoint, a recipe's uniform run), a partial checkpoint or a run lock."""
+    markers = [STATE_CONFIG_NAME, f"*/{STATE_CONFIG_NAME}", f"{PARTIAL_PREFIX}*", LOCK_NAME]
     return any(next(directory.glob(pattern), None) is not None for pattern in markers)
 
 

@@ -410,6 +410,18 @@ class BilevelTrainer(Trainer):
         self._inner_params = {k: v.detach().clone().to(device) for k, v in inner.items()}
         self._initial_params, self._inner_state = load_bilevel_state(directory, device)
 
+    def push_to_hub(self, *args, **kwargs):
+        """The Trainer's push. The upload is one commit, so a failure leaves nothing partial on the Hub; it is
+        re-raised saying where the run is saved and that calling push_to_hub again is enough."""
+        try:
+            return super().push_to_hub(*args, **kwargs)
+        except Exception as error:  # HTTP, connection and timeout errors of huggingface_hub and its client
+            raise RuntimeError(
+                f"push_to_hub to {self.hub_model_id or self.args.hub_model_id!r} failed ({type(error).__name__}: "
+                f"{error}). The run is saved in {self.args.output_dir}; the Hub holds no partial upload. Call "
+                "trainer.push_to_hub() again once the Hub is reachable."
+            ) from error
+
     def create_model_card(self, model_name: str | None = None, **kwargs) -> None:
         """Write README.md: method, config, final metrics, versions, citation and tags (never a token)."""
         if not self.is_world_process_zero():

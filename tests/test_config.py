@@ -16,7 +16,7 @@ def make(tmp_path, **overrides):
     "overrides, message",
     [
         # outer optimizer: an inf/NaN learning rate or penalty turned φ into NaN without a warning
-        ({"learning_rate": math.inf}, r"learning_rate=inf must be a finite number in \(0, inf\)"),
+        ({"learning_rate": math.inf}, r"learning_rate=inf must be a finite number in \[0, inf\)"),
         ({"learning_rate": math.nan}, "learning_rate=nan"),
         ({"learning_rate": -0.1}, "learning_rate=-0.1"),
         ({"weight_regularization_coef": math.nan}, "weight_regularization_coef=nan"),
@@ -44,6 +44,7 @@ def make(tmp_path, **overrides):
         ({"bf16": True}, "bf16=True on CPU"),
         ({"gradient_checkpointing": True, "method": "hessian_free"}, "gradient_checkpointing=True.*Set it to False"),
         ({"gradient_checkpointing": True, "method": "fg2u_zo"}, "gradient_checkpointing=True.*Set it to False"),
+        ({"activation_checkpointing": True, "method": "hessian_free"}, "gradient_checkpointing=True"),
     ],
 )
 def test_bad_numbers_and_modes_are_refused_naming_the_field(tmp_path, overrides, message):
@@ -52,8 +53,8 @@ def test_bad_numbers_and_modes_are_refused_naming_the_field(tmp_path, overrides,
 
 
 def test_edges_of_the_ranges_are_accepted(tmp_path):
-    args = make(tmp_path, inner_beta1=0.0, inner_momentum=0.0, cg_damping=0.0, weight_regularization_coef=0.0,
-                inner_weight_decay=0.0, zo_epsilon=1e-8)  # fmt: skip
+    args = make(tmp_path, learning_rate=0.0, inner_beta1=0.0, inner_momentum=0.0, cg_damping=0.0,
+                weight_regularization_coef=0.0, inner_weight_decay=0.0, zo_epsilon=1e-8)  # fmt: skip
     assert (args.inner_beta1, args.cg_damping, args.zo_epsilon) == (0.0, 0.0, 1e-8)
 
 

@@ -261,3 +261,36 @@ def test_ctrl_c_during_an_outer_step_loses_nothing(tmp_path, data, monkeypatch):
     resumed = fast_trainer(tmp_path, data, max_steps=3)
     resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 3
+
+
+def test_hub_push_that_fails_half_way_can_be_retried(hub, tmp_path, data, monkeypatch):
+    from .fake_hub import _Reply
+
+    trainer = fast_trainer(tmp_path, data, max_steps=1, push_to_hub=True, hub_model_id="tester/weights",
+                           hub_token="hf_fake", hub_strategy="end")  # fmt: skip
+    trainer.train()
+
+    def commit_fails(*args):
+        raise _Reply(500, "Internal Error", "InternalError")
+
+    monkeypatch.setattr(hub, "_commit", commit_fails)
+    with pytest.raises(RuntimeError, match=r"(?s)push_to_hub to 'tester/weights' failed .*saved in .*run.*again"):
+        trainer.push_to_hub()
+    assert hub.repos["tester/weights"] == {}  # nothing partial
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+    monkeypatch.undo()
+    hub.patch_endpoint(monkeypatch)
+    trainer.push_to_hub()
+    assert {"adapter_model.safetensors", "outer_model.safetensors", "README.md"} <= set(hub.repos["tester/weights"])
+    assert LOCK_NAME not in hub.repos["tester/weights"]
+
+
+def test_regularizer_gradient_that_overflows_skips_the_step(tmp_path, data):
+    outer = ExampleWeights(16)
+    outer.regularizer = lambda phi, kind: (phi["logits"] * float("inf")).sum()  # a penalty past float range
+    trainer = fast_trainer(tmp_path, data, outer, max_steps=2, weight_regularization="l2",
+                           weight_regularization_coef=1.0)  # fmt: skip
+    overflow = r"gradient of \['logits'\] is not finite after adding weight_regularization='l2' × 1; lower the"
+    with pytest.warns(UserWarning, match=overflow), pytest.raises(RuntimeError, match="All 2 outer steps"):
+        trainer.train()
+    assert torch.equal(outer.logits.detach(), torch.zeros(16))
