@@ -50,10 +50,12 @@ def _check_range(name: str, value, low: float, high: float, low_open: bool = Fal
 
 
 def redact(value):
-    """``value`` with every credential-like entry (a key naming a token, secret, key or password) replaced, at
-    any depth of dicts and lists: what may be written to disk or pushed."""
+    """``value`` with every credential-like string (under a key naming a token, secret, key or password, or
+    shaped like a Hub token) replaced, at any depth of dicts and lists: what may be written to disk or pushed."""
     if isinstance(value, dict):
-        return {k: REDACTED if CREDENTIAL.search(str(k)) and v is not None else redact(v) for k, v in value.items()}
+        return {
+            k: REDACTED if CREDENTIAL.search(str(k)) and isinstance(v, str) else redact(v) for k, v in value.items()
+        }
     if isinstance(value, list | tuple):
         return type(value)(redact(v) for v in value)
     if isinstance(value, str) and HF_TOKEN.fullmatch(value):
@@ -234,6 +236,10 @@ class BilevelConfig(TrainingArguments):
             elif isinstance(value, dict):
                 setattr(clean, name, redact(value))
         return clean
+
+    def to_dict(self) -> dict:
+        """The Trainer's dict of the args (what report_to integrations log), credentials redacted."""
+        return redact(super().to_dict())
 
     def method_at(self, outer_step: int) -> str:
         """The method of outer step ``outer_step`` under the two-phase schedule."""

@@ -265,6 +265,8 @@ class BilevelTrainer(Trainer):
                 cg_damping=self.args.cg_damping,
             )  # fmt: skip
         except NonFiniteHypergradientError as error:
+            if self.args.nonfinite_policy == "stop":
+                raise
             return self._skip_step(step, str(error))
         seconds = time.perf_counter() - start
         grads = self._add_regularizer(self.processes.sum_direction_shares(result.grad, method))

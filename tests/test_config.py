@@ -68,8 +68,10 @@ def test_credentials_are_redacted_from_what_is_written(tmp_path):
     fields = args.bilevel_fields()["model_init_kwargs"]
     assert fields == {
         "token": REDACTED, "revision": "main", "quantization_config": {"api_key": REDACTED},
-        "headers": ["x", REDACTED], "use_auth_token": REDACTED,
+        "headers": ["x", REDACTED], "use_auth_token": True,
     }  # fmt: skip
     clean = args.redacted()
     assert clean.hub_token is None and clean.model_init_kwargs == fields
     assert args.hub_token == "hf_hub_secret" and args.model_init_kwargs["token"] == secret  # the run keeps them
+    logged = args.to_json_string()  # what report_to integrations (tensorboard, wandb, mlflow) record
+    assert secret not in logged and "k1" not in logged and "hf_hub_secret" not in logged
