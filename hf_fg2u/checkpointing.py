@@ -100,6 +100,8 @@ def verify_checkpoint(directory: Path) -> None:
     error that names it rather than a raw library error halfway through loading."""
     if not directory.is_dir():
         raise ValueError(f"Checkpoint {directory} does not exist. Pass an existing checkpoint-N folder.")
+    if not (directory / STATE_CONFIG_NAME).is_file():
+        raise ValueError(f"{directory} is not a BilevelTrainer checkpoint: {STATE_CONFIG_NAME} is missing.")
     read_json(directory / "trainer_state.json")
     read_json(directory / STATE_CONFIG_NAME)
     for name in ("adapter_model.safetensors", "outer_model.safetensors", STATE_NAME):

@@ -279,7 +279,7 @@ class BilevelTrainer(Trainer):
             )  # fmt: skip
         self._outer_before = (
             {k: v.detach().clone() for k, v in self.outer.state_dict().items()},
-            copy.deepcopy(self.optimizer.state_dict()),
+            copy.deepcopy(self.optimizer.state_dict()) if self.optimizer is not None else None,
         )
         for name, parameter in self.outer.named_parameters():
             parameter.grad = grads[name].to(parameter.dtype)
@@ -311,7 +311,8 @@ class BilevelTrainer(Trainer):
             self._meta_loss_sum += self._metrics["meta_loss"][-1]
             return
         self.outer.load_state_dict(before[0])
-        self.optimizer.load_state_dict(before[1])
+        if before[1] is not None:
+            self.optimizer.load_state_dict(before[1])
         self._metrics["meta_loss"].pop()  # that step's update did not happen
         self._skip_step(
             self.state.global_step, f"the outer update made {bad} non-finite (learning_rate="

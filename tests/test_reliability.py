@@ -172,7 +172,8 @@ def test_resume_never_picks_a_partial_checkpoint(tmp_path, data, checkpoint):
     trainer = fast_trainer(tmp_path, data, max_steps=3)
     trainer.train(resume_from_checkpoint=True)  # picks checkpoint-2
     assert trainer.state.global_step == 3 and len(trainer.state.log_history) == 2 + 2  # 2 restored + step 3 + summary
-    (run / "checkpoint-4").mkdir()  # a partial folder from an older version, without trainer_state.json
+    shutil.copytree(run / "checkpoint-2", run / "checkpoint-4")  # a partial folder from an older version
+    (run / "checkpoint-4" / "trainer_state.json").unlink()
     with pytest.raises(ValueError, match=r"checkpoint-4/trainer_state.json.*resume from an earlier checkpoint"):
         fast_trainer(tmp_path, data, max_steps=5).train(resume_from_checkpoint=True)
 
@@ -294,3 +295,10 @@ def test_regularizer_gradient_that_overflows_skips_the_step(tmp_path, data):
     with pytest.warns(UserWarning, match=overflow), pytest.raises(RuntimeError, match="All 2 outer steps"):
         trainer.train()
     assert torch.equal(outer.logits.detach(), torch.zeros(16))
+
+
+def test_a_folder_without_bilevel_state_is_not_a_checkpoint(tmp_path, data, checkpoint):
+    run = copy_run(checkpoint, tmp_path)
+    (run / "checkpoint-2" / "bilevel_state.json").unlink()
+    with pytest.raises(ValueError, match="checkpoint-2 is not a BilevelTrainer checkpoint: bilevel_state.json is"):
+        fast_trainer(tmp_path, data, max_steps=3).train(resume_from_checkpoint=True)
