@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -59,6 +61,15 @@ def save_bilevel_state(
         tensors[f"inner_state/{key}"] = value
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(directory / STATE_NAME))
     (directory / STATE_CONFIG_NAME).write_text(json.dumps(description, indent=2, default=str))
+
+
+def publish_checkpoint(written: Path, final: Path) -> Path:
+    """Rename a completely written checkpoint to its final name (atomic on one filesystem) and remove its
+    staging folder; a checkpoint of the same step written before is replaced whole."""
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(written, final)
+    shutil.rmtree(written.parent, ignore_errors=True)
+    return final
 
 
 def check_resume_compatible(directory: Path, mine: dict) -> None:

@@ -29,6 +29,7 @@ from .checkpointing import (
     check_resume_compatible,
     compatibility_fields,
     load_bilevel_state,
+    publish_checkpoint,
     save_bilevel_state,
     verify_checkpoint,
 )
@@ -377,21 +378,19 @@ class BilevelTrainer(Trainer):
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         self._staging = os.path.join(run_dir, f"{PARTIAL_PREFIX}{name}")
         try:
-            super()._save_checkpoint(model, trial)
-            self.accelerator.wait_for_everyone()
-            if self.args.should_save:
-                final = os.path.join(run_dir, name)
-                shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step replaces it whole
-                os.replace(os.path.join(self._staging, name), final)
-                if self.state.best_global_step == self.state.global_step:
-                    self.state.best_model_checkpoint = final
-                best = self.state.best_model_checkpoint
-                rotate_checkpoints(run_dir, self.args.save_total_limit, best, use_mtime=True)
-        finally:
-            self.accelerator.wait_for_everyone()
+            super()._save_checkpoint(model, trial)  # its rotation sees only the staging folder
+        except BaseException:
             if self.args.should_save:
                 shutil.rmtree(self._staging, ignore_errors=True)
-            self._staging = None
+            raise
+        finally:
+            staging, self._staging = self._staging, None
+        self.accelerator.wait_for_everyone()  # every rank's files (RNG states) are in
+        if self.args.should_save:
+            final = publish_checkpoint(Path(staging) / name, Path(run_dir) / name)
+            if self.state.best_global_step == self.state.global_step:
+                self.state.best_model_checkpoint = str(final)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, True)
 
     def _get_output_dir(self, trial) -> str:
         return self._staging or super()._get_output_dir(trial)
