@@ -3,27 +3,48 @@ the inner optimizer state, and a JSON description that says which configs may re
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .functional import trainable_parameters
 
 STATE_NAME = "bilevel_state.safetensors"
 STATE_CONFIG_NAME = "bilevel_state.json"
+PARTIAL_PREFIX = "_partial-"  # a checkpoint being written: never matched by `checkpoint-N` nor pushed ("_*")
+EARLIER = "The checkpoint is corrupt or incomplete; resume from an earlier checkpoint."
 
 
-def compatibility_fields(outer, args, model) -> dict:
+def compatibility_fields(outer, args, model, train_dataset=None, meta_dataset=None) -> dict:
     """What a checkpoint must share with a trainer to resume: the outer type, the inner optimizer (its state's
-    layout) and the names of the inner parameters."""
-    return {
+    layout), the names and shapes of the inner parameters (a LoRA rank) and the data the outer variables index."""
+    params = trainable_parameters(model)
+    fields = {
         "outer_type": type(outer).__name__,
         "inner_optimizer": args.inner_optimizer,
-        "inner_parameters": sorted(trainable_parameters(model)),
+        "inner_parameters": sorted(params),
+        "inner_parameter_shapes": {name: list(value.shape) for name, value in sorted(params.items())},
     }
+    for role, dataset in (("train", train_dataset), ("meta", meta_dataset)):
+        if dataset is not None:
+            fields[f"{role}_data"] = data_fingerprint(dataset)
+    return fields
+
+
+def data_fingerprint(dataset) -> str:
+    """Rows, columns and a hash of the token ids of up to 64 rows spread over ``dataset``: changes when the
+    data change between save and resume, cheap for any size."""
+    rows = sorted({round(i * (len(dataset) - 1) / 63) for i in range(64)}) if len(dataset) else []
+    digest = hashlib.sha256(json.dumps([len(dataset), sorted(dataset.column_names)]).encode())
+    for row in dataset.with_format(None).select(rows)["input_ids"]:
+        digest.update(json.dumps(list(row)).encode())
+    return f"{len(dataset)} rows, sha256 {digest.hexdigest()[:16]}"
 
 
 def save_bilevel_state(
@@ -42,19 +63,77 @@ def save_bilevel_state(
     (directory / STATE_CONFIG_NAME).write_text(json.dumps(description, indent=2, default=str))
 
 
+def publish_checkpoint(written: Path, final: Path) -> Path:
+    """Rename a completely written checkpoint to its final name (atomic on one filesystem) and remove its
+    staging folder; a checkpoint of the same step written before is replaced whole."""
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(written, final)
+    shutil.rmtree(written.parent, ignore_errors=True)
+    return final
+
+
 def check_resume_compatible(directory: Path, mine: dict) -> None:
     """Raise a ValueError naming every field in which the checkpoint's description differs from ``mine``."""
     path = directory / STATE_CONFIG_NAME
     if not path.is_file():
         raise ValueError(f"{directory} is not a BilevelTrainer checkpoint: {STATE_CONFIG_NAME} is missing.")
-    saved = json.loads(path.read_text())
-    wrong = [key for key, value in mine.items() if saved.get(key) != value]
+    saved = read_json(path)
+    # Fields added after a checkpoint was written are compared only where the checkpoint has them.
+    wrong = [key for key, value in mine.items() if saved.get(key, value if key in OPTIONAL else None) != value]
     if wrong:
-        details = "; ".join(f"{k}: checkpoint {saved.get(k)!r:.120} vs now {mine[k]!r:.120}" for k in wrong)
+        details = "; ".join(f"{k}: {_difference(saved.get(k), mine[k])}" for k in wrong)
         raise ValueError(
             f"Checkpoint {directory} comes from an incompatible config ({details}). Resume with the config it "
             "was written with, or start a new run in another output_dir."
         )
+
+
+def _difference(saved, mine) -> str:
+    if isinstance(saved, dict) and isinstance(mine, dict):
+        keys = [k for k in sorted({*saved, *mine}) if saved.get(k) != mine.get(k)]
+        return f"{len(keys)} differ, e.g. {keys[0]}: checkpoint {saved.get(keys[0])} vs now {mine.get(keys[0])}"
+    return f"checkpoint {saved!r:.120} vs now {mine!r:.120}"
+
+
+OPTIONAL = ("inner_parameter_shapes", "train_data", "meta_data")
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file of a checkpoint; a truncated one is an error naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"Could not read {path}: {error}. {EARLIER}") from error
+
+
+def verify_checkpoint(directory: Path) -> None:
+    """Read every file of a checkpoint before resuming from it, so that a truncated or missing file is an
+    error that names it rather than a raw library error halfway through loading."""
+    if not directory.is_dir():
+        raise ValueError(f"Checkpoint {directory} does not exist. Pass an existing checkpoint-N folder.")
+    if not (directory / STATE_CONFIG_NAME).is_file():
+        raise ValueError(f"{directory} is not a BilevelTrainer checkpoint: {STATE_CONFIG_NAME} is missing.")
+    read_json(directory / "trainer_state.json")
+    read_json(directory / STATE_CONFIG_NAME)
+    for name in ("adapter_model.safetensors", "outer_model.safetensors", STATE_NAME):
+        path = directory / name
+        if not path.is_file():
+            continue
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                names = file.keys()
+                bad = [key for key in names if not torch.isfinite(file.get_tensor(key)).all()]
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"Could not read {path}: {error}. {EARLIER}") from error
+        if bad:
+            raise ValueError(f"{path} holds NaN or inf values ({bad[:3]}). {EARLIER}")
+    for name in ("optimizer.pt", "scheduler.pt"):
+        path = directory / name
+        if path.is_file():
+            try:
+                torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError...
+                raise ValueError(f"Could not read {path}: {error}. {EARLIER}") from error
 
 
 def load_bilevel_state(directory: Path, device) -> tuple[dict[str, torch.Tensor] | None, dict | None]:
@@ -62,10 +141,7 @@ def load_bilevel_state(directory: Path, device) -> tuple[dict[str, torch.Tensor]
     try:
         tensors = load_file(str(directory / STATE_NAME))
     except (SafetensorError, OSError) as error:
-        raise ValueError(
-            f"Could not read {directory / STATE_NAME}: {error}. The checkpoint is corrupt or incomplete; "
-            "resume from an earlier checkpoint."
-        ) from error
+        raise ValueError(f"Could not read {directory / STATE_NAME}: {error}. {EARLIER}") from error
     initial = {k.removeprefix("initial/"): v.to(device) for k, v in tensors.items() if k.startswith("initial/")}
     state = {k.removeprefix("inner_state/"): v.to(device) for k, v in tensors.items() if k.startswith("inner_state/")}
     return initial or None, unflatten_state(state) if state else None

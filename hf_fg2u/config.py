@@ -7,8 +7,11 @@ The Trainer's own fields keep their meaning for the *outer* problem: ``learning_
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +26,10 @@ NONFINITE_POLICIES = ("skip", "stop")
 PROCESS_SPLITS = ("directions", "data")
 CONFIG_METHODS = (*METHODS, "auto")
 REGULARIZERS = ("none", "kl_uniform", "l2")
+CREDENTIAL = re.compile(r"token|secret|key|password|credential", re.IGNORECASE)
+HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{20,}")  # a Hub token under any key
+REDACTED = "<redacted>"
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def _has_accelerator() -> bool:
@@ -32,6 +39,29 @@ def _has_accelerator() -> bool:
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not known; use one of {list(choices)}.")
+
+
+def _check_range(name: str, value, low: float, high: float, low_open: bool = False, high_open: bool = True):
+    """A finite number in [low, high) (by default): NaN and inf fail every comparison or the bound."""
+    ok = isinstance(value, int | float) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name}={value!r} must be a finite number in {interval}.")
+
+
+def redact(value):
+    """``value`` with every credential-like string (under a key naming a token, secret, key or password, or
+    shaped like a Hub token) replaced, at any depth of dicts and lists: what may be written to disk or pushed."""
+    if isinstance(value, dict):
+        return {
+            k: REDACTED if CREDENTIAL.search(str(k)) and isinstance(v, str) else redact(v) for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return type(value)(redact(v) for v in value)
+    if isinstance(value, str) and HF_TOKEN.fullmatch(value):
+        return REDACTED
+    return value
 
 
 @dataclass
@@ -127,6 +157,11 @@ class BilevelConfig(TrainingArguments):
         metadata={"help": "On a NaN/inf loss or hypergradient: 'skip' the outer update with a warning (θ is "
                   "kept from before the step), or 'stop' with an error."},
     )  # fmt: skip
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Allow an output_dir that holds files of something other than an hf_fg2u run (they may "
+                  "be replaced). Without it such a folder is refused."},
+    )  # fmt: skip
     model_init_kwargs: dict | str | None = field(
         default=None,
         metadata={"help": "Keyword arguments (JSON) for from_pretrained when the model is given by name."},
@@ -176,8 +211,13 @@ class BilevelConfig(TrainingArguments):
             raise ValueError(f"inner_reset_every={self.inner_reset_every} must be >= 0 (0 = never reset).")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length={self.max_length} must be >= 2 (a token and the one it predicts) or None.")
-        if self.inner_lr <= 0:
-            raise ValueError(f"inner_lr={self.inner_lr} must be > 0.")
+        self._check_numbers()
+        if (self.fp16 or self.bf16) and (self.use_cpu or not _has_accelerator()):
+            raise ValueError(
+                f"fp16={self.fp16}, bf16={self.bf16} on CPU: the bilevel step computes in the model's own dtype, "
+                "so mixed precision would silently do nothing. Set fp16=False and bf16=False, or load the model "
+                'in the dtype you want (model_init_kwargs=\'{"dtype": "bfloat16"}\').'
+            )
         if self.phase1_method is not None:
             _check_choice("phase1_method", self.phase1_method, METHODS)
         if self.phase1_steps < 0 or (self.phase1_steps > 0 and self.phase1_method is None):
@@ -194,10 +234,12 @@ class BilevelConfig(TrainingArguments):
         if self.memory_budget_mb is not None and not self.memory_budget_mb > 0:
             raise ValueError(f"memory_budget_mb={self.memory_budget_mb} must be > 0 (MB), or None to measure it.")
         second_order = {self.method_is_second_order(m) for m in (self.method, self.phase1_method) if m}
-        if self.gradient_checkpointing and True in second_order:
+        if self.gradient_checkpointing:
+            # Every method calls the model through torch.func (grad, jvp or vmap), which checkpointing breaks.
             raise ValueError(
-                "gradient_checkpointing=True does not compose with torch.func transforms. Set it to False (fg2u's "
-                "memory does not grow with the unroll), or use method='hessian_free' / 'fg2u_zo'."
+                "gradient_checkpointing=True does not compose with the torch.func transforms every method uses "
+                "(the Trainer would turn it on after the checks, and step 1 would fail). Set it to False: fg2u's "
+                "memory does not grow with the unroll; lower directions_per_pass or the batch to save memory."
             )
         if (self.fsdp or self.deepspeed) and True in second_order:
             raise ValueError(
@@ -215,6 +257,37 @@ class BilevelConfig(TrainingArguments):
         """Whether ``method`` needs forward AD or double backward; 'auto' may pick rgu, so it does."""
         return method == "auto" or make_method(method, jvp=self.jvp).second_order
 
+    def _check_numbers(self) -> None:
+        """Ranges of the numeric knobs: a NaN or inf here turns φ or θ into NaN with no other warning."""
+        _check_range("inner_lr", self.inner_lr, 0.0, math.inf, low_open=True)
+        _check_range("learning_rate", self.learning_rate, 0.0, math.inf)  # 0: φ frozen (a uniform baseline)
+        if self.neumann_lr is not None:
+            _check_range("neumann_lr", self.neumann_lr, 0.0, math.inf, low_open=True)
+        _check_range("zo_epsilon", self.zo_epsilon, 0.0, math.inf, low_open=True)
+        _check_range("cg_damping", self.cg_damping, 0.0, math.inf)
+        for name in ("inner_momentum", "inner_beta1", "inner_beta2", "adam_beta1", "adam_beta2"):
+            _check_range(name, getattr(self, name), 0.0, 1.0)
+        for name in ("inner_weight_decay", "weight_decay", "max_grad_norm"):
+            _check_range(name, getattr(self, name), 0.0, math.inf)
+        _check_range("adam_epsilon", self.adam_epsilon, 0.0, math.inf, low_open=True)
+        # Above float32's range the penalty's gradient is inf for every φ.
+        _check_range("weight_regularization_coef", self.weight_regularization_coef, 0.0, FLOAT32_MAX, high_open=False)
+
+    def redacted(self) -> BilevelConfig:
+        """A copy without credentials (hub_token, tokens inside model_init_kwargs): what may be written or pushed."""
+        clean = copy.copy(self)
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if CREDENTIAL.search(name) and isinstance(value, str):
+                setattr(clean, name, None)
+            elif isinstance(value, dict):
+                setattr(clean, name, redact(value))
+        return clean
+
+    def to_dict(self) -> dict:
+        """The Trainer's dict of the args (what report_to integrations log), credentials redacted."""
+        return redact(super().to_dict())
+
     def method_at(self, outer_step: int) -> str:
         """The method of outer step ``outer_step`` under the two-phase schedule."""
         if self.phase1_method is not None and outer_step < self.phase1_steps:
@@ -229,6 +302,6 @@ class BilevelConfig(TrainingArguments):
         return {"weight_decay": self.inner_weight_decay}
 
     def bilevel_fields(self) -> dict:
-        """The bilevel part of the config (for checkpoints and the model card); never holds tokens."""
+        """The bilevel part of the config (for checkpoints and the model card), credentials redacted."""
         names = [f for f in BilevelConfig.__dataclass_fields__ if f not in TrainingArguments.__dataclass_fields__]
-        return {name: getattr(self, name) for name in names}
+        return redact({name: getattr(self, name) for name in names})

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import shutil
 import time
 import warnings
 from collections import defaultdict
@@ -20,13 +22,17 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from transformers.utils import logging
 
 from .checkpointing import (
+    PARTIAL_PREFIX,
     check_resume_compatible,
     compatibility_fields,
     load_bilevel_state,
+    publish_checkpoint,
     save_bilevel_state,
+    verify_checkpoint,
 )
 from .config import BilevelConfig
 from .data_checks import prepare_dataset, prepare_datasets
@@ -39,6 +45,7 @@ from .model_card import write_model_card
 from .optim import make_inner_optimizer
 from .outer import OuterModule
 from .problem import losses_to_problem, make_lm_losses
+from .run_folder import RunLock, check_output_dir
 
 logger = logging.get_logger(__name__)
 
@@ -112,6 +119,7 @@ class BilevelTrainer(Trainer):
         args = args or BilevelConfig(output_dir="bilevel-output")
         if not isinstance(args, BilevelConfig):
             raise TypeError(f"args must be a BilevelConfig, got {type(args).__name__}.")
+        check_output_dir(args.output_dir, args.overwrite_output_dir)
         if outer is None or not isinstance(outer, OuterModule):
             raise TypeError(
                 "outer must be an OuterModule (ExampleWeights, DomainWeights, WeightNet or SoftPrompt), got "
@@ -163,6 +171,10 @@ class BilevelTrainer(Trainer):
         self._initial_params: dict[str, torch.Tensor] | None = None
         self._problems: dict[bool, tuple] = {}
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._outer_before: tuple[dict, dict] | None = None  # φ and the outer optimizer state before the update
+        self._steps_run, self._steps_skipped, self._meta_loss_sum = 0, 0, 0.0
+        self._staging: str | None = None
+        self.add_callback(_OuterUpdateGuard(self))
         self.method_choice = self._resolve_auto_method() if self.args.method == "auto" else None
         # Built once from the config; every outer step then passes data only.
         self._methods = {name: method_from_config(self.args, name) for name in self._method_names()}
@@ -209,6 +221,29 @@ class BilevelTrainer(Trainer):
             )
 
     # -- Trainer hooks ------------------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+        """The Trainer's train, holding the output_dir's run lock, after reading every file of the checkpoint
+        to resume from; a run whose every outer step was skipped raises instead of ending as a success."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) if os.path.isdir(
+                self.args.output_dir) else None  # fmt: skip
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No checkpoint-N folder to resume from in output_dir={self.args.output_dir!r}.")
+        if resume_from_checkpoint:
+            verify_checkpoint(Path(resume_from_checkpoint))
+        self._steps_run, self._steps_skipped, self._meta_loss_sum = 0, 0, 0.0
+        if self.args.should_save:
+            with RunLock(self.args.output_dir):
+                output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        else:
+            output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        if self._steps_skipped and not self._steps_run:
+            raise RuntimeError(
+                f"All {self._steps_skipped} outer steps were skipped for non-finite values (see the warnings for "
+                "the cause); nothing was learned. Lower inner_lr or learning_rate, or check the data."
+            )
+        return output
+
     def create_optimizer(self, model=None):
         """The Trainer's optimizer (``args.optim``, ``learning_rate``...) over the outer variables φ."""
         return super().create_optimizer(model=self.outer)
@@ -264,19 +299,57 @@ class BilevelTrainer(Trainer):
         except NonFiniteHypergradientError as error:
             if self.args.nonfinite_policy == "stop":
                 raise
-            warnings.warn(f"Outer step {step} skipped (nonfinite_policy='skip'): {error}", stacklevel=2)
-            for parameter in self.outer.parameters():
-                parameter.grad = None
-            self._metrics["skipped_steps"].append(1.0)
-            return torch.tensor(float("nan"), device=self.args.device)
+            return self._skip_step(step, str(error))
         seconds = time.perf_counter() - start
         grads = self._add_regularizer(self.processes.sum_direction_shares(result.grad, method))
+        bad = [name for name, grad in grads.items() if not torch.isfinite(grad).all()]
+        if bad:
+            return self._skip_step(
+                step, f"the gradient of {bad} is not finite after adding weight_regularization="
+                f"{self.args.weight_regularization!r} × {self.args.weight_regularization_coef:g}; lower the "
+                "coefficient."
+            )  # fmt: skip
+        self._outer_before = (
+            {k: v.detach().clone() for k, v in self.outer.state_dict().items()},
+            copy.deepcopy(self.optimizer.state_dict()) if self.optimizer is not None else None,
+        )
         for name, parameter in self.outer.named_parameters():
             parameter.grad = grads[name].to(parameter.dtype)
         self._inner_params, self._inner_state = result.params, result.optimizer_state
         load_parameters(model, result.params)
         self._record(result, method, step, seconds)
         return torch.tensor(result.outer_loss, device=self.args.device)
+
+    def _skip_step(self, step: int, reason: str) -> torch.Tensor:
+        """Skip the outer update of ``step`` (nonfinite_policy='skip') or raise ('stop')."""
+        if self.args.nonfinite_policy == "stop":
+            raise NonFiniteHypergradientError(f"Outer step {step}: {reason}")
+        warnings.warn(f"Outer step {step} skipped (nonfinite_policy='skip'): {reason}", stacklevel=3)
+        for parameter in self.outer.parameters():
+            parameter.grad = None
+        self._metrics["skipped_steps"].append(1.0)
+        self._steps_skipped += 1
+        return torch.tensor(float("nan"), device=self.args.device)
+
+    def _check_outer_update(self) -> None:
+        """After the outer optimizer's step: a non-finite φ (an overflowing learning rate or moment) is put back
+        as it was before the step, with the optimizer state, and the step counts as skipped."""
+        before, self._outer_before = self._outer_before, None
+        if before is None:
+            return
+        bad = [name for name, value in self.outer.state_dict().items() if not torch.isfinite(value).all()]
+        if not bad:
+            self._steps_run += 1
+            self._meta_loss_sum += self._metrics["meta_loss"][-1]
+            return
+        self.outer.load_state_dict(before[0])
+        if before[1] is not None:
+            self.optimizer.load_state_dict(before[1])
+        self._metrics["meta_loss"].pop()  # that step's update did not happen
+        self._skip_step(
+            self.state.global_step, f"the outer update made {bad} non-finite (learning_rate="
+            f"{self.args.learning_rate:g}, optim={self.args.optim!r}); φ was restored. Lower learning_rate."
+        )  # fmt: skip
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The meta loss of a batch under the current θ and φ (soft prompt included); used for evaluation."""
@@ -294,10 +367,19 @@ class BilevelTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the bilevel metrics gathered since the last log (means) and the outer variables' summary."""
         if "loss" in logs:
+            # The Trainer counts a skipped step's loss as 0 or as a past mean: report the steps that ran only.
+            logs.pop("loss")
             for key, values in self._metrics.items():
-                logs[key] = sum(values) if key in ("skipped_steps", "theta_resyncs") else sum(values) / len(values)
+                if values:
+                    logs[key] = sum(values) if key in ("skipped_steps", "theta_resyncs") else sum(values) / len(values)
+            if "meta_loss" in logs:
+                logs["loss"] = logs["meta_loss"]
             logs.update(self.outer.summary())
             self._metrics.clear()
+        if "train_loss" in logs:  # the run's summary: totals over every outer step of this train()
+            logs["train_loss"] = self._meta_loss_sum / self._steps_run if self._steps_run else math.nan
+            logs["skipped_steps"] = float(self._steps_skipped)
+            logs["outer_steps_run"] = float(self._steps_run)
         super().log(logs, start_time)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
@@ -308,24 +390,47 @@ class BilevelTrainer(Trainer):
             return
         output_dir = Path(output_dir or self.args.output_dir)
         # The Trainer pickles its args, hub_token included, into a file that push_to_hub uploads.
-        redacted = copy.copy(self.args)
-        redacted.hub_token = None
-        torch.save(redacted, output_dir / TRAINING_ARGS_NAME)
+        torch.save(self.args.redacted(), output_dir / TRAINING_ARGS_NAME)
         self.outer.save_pretrained(output_dir)
         base_model = unwrap_model(self.model).get_base_model() if hasattr(self.model, "get_base_model") else None
         self.outer.save_peft_adapter(output_dir / "prompt_adapter", base_model or self.model, self.model_name)
         description = {
-            **compatibility_fields(self.outer, self.args, self.model),
+            **compatibility_fields(self.outer, self.args, self.model, self.train_dataset, self.meta_dataset),
             "outer_config": self.outer.config,
             "bilevel_config": self.args.bilevel_fields(),
         }
         save_bilevel_state(output_dir, self._initial_params, self._inner_state, description)
         write_model_card(self, output_dir)  # replaces peft's generic card
 
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, written into ``_partial-checkpoint-N/`` and renamed to ``checkpoint-N``
+        when complete: a kill or a full disk mid-save leaves no ``checkpoint-N`` for a resume to pick."""
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self._staging = os.path.join(run_dir, f"{PARTIAL_PREFIX}{name}")
+        try:
+            super()._save_checkpoint(model, trial)  # its rotation sees only the staging folder
+        except BaseException:
+            if self.args.should_save:
+                shutil.rmtree(self._staging, ignore_errors=True)
+            raise
+        finally:
+            staging, self._staging = self._staging, None
+        self.accelerator.wait_for_everyone()  # every rank's files (RNG states) are in
+        if self.args.should_save:
+            final = publish_checkpoint(Path(staging) / name, Path(run_dir) / name)
+            if self.state.best_global_step == self.state.global_step:
+                self.state.best_model_checkpoint = str(final)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, True)
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging or super()._get_output_dir(trial)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
         directory = Path(resume_from_checkpoint)
-        check_resume_compatible(directory, compatibility_fields(self.outer, self.args, self.model))
+        mine = compatibility_fields(self.outer, self.args, self.model, self.train_dataset, self.meta_dataset)
+        check_resume_compatible(directory, mine)  # before the adapter's load, which fails on other shapes
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
         loaded = OuterModule.from_pretrained(directory)
         if loaded.config != self.outer.config:
             raise ValueError(
@@ -337,6 +442,18 @@ class BilevelTrainer(Trainer):
         inner = trainable_parameters(model or self.model)
         self._inner_params = {k: v.detach().clone().to(device) for k, v in inner.items()}
         self._initial_params, self._inner_state = load_bilevel_state(directory, device)
+
+    def push_to_hub(self, *args, **kwargs):
+        """The Trainer's push. The upload is one commit, so a failure leaves nothing partial on the Hub; it is
+        re-raised saying where the run is saved and that calling push_to_hub again is enough."""
+        try:
+            return super().push_to_hub(*args, **kwargs)
+        except Exception as error:  # HTTP, connection and timeout errors of huggingface_hub and its client
+            raise RuntimeError(
+                f"push_to_hub to {self.hub_model_id or self.args.hub_model_id!r} failed ({type(error).__name__}: "
+                f"{error}). The run is saved in {self.args.output_dir}; the Hub holds no partial upload. Call "
+                "trainer.push_to_hub() again once the Hub is reachable."
+            ) from error
 
     def create_model_card(self, model_name: str | None = None, **kwargs) -> None:
         """Write README.md: method, config, final metrics, versions, citation and tags (never a token)."""
@@ -426,6 +543,16 @@ class BilevelTrainer(Trainer):
         metrics["outer_step_seconds"].append(seconds)
         if result.num_directions:
             metrics["directions_per_second"].append(result.num_directions / max(seconds, 1e-9))
+
+
+class _OuterUpdateGuard(TrainerCallback):
+    """Checks φ right after the outer optimizer's step (before the scheduler, logging and saving see it)."""
+
+    def __init__(self, trainer: BilevelTrainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._check_outer_update()
 
 
 def wrap_with_peft(model, peft_config):

@@ -212,7 +212,8 @@ def test_nonfinite_losses_follow_the_policy(tmp_path, policy):
         return
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.train()
+        with pytest.raises(RuntimeError, match="All 2 outer steps were skipped"):  # not a silent "success"
+            trainer.train()
     assert any("skipped" in str(w.message) for w in caught)
     assert torch.equal(outer.logits.detach(), torch.zeros(32))
 
