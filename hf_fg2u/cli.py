@@ -1,6 +1,6 @@
 """The ``hf-fg2u`` command: ``train``, ``demo`` and ``weights``.
 
-hf-fg2u train --config recipes/noisy_reweighting.yaml [--key value ...]
+hf-fg2u train --recipe noisy_reweighting [--key value ...]
 hf-fg2u demo [--output_dir outputs/demo]
 hf-fg2u weights outputs/demo [--top 10] [--push_to_hub user/dataset]
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import recipe
 
-# The demo is the noisy-data recipe on its offline default (recipes/noisy_reweighting.yaml holds the same).
+# The demo is the noisy-data recipe on its offline default (hf_fg2u/recipes/noisy_reweighting.yaml holds the same).
 DEMO_ARGS = [
     "--recipe", "noisy_reweighting", "--outer", "example_weights", "--num_facts", "12", "--copies", "8",
     "--corrupted_fraction", "0.4", "--max_length", "10", "--output_dir", "outputs/demo", "--max_steps", "90",
