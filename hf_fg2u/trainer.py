@@ -33,6 +33,7 @@ from .problem import losses_to_problem, make_lm_losses
 
 STATE_NAME = "bilevel_state.safetensors"
 STATE_CONFIG_NAME = "bilevel_state.json"
+WEIGHTED_DATASET_FILE = "weighted_dataset/train.parquet"  # pushed beside the adapter by push_to_hub
 MODEL_INPUT_COLUMNS = ("input_ids", "attention_mask", "labels")
 
 
@@ -313,6 +314,26 @@ class BilevelTrainer(Trainer):
         if not self.is_world_process_zero():
             return
         write_model_card(self, Path(self.args.output_dir), model_name=model_name, **kwargs)
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token=None,
+        revision: str | None = None,
+        **kwargs,
+    ):
+        """The Trainer's push (adapter, outer variables, card: one commit), with the train dataset and its learned
+        weights as ``weighted_dataset/train.parquet`` in that commit when the outer variables weight rows."""
+        if (
+            self.args.should_save
+            and self.train_dataset is not None
+            and type(self.outer).row_weights is not OuterModule.row_weights
+        ):
+            path = Path(self.args.output_dir) / WEIGHTED_DATASET_FILE
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.export_weights().to_parquet(str(path))
+        return super().push_to_hub(commit_message, blocking, token, revision, **kwargs)
 
     # -- bilevel pieces -------------------------------------------------------------------------------------------
     def meta_batch(self, step: int) -> dict:
