@@ -574,11 +574,14 @@ def unflatten_state(flat: dict[str, torch.Tensor]) -> dict:
 
 
 def auroc(scores: torch.Tensor, positives: torch.Tensor) -> float:
-    """Area under the ROC curve of ``scores`` for boolean ``positives`` (ties count one half)."""
-    scores, positives = torch.as_tensor(scores).double(), torch.as_tensor(positives).bool()
-    pos, neg = scores[positives], scores[~positives]
-    if len(pos) == 0 or len(neg) == 0:
+    """Area under the ROC curve of ``scores`` for boolean ``positives`` (ties count one half), by the rank-sum
+    (Mann-Whitney U) formula: O(N log N) time and O(N) memory, so it scales to datasets of millions of rows
+    without adding scikit-learn as a dependency for one metric."""
+    scores, positives = torch.as_tensor(scores).double().flatten(), torch.as_tensor(positives).bool().flatten()
+    num_pos, num_neg = int(positives.sum()), int((~positives).sum())
+    if num_pos == 0 or num_neg == 0:
         return math.nan
-    greater = (pos[:, None] > neg[None, :]).double().mean()
-    ties = (pos[:, None] == neg[None, :]).double().mean()
-    return float(greater + 0.5 * ties)
+    _, inverse, counts = torch.unique(scores, sorted=True, return_inverse=True, return_counts=True)
+    average_rank = counts.cumsum(0).double() - (counts.double() - 1) / 2  # 1-based mean rank of each tie group
+    rank_sum = average_rank[inverse][positives].sum()
+    return float((rank_sum - num_pos * (num_pos + 1) / 2) / (num_pos * num_neg))
