@@ -5,7 +5,7 @@ CLI's errors. YAML values keep their types (``max_steps: 10`` is an int, never t
 against each option's type and choices here, with errors naming the file and the key, and are read as YAML 1.2
 (only ``true``/``false`` are booleans: ``save_strategy: no`` means "no", not ``False``). An ``env:`` mapping is
 exported to ``os.environ`` before anything is built. A ``TrainingArguments`` subclass gets two help groups: its
-own fields first, the Trainer's own fields last.
+own fields right after ``--config``, the Trainer's own fields last.
 """
 
 from __future__ import annotations
@@ -56,23 +56,26 @@ class ConfigParser(HfArgumentParser):
 
     def __init__(self, dataclass_types, **kwargs):
         kwargs.setdefault("formatter_class", argparse.HelpFormatter)
-        self._trainer_group = None
+        self._own_group = self._trainer_group = None
         super().__init__(dataclass_types, **kwargs)
-        if self._trainer_group is not None:  # the Trainer's ~100 options after everything else in --help
-            self._action_groups.remove(self._trainer_group)
-            self._action_groups.append(self._trainer_group)
-        first = next(group for group in self._action_groups if group.title not in ("positional arguments", "options"))
-        action = first.add_argument(
+        self.run_group = self.add_argument_group("run")
+        self._config_action = self.run_group.add_argument(
             "--config", metavar="FILE", default=argparse.SUPPRESS,
             help="A YAML file of option: value (and an optional env: mapping); flags on the command line override it.",
         )  # fmt: skip
-        first._group_actions.insert(0, first._group_actions.pop())  # --config first in its group
-        self._config_action = action
+        # --help order: --config, the TrainingArguments subclass's own options, the other dataclasses, and the
+        # Trainer's ~100 options last.
+        first = [group for group in (self.run_group, self._own_group) if group is not None]
+        last = [self._trainer_group] if self._trainer_group is not None else []
+        middle = [group for group in self._action_groups[2:] if group not in first + last]
+        self._action_groups[2:] = first + middle + last
 
     def _add_dataclass_arguments(self, dtype):
         if not (isinstance(dtype, type) and issubclass(dtype, TrainingArguments) and dtype is not TrainingArguments):
             return super()._add_dataclass_arguments(dtype)
-        own = self.add_argument_group(getattr(dtype, "_argument_group_name", f"{dtype.__name__}: bilevel meta-tuning"))
+        own = self._own_group = self.add_argument_group(
+            getattr(dtype, "_argument_group_name", f"{dtype.__name__}: bilevel meta-tuning")
+        )
         self._trainer_group = self.add_argument_group(TRAINER_GROUP)
         trainer_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
         hints = get_type_hints(dtype)

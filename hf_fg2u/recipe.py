@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from . import data as builtin_data
 from .config import BilevelConfig
+from .launch import add_launch_arguments
 from .outer import DomainWeights, ExampleWeights, SoftPrompt, WeightNet
 from .parsing import ConfigParser
 from .trainer import BilevelTrainer, auroc
@@ -105,6 +106,7 @@ def make_parser() -> ConfigParser:
         description="Learn outer variables (data weights, a soft prompt) by bilevel meta-tuning. Without --config, "
         "the packaged YAML of --recipe gives the defaults.",
     )  # fmt: skip
+    add_launch_arguments(parser.run_group)
     parser.set_defaults(output_dir="outputs/hf_fg2u")
     return parser
 
@@ -127,7 +129,12 @@ def parse_args(argv: list[str] | None = None):
         early.add_argument("--recipe", default=ScriptArguments.recipe)
         named, _ = early.parse_known_args(argv)
         config = recipe_config(named.recipe)
-    script_args, training_args, model_args = parser.parse_args_and_config(argv, config=config)
+    script_args, training_args, model_args, *launch_options = parser.parse_args_and_config(argv, config=config)
+    if launch_options:
+        raise ValueError(
+            f"{sorted(vars(launch_options[0]))} start processes under `hf-fg2u train` only; with recipes/train.py "
+            "use `accelerate launch --config_file ... recipes/train.py ...`."
+        )
     if script_args.recipe not in RECIPES:
         raise ValueError(f"recipe={script_args.recipe!r} is not known; use one of {RECIPES}.")
     return script_args, training_args, model_args

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,9 +147,40 @@ def test_help_is_grouped_with_bilevel_options_first(capsys):
     assert lines[0].startswith("usage: hf-fg2u train ")
     titles = [line for line in lines if line and not line.startswith(" ") and line.endswith(":")]
     assert titles == [
-        "options:", "recipe: what to learn and on which data:", "BilevelConfig: bilevel meta-tuning:",
+        "options:", "run:", "BilevelConfig: bilevel meta-tuning:", "recipe: what to learn and on which data:",
         "model and its LoRA adapter:", f"{parsing.TRAINER_GROUP}:",
     ]  # fmt: skip
     first80 = "\n".join(lines[:80])
-    assert "--config FILE" in first80 and "--method METHOD" in first80 and "--num_directions" in first80
+    assert "--config FILE" in first80 and "--num_processes N" in first80
+    assert "--method METHOD" in first80 and "--num_directions" in first80 and "--inner_optimizer" in first80
     assert "--learning_rate" not in first80
+
+
+def test_num_processes_launches_the_cli_through_accelerate(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake_run(command, check):
+        calls.append(command)
+        (tmp_path / "results.json").write_text('{"bilevel_meta_loss": 1.5}')
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(cli.subprocess, "run", fake_run)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv = ["--recipe", "soft_prompt", "--max_steps", "2", "--output_dir", str(tmp_path)]
+    results = cli.run_train([*argv, "--num_processes", "2", "--accelerate_config", "cpu_2proc"])
+    assert results == {"bilevel_meta_loss": 1.5}
+    config = str(RECIPES / "accelerate_configs" / "cpu_2proc.yaml")
+    assert calls == [
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file", config,
+         "-m", "hf_fg2u.cli", "train", *argv],
+    ]  # fmt: skip
+    cli.run_train([*argv, "--num_processes=3"])
+    assert calls[-1][4:7] == ["3", "--multi_gpu", "--num_machines"]
+    with pytest.raises(SystemExit, match="--accelerate_config 'nope' is neither a file nor one of"):
+        cli.main(["train", *argv, "--num_processes", "2", "--accelerate_config", "nope"])
+    with pytest.raises(SystemExit):  # checked before any rank starts
+        cli.main(["train", "--num_processes", "2", "--max_steps", "x"])
+    assert "argument --max_steps/--max-steps: invalid int value: 'x'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"\['num_processes'\] start processes under `hf-fg2u train` only"):
+        recipe.parse_args([*argv, "--num_processes", "2"])
+    assert len(calls) == 2
