@@ -16,15 +16,8 @@ from pathlib import Path
 
 from . import launch, recipe
 
-# The demo is the noisy-data recipe on its offline default (hf_fg2u/recipes/noisy_reweighting.yaml holds the same).
-DEMO_ARGS = [
-    "--recipe", "noisy_reweighting", "--outer", "example_weights", "--num_facts", "12", "--copies", "8",
-    "--corrupted_fraction", "0.4", "--max_length", "10", "--output_dir", "outputs/demo", "--max_steps", "90",
-    "--per_device_train_batch_size", "8", "--unroll_steps", "2", "--meta_batch_size", "16", "--method", "fg2u",
-    "--num_directions", "16", "--directions", "orthogonal", "--inner_optimizer", "adam", "--inner_lr", "0.005",
-    "--learning_rate", "0.5", "--lr_scheduler_type", "constant", "--logging_steps", "10", "--save_strategy", "no",
-    "--report_to", "none", "--seed", "0",
-]  # fmt: skip
+# The demo is the noisy-data recipe on its packaged offline default (hf_fg2u/recipes/noisy_reweighting.yaml).
+DEMO_ARGS = ["--recipe", "noisy_reweighting", "--output_dir", "outputs/demo"]
 
 
 def run_train(argv: list[str]) -> dict:
