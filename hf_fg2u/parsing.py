@@ -55,7 +55,6 @@ class ConfigParser(HfArgumentParser):
     """Parse dataclasses from ``--config FILE`` (optional) and CLI flags, CLI winning."""
 
     def __init__(self, dataclass_types, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.HelpFormatter)
         self._own_group = self._trainer_group = None
         super().__init__(dataclass_types, **kwargs)
         self.run_group = self.add_argument_group("run")
