@@ -17,6 +17,7 @@ from huggingface_hub import ModelCard, ModelCardData
 import hf_fg2u
 
 PLOT_NAME = "weights_histogram.png"  # written by the noisy_reweighting recipe (hf_fg2u.report) beside the card
+WEIGHTED_DATASET_FILE = "weighted_dataset.parquet"  # written by BilevelTrainer.push_to_hub
 
 BODY = """
 # {model_name}
@@ -111,7 +112,7 @@ def build_model_card(trainer, directory: Path, model_name: str | None = None, **
         tags=sorted({*trainer._tag_names, *(kwargs.get("tags") or []), type(trainer.outer).__name__.lower()}),
     )  # fmt: skip
     location = args.hub_model_id if args.push_to_hub and args.hub_model_id else str(Path(directory).resolve())
-    has_weighted = (Path(directory) / "weighted_dataset" / "train.parquet").is_file()
+    has_weighted = (Path(directory) / WEIGHTED_DATASET_FILE).is_file()
     body = BODY.format(
         model_name=model_name or Path(args.output_dir).name,
         outer_type=type(trainer.outer).__name__,
@@ -119,7 +120,7 @@ def build_model_card(trainer, directory: Path, model_name: str | None = None, **
         phase=f" (after {args.phase1_steps} steps of {args.phase1_method})" if args.phase1_method else "",
         base=f" on top of `{base}`" if base else "",
         snippet=quick_start(location, base),
-        weighted_dataset="- `weighted_dataset/train.parquet`: the training rows with their learned `weight` column "
+        weighted_dataset=f"- `{WEIGHTED_DATASET_FILE}`: the training rows with their learned `weight` column "
         '(`datasets.load_dataset("parquet", data_files=...)`).\n' if has_weighted else "",
         summary=table(trainer.outer.summary(), "no summary for this outer module"),
         plot=f"\n\n![learned weights]({PLOT_NAME})" if (Path(directory) / PLOT_NAME).is_file() else "",

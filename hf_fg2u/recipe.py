@@ -241,14 +241,13 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
         results[f"{name}_meta_loss"] = trainer.evaluate()["eval_loss"]
         runs[name] = trainer
     trainer = runs["bilevel"]
-    trainer.save_model()
     results.update(summarize(script_args, raw, trainer, results, output_dir))
     if script_args.plot and len(runs) > 1:
         from .report import meta_loss_history, plot_meta_loss_curves
 
         curves = {name: meta_loss_history(run.state.log_history) for name, run in runs.items()}
         results["meta_loss_plot"] = str(plot_meta_loss_curves(curves, output_dir / "meta_loss.png"))
-    trainer.create_model_card()  # again, now that the weights plot exists beside it
+    trainer.save_model()  # after the plots: the card shows them and push_to_hub (if set) uploads them
     if script_args.final_stage_steps and script_args.recipe == "noisy_reweighting":
         results["final_adapter_meta_loss"] = final_stage(script_args, training_args, model_args, trainer)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))

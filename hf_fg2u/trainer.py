@@ -27,13 +27,12 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from .config import BilevelConfig
 from .functional import load_parameters, trainable_parameters, unwrap_model
 from .hypergrad import NonFiniteHypergradientError, estimate_hypergradient, needs_second_order
-from .model_card import write_model_card
+from .model_card import WEIGHTED_DATASET_FILE, write_model_card
 from .outer import OuterModule
 from .problem import losses_to_problem, make_lm_losses
 
 STATE_NAME = "bilevel_state.safetensors"
 STATE_CONFIG_NAME = "bilevel_state.json"
-WEIGHTED_DATASET_FILE = "weighted_dataset/train.parquet"  # pushed beside the adapter by push_to_hub
 MODEL_INPUT_COLUMNS = ("input_ids", "attention_mask", "labels")
 
 
@@ -324,15 +323,13 @@ class BilevelTrainer(Trainer):
         **kwargs,
     ):
         """The Trainer's push (adapter, outer variables, card: one commit), with the train dataset and its learned
-        weights as ``weighted_dataset/train.parquet`` in that commit when the outer variables weight rows."""
+        weights as ``weighted_dataset.parquet`` in that commit when the outer variables weight rows."""
         if (
             self.args.should_save
             and self.train_dataset is not None
             and type(self.outer).row_weights is not OuterModule.row_weights
         ):
-            path = Path(self.args.output_dir) / WEIGHTED_DATASET_FILE
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.export_weights().to_parquet(str(path))
+            self.export_weights().to_parquet(str(Path(self.args.output_dir) / WEIGHTED_DATASET_FILE))
         return super().push_to_hub(commit_message, blocking, token, revision, **kwargs)
 
     # -- bilevel pieces -------------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ from safetensors.torch import load
 
 from hf_fg2u import ExampleWeights
 from hf_fg2u.hub import load_run
+from hf_fg2u.model_card import WEIGHTED_DATASET_FILE
 from hf_fg2u.outer import OuterModule
-from hf_fg2u.trainer import WEIGHTED_DATASET_FILE
 
 from .test_fake_hub import assert_token_only_in_authorization
 from .test_trainer import fact_data, tiny_llama, trainer_for
@@ -96,6 +96,8 @@ def test_pushed_run_loads_back_by_repo_id_in_a_fresh_process(hub, tmp_path):
     trainer.push_to_hub()
     assert len(hub.commits) == commits + 1  # adapter, outer variables, card and weighted dataset: one commit
     assert WEIGHTED_DATASET_FILE in hub.commits[-1].added and "outer_model.safetensors" in hub.commits[-1].added
+    card = hub.repos["tester/run"]["README.md"].decode()
+    assert 'load_run("tester/run")' in card and f"`{WEIGHTED_DATASET_FILE}`" in card  # quick start names the repo
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         expected_logits = trainer.model(input_ids=ids).logits.sum().item()
