@@ -4,7 +4,7 @@
     hf-fg2u train --recipe noisy_reweighting --max_steps 10   # CLI flags override the YAML
     hf-fg2u train --config my_run.yaml                        # your own YAML (typed values, an env: block)
     hf-fg2u train --recipe noisy_reweighting --model_name_or_path HuggingFaceTB/SmolLM2-135M \\
-        --dataset_name my/noisy-data --dataset_meta_split validation   # real model and data (needs the Hub)
+        --dataset_name my/noisy-data --dataset_meta_split validation      # real model and data (needs the Hub)
 
 Recipes: ``noisy_reweighting`` (ExampleWeights or WeightNet on data with a corrupted subset),
 ``domain_mixture`` (DomainWeights, meta data from one target domain), ``soft_prompt`` (SoftPrompt outer,
