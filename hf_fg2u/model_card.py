@@ -1,4 +1,6 @@
-"""The model card (README.md) of a saved bilevel run: what was learned, how, with which versions."""
+"""The model card (README.md) of a saved bilevel run, built with ``huggingface_hub.ModelCard``/``ModelCardData``
+(which render and check the metadata, as TRL's cards do): what was learned, how, with which versions, and a
+quick start that loads the run."""
 
 from __future__ import annotations
 
@@ -10,24 +12,33 @@ import datasets
 import peft
 import torch
 import transformers
+from huggingface_hub import ModelCard, ModelCardData
 
 import hf_fg2u
 
-TEMPLATE = """---
-{metadata}
----
+PLOT_NAME = "weights_histogram.png"  # written by the noisy_reweighting recipe (hf_fg2u.report) beside the card
+WEIGHTED_DATASET_FILE = "weighted_dataset.parquet"  # written by BilevelTrainer.push_to_hub
 
+BODY = """
 # {model_name}
 
 Outer variables **{outer_type}** learned by bilevel meta-tuning with [hf_fg2u](https://github.com/hf-fg2u/hf_fg2u),
-method **{method}**{phase}, inner variables: the LoRA adapter in this folder{base}.
+method **{method}**{phase}, inner variables: the LoRA adapter of this run{base}.
+
+## Quick start
+
+```python
+{snippet}
+```
 
 ## Files
 
-- `adapter_config.json`, `adapter_model.safetensors`: the inner adapter; load with
-  `PeftModel.from_pretrained(base_model, "<this folder>")`.
-- `outer_config.json`, `outer_model.safetensors`: the outer variables; load with
-  `hf_fg2u.outer.OuterModule.from_pretrained("<this folder>")`.
+- `adapter_config.json`, `adapter_model.safetensors`: the inner LoRA adapter (plain peft).
+- `outer_config.json`, `outer_model.safetensors`: the outer variables (`OuterModule.from_pretrained`).
+{weighted_dataset}
+## Learned outer variables
+
+{summary}{plot}
 
 ## Final metrics
 
@@ -53,6 +64,26 @@ datasets {datasets}.
 ```
 """
 
+SNIPPET = """from hf_fg2u.hub import load_run
+
+run = load_run("{location}")  # base model + LoRA adapter + outer variables, from the Hub or a folder
+print(type(run.outer).__name__, run.outer.summary())
+
+# or piece by piece, the adapter with plain peft:
+from peft import AutoPeftModelForCausalLM
+from hf_fg2u.outer import OuterModule
+
+model = AutoPeftModelForCausalLM.from_pretrained("{location}")
+outer = OuterModule.from_pretrained("{location}")"""
+
+
+def quick_start(location: str, base: str | None) -> str:
+    """The snippet that loads the run; where the adapter names no base model it says what to pass."""
+    snippet = SNIPPET.format(location=location)
+    if not base:
+        return "# This adapter names no base model: pass load_run(..., base_model=your_model).\n" + snippet
+    return snippet
+
 
 def final_metrics(log_history: list[dict]) -> dict[str, float]:
     """The last logged value of every numeric metric (train and eval)."""
@@ -64,32 +95,48 @@ def final_metrics(log_history: list[dict]) -> dict[str, float]:
     return metrics
 
 
-def write_model_card(trainer, directory: Path, model_name: str | None = None, **kwargs) -> Path:
-    """Write ``directory/README.md`` for ``trainer``. The config holds only bilevel fields, never a token."""
+def table(values: dict[str, float], empty: str) -> str:
+    rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in sorted(values.items())) or f"| ({empty}) | |"
+    return "| name | value |\n|---|---|\n" + rows
+
+
+def build_model_card(trainer, directory: Path, model_name: str | None = None, **kwargs) -> ModelCard:
+    """The card of ``trainer``'s run saved in ``directory``. The config holds only bilevel fields, never a token.
+    The quick start names the Hub repo when the run is pushed, else the folder."""
     args = trainer.args
     base = trainer.model_name
-    tags = sorted({*trainer._tag_names, *(kwargs.get("tags") or []), type(trainer.outer).__name__.lower()})
-    metadata = {"library_name": "peft", "tags": tags}
-    if base:
-        metadata["base_model"] = base
-    if kwargs.get("dataset"):
-        metadata["datasets"] = kwargs["dataset"] if isinstance(kwargs["dataset"], list) else [kwargs["dataset"]]
-    metrics = final_metrics(trainer.state.log_history)
-    table = "\n".join(f"| {k} | {v:.6g} |" for k, v in sorted(metrics.items())) or "| (none yet) | |"
-    card = TEMPLATE.format(
-        metadata="\n".join(f"{k}: {json.dumps(v)}" for k, v in metadata.items()),
+    dataset = kwargs.get("dataset") or kwargs.get("dataset_name")
+    data = ModelCardData(
+        base_model=base or None, library_name="peft", pipeline_tag="text-generation",
+        datasets=([dataset] if isinstance(dataset, str) else dataset) or None,
+        tags=sorted({*trainer._tag_names, *(kwargs.get("tags") or []), type(trainer.outer).__name__.lower()}),
+    )  # fmt: skip
+    location = args.hub_model_id if args.push_to_hub and args.hub_model_id else str(Path(directory).resolve())
+    has_weighted = (Path(directory) / WEIGHTED_DATASET_FILE).is_file()
+    body = BODY.format(
         model_name=model_name or Path(args.output_dir).name,
         outer_type=type(trainer.outer).__name__,
         method=args.method,
         phase=f" (after {args.phase1_steps} steps of {args.phase1_method})" if args.phase1_method else "",
         base=f" on top of `{base}`" if base else "",
-        metrics="| metric | value |\n|---|---|\n" + table,
+        snippet=quick_start(location, base),
+        weighted_dataset=f"- `{WEIGHTED_DATASET_FILE}`: the training rows with their learned `weight` column "
+        '(`datasets.load_dataset("parquet", data_files=...)`).\n' if has_weighted else "",
+        summary=table(trainer.outer.summary(), "no summary for this outer module"),
+        plot=f"\n\n![learned weights]({PLOT_NAME})" if (Path(directory) / PLOT_NAME).is_file() else "",
+        metrics=table(final_metrics(trainer.state.log_history), "none yet"),
         config=json.dumps(args.bilevel_fields(), indent=2, default=str),
         hf_fg2u=hf_fg2u.__version__, transformers=transformers.__version__, peft=peft.__version__,
         torch=torch.__version__, accelerate=accelerate.__version__, datasets=datasets.__version__,
         paper_title=trainer._paper["title"], paper_id=trainer._paper["id"], citation=trainer._paper["citation"],
     )  # fmt: skip
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def write_model_card(trainer, directory: Path, model_name: str | None = None, **kwargs) -> Path:
+    """Write ``directory/README.md`` for ``trainer``."""
+    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "README.md"
-    path.write_text(card)
+    build_model_card(trainer, directory, model_name, **kwargs).save(path)
     return path

@@ -1,7 +1,8 @@
 """The recipes behind ``hf-fg2u train`` (TRL-style: script, training and model arguments, YAML + CLI).
 
-    hf-fg2u train --config recipes/noisy_reweighting.yaml                 # offline default
-    hf-fg2u train --config recipes/noisy_reweighting.yaml --max_steps 10  # CLI flags override the YAML
+    hf-fg2u train --recipe noisy_reweighting                  # the packaged YAML: offline default
+    hf-fg2u train --recipe noisy_reweighting --max_steps 10   # CLI flags override the YAML
+    hf-fg2u train --config my_run.yaml                        # your own YAML (typed values, an env: block)
     hf-fg2u train --recipe noisy_reweighting --model_name_or_path HuggingFaceTB/SmolLM2-135M \\
         --data_files train=train.jsonl meta=meta.jsonl eval=eval.jsonl   # your model and your files
 
@@ -14,6 +15,7 @@ format ``BilevelTrainer`` tokenizes (``text``, ``prompt`` + ``completion``, ``me
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import re
@@ -22,22 +24,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from datasets import DatasetDict, load_dataset
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from . import data as builtin_data
 from .config import BilevelConfig
+from .launch import add_launch_arguments
 from .outer import DomainWeights, ExampleWeights, SoftPrompt, WeightNet
+from .parsing import ConfigParser
 from .trainer import BilevelTrainer, auroc
 
 RECIPES = ("noisy_reweighting", "domain_mixture", "soft_prompt")
+RECIPES_DIR = Path(__file__).parent / "recipes"  # the YAML configs and accelerate configs, shipped as package data
 
 
 @dataclass
 class ScriptArguments:
     """What to learn and on which data."""
+
+    _argument_group_name = "recipe: what to learn and on which data"
 
     recipe: str = field(default="noisy_reweighting", metadata={"help": f"One of {RECIPES}."})
     outer: str = field(
@@ -97,6 +103,8 @@ class ScriptArguments:
 class ModelArguments:
     """Which model, and its LoRA adapter."""
 
+    _argument_group_name = "model and its LoRA adapter"
+
     model_name_or_path: str | None = field(default=None, metadata={"help": "Default: a tiny Llama from config."})
     gguf_file: str | None = field(default=None, metadata={"help": "A GGUF file inside model_name_or_path."})
     attn_implementation: str = field(default="eager", metadata={"help": "eager, sdpa (math kernel is used)."})
@@ -111,48 +119,43 @@ class ModelArguments:
     )
 
 
-def make_parser() -> HfArgumentParser:
-    return HfArgumentParser((ScriptArguments, BilevelConfig, ModelArguments))
+def make_parser() -> ConfigParser:
+    """The ``hf-fg2u train`` parser: recipe options, bilevel options, model/LoRA, then the Trainer's."""
+    parser = ConfigParser(
+        (ScriptArguments, BilevelConfig, ModelArguments), prog="hf-fg2u train",
+        usage="hf-fg2u train [--recipe NAME | --config FILE] [--num_processes N] [--OPTION VALUE ...]",
+        description="Learn outer variables (data weights, a soft prompt) by bilevel meta-tuning. Without --config, "
+        "the packaged YAML of --recipe gives the defaults.",
+    )  # fmt: skip
+    add_launch_arguments(parser.run_group)
+    parser.set_defaults(output_dir="outputs/hf_fg2u")
+    return parser
 
 
-def yaml_to_argv(path: str | Path, parser: HfArgumentParser) -> list[str]:
-    """The YAML config as CLI arguments placed before the user's, so later CLI flags win. Unknown keys and a
-    missing file are errors that name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Config file {path} does not exist. Recipes ship in recipes/*.yaml.")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path} is not valid YAML: {error}") from error
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a mapping of option: value, got {type(values).__name__}.")
-    known = {action.dest for action in parser._actions}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}. Run `hf-fg2u train --help` for the options.")
-    argv = []
-    for key, value in values.items():
-        if value is None:
-            continue
-        items = value if isinstance(value, list) else [value]
-        argv += [f"--{key}", *[json.dumps(v) if isinstance(v, dict) else str(v) for v in items]]
-    return argv
+def recipe_config(name: str) -> Path:
+    """The packaged YAML of recipe ``name`` (shipped inside the package, so it works from any directory)."""
+    if name not in RECIPES:
+        raise ValueError(f"recipe={name!r} is not known; use one of {RECIPES}.")
+    return RECIPES_DIR / f"{name}.yaml"
 
 
 def parse_args(argv: list[str] | None = None):
-    """(script_args, training_args, model_args) from ``--config FILE`` (optional) and CLI flags."""
+    """(script_args, training_args, model_args) from ``--config FILE`` or else the packaged YAML of ``--recipe``
+    (default noisy_reweighting), overridden by the CLI flags."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser()
-    if "--config" in argv:
-        index = argv.index("--config")
-        if index + 1 >= len(argv):
-            raise ValueError("--config needs a file path.")
-        path = argv[index + 1]
-        argv = yaml_to_argv(path, parser) + argv[:index] + argv[index + 2 :]
-    if "--output_dir" not in argv:
-        argv += ["--output_dir", "outputs/hf_fg2u"]
-    script_args, training_args, model_args = parser.parse_args_into_dataclasses(args=argv)
+    config = None
+    if not any(arg == "--config" or arg.startswith("--config=") for arg in argv):
+        early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        early.add_argument("--recipe", default=ScriptArguments.recipe)
+        named, _ = early.parse_known_args(argv)
+        config = recipe_config(named.recipe)
+    script_args, training_args, model_args, *launch_options = parser.parse_args_and_config(argv, config=config)
+    if launch_options:
+        raise ValueError(
+            f"{sorted(vars(launch_options[0]))} start processes under `hf-fg2u train` only; with recipes/train.py "
+            "use `accelerate launch --config_file ... recipes/train.py ...`."
+        )
     if script_args.recipe not in RECIPES:
         raise ValueError(f"recipe={script_args.recipe!r} is not known; use one of {RECIPES}.")
     return script_args, training_args, model_args
@@ -345,7 +348,6 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
             results[f"{name}_eval_loss"] = trainer.evaluate()["eval_loss"]
         runs[name] = trainer
     trainer = runs["bilevel"]
-    trainer.save_model()
     results.update(summarize(script_args, raw, trainer, results, output_dir))
     if script_args.plot and len(runs) > 1:
         from .report import meta_loss_history, plot_meta_loss_curves
@@ -353,6 +355,7 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
         curves = {name: meta_loss_history(run.state.log_history) for name, run in runs.items()}
         if any(curves.values()):  # nothing is logged with logging_strategy="no"
             results["meta_loss_plot"] = str(plot_meta_loss_curves(curves, output_dir / "meta_loss.png"))
+    trainer.save_model()  # after the plots: the card shows them and push_to_hub (if set) uploads them
     if script_args.final_stage_steps and script_args.recipe == "noisy_reweighting":
         results["final_adapter_meta_loss"] = final_stage(script_args, training_args, model_args, trainer)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))

@@ -272,8 +272,8 @@ def report_weights(output_dir: str | Path, dataset=None, k: int = 10, histogram:
         folder = output_dir / WEIGHTED_DATASET_DIR
         if not folder.is_dir():
             raise FileNotFoundError(
-                f"No weighted dataset at {folder}. Run the training first: `hf-fg2u train --config "
-                f"recipes/noisy_reweighting.yaml --output_dir {output_dir}` (or `hf-fg2u demo --output_dir "
+                f"No weighted dataset at {folder}. Run the training first: `hf-fg2u train --recipe "
+                f"noisy_reweighting --output_dir {output_dir}` (or `hf-fg2u demo --output_dir "
                 f"{output_dir}`), or save one yourself: trainer.export_weights().save_to_disk('{folder}')."
             )
         dataset = datasets.load_from_disk(str(folder))

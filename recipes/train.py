@@ -1,6 +1,6 @@
 """Run a recipe from a YAML config, CLI flags overriding it (the same as `hf-fg2u train`).
 
-python recipes/train.py --config recipes/noisy_reweighting.yaml --max_steps 20
+python recipes/train.py --recipe noisy_reweighting --max_steps 20
 """
 
 from hf_fg2u.recipe import main, parse_args

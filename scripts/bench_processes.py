@@ -8,7 +8,7 @@ directions; inner gradients and tangents are averaged at every inner step).
         --seq-len 256 --batch 32 --out /tmp/bench_processes_gpu.md   # the GPU variant, a process per GPU
     .venv/bin/python scripts/bench_processes.py --worker ...     # one measurement (what the parent launches)
 
-Processes are started by ``accelerate launch`` with recipes/accelerate_configs/cpu_2proc.yaml (CPU) or
+Processes are started by ``accelerate launch`` with hf_fg2u/recipes/accelerate_configs/cpu_2proc.yaml (CPU) or
 ``--multi_gpu`` (GPU). The data is the facts table padded to --seq-len tokens; the model a Llama from config.
 The inner batch (--batch rows) is the same for every process count: with P processes each reads batch/P rows.
 """
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CPU_CONFIG = REPO / "recipes" / "accelerate_configs" / "cpu_2proc.yaml"
+CPU_CONFIG = REPO / "hf_fg2u" / "recipes" / "accelerate_configs" / "cpu_2proc.yaml"
 
 
 def worker(args) -> None:

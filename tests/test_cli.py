@@ -1,14 +1,17 @@
 """The hf-fg2u CLI and recipes: YAML + CLI overrides, clear errors, each recipe's offline default runs."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from hf_fg2u import cli, recipe
+from hf_fg2u import cli, parsing, recipe
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(recipe.__file__).parent / "recipes"
 
 
 def test_cli_flags_override_yaml_values(tmp_path):
@@ -83,3 +86,105 @@ def test_recipe_yaml_files_parse():
         values = yaml.safe_load(path.read_text())
         assert values["recipe"] in recipe.RECIPES
         recipe.parse_args(["--config", str(path)])
+
+
+def write_yaml(tmp_path, text: str) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text("recipe: noisy_reweighting\n" + text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [  # issue 13: each error names the file, the key and the expected type
+        ('max_steps: "ten"', r"config.yaml: max_steps expects an int, got str 'ten'"),
+        ("max_steps: [1, 2]", r"config.yaml: max_steps takes a single value \(an int\), got the list \[1, 2\]"),
+        ("inner_lr: fast", r"inner_lr expects a float, got str 'fast'"),
+        ("plot: maybe", r"plot expects a boolean \(true/false\), got str 'maybe'"),
+        ("directions: [rademacher]", r"directions takes a single value \(a string\)"),
+        ("save_strategy: sometimes", r"save_strategy is 'sometimes'; use one of \['no', 'steps', 'epoch', 'best'\]"),
+        ("env: [A, B]", r"env must be a mapping of NAME: value, got list"),
+    ],
+)
+def test_yaml_value_of_the_wrong_type_names_the_key(tmp_path, line, message):
+    with pytest.raises(ValueError, match=message):
+        recipe.parse_args(["--config", write_yaml(tmp_path, line + "\n")])
+
+
+def test_yaml_values_are_typed_yaml_12_and_cli_flags_override_them(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_FG2U_TEST_VAR", raising=False)
+    config = write_yaml(
+        tmp_path,
+        "save_strategy: no\nplot: no\nmax_steps: 7\ninner_lr: 1e-3\nlora_target_modules: q_proj\n"
+        "env:\n  HF_FG2U_TEST_VAR: 3\n",
+    )
+    script, training, model = recipe.parse_args(["--config", config])
+    assert training.save_strategy == "no" and script.plot is False  # `no` is the string "no", read per field
+    assert training.max_steps == 7 and training.inner_lr == pytest.approx(1e-3)
+    assert model.lora_target_modules == ["q_proj"]
+    assert os.environ["HF_FG2U_TEST_VAR"] == "3"
+    overrides = ["--max_steps", "2", "--lora_target_modules", "a", "b"]
+    _, training, model = recipe.parse_args([f"--config={config}", *overrides])
+    assert training.max_steps == 2 and model.lora_target_modules == ["a", "b"]
+
+
+def test_recipe_name_loads_the_packaged_yaml_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    script, training, _ = recipe.parse_args(["--recipe", "domain_mixture", "--max_steps", "2"])
+    packaged = yaml.safe_load((RECIPES / "domain_mixture.yaml").read_text())
+    assert script.recipe == "domain_mixture" and training.max_steps == 2
+    assert training.learning_rate == pytest.approx(packaged["learning_rate"])
+    assert training.output_dir == packaged["output_dir"]
+    assert sorted(p.name for p in (RECIPES / "accelerate_configs").glob("*.yaml")) == [
+        "cpu_2proc.yaml", "multi_gpu.yaml", "multi_node.yaml", "single_gpu.yaml",
+    ]  # fmt: skip
+
+
+def test_help_is_grouped_with_bilevel_options_first(capsys):
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--help"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("usage: hf-fg2u train ")
+    titles = [line for line in lines if line and not line.startswith(" ") and line.endswith(":")]
+    assert titles == [
+        "options:", "run:", "BilevelConfig: bilevel meta-tuning:", "recipe: what to learn and on which data:",
+        "model and its LoRA adapter:", f"{parsing.TRAINER_GROUP}:",
+    ]  # fmt: skip
+    first80 = "\n".join(lines[:80])
+    assert "--config FILE" in first80 and "--num_processes N" in first80
+    assert (
+        "--method {fg2u,fg2u_zo,rgu,trgu,neumann,cg,hessian_free,auto}" in first80
+        and "--num_directions" in first80
+        and "--inner_optimizer" in first80
+    )
+    assert "--learning_rate" not in first80
+
+
+def test_num_processes_launches_the_cli_through_accelerate(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake_run(command, check):
+        calls.append(command)
+        (tmp_path / "results.json").write_text('{"bilevel_meta_loss": 1.5}')
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(cli.subprocess, "run", fake_run)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv = ["--recipe", "soft_prompt", "--max_steps", "2", "--output_dir", str(tmp_path)]
+    results = cli.run_train([*argv, "--num_processes", "2", "--accelerate_config", "cpu_2proc"])
+    assert results == {"bilevel_meta_loss": 1.5}
+    config = str(RECIPES / "accelerate_configs" / "cpu_2proc.yaml")
+    assert calls == [
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file", config,
+         "-m", "hf_fg2u.cli", "train", *argv],
+    ]  # fmt: skip
+    cli.run_train([*argv, "--num_processes=3"])
+    assert calls[-1][4:7] == ["3", "--multi_gpu", "--num_machines"]
+    with pytest.raises(SystemExit, match="--accelerate_config 'nope' is neither a file nor one of"):
+        cli.main(["train", *argv, "--num_processes", "2", "--accelerate_config", "nope"])
+    with pytest.raises(SystemExit):  # checked before any rank starts
+        cli.main(["train", "--num_processes", "2", "--max_steps", "x"])
+    assert "argument --max_steps/--max-steps: invalid int value: 'x'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"\['num_processes'\] start processes under `hf-fg2u train` only"):
+        recipe.parse_args([*argv, "--num_processes", "2"])
+    assert len(calls) == 2

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
-CPU_2PROC = HERE.parent / "recipes" / "accelerate_configs" / "cpu_2proc.yaml"
+CPU_2PROC = HERE.parent / "hf_fg2u" / "recipes" / "accelerate_configs" / "cpu_2proc.yaml"
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC)]
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")

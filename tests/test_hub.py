@@ -2,14 +2,22 @@
 
 import io
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load
 
 from hf_fg2u import ExampleWeights
+from hf_fg2u.hub import load_run
+from hf_fg2u.model_card import WEIGHTED_DATASET_FILE
+from hf_fg2u.outer import OuterModule
 
 from .test_fake_hub import assert_token_only_in_authorization
-from .test_trainer import fact_data, trainer_for
+from .test_trainer import fact_data, tiny_llama, trainer_for
 
 TOKEN = "hf_fake"
 
@@ -38,3 +46,87 @@ def test_push_to_hub_lands_adapter_outer_variables_and_card_without_the_token(hu
     assert TOKEN not in captured.out + captured.err
     assert TOKEN not in json.dumps(trainer.state.log_history)
     assert isinstance(io.BytesIO(files["training_args.bin"]), io.BytesIO)
+
+
+def test_outer_module_pushes_and_loads_by_repo_id_and_revision(hub, tmp_path):
+    outer = ExampleWeights(5)
+    with torch.no_grad():
+        outer.logits.copy_(torch.arange(5.0))
+    outer.push_to_hub("tester/outer", token=TOKEN)
+    commit = hub.commits[-1].oid
+    assert set(hub.repos["tester/outer"]) >= {"outer_config.json", "outer_model.safetensors"}
+    assert b"pickle" not in hub.repos["tester/outer"]["outer_config.json"]
+    for revision in (None, commit):
+        loaded = OuterModule.from_pretrained("tester/outer", revision=revision, cache_dir=tmp_path / "cache")
+        assert isinstance(loaded, ExampleWeights) and loaded.logits.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    with pytest.raises(FileNotFoundError, match="neither a local folder nor a Hub repo"):
+        OuterModule.from_pretrained("tester/missing", cache_dir=tmp_path / "cache")
+
+
+FRESH_PROCESS = """
+import json, sys, torch, datasets
+from huggingface_hub import hf_hub_download
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+from hf_fg2u.hub import load_run
+from hf_fg2u.outer import OuterModule
+run = load_run("tester/run")
+plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sys.argv[1]), "tester/run")
+ids = torch.tensor([[1, 2, 3, 4]])
+weighted = datasets.load_dataset("parquet", data_files=hf_hub_download("tester/run", sys.argv[2]))["train"]
+print(json.dumps({
+    "run_logits": run.model(ids).logits.sum().item(), "plain_logits": plain(ids).logits.sum().item(),
+    "outer": OuterModule.from_pretrained("tester/run").logits.tolist(), "load_run_outer": run.outer.logits.tolist(),
+    "weights": list(weighted["weight"]),
+}))
+"""
+
+
+def test_pushed_run_loads_back_by_repo_id_in_a_fresh_process(hub, tmp_path):
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)
+    _, data = fact_data(num_facts=8, copies=4)
+    outer = ExampleWeights(32)
+    trainer = trainer_for(
+        tmp_path, outer, data, model=str(base), max_steps=2, num_directions=2, push_to_hub=True,
+        hub_model_id="tester/run", hub_token=TOKEN, hub_strategy="end",
+    )  # fmt: skip
+    trainer.train()
+    commits = len(hub.commits)
+    trainer.push_to_hub()
+    assert len(hub.commits) == commits + 1  # adapter, outer variables, card and weighted dataset: one commit
+    assert WEIGHTED_DATASET_FILE in hub.commits[-1].added and "outer_model.safetensors" in hub.commits[-1].added
+    card = hub.repos["tester/run"]["README.md"].decode()
+    assert 'load_run("tester/run")' in card and f"`{WEIGHTED_DATASET_FILE}`" in card  # quick start names the repo
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        expected_logits = trainer.model(input_ids=ids).logits.sum().item()
+    expected_weights = list(trainer.export_weights()["weight"])
+
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "home"),
+           "HF_TOKEN": TOKEN, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, str(base), WEIGHTED_DATASET_FILE], env=env, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert loaded["run_logits"] == pytest.approx(expected_logits, rel=1e-5)
+    assert loaded["plain_logits"] == pytest.approx(expected_logits, rel=1e-5)
+    assert loaded["outer"] == loaded["load_run_outer"] == pytest.approx(outer.logits.tolist())
+    assert loaded["weights"] == pytest.approx(expected_weights)
+
+
+def test_load_run_from_a_folder_without_a_base_model_name_says_what_to_pass(tmp_path):
+    _, data = fact_data(num_facts=8, copies=4)
+    trainer = trainer_for(tmp_path, ExampleWeights(32), data, max_steps=1, num_directions=2)
+    trainer.train()
+    trainer.save_model()
+    folder = trainer.args.output_dir
+    with pytest.raises(ValueError, match=r"names no base model.*base_model="):
+        load_run(folder)
+    run = load_run(folder, base_model=tiny_llama())
+    assert run.outer.logits.tolist() == pytest.approx(trainer.outer.logits.tolist())
+    torch.testing.assert_close(
+        run.model(torch.tensor([[1, 2, 3]])).logits, trainer.model(torch.tensor([[1, 2, 3]])).logits
+    )

@@ -2,14 +2,11 @@
 results in the data's own terms."""
 
 import json
-from pathlib import Path
 
 import pytest
 from datasets import Dataset, load_from_disk
 
 from hf_fg2u import cli, recipe
-
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def pairs(count: int, start: int = 0, wrong: bool = False) -> list[dict]:
@@ -108,7 +105,7 @@ def test_own_jsonl_end_to_end_short_run_writes_results_in_the_users_terms(tmp_pa
 def test_built_in_recipe_shorter_than_logging_steps_finishes_and_writes_results(tmp_path):
     out = tmp_path / "short"
     results = cli.run_train([
-        "--config", str(RECIPES / "noisy_reweighting.yaml"), "--max_steps", "1", "--logging_steps", "10",
+        "--recipe", "noisy_reweighting", "--max_steps", "1", "--logging_steps", "10",
         "--num_directions", "2", "--directions", "rademacher", "--output_dir", str(out),
     ])  # fmt: skip
     assert (out / "results.json").is_file() and (out / "meta_loss.png").is_file()

@@ -1,6 +1,7 @@
 """BilevelTrainer end to end on tiny models built from config, with offline synthetic data."""
 
 import json
+import math
 import warnings
 
 import pytest
@@ -345,3 +346,17 @@ def test_soft_prompt_is_also_saved_as_a_peft_prompt_tuning_adapter(tmp_path):
     trainer.save_model()
     adapter = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "run" / "prompt_adapter"))
     torch.testing.assert_close(adapter.get_prompt_embedding_to_save("default"), prompt.embeddings.detach())
+
+
+def test_auroc_matches_the_pairwise_definition_and_scales_to_large_n():
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (300,), generator=gen).double()  # many ties
+    positives = torch.rand(300, generator=gen) < 0.3
+    pos, neg = scores[positives], scores[~positives]
+    pairwise = ((pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()).mean()
+    assert auroc(scores, positives) == pytest.approx(float(pairwise), abs=1e-12)
+    assert auroc(torch.tensor([1.0, 1.0, 1.0]), torch.tensor([True, False, False])) == 0.5
+    n = 2_000_000  # the pairwise matrix would need n²/4 = 10¹² entries
+    big = torch.arange(n, dtype=torch.float64)
+    assert auroc(big, big >= n // 2) == 1.0 and auroc(-big, big >= n // 2) == 0.0
+    assert math.isnan(auroc(torch.ones(3), torch.zeros(3, dtype=torch.bool)))

@@ -5,9 +5,17 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from pathlib import Path
 
 import torch
+from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HFValidationError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -78,10 +86,33 @@ class OuterModule(torch.nn.Module):
         """Also write the outer variables as a peft adapter where one fits (a soft prompt); default: none."""
         return None
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str = "Upload outer variables",
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+    ) -> str:
+        """Upload ``outer_config.json`` and ``outer_model.safetensors`` to the Hub in one commit; returns its URL."""
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            info = api.upload_folder(
+                repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=revision
+            )
+        return info.commit_url
+
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> OuterModule:
-        """Rebuild the outer module saved in ``directory`` (its class is read from the config)."""
-        directory = Path(directory)
+    def from_pretrained(
+        cls, name_or_path: str | Path, *, revision: str | None = None, token: str | None = None,
+        cache_dir: str | Path | None = None,
+    ) -> OuterModule:  # fmt: skip
+        """Rebuild the outer module saved in a folder, or in a Hub repo ``name_or_path`` at ``revision`` (its
+        class is read from the config)."""
+        directory = resolve_folder(name_or_path, (CONFIG_NAME, WEIGHTS_NAME), revision, token, cache_dir)
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         if not config_path.is_file() or not weights_path.is_file():
             raise FileNotFoundError(
@@ -102,6 +133,21 @@ class OuterModule(torch.nn.Module):
             raise TypeError(f"{directory} holds a {kind}, not a {cls.__name__}.")
         module.load_state_dict(state)
         return module
+
+
+def resolve_folder(name_or_path, filenames, revision=None, token=None, cache_dir=None) -> Path:
+    """A local folder as is; otherwise a Hub repo id whose ``filenames`` are downloaded (cached) at ``revision``."""
+    if Path(name_or_path).is_dir():
+        return Path(name_or_path)
+    try:
+        paths = [hf_hub_download(str(name_or_path), name, revision=revision, token=token, cache_dir=cache_dir)
+                 for name in filenames]  # fmt: skip
+    except (HFValidationError, EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as error:
+        raise FileNotFoundError(
+            f"{name_or_path} is neither a local folder nor a Hub repo holding {list(filenames)} "
+            f"(revision {revision or 'main'}): {error}"
+        ) from error
+    return Path(paths[0]).parent
 
 
 def normalized_entropy(probs: torch.Tensor) -> float:

@@ -1,0 +1,176 @@
+"""``ConfigParser``: ``HfArgumentParser`` plus a typed YAML ``--config`` (TRL's ``TrlParser`` pattern).
+
+The YAML's values become the parser's defaults, so CLI flags override them and argparse still reports the
+CLI's errors. YAML values keep their types (``max_steps: 10`` is an int, never the string "10"), are checked
+against each option's type and choices here, with errors naming the file and the key, and are read as YAML 1.2
+(only ``true``/``false`` are booleans: ``save_strategy: no`` means "no", not ``False``). An ``env:`` mapping is
+exported to ``os.environ`` before anything is built. A ``TrainingArguments`` subclass gets two help groups: its
+own fields right after ``--config``, the Trainer's own fields last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import get_type_hints
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+from transformers.hf_argparser import string_to_bool
+
+TRAINER_GROUP = "transformers.TrainingArguments (the outer optimizer, logging, saving, the Hub)"
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+
+
+class Yaml12Loader(yaml.SafeLoader):
+    """A safe loader whose booleans are YAML 1.2's: ``yes``/``no``/``on``/``off`` stay strings."""
+
+
+Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+Yaml12Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def load_yaml_config(path: str | Path) -> dict:
+    """The mapping in a YAML file; a missing file, bad YAML or a non-mapping is an error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file {path} does not exist. Packaged recipes load with --recipe NAME.")
+    try:
+        values = yaml.load(path.read_text(), Loader=Yaml12Loader) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML: {error}") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of option: value, got {type(values).__name__}.")
+    return values
+
+
+class ConfigParser(HfArgumentParser):
+    """Parse dataclasses from ``--config FILE`` (optional) and CLI flags, CLI winning."""
+
+    def __init__(self, dataclass_types, **kwargs):
+        self._own_group = self._trainer_group = None
+        super().__init__(dataclass_types, **kwargs)
+        self.run_group = self.add_argument_group("run")
+        self._config_action = self.run_group.add_argument(
+            "--config", metavar="FILE", default=argparse.SUPPRESS,
+            help="A YAML file of option: value (and an optional env: mapping); flags on the command line override it.",
+        )  # fmt: skip
+        # --help order: --config, the TrainingArguments subclass's own options, the other dataclasses, and the
+        # Trainer's ~100 options last.
+        first = [group for group in (self.run_group, self._own_group) if group is not None]
+        last = [self._trainer_group] if self._trainer_group is not None else []
+        middle = [group for group in self._action_groups[2:] if group not in first + last]
+        self._action_groups[2:] = first + middle + last
+
+    def _add_dataclass_arguments(self, dtype):
+        if not (isinstance(dtype, type) and issubclass(dtype, TrainingArguments) and dtype is not TrainingArguments):
+            return super()._add_dataclass_arguments(dtype)
+        own = self._own_group = self.add_argument_group(
+            getattr(dtype, "_argument_group_name", f"{dtype.__name__}: bilevel meta-tuning")
+        )
+        self._trainer_group = self.add_argument_group(TRAINER_GROUP)
+        trainer_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+        hints = get_type_hints(dtype)
+        for field in dataclasses.fields(dtype):
+            if field.init:
+                field.type = hints[field.name]
+                self._parse_dataclass_field(self._trainer_group if field.name in trainer_fields else own, field)
+
+    def parse_args_and_config(self, args: list[str], config: str | Path | None = None) -> tuple:
+        """The dataclasses from ``config`` (also ``--config`` inside ``args``) overridden by ``args``."""
+        known, args = _pop_config(list(args))
+        path = known or config
+        if path is not None:
+            self.set_defaults(**self.typed_config(path))
+        return self.parse_args_into_dataclasses(args=args)
+
+    def typed_config(self, path: str | Path) -> dict:
+        """The YAML's options checked against the parser's; exports its ``env:`` mapping."""
+        values = load_yaml_config(path)
+        env = values.pop("env", None) or {}
+        if not isinstance(env, dict):
+            raise ValueError(f"{path}: env must be a mapping of NAME: value, got {type(env).__name__} {env!r}.")
+        actions = {}
+        for action in self._actions:  # the first action of a dest: --plot, not its complement --no_plot
+            if action is not self._config_action:
+                actions.setdefault(action.dest, action)
+        unknown = sorted(set(values) - set(actions))
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {unknown}. Run `{self.prog} --help` for the options.")
+        typed = {key: typed_value(f"{path}: {key}", value, actions[key]) for key, value in values.items()}
+        os.environ.update({str(name): str(value) for name, value in env.items()})
+        return typed
+
+
+def typed_value(where: str, value, action: argparse.Action):
+    """``value`` as the option ``action`` expects it, or a ValueError naming ``where`` and the expected type."""
+    if value is None:
+        return None
+    if action.nargs in ("+", "*"):
+        return [_one_value(where, item, action) for item in (value if isinstance(value, list) else [value])]
+    if isinstance(value, list):
+        raise ValueError(
+            f"{where} takes a single value ({_type_name(action)}), got the list {value!r}. Write a single value "
+            f"(`{where.rsplit(': ', 1)[-1]}: {value[0] if value else '...'}`)."
+        )
+    return _one_value(where, value, action)
+
+
+def _one_value(where: str, value, action: argparse.Action):
+    kind = action.type
+    try:
+        if kind is string_to_bool:
+            value = value if isinstance(value, bool) else string_to_bool(_as_str(value))
+        elif kind is int:
+            value = value if isinstance(value, int) and not isinstance(value, bool) else int(_as_str(value))
+        elif kind is float:
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            value = float(value) if number else float(_as_str(value))
+        elif kind is dict:
+            value = value if isinstance(value, dict) else json.loads(_as_str(value))
+        elif isinstance(value, dict | list | bool):
+            raise TypeError
+        elif kind is not None:
+            value = kind(str(value))
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        raise ValueError(
+            f"{where} expects {_type_name(action)}, got {type(value).__name__} {value!r}. Write a value of that "
+            "type (quote a string that YAML would read otherwise)."
+        ) from None
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"{where} is {value!r}; use one of {list(action.choices)}.")
+    return value
+
+
+def _as_str(value) -> str:
+    if not isinstance(value, str):
+        raise TypeError
+    return value
+
+
+def _type_name(action: argparse.Action) -> str:
+    if action.choices is not None:
+        return f"one of {list(action.choices)}"
+    kind = action.type
+    names = {string_to_bool: "a boolean (true/false)", int: "an int", float: "a float", dict: "a mapping"}
+    name = names.get(kind, "a string")
+    return f"a list of {name.split(' ', 1)[1]}s" if action.nargs in ("+", "*") and name != "a string" else name
+
+
+def _pop_config(args: list[str]) -> tuple[str | None, list[str]]:
+    """``--config FILE`` (or ``--config=FILE``) taken out of ``args``."""
+    for index, arg in enumerate(args):
+        if arg == "--config":
+            if index + 1 >= len(args):
+                raise ValueError("--config needs a file path.")
+            return args[index + 1], args[:index] + args[index + 2 :]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1], args[:index] + args[index + 1 :]
+    return None, args
