@@ -8,42 +8,37 @@ Nothing is kept across steps, so memory does not grow with T. At the end ⟨∇h
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
 from torch.utils._pytree import tree_map
 
-from ..optim import InnerOptimizer
-from .unroll import LossFn, detach_tree, make_grad_tangent, step_rng, tree_dot, tree_zeros_like
+from .unroll import Unroll, detach_tree, make_grad_tangent, step_rng, tree_dot, tree_zeros_like
 
 
 def forward_directional_derivatives(
-    inner_loss: LossFn,
-    outer_loss: LossFn,
-    optimizer: InnerOptimizer,
-    params,
-    state,
-    outer,
-    inner_batches: Sequence,
-    meta_batch,
+    unroll: Unroll,
     direction_dicts: list[dict[str, torch.Tensor]],
-    seeds: Sequence[int | None],
     jvp: str = "forward",
     fd_epsilon: float | None = None,
-    progress=None,
-    reduce_gradients: Callable | None = None,
 ):
     """Push each chunk of directions (dicts of tensors with a leading direction axis) through the unroll.
 
     Returns (⟨∇_θ f, dθ_T⟩ for every direction [b], ∇_φ f, h, θ_T, s_T, inner losses). The direct term ∇_φ f
-    is returned whole so callers can add it exactly instead of estimating it. ``reduce_gradients`` (a function
+    is returned whole so callers can add it exactly instead of estimating it. ``unroll.reduce_gradients`` (a function
     of a dict of tensors, e.g. a mean over processes) is applied to every step's inner gradient and to each
     chunk's tangents of it before the optimizer update: the data-parallel inner loop. Collectives cannot run
     inside ``vmap``, so the tangent pass and the optimizer's JVP are two vmapped calls with the reduction between.
     """
+    inner_loss, optimizer, params, state, outer = (
+        unroll.inner_loss,
+        unroll.optimizer,
+        unroll.params,
+        unroll.state,
+        unroll.outer,
+    )
     grad_tangent = make_grad_tangent(inner_loss, jvp, fd_epsilon)
-    reduce = reduce_gradients or (lambda tree: tree)
+    reduce = unroll.reduce_gradients or (lambda tree: tree)
 
     def update_tangent(grads, d_grads, d_state, d_params, state, params):
         _, tangents = torch.func.jvp(optimizer.update, (grads, state, params), (d_grads, d_state, d_params))
@@ -55,7 +50,7 @@ def forward_directional_derivatives(
         size = next(iter(d_outer.values())).shape[0]
         chunks.append((tree_zeros_like(params, (size,)), tree_zeros_like(state, (size,)), d_outer))
     losses = []
-    for batch, seed in zip(inner_batches, seeds, strict=True):
+    for batch, seed in zip(unroll.inner_batches, unroll.seeds, strict=True):
         # The primal gradient does not depend on the direction: the first chunk's tangent pass returns it
         # unbatched. Finite differences give none, and a process with no direction has no pass: compute it.
         grads = loss = None
@@ -78,11 +73,11 @@ def forward_directional_derivatives(
         chunks = new_chunks
         params, state = detach_tree(optimizer.update(grads, state, params))
         losses.append(float(loss))
-        if progress is not None:
-            progress.update(1)
+        if unroll.progress is not None:
+            unroll.progress.update(1)
 
-    (meta_grad_params, meta_grad_outer), meta_value = torch.func.grad_and_value(outer_loss, argnums=(0, 1))(
-        params, outer, meta_batch
+    (meta_grad_params, meta_grad_outer), meta_value = torch.func.grad_and_value(unroll.outer_loss, argnums=(0, 1))(
+        params, outer, unroll.meta_batch
     )
     pair = torch.func.vmap(lambda d: tree_dot(meta_grad_params, d))
     directional = torch.cat([pair(d_params) for d_params, _, _ in chunks])

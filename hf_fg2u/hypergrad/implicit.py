@@ -13,50 +13,34 @@ exact for one SGD step.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
 
 import torch
 from torch.utils._pytree import tree_map
 
-from ..optim import InnerOptimizer
-from .unroll import LossFn, detach_tree, make_grad_tangent, run_inner_loop, step_rng, tree_axpy, tree_dot
+from .unroll import Unroll, detach_tree, make_grad_tangent, run_inner_loop, step_rng, tree_axpy, tree_dot
 
 
-def implicit_hypergradient(
-    inner_loss: LossFn,
-    outer_loss: LossFn,
-    optimizer: InnerOptimizer,
-    params,
-    state,
-    outer,
-    inner_batches: Sequence,
-    meta_batch,
-    seeds: Sequence[int | None],
-    method: str,
-    inner_lr: float,
-    implicit_steps: int = 10,
-    neumann_lr: float | None = None,
-    cg_damping: float = 0.0,
-    implicit_batches: str = "all",
-    jvp: str = "forward",
-    fd_epsilon: float | None = None,
-    progress=None,
-):
-    """Return (∇h estimate, h, θ_T, s_T, inner losses) for method "neumann", "cg" or "hessian_free"."""
+def implicit_hypergradient(unroll: Unroll, method: str, options):
+    """Return (∇h estimate, h, θ_T, s_T, inner losses) for method "neumann", "cg" or "hessian_free"; ``options``:
+    an ``ImplicitOptions`` (implicit_steps, neumann_lr, cg_damping, implicit_batches, jvp, fd_epsilon)."""
     if method == "hessian_free":
-        return hessian_free_hypergradient(
-            inner_loss, outer_loss, optimizer, params, state, outer, inner_batches, meta_batch, seeds, inner_lr,
-            fd_epsilon, progress,
-        )  # fmt: skip
-    params, state, losses = run_inner_loop(inner_loss, optimizer, params, state, outer, inner_batches, seeds, progress)
+        return hessian_free_hypergradient(unroll, options.fd_epsilon)
+    u, o = unroll, options
+    inner_loss, outer_loss, optimizer, outer = u.inner_loss, u.outer_loss, u.optimizer, u.outer
+    inner_batches, seeds, implicit_batches = u.inner_batches, u.seeds, o.implicit_batches
+    params, state, losses = run_inner_loop(
+        inner_loss, optimizer, u.params, u.state, outer, inner_batches, seeds, u.progress
+    )
     if implicit_batches == "last":
         inner_batches, seeds = inner_batches[-1:], seeds[-1:]
     elif implicit_batches != "all":
         raise ValueError(f"implicit_batches={implicit_batches!r} is not known; use 'all' or 'last'.")
     pairs = list(zip(inner_batches, seeds, strict=True))
-    (meta_params, meta_outer), value = torch.func.grad_and_value(outer_loss, argnums=(0, 1))(params, outer, meta_batch)
+    (meta_params, meta_outer), value = torch.func.grad_and_value(outer_loss, argnums=(0, 1))(
+        params, outer, u.meta_batch
+    )
     zero_outer = tree_map(torch.zeros_like, outer)
-    grad_tangent = make_grad_tangent(inner_loss, jvp, fd_epsilon)
+    grad_tangent = make_grad_tangent(inner_loss, o.jvp, o.fd_epsilon)
 
     def hvp(vector):
         products = []
@@ -66,44 +50,45 @@ def implicit_hypergradient(
         return tree_map(lambda *leaves: sum(leaves) / len(leaves), *products)
 
     if method == "neumann":
-        alpha = inner_lr if neumann_lr is None else neumann_lr
+        alpha = u.inner_lr if o.neumann_lr is None else o.neumann_lr
         term, total = meta_params, meta_params
-        for _ in range(implicit_steps):
+        for _ in range(o.implicit_steps):
             term = tree_axpy(-alpha, hvp(term), term)
             total = tree_map(torch.add, total, term)
         solution = tree_map(lambda t: alpha * t, total)
     elif method == "cg":
-        solution = conjugate_gradient(hvp, meta_params, implicit_steps, cg_damping)
+        solution = conjugate_gradient(hvp, meta_params, o.implicit_steps, o.cg_damping)
     else:
         raise ValueError(f"implicit method {method!r} is not known.")
 
     mixed = []
     for batch, seed in pairs:
         with step_rng(seed):
-            mixed.append(mixed_product(inner_loss, params, outer, batch, solution, jvp, fd_epsilon, False))
+            mixed.append(mixed_product(inner_loss, params, outer, batch, solution, o.jvp, o.fd_epsilon, False))
     mean_mixed = tree_map(lambda *leaves: sum(leaves) / len(leaves), *mixed)
     grad = tree_map(lambda direct, m: (direct - m).detach(), meta_outer, mean_mixed)
     return grad, float(value), params, state, losses
 
 
-def hessian_free_hypergradient(
-    inner_loss, outer_loss, optimizer, params, state, outer, inner_batches, meta_batch, seeds, inner_lr, fd_epsilon,
-    progress,
-):  # fmt: skip
+def hessian_free_hypergradient(unroll: Unroll, fd_epsilon: float | None):
     """∇_φ f − α Σ_t H_φθ(θ_{t-1}, batch_t) ∇_θ f(θ_T), with only first derivatives."""
+    u = unroll
+    inner_loss, outer, params, state = u.inner_loss, u.outer, u.params, u.state
     iterates, losses = [], []
-    for batch, seed in zip(inner_batches, seeds, strict=True):
+    for batch, seed in zip(u.inner_batches, u.seeds, strict=True):
         iterates.append(params)
         params, state, step_losses = run_inner_loop(
-            inner_loss, optimizer, params, state, outer, [batch], [seed], progress
+            inner_loss, u.optimizer, params, state, outer, [batch], [seed], u.progress
         )
         losses += step_losses
-    (meta_params, meta_outer), value = torch.func.grad_and_value(outer_loss, argnums=(0, 1))(params, outer, meta_batch)
+    (meta_params, meta_outer), value = torch.func.grad_and_value(u.outer_loss, argnums=(0, 1))(
+        params, outer, u.meta_batch
+    )
     grad = tree_map(torch.Tensor.detach, meta_outer)
-    for iterate, batch, seed in zip(iterates, inner_batches, seeds, strict=True):
+    for iterate, batch, seed in zip(iterates, u.inner_batches, u.seeds, strict=True):
         with step_rng(seed):
             mixed = mixed_product(inner_loss, iterate, outer, batch, meta_params, "finite_difference", fd_epsilon, True)
-        grad = tree_map(lambda g, m: (g - inner_lr * m).detach(), grad, mixed)
+        grad = tree_map(lambda g, m: (g - u.inner_lr * m).detach(), grad, mixed)
     return grad, float(value), params, state, losses
 
 

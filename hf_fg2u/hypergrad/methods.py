@@ -12,40 +12,18 @@ contributes to the hypergradient).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from ..optim import InnerOptimizer
 from .directions import DIRECTIONS, OuterSpace, sample_directions
 from .forward import forward_directional_derivatives, split_directions
 from .implicit import implicit_hypergradient
 from .result import HypergradientResult
 from .reverse import reverse_hypergradient
-from .unroll import JVP_MODES
+from .unroll import JVP_MODES, Unroll
 from .zeroth_order import ZO_SCHEMES, zeroth_order_directional_derivatives
 
 DEFAULT_JVP = "double_backward"
-
-
-@dataclass
-class Unroll:
-    """The data of one hypergradient call: the problem, θ_0 and s_0, φ, the batches, and per-call context."""
-
-    inner_loss: Callable
-    outer_loss: Callable
-    optimizer: InnerOptimizer
-    inner_lr: float
-    params: dict
-    state: dict
-    outer: dict
-    inner_batches: Sequence
-    meta_batch: object
-    seeds: list
-    seed: int = 0
-    direction_slice: slice | None = None
-    active_coordinates: dict | None = None
-    reduce_gradients: Callable | None = None
-    progress: object = None
 
 
 # -- options ------------------------------------------------------------------------------------------------------
@@ -165,7 +143,6 @@ class MethodSpec:
     directional: bool = False
     data_parallel: bool = False
     reaches_every_step: bool = True
-    summary: str = field(default="", compare=False)
 
 
 def _run_reverse(method: HypergradientMethod, u: Unroll) -> HypergradientResult:
@@ -174,21 +151,14 @@ def _run_reverse(method: HypergradientMethod, u: Unroll) -> HypergradientResult:
     if method.name == "trgu" and (truncation is None or truncation < 1):
         raise ValueError(f"method='trgu' needs truncation=K >= 1 (the differentiated last steps), got {truncation}.")
     grad, value, params, state, losses = reverse_hypergradient(
-        u.inner_loss, u.outer_loss, u.optimizer, u.params, u.state, u.outer, u.inner_batches, u.meta_batch, u.seeds,
-        truncation=truncation, checkpoint_every=o.checkpoint_every, offload_trajectory=o.offload_trajectory,
-        reduce_gradients=u.reduce_gradients, progress=u.progress,
-    )  # fmt: skip
+        u, truncation=truncation, checkpoint_every=o.checkpoint_every, offload_trajectory=o.offload_trajectory
+    )
     return HypergradientResult(grad, value, params, state, losses, method=method.name)
 
 
 def _run_implicit(method: HypergradientMethod, u: Unroll) -> HypergradientResult:
     o = method.options
-    grad, value, params, state, losses = implicit_hypergradient(
-        u.inner_loss, u.outer_loss, u.optimizer, u.params, u.state, u.outer, u.inner_batches, u.meta_batch, u.seeds,
-        method=method.name, inner_lr=u.inner_lr, implicit_steps=o.implicit_steps, neumann_lr=o.neumann_lr,
-        cg_damping=o.cg_damping, implicit_batches=o.implicit_batches, jvp=o.jvp, fd_epsilon=o.fd_epsilon,
-        progress=u.progress,
-    )  # fmt: skip
+    grad, value, params, state, losses = implicit_hypergradient(u, method.name, o)
     return HypergradientResult(grad, value, params, state, losses, method=method.name)
 
 
@@ -202,13 +172,11 @@ def _run_directional(method: HypergradientMethod, u: Unroll) -> HypergradientRes
         matrix = matrix[u.direction_slice]
     per_pass = o.directions_per_pass or max(1, matrix.shape[0])
     chunks = split_directions(space.to_dict(matrix, u.outer), per_pass) if matrix.shape[0] else []
-    problem = (u.inner_loss, u.outer_loss, u.optimizer, u.params, u.state, u.outer, u.inner_batches, u.meta_batch)
 
     if method.name == "fg2u":
         through_params, direct, value, params, state, losses = forward_directional_derivatives(
-            *problem, chunks, seeds=u.seeds, jvp=o.jvp, fd_epsilon=o.fd_epsilon, progress=u.progress,
-            reduce_gradients=u.reduce_gradients,
-        )  # fmt: skip
+            u, chunks, jvp=o.jvp, fd_epsilon=o.fd_epsilon
+        )
         # The direct term ∇_φ f is exact and added whole; a process's share keeps the 1/b scaling of all b.
         estimate = space.to_dict(scale * (matrix.T @ through_params.to(matrix.dtype)), u.outer)
         share = 1.0 if u.direction_slice is None else matrix.shape[0] / o.num_directions
@@ -216,7 +184,7 @@ def _run_directional(method: HypergradientMethod, u: Unroll) -> HypergradientRes
         derivatives = through_params + (matrix @ space.to_flat(direct).to(matrix.dtype))
     else:
         derivatives, value, params, state, losses = zeroth_order_directional_derivatives(
-            *problem, chunks, seeds=u.seeds, zo_epsilon=o.zo_epsilon, zo_scheme=o.zo_scheme, progress=u.progress
+            u, chunks, zo_epsilon=o.zo_epsilon, zo_scheme=o.zo_scheme
         )
         grad = space.to_dict(scale * (matrix.T @ derivatives.to(matrix.dtype)), u.outer)
     return HypergradientResult(
@@ -229,54 +197,54 @@ def _tangents_need_second_order(options) -> bool:
 
 
 METHOD_SPECS: dict[str, MethodSpec] = {
+    # forward gradient unrolling: unbiased, memory constant in T and in |θ|·T
     "fg2u": MethodSpec(
         ForwardOptions,
         _run_directional,
         _tangents_need_second_order,
         directional=True,
         data_parallel=True,
-        summary="forward gradient unrolling: unbiased, memory constant in T and in |θ|·T",
-    ),  # fmt: skip
+    ),
+    # fg2u with finite differences of h: no derivative of the inner loop
     "fg2u_zo": MethodSpec(
         ZerothOrderOptions,
         _run_directional,
         lambda options: False,
         directional=True,
-        summary="fg2u with finite differences of h: no derivative of the inner loop",
-    ),  # fmt: skip
+    ),
+    # exact reverse unrolling that stores the trajectory (θ_t, s_t): memory T·|θ, s| + one step
     "rgu": MethodSpec(
         ReverseOptions,
         _run_reverse,
         lambda options: True,
         data_parallel=True,
-        summary="exact reverse unrolling that stores the trajectory (θ_t, s_t): memory T·|θ, s| + one step",
-    ),  # fmt: skip
+    ),
+    # reverse unrolling of the last K steps only: biased, memory K·|θ, s|
     "trgu": MethodSpec(
         ReverseOptions,
         _run_reverse,
         lambda options: True,
         data_parallel=True,
         reaches_every_step=False,
-        summary="reverse unrolling of the last K steps only: biased, memory K·|θ, s|",
-    ),  # fmt: skip
+    ),
+    # implicit function theorem at θ_T, Neumann series
     "neumann": MethodSpec(
         ImplicitOptions,
         _run_implicit,
         _tangents_need_second_order,
-        summary="implicit function theorem at θ_T, Neumann series",
-    ),  # fmt: skip
+    ),
+    # implicit function theorem at θ_T, conjugate gradient
     "cg": MethodSpec(
         ImplicitOptions,
         _run_implicit,
         _tangents_need_second_order,
-        summary="implicit function theorem at θ_T, conjugate gradient",
-    ),  # fmt: skip
+    ),
+    # first-order: identity for every (I − αH); exact for one SGD step
     "hessian_free": MethodSpec(
         ImplicitOptions,
         _run_implicit,
         lambda options: False,
-        summary="first-order: identity for every (I − αH); exact for one SGD step",
-    ),  # fmt: skip
+    ),
 }
 METHODS = tuple(METHOD_SPECS)
 

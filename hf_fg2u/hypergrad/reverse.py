@@ -13,45 +13,32 @@ the last K steps and treats θ_{T-K} as a constant: biased.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
 import torch
 from torch.utils._pytree import tree_map
 
-from ..optim import InnerOptimizer
-from .unroll import LossFn, detach_tree, primal_step, run_inner_loop, step_rng
+from .unroll import Unroll, detach_tree, primal_step, run_inner_loop, step_rng
 
 
 def reverse_hypergradient(
-    inner_loss: LossFn,
-    outer_loss: LossFn,
-    optimizer: InnerOptimizer,
-    params,
-    state,
-    outer,
-    inner_batches: Sequence,
-    meta_batch,
-    seeds: Sequence[int | None],
-    truncation: int | None = None,
-    checkpoint_every: int = 1,
-    offload_trajectory: bool = False,
-    reduce_gradients: Callable | None = None,
-    progress=None,
+    unroll: Unroll, truncation: int | None = None, checkpoint_every: int = 1, offload_trajectory: bool = False
 ):
     """Return (∇h, h, θ_T, s_T, inner losses); only the last ``truncation`` steps are differentiated.
 
-    ``reduce_gradients`` (a mean over data-parallel processes) is applied to every step's inner gradient in the
+    ``unroll.reduce_gradients`` (a mean over data-parallel processes) is applied to every step's inner gradient in the
     forward unroll and to the local VJP of that gradient in the backward sweep, so every process carries the
     same adjoint: the hypergradient of the unroll on the mean of the processes' inner losses.
     """
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every={checkpoint_every} must be >= 1 (1 = keep every inner step's state).")
+    u = unroll
+    inner_loss, outer_loss, optimizer, outer, seeds = u.inner_loss, u.outer_loss, u.optimizer, u.outer, u.seeds
+    inner_batches, reduce_gradients, progress = u.inner_batches, u.reduce_gradients, u.progress
     reduce = reduce_gradients or (lambda tree: tree)
     total = len(inner_batches)
     keep = total if truncation is None else min(truncation, total)
     params, state, losses = run_inner_loop(
-        inner_loss, optimizer, params, state, outer, inner_batches[: total - keep], seeds[: total - keep], progress,
-        reduce_gradients=reduce_gradients,
+        inner_loss, optimizer, u.params, u.state, outer, inner_batches[: total - keep], seeds[: total - keep],
+        progress, reduce_gradients=reduce_gradients,
     )  # fmt: skip
     steps = list(zip(inner_batches[total - keep :], seeds[total - keep :], strict=True))
     device = next(iter(params.values())).device
@@ -68,7 +55,7 @@ def reverse_hypergradient(
             progress.update(1)
 
     (adjoint_params, grad_outer), value = torch.func.grad_and_value(outer_loss, argnums=(0, 1))(
-        params, outer, meta_batch
+        params, outer, u.meta_batch
     )
     adjoint_params, grad_outer = detach_tree(adjoint_params), detach_tree(grad_outer)
     adjoint_state = tree_map(torch.zeros_like, state)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
@@ -13,6 +14,27 @@ from ..optim import InnerOptimizer
 
 LossFn = Callable[[dict, dict, object], torch.Tensor]
 JVP_MODES = ("forward", "double_backward", "finite_difference")
+
+
+@dataclass
+class Unroll:
+    """The data of one hypergradient call: the problem, θ_0 and s_0, φ, the batches, and per-call context."""
+
+    inner_loss: Callable
+    outer_loss: Callable
+    optimizer: InnerOptimizer
+    inner_lr: float
+    params: dict
+    state: dict
+    outer: dict
+    inner_batches: Sequence
+    meta_batch: object
+    seeds: list
+    seed: int = 0
+    direction_slice: slice | None = None
+    active_coordinates: dict | None = None
+    reduce_gradients: Callable | None = None
+    progress: object = None
 
 
 def tree_dot(a, b) -> torch.Tensor:

@@ -6,44 +6,37 @@ of directions runs as one batched unroll under ``torch.func.vmap``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
-from ..optim import InnerOptimizer
-from .unroll import LossFn, primal_step, run_inner_loop
+from .unroll import Unroll, primal_step, run_inner_loop
 
 ZO_SCHEMES = ("central", "forward")
 
 
 def zeroth_order_directional_derivatives(
-    inner_loss: LossFn,
-    outer_loss: LossFn,
-    optimizer: InnerOptimizer,
-    params,
-    state,
-    outer,
-    inner_batches: Sequence,
-    meta_batch,
-    direction_dicts: list[dict[str, torch.Tensor]],
-    seeds: Sequence[int | None],
-    zo_epsilon: float = 1e-3,
-    zo_scheme: str = "central",
-    progress=None,
+    unroll: Unroll, direction_dicts: list[dict[str, torch.Tensor]], zo_epsilon: float = 1e-3, zo_scheme: str = "central"
 ):
     """Return (⟨∇h, v⟩ estimates [b], h, θ_T, s_T, inner losses)."""
     if zo_scheme not in ZO_SCHEMES:
         raise ValueError(f"zo_scheme={zo_scheme!r} is not known; use one of {ZO_SCHEMES}.")
+    u = unroll
+    inner_loss, outer_loss, optimizer, outer, meta_batch = (
+        u.inner_loss,
+        u.outer_loss,
+        u.optimizer,
+        u.outer,
+        u.meta_batch,
+    )
 
     def unrolled_value(phi):
-        p, s = params, state
-        for batch, seed in zip(inner_batches, seeds, strict=True):
+        p, s = u.params, u.state
+        for batch, seed in zip(u.inner_batches, u.seeds, strict=True):
             p, s, _ = primal_step(inner_loss, optimizer, p, s, phi, batch, seed)
         return outer_loss(p, phi, meta_batch)
 
     batched_value = torch.func.vmap(unrolled_value, randomness="same")
     final_params, final_state, losses = run_inner_loop(
-        inner_loss, optimizer, params, state, outer, inner_batches, seeds, progress
+        inner_loss, optimizer, u.params, u.state, outer, u.inner_batches, u.seeds, u.progress
     )
     base = outer_loss(final_params, outer, meta_batch).detach()
     estimates = []
