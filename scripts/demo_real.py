@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -67,7 +66,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_eval", type=int, default=32)
     parser.add_argument("--data_seed", type=int, default=0)
     parser.add_argument("--final_steps", type=int, default=30, help="Steps of each fresh adapter.")
-    parser.add_argument("--final_lr", type=float, default=1e-3, help="Learning rate of each fresh adapter.")
+    parser.add_argument("--final_lr", type=float, default=3e-3, help="Learning rate of each fresh adapter.")
     parser.add_argument(
         "--no_payoff", action="store_true", help="Skip the fresh adapters (a quicker study of the AUROC alone)."
     )
@@ -109,7 +108,29 @@ def main(argv: list[str] | None = None) -> dict:
     weighted = load_from_disk(str(out / "bilevel" / "weighted_dataset"))
     weights, kinds = torch.tensor(weighted["weight"]), list(weighted["corruption"])
 
-    start = time.perf_counter()
+    aurocs = {"learned weights": auroc_by_kind(-weights, kinds)}
+    heldout, payoff_seconds, keep = {}, 0.0, 1.0 - sum(weighted["is_corrupted"]) / len(weighted)
+    if not options.no_payoff:
+        start = time.perf_counter()
+        heldout, heuristics = payoff(options, task, weights, keep, training_args, model_args)
+        aurocs.update({name: auroc_by_kind(suspicion, kinds) for name, suspicion in heuristics.items()})
+        payoff_seconds = time.perf_counter() - start
+    results = {
+        "auroc": aurocs, "heldout_loss": heldout, "meta_loss": bilevel.get("bilevel_meta_loss"),
+        "bilevel_seconds": bilevel_seconds, "payoff_seconds": payoff_seconds, "keep_fraction": keep,
+        "recipe_args": recipe_argv, "weights_plot": str(plot_weights_by_kind(weights, kinds, out / "weights.png")),
+    }  # fmt: skip
+    if heldout:
+        results["heldout_plot"] = str(plot_heldout_losses(heldout, out / "heldout_loss.png"))
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(format_table(results))
+    if options.log is not None:
+        append_log(options.log, options.note or " ".join(recipe_argv) or "defaults", results)
+    return results
+
+
+def payoff(options, task, weights, keep, training_args, model_args) -> tuple[dict, dict]:
+    """Held-out loss of a fresh adapter per selection, and each heuristic's suspicion score of every row."""
     base, tokenizer = recipe.load_model_and_tokenizer(model_args, training_args.seed)
     tokenized = {
         split: prepare_split(task[split], split, tokenizer, training_args.max_length) for split in task
@@ -119,7 +140,6 @@ def main(argv: list[str] | None = None) -> dict:
     adapter = wrap_with_peft(copy.deepcopy(base), recipe.lora_config(model_args))
     alignment = gradient_alignment_scores(adapter, tokenized["train"], tokenized["meta"], collator)
     # The heuristics are told the true corrupted fraction (a curator would have to guess it): generous to them.
-    keep = 1.0 - sum(weighted["is_corrupted"]) / len(weighted)
     selections = dict(
         zip(
             SELECTIONS,
@@ -128,51 +148,33 @@ def main(argv: list[str] | None = None) -> dict:
         )
     )
     args = TrainingArguments(
-        output_dir=str(out / "payoff"), max_steps=options.final_steps, learning_rate=options.final_lr,
+        output_dir=str(options.out_dir / "payoff"), max_steps=options.final_steps, learning_rate=options.final_lr,
         per_device_train_batch_size=training_args.per_device_train_batch_size, lr_scheduler_type="constant",
         report_to=[], save_strategy="no", logging_steps=max(1, options.final_steps), seed=training_args.seed,
         use_cpu=training_args.use_cpu, disable_tqdm=True,
     )  # fmt: skip
-    heldout = {name: float("nan") for name in selections}
-    if not options.no_payoff:
-        heldout = compare_selections(
-            lambda: copy.deepcopy(base), tokenized["train"], tokenized["eval"], selections,
-            recipe.lora_config(model_args), args, tokenizer,
-        )  # fmt: skip
-    payoff_seconds = time.perf_counter() - start
-    aurocs = {
-        "learned weights": auroc_by_kind(-weights, kinds),
-        "loss filter": auroc_by_kind(losses, kinds),
-        "gradient alignment": auroc_by_kind(-alignment, kinds),
-    }
-    results = {
-        "auroc": aurocs, "heldout_loss": heldout, "meta_loss": bilevel.get("bilevel_meta_loss"),
-        "bilevel_seconds": bilevel_seconds, "payoff_seconds": payoff_seconds, "keep_fraction": keep,
-        "recipe_args": recipe_argv, "weights_plot": str(plot_weights_by_kind(weights, kinds, out / "weights.png")),
-    }  # fmt: skip
-    if not options.no_payoff:
-        results["heldout_plot"] = str(plot_heldout_losses(heldout, out / "heldout_loss.png"))
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(format_table(results))
-    if options.log is not None:
-        append_log(options.log, options.note or " ".join(recipe_argv) or "defaults", results)
-    return results
+    heldout = compare_selections(
+        lambda: copy.deepcopy(base), tokenized["train"], tokenized["eval"], selections,
+        recipe.lora_config(model_args), args, tokenizer,
+    )  # fmt: skip
+    return heldout, {"loss filter": losses, "gradient alignment": -alignment}
 
 
 def format_table(results: dict) -> str:
     """The demo's printout: AUROC per kind for each score, then the held-out loss of each selection."""
-    kinds = sorted(next(iter(results["auroc"].values())))
+    kinds = sorted(results["auroc"]["learned weights"])
     lines = ["hf_fg2u real-model demo: which train rows are corrupted, and what keeping the right ones is worth"]
     lines.append(f"  {'AUROC (corrupted vs clean)':<28}" + "".join(f"{k:>16}" for k in kinds))
     for name, per_kind in results["auroc"].items():
         lines.append(f"  {name:<28}" + "".join(f"{per_kind[k]:>16.3f}" for k in kinds))
-    lines.append("  held-out loss of a fresh adapter (lower is better):")
-    best = min(results["heldout_loss"], key=results["heldout_loss"].get)
-    for name, loss in results["heldout_loss"].items():
+    heldout = results["heldout_loss"]
+    best = min(heldout, key=heldout.get) if heldout else None
+    if heldout:
+        lines.append("  held-out loss of a fresh adapter (lower is better):")
+    for name, loss in heldout.items():
         lines.append(f"    {name:<26}{loss:.4f}" + ("   <- lowest" if name == best else ""))
     met = all(v >= 0.9 for v in results["auroc"]["learned weights"].values()) and best == "learned weights"
-    skipped = any(math.isnan(loss) for loss in results["heldout_loss"].values())
-    verdict = "held-out comparison skipped" if skipped else ("met" if met else "NOT met")
+    verdict = ("met" if met else "NOT met") if heldout else "held-out comparison skipped (--no_payoff)"
     lines.append(f"  targets (AUROC >= 0.9 per kind, learned weights lowest): {verdict}")
     lines.append(f"  time: bilevel {results['bilevel_seconds']:.0f} s, baselines {results['payoff_seconds']:.0f} s")
     return "\n".join(lines)
@@ -185,7 +187,9 @@ def append_log(path: Path, note: str, results: dict) -> None:
         header = ["run", *(f"AUROC {k}" for k in kinds), *(f"held-out {s}" for s in SELECTIONS), "bilevel s"]
         path.write_text("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n")
     cells = [note, *(f"{results['auroc']['learned weights'][k]:.3f}" for k in kinds)]
-    cells += [f"{results['heldout_loss'][s]:.4f}" for s in SELECTIONS] + [f"{results['bilevel_seconds']:.0f}"]
+    cells += [f"{results['heldout_loss'][s]:.4f}" if results["heldout_loss"] else "-" for s in SELECTIONS] + [
+        f"{results['bilevel_seconds']:.0f}"
+    ]
     with path.open("a") as log:
         log.write("| " + " | ".join(cells) + " |\n")
 
