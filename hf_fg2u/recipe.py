@@ -120,7 +120,7 @@ class ModelArguments:
     lora_layers: list[int] | None = field(
         default=None,
         metadata={"help": "Only these decoder layers get adapters (peft's layers_to_transform), e.g. the top few: "
-                  "backward passes stop there (SmolLM2-135M, top 8 of 30 layers: a LoRA step 25% cheaper)."},
+                  "backward passes stop there (SmolLM2-135M, top 8 of 30 layers: a LoRA step 25%% cheaper)."},
     )  # fmt: skip
 
 
