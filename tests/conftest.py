@@ -106,6 +106,15 @@ def random_lm_batches(steps: int, batch_size: int = 4, length: int = 10, seed: i
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny matrices gain nothing from threads, and on a busy machine OpenMP waits make a step take ~1 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def hub(monkeypatch):
     """A stand-in Hub on 127.0.0.1 that accepts the token "hf_fake"; the client is pointed at it."""
     from .fake_hub import FakeHub

@@ -26,12 +26,7 @@ from .test_trainer import TOKENIZER, lora, tiny_llama
 COLLATOR = BilevelDataCollator(pad_token_id=TOKENIZER.pad_token_id)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rows(texts):

@@ -13,14 +13,7 @@ from hf_fg2u.trainer import BilevelDataCollator
 
 from .test_trainer import TOKENIZER, fact_data, lora, tiny_llama
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads, and on a busy machine OpenMP waits make a step take ~1 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def training_args(tmp_path, **overrides):
