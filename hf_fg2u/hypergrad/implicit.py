@@ -31,10 +31,8 @@ def implicit_hypergradient(unroll: Unroll, method: str, options):
     params, state, losses = run_inner_loop(
         inner_loss, optimizer, u.params, u.state, outer, inner_batches, seeds, u.progress
     )
-    if implicit_batches == "last":
+    if implicit_batches == "last":  # "all" or "last": ImplicitOptions validated it
         inner_batches, seeds = inner_batches[-1:], seeds[-1:]
-    elif implicit_batches != "all":
-        raise ValueError(f"implicit_batches={implicit_batches!r} is not known; use 'all' or 'last'.")
     pairs = list(zip(inner_batches, seeds, strict=True))
     (meta_params, meta_outer), value = torch.func.grad_and_value(outer_loss, argnums=(0, 1))(
         params, outer, u.meta_batch

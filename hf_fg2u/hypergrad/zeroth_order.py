@@ -16,9 +16,7 @@ ZO_SCHEMES = ("central", "forward")
 def zeroth_order_directional_derivatives(
     unroll: Unroll, direction_dicts: list[dict[str, torch.Tensor]], zo_epsilon: float = 1e-3, zo_scheme: str = "central"
 ):
-    """Return (⟨∇h, v⟩ estimates [b], h, θ_T, s_T, inner losses)."""
-    if zo_scheme not in ZO_SCHEMES:
-        raise ValueError(f"zo_scheme={zo_scheme!r} is not known; use one of {ZO_SCHEMES}.")
+    """Return (⟨∇h, v⟩ estimates [b], h, θ_T, s_T, inner losses); ``ZerothOrderOptions`` validated the scheme."""
     u = unroll
     inner_loss, outer_loss, optimizer, outer, meta_batch = (
         u.inner_loss,
