@@ -1,5 +1,6 @@
-"""Checkpoint I/O of the bilevel state that the Trainer's own checkpoint lacks: θ_0 (for ``inner_reset_every``),
-the inner optimizer state, and a JSON description that says which configs may resume from it."""
+"""Checkpoint I/O of the bilevel state that the Trainer's own checkpoint lacks: θ_start and its optimizer state
+(where resets return), the inner optimizer state, and a JSON description that says which configs may resume
+from it."""
 
 from __future__ import annotations
 
@@ -47,18 +48,13 @@ def data_fingerprint(dataset) -> str:
     return f"{len(dataset)} rows, sha256 {digest.hexdigest()[:16]}"
 
 
-def save_bilevel_state(
-    directory: Path,
-    initial_params: dict[str, torch.Tensor] | None,
-    inner_state: dict | None,
-    description: dict,
-) -> None:
-    """Write θ_0 and the inner optimizer state (safetensors) and ``description`` (JSON) into ``directory``."""
+def save_bilevel_state(directory: Path, states: dict[str, dict | None], description: dict) -> None:
+    """Write the inner states (safetensors: θ_start, s_start, the inner optimizer state, see
+    :data:`INNER_STATES`) and ``description`` (JSON) into ``directory``."""
     tensors = {}
-    if initial_params is not None:
-        tensors.update({f"initial/{k}": v for k, v in initial_params.items()})
-    for key, value in flatten_state(inner_state or {}).items():
-        tensors[f"inner_state/{key}"] = value
+    for name, state in states.items():
+        for key, value in flatten_state(state or {}).items():
+            tensors[f"{name}/{key}"] = value
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(directory / STATE_NAME))
     (directory / STATE_CONFIG_NAME).write_text(json.dumps(description, indent=2, default=str))
 
@@ -136,15 +132,20 @@ def verify_checkpoint(directory: Path) -> None:
                 raise ValueError(f"Could not read {path}: {error}. {EARLIER}") from error
 
 
-def load_bilevel_state(directory: Path, device) -> tuple[dict[str, torch.Tensor] | None, dict | None]:
-    """(θ_0, inner optimizer state) saved by :func:`save_bilevel_state`, on ``device`` (None where absent)."""
+INNER_STATES = ("initial", "initial_state", "inner_state")  # θ_start, its optimizer state, the current one
+
+
+def load_bilevel_state(directory: Path, device) -> dict[str, dict | None]:
+    """The inner states saved by :func:`save_bilevel_state`, on ``device``: {name: state or None where absent}."""
     try:
         tensors = load_file(str(directory / STATE_NAME))
     except (SafetensorError, OSError) as error:
         raise ValueError(f"Could not read {directory / STATE_NAME}: {error}. {EARLIER}") from error
-    initial = {k.removeprefix("initial/"): v.to(device) for k, v in tensors.items() if k.startswith("initial/")}
-    state = {k.removeprefix("inner_state/"): v.to(device) for k, v in tensors.items() if k.startswith("inner_state/")}
-    return initial or None, unflatten_state(state) if state else None
+    states = {}
+    for name in INNER_STATES:
+        flat = {k.removeprefix(f"{name}/"): v.to(device) for k, v in tensors.items() if k.startswith(f"{name}/")}
+        states[name] = (flat if name == "initial" else unflatten_state(flat)) if flat else None
+    return states
 
 
 def flatten_state(state: dict, prefix: str = "") -> dict[str, torch.Tensor]:

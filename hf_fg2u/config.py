@@ -95,8 +95,27 @@ class BilevelConfig(TrainingArguments):
     unroll_steps: int = field(default=4, metadata={"help": "T, inner optimizer steps per outer step."})
     inner_reset_every: int = field(
         default=0,
-        metadata={"help": "Reset θ and the inner optimizer state to their start every k outer steps: 0 = never "
-                  "(warm start, online bilevel), 1 = every outer step."},
+        metadata={"help": "Reset θ and the inner optimizer state to their start once they have run k outer steps "
+                  "since the start or the last reset: 0 = never (warm start, online bilevel), 1 = every outer step."},
+    )  # fmt: skip
+    inner_reset_patience: int = field(
+        default=0,
+        metadata={"help": "Reset θ and the inner optimizer state to their start when the meta loss has not improved "
+                  "on its best since the last reset for this many outer steps: 0 = never. Once θ overfits the "
+                  "train rows, the hypergradient stops telling good rows from bad; a reset keeps it informative."},
+    )  # fmt: skip
+    inner_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "Plain inner steps on the initial (uniform) weights before the first outer step; resets "
+                  "return to this warmed-up θ. At the base model every row looks helpful (all teach the domain's "
+                  "vocabulary), so the first hypergradients carry no signal; a few cheap steps skip them."},
+    )  # fmt: skip
+    normalize_hypergradient: bool = field(
+        default=False,
+        metadata={"help": "Divide the outer gradient by its norm before the outer optimizer: with optim='sgd' "
+                  "every outer step moves φ by learning_rate, whatever the hypergradient's scale, and the weights "
+                  "keep their relative magnitudes (Adam's per-coordinate scaling reduces a row seen a few times to "
+                  "the signs of its hypergradients)."},
     )  # fmt: skip
     meta_batch_size: int = field(default=8, metadata={"help": "Examples of the meta (outer) batch per outer step."})
     process_split: str = field(
@@ -208,8 +227,9 @@ class BilevelConfig(TrainingArguments):
         for name in (*names, "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
-        if self.inner_reset_every < 0:
-            raise ValueError(f"inner_reset_every={self.inner_reset_every} must be >= 0 (0 = never reset).")
+        for name in ("inner_reset_every", "inner_reset_patience", "inner_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0 = off).")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length={self.max_length} must be >= 2 (a token and the one it predicts) or None.")
         self._check_numbers()

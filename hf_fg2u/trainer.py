@@ -3,7 +3,8 @@
 One Trainer step draws ``unroll_steps`` inner batches (one train batch of ``unroll_steps × batch`` examples,
 split) and one meta batch, estimates the hypergradient of the meta loss after the unrolled inner training, and
 hands it to the Trainer's own optimizer and scheduler as the outer variables' gradient. The inner θ (LoRA) and
-its optimizer state carry over between outer steps per ``inner_reset_every``. Logging, callbacks, evaluation,
+its optimizer state carry over between outer steps, back to their start per ``inner_reset_every`` /
+``inner_reset_patience`` (:mod:`hf_fg2u.inner_resets`). Logging, callbacks, evaluation,
 checkpoints and ``push_to_hub`` are the Trainer's, extended with the bilevel state.
 """
 
@@ -26,11 +27,14 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from transformers.utils import logging
 
 from .checkpointing import (
+    INNER_STATES,
     PARTIAL_PREFIX,
+    STATE_CONFIG_NAME,
     check_resume_compatible,
     compatibility_fields,
     load_bilevel_state,
     publish_checkpoint,
+    read_json,
     save_bilevel_state,
     verify_checkpoint,
 )
@@ -40,6 +44,8 @@ from .distributed import ProcessPolicy
 from .formats import MODEL_INPUT_COLUMNS
 from .functional import load_parameters, select_inner_parameters, trainable_parameters, unwrap_model
 from .hypergrad import METHOD_SPECS, NonFiniteHypergradientError, estimate_hypergradient, method_from_config
+from .hypergrad.unroll import run_inner_loop
+from .inner_resets import ResetPolicy
 from .method_choice import choose_method
 from .model_card import WEIGHTED_DATASET_FILE, write_model_card
 from .optim import make_inner_optimizer
@@ -168,7 +174,9 @@ class BilevelTrainer(Trainer):
         self.processes = ProcessPolicy(self.accelerator, self.args)
         self._inner_params: dict[str, torch.Tensor] | None = None
         self._inner_state: dict | None = None
-        self._initial_params: dict[str, torch.Tensor] | None = None
+        self._initial_params: dict[str, torch.Tensor] | None = None  # θ_start: resets return here
+        self._initial_state: dict | None = None  # s_start (None: a fresh inner optimizer state)
+        self._resets = ResetPolicy(self.args.inner_reset_every, self.args.inner_reset_patience)
         self._problems: dict[bool, tuple] = {}
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._outer_before: tuple[dict, dict] | None = None  # φ and the outer optimizer state before the update
@@ -274,13 +282,7 @@ class BilevelTrainer(Trainer):
         step = self.state.global_step
         method = self.args.method_at(step)
         inputs = self._prepare_inputs(inputs)
-        size = self._train_batch_size
-        if self.processes.shares_unroll:  # ranks split directions: same unroll
-            fill = getattr(self.data_collator, "fill", BilevelDataCollator().fill)
-            inputs, size = self.processes.gather_unroll(inputs, fill), size * self.processes.world
-        inner_batches = [
-            {k: v[i : i + size] for k, v in inputs.items()} for i in range(0, len(inputs["input_ids"]), size)
-        ]
+        inner_batches = self._inner_batches(inputs)
         meta_batch = self._prepare_inputs(self.meta_batch(step))
         self._ensure_inner_state(model, step)
         if self.processes.resync_inner_state(model, self._inner_params, self._inner_state, self.args.device):
@@ -302,6 +304,8 @@ class BilevelTrainer(Trainer):
             return self._skip_step(step, str(error))
         seconds = time.perf_counter() - start
         grads = self._add_regularizer(self.processes.sum_direction_shares(result.grad, method))
+        if self.args.normalize_hypergradient:
+            grads = _unit_norm(grads)
         bad = [name for name, grad in grads.items() if not torch.isfinite(grad).all()]
         if bad:
             return self._skip_step(
@@ -317,6 +321,7 @@ class BilevelTrainer(Trainer):
             parameter.grad = grads[name].to(parameter.dtype)
         self._inner_params, self._inner_state = result.params, result.optimizer_state
         load_parameters(model, result.params)
+        self._resets.observe(result.outer_loss)
         self._record(result, method, step, seconds)
         return torch.tensor(result.outer_loss, device=self.args.device)
 
@@ -399,7 +404,9 @@ class BilevelTrainer(Trainer):
             "outer_config": self.outer.config,
             "bilevel_config": self.args.bilevel_fields(),
         }
-        save_bilevel_state(output_dir, self._initial_params, self._inner_state, description)
+        description["reset_policy"] = self._resets.state_dict()
+        states = (self._initial_params, self._initial_state, self._inner_state)
+        save_bilevel_state(output_dir, dict(zip(INNER_STATES, states, strict=True)), description)
         write_model_card(self, output_dir)  # replaces peft's generic card
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -441,7 +448,9 @@ class BilevelTrainer(Trainer):
         device = self.args.device
         inner = trainable_parameters(model or self.model)
         self._inner_params = {k: v.detach().clone().to(device) for k, v in inner.items()}
-        self._initial_params, self._inner_state = load_bilevel_state(directory, device)
+        states = load_bilevel_state(directory, device)
+        self._initial_params, self._initial_state, self._inner_state = (states[k] for k in INNER_STATES)
+        self._resets.load_state_dict(read_json(directory / STATE_CONFIG_NAME).get("reset_policy", {}))
 
     def create_model_card(self, model_name: str | None = None, **kwargs) -> None:
         """Write README.md: method, config, final metrics, versions, citation and tags (never a token)."""
@@ -517,6 +526,14 @@ class BilevelTrainer(Trainer):
         weights = torch.cat(chunks).double().cpu()
         return (weights / weights.mean()).float()
 
+    def _inner_batches(self, inputs: dict) -> list[dict]:
+        """One unroll's rows split into its inner batches (all ranks' rows when ranks share the unroll)."""
+        size = self._train_batch_size
+        if self.processes.shares_unroll:  # ranks split directions: same unroll
+            fill = getattr(self.data_collator, "fill", BilevelDataCollator().fill)
+            inputs, size = self.processes.gather_unroll(inputs, fill), size * self.processes.world
+        return [{k: v[i : i + size] for k, v in inputs.items()} for i in range(0, len(inputs["input_ids"]), size)]
+
     def _problem(self, model, method: str):
         """(inner_loss, outer_loss, per-example losses) for ``method``, built (and preflighted) once per kind."""
         second_order = self._methods[method].second_order
@@ -529,12 +546,41 @@ class BilevelTrainer(Trainer):
         if self._inner_params is None:
             self._inner_params = trainable_parameters(model)
         if self._initial_params is None:
-            self._initial_params = {k: v.clone() for k, v in self._inner_params.items()}
-        every = self.args.inner_reset_every
-        if every and step > 0 and step % every == 0:
-            self._inner_params = {k: v.clone() for k, v in self._initial_params.items()}
-            self._inner_state = None
+            if self.args.inner_warmup_steps:
+                self._inner_params, self._inner_state = self._warm_up(model)
+                load_parameters(model, self._inner_params)
+            self._initial_params = _clone_tree(self._inner_params)
+            self._initial_state = _clone_tree(self._inner_state)
+        if self._resets.due():
+            logger.info(f"Outer step {step}: θ and the inner optimizer state go back to their start.")
+            self._inner_params = _clone_tree(self._initial_params)
+            self._inner_state = _clone_tree(self._initial_state)
             load_parameters(model, self._inner_params)
+            self._resets.restarted()
+            self._metrics["inner_resets"].append(1.0)
+
+    def _warm_up(self, model) -> tuple[dict, dict]:
+        """θ and the inner optimizer state after ``inner_warmup_steps`` plain inner steps (nothing differentiated)
+        on train batches at the initial φ: where the outer steps start, and where resets return."""
+        steps, batches = self.args.inner_warmup_steps, []
+        while len(batches) < steps:
+            before = len(batches)
+            for unroll in self.get_train_dataloader():
+                batches += self._inner_batches(self._prepare_inputs(unroll))
+                if len(batches) >= steps:
+                    break
+            if len(batches) == before:
+                raise ValueError("inner_warmup_steps needs train batches, but the train dataloader is empty.")
+        params = trainable_parameters(model)
+        inner_loss = self._problem(model, self.args.method_at(0))[0]
+        seeds = [self.args.seed * 1_000_003 - 1 - i for i in range(steps)]  # disjoint from the outer steps' seeds
+        params, state, losses = run_inner_loop(
+            inner_loss, self._inner_optimizer, params, self._inner_optimizer.init(params), self.outer.outer_dict(),
+            batches[:steps], seeds, reduce_gradients=self.processes.inner_gradient_reducer(),
+        )  # fmt: skip
+        logger.info(f"Inner warm-up: {steps} steps, inner loss {losses[0]:.4f} -> {losses[-1]:.4f}.")
+        self._metrics["warmup_inner_loss"].append(losses[-1])
+        return params, state
 
     def _add_regularizer(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         coef, kind = self.args.weight_regularization_coef, self.args.weight_regularization
@@ -568,6 +614,19 @@ class _OuterUpdateGuard(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._check_outer_update()
+
+
+def _clone_tree(tree):
+    """A deep copy of a (possibly nested) dict of tensors; None stays None."""
+    if tree is None:
+        return None
+    return {k: _clone_tree(v) if isinstance(v, dict) else v.detach().clone() for k, v in tree.items()}
+
+
+def _unit_norm(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The outer gradient divided by its global norm (unchanged where it is zero)."""
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values()))
+    return grads if norm == 0 else {k: (g / norm).to(g.dtype) for k, g in grads.items()}
 
 
 def wrap_with_peft(model, peft_config):
