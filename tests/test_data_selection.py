@@ -86,6 +86,22 @@ def test_compare_selections_trains_on_the_kept_rows_and_reports_held_out_loss(tm
         compare_selections(lambda: base, train, rows(heldout), {"short": torch.ones(2)}, lora(), args)
 
 
+def test_early_stopping_on_the_meta_split_reads_the_held_out_loss_at_its_best_step(tmp_path):
+    """Training on one text lowers its loss at every step while another text's loss falls and then rises (4.19,
+    3.91, 3.91, 3.98 at steps 2..8 here). Stopped on the first text, the read-out is the last step's; stopped on
+    the other text itself, it is that text's lowest."""
+    text, other = ["the cat sat on the mat"] * 4, ["zq xv kj wq zz xx qq"] * 4
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=8, eval_steps=2, per_device_train_batch_size=4, learning_rate=5e-2,
+        lr_scheduler_type="constant", report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    base, selections = tiny_llama(), {"all": torch.ones(4)}
+    make = lambda: copy.deepcopy(base)  # noqa: E731
+    on_text = compare_selections(make, rows(text), rows(other), selections, lora(), args, stop_on=rows(text))
+    on_other = compare_selections(make, rows(text), rows(other), selections, lora(), args, stop_on=rows(other))
+    assert on_other["all"] < on_text["all"] - 0.05
+
+
 def test_plots_are_written(tmp_path):
     kinds = ["clean", "clean", "garbled"]
     assert plot_weights_by_kind([1.4, 1.2, 0.4], kinds, tmp_path / "w.png").stat().st_size > 1000

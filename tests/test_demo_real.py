@@ -32,7 +32,7 @@ def test_demo_real_prints_auroc_per_kind_and_held_out_losses_and_logs_a_row(tmp_
     write_text(tmp_path / "texts" / "other.txt", "paradise eternal providence justify ways angels", 20, 1)
     demo, log = load_script(), tmp_path / "runs.md"
     results = demo.main([
-        "--texts", str(tmp_path / "texts"), "--clean_files", "clean.txt", "--other_files", "other.txt",
+        "--texts", str(tmp_path / "texts"), "--clean_files", "clean.txt", "--other_author_files", "other.txt",
         "--corruptions", "other_author", "char_noise", "--num_train_clean", "8", "--num_corrupted", "4",
         "--num_meta", "4", "--num_eval", "4", "--final_steps", "2", "--out_dir", str(tmp_path / "out"),
         "--log", str(log), "--note", "tiny", "--max_steps", "2", "--per_device_train_batch_size", "4",

@@ -59,13 +59,15 @@ def test_char_noise_replaces_about_the_given_fraction_of_letters():
 
 def test_task_has_the_requested_rows_per_kind_and_disjoint_clean_splits():
     clean, other = sentences(60), sentences(20, words=("milton", "paradise", "eden"), seed=1)
+    prose = sentences(9, words=("liberty", "printing", "licence"), seed=2)
+    kinds = ("other_author", "other_domain", "shuffled_words", "char_noise")
+    sources = {"other_author": other, "other_domain": prose}
     task = build_corrupted_text_task(
-        clean, other, num_train_clean=12, num_corrupted=5, num_meta=6, num_eval=7,
-        corruptions=("other_author", "shuffled_words", "char_noise"), seed=3,
-    )  # fmt: skip
+        clean, sources, num_train_clean=12, num_corrupted=5, num_meta=6, num_eval=7, corruptions=kinds, seed=3
+    )
     train = task["train"]
     assert {kind: train["corruption"].count(kind) for kind in set(train["corruption"])} == {
-        "clean": 12, "other_author": 5, "shuffled_words": 5, "char_noise": 5,
+        "clean": 12, "other_author": 5, "other_domain": 5, "shuffled_words": 5, "char_noise": 5,
     }  # fmt: skip
     assert train["is_corrupted"] == [kind != "clean" for kind in train["corruption"]]
     assert (len(task["meta"]), len(task["eval"])) == (6, 7)
@@ -75,21 +77,20 @@ def test_task_has_the_requested_rows_per_kind_and_disjoint_clean_splits():
     assert train_clean | meta | eval_ <= set(clean)
     other_rows = [t for t, k in zip(train["text"], train["corruption"], strict=True) if k == "other_author"]
     assert set(other_rows) <= set(other)
+    assert {t for t, k in zip(train["text"], train["corruption"], strict=True) if k == "other_domain"} <= set(prose)
     # Damaged rows come from clean passages used nowhere else (its number names the source passage).
     number = lambda text: next(word for word in text.split() if word.isdigit())  # noqa: E731
-    sources = {number(t) for t, k in zip(train["text"], train["corruption"], strict=True) if k == "shuffled_words"}
+    origins = {number(t) for t, k in zip(train["text"], train["corruption"], strict=True) if k == "shuffled_words"}
     used = {number(t) for t in train_clean | meta | eval_}
-    assert len(sources) == 5 and not sources & used
-    again = build_corrupted_text_task(
-        clean, other, 12, 5, 6, 7, ("other_author", "shuffled_words", "char_noise"), seed=3
-    )
+    assert len(origins) == 5 and not origins & used
+    again = build_corrupted_text_task(clean, sources, 12, 5, 6, 7, kinds, seed=3)
     assert again["train"]["text"] == train["text"]
 
 
 def test_task_names_what_is_missing():
     with pytest.raises(ValueError, match=r"10 distinct clean passages, but the splits need 20"):
         build_corrupted_text_task(sentences(10), None, 8, 4, 4, 4, ("shuffled_words",))
-    with pytest.raises(ValueError, match=r"'other_author' needs at least num_corrupted=4 passages in `other`, got 2"):
-        build_corrupted_text_task(sentences(40), sentences(2), 8, 4, 4, 4, ("other_author",))
+    with pytest.raises(ValueError, match=r"'other_domain' needs at least num_corrupted=4 passages in sources"):
+        build_corrupted_text_task(sentences(40), {"other_domain": sentences(2)}, 8, 4, 4, 4, ("other_domain",))
     with pytest.raises(ValueError, match=r"name one or more of"):
         build_corrupted_text_task(sentences(40), None, 8, 4, 4, 4, ("typos",))

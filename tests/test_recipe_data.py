@@ -112,3 +112,20 @@ def test_built_in_recipe_shorter_than_logging_steps_finishes_and_writes_results(
     assert "bilevel_eval_loss" not in results  # the built-in data has no held-out split beyond its meta set
     weighted = load_from_disk(str(out / "weighted_dataset"))
     assert weighted.column_names == ["example_id", "is_corrupted", "domain", "text", "weight"]
+
+
+def test_time_budget_stops_the_run_after_the_step_that_passes_it_and_still_reports(tmp_path, capsys):
+    out = tmp_path / "budget"
+    results = cli.run_train([
+        "--recipe", "noisy_reweighting", "--max_steps", "50", "--logging_steps", "10", "--time_budget_s", "1e-6",
+        "--num_directions", "2", "--directions", "rademacher", "--output_dir", str(out),
+    ])  # fmt: skip
+    assert capsys.readouterr().out.count("time budget of 1e-06 s reached after 1 outer steps") == 2  # both runs
+    assert (out / "results.json").is_file() and (out / "meta_loss.png").is_file()  # the step was logged
+    assert results["bilevel_meta_loss"] > 0
+
+
+def test_time_budget_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match=r"time_budget_s=0.0 must be > 0"):
+        cli.run_train(["--recipe", "noisy_reweighting", "--max_steps", "1", "--time_budget_s", "0",
+                       "--output_dir", str(tmp_path / "zero")])  # fmt: skip
