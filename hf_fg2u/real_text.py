@@ -6,6 +6,7 @@ splits, three disjoint sets; the train split also holds corrupted rows of severa
 - ``other_author``: passages of another author in the same form (e.g. Milton's verse) — scraped from the wrong
   place, yet often as useful as clean rows (measured in docs/real_demo.md);
 - ``other_domain``: passages of another kind of text (e.g. Milton's political prose) — the wrong domain;
+- ``code``: lines of source code (e.g. Python's standard library) — markup or code caught by a text scraper;
 - ``shuffled_words``: clean passages with their words in random order — broken extraction, garbled text;
 - ``char_noise``: clean passages with a fraction of their letters replaced — OCR or encoding damage.
 
@@ -24,7 +25,7 @@ from collections.abc import Mapping
 from datasets import Dataset, DatasetDict
 
 CLEAN = "clean"
-SOURCE_KINDS = ("other_author", "other_domain")  # rows taken from another text, passed as `sources`
+SOURCE_KINDS = ("other_author", "other_domain", "code")  # rows taken from another text, passed as `sources`
 CORRUPTIONS = (*SOURCE_KINDS, "shuffled_words", "char_noise")
 GUTENBERG_MARKERS = re.compile(r"\*\*\* ?(START|END) OF (THE|THIS) PROJECT GUTENBERG", re.IGNORECASE)
 
@@ -52,6 +53,28 @@ def passages(text: str, lines_per_passage: int = 2, min_words: int = 4, max_word
         run.append(line)
         if len(run) == lines_per_passage:
             found.append(" ".join(run))
+            run = []
+    return found
+
+
+def code_passages(source: str, lines_per_passage: int = 2, min_words: int = 3, max_words: int = 14) -> list[str]:
+    """Runs of ``lines_per_passage`` consecutive code lines of ``min_words``..``max_words`` whitespace-separated
+    tokens, joined by a newline with their indentation kept; blank lines, comments and docstring lines break a
+    run."""
+    found, run, in_docstring = [], [], False
+    for raw in source.splitlines():
+        line = raw.rstrip()
+        stripped = line.strip()
+        quotes = stripped.count('"""') + stripped.count("'''")
+        docstring = in_docstring or quotes > 0
+        in_docstring ^= quotes % 2 == 1
+        code = min_words <= len(stripped.split()) <= max_words and not stripped.startswith(("#", '"', "'"))
+        if docstring or not code:
+            run = []
+            continue
+        run.append(line)
+        if len(run) == lines_per_passage:
+            found.append("\n".join(run))
             run = []
     return found
 

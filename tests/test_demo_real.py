@@ -35,11 +35,13 @@ def test_demo_real_prints_auroc_per_kind_and_held_out_losses_and_logs_a_row(tmp_
         "--texts", str(tmp_path / "texts"), "--clean_files", "clean.txt", "--other_author_files", "other.txt",
         "--corruptions", "other_author", "char_noise", "--num_train_clean", "8", "--num_corrupted", "4",
         "--num_meta", "4", "--num_eval", "4", "--final_steps", "2", "--out_dir", str(tmp_path / "out"),
-        "--log", str(log), "--note", "tiny", "--max_steps", "2", "--per_device_train_batch_size", "4",
+        "--log", str(log), "--note", "tiny", "--max_steps", "2", "--per_device_train_batch_size", "4", "--trace",
     ])  # fmt: skip
     assert set(results["auroc"]) == {"learned weights", "loss filter", "gradient alignment"}
     assert all(set(per_kind) == {"other_author", "char_noise"} for per_kind in results["auroc"].values())
     assert list(results["heldout_loss"]) == list(demo.SELECTIONS)
+    assert [step["step"] for step in results["trace"]] == [0, 1]  # before each optimizer step
+    assert all(0.0 <= v <= 1.0 for step in results["trace"] for v in step["auroc"].values())
     assert results["keep_fraction"] == pytest.approx(0.5)  # 8 clean of 16 train rows
     assert json.loads((tmp_path / "out" / "results.json").read_text())["heldout_loss"] == results["heldout_loss"]
     printed = capsys.readouterr().out

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from hf_fg2u.real_text import build_corrupted_text_task, char_noise, passages, shuffle_words
+from hf_fg2u.real_text import build_corrupted_text_task, char_noise, code_passages, passages, shuffle_words
 
 PLAY = """The Project Gutenberg eBook of a play
 *** START OF THE PROJECT GUTENBERG EBOOK A PLAY ***
@@ -94,3 +94,22 @@ def test_task_names_what_is_missing():
         build_corrupted_text_task(sentences(40), {"other_domain": sentences(2)}, 8, 4, 4, 4, ("other_domain",))
     with pytest.raises(ValueError, match=r"name one or more of"):
         build_corrupted_text_task(sentences(40), None, 8, 4, 4, 4, ("typos",))
+
+
+def test_code_passages_keep_code_lines_and_skip_comments_docstrings_and_blank_lines():
+    source = '''def area(width, height):
+    """The area.
+
+    Of a rectangle, in square units.
+    """
+    product = width * height
+    return product if product > 0 else 0
+
+# a comment line breaks a run
+x = compute(1, 2)
+y = compute(3, 4)
+'''
+    assert code_passages(source) == [
+        "    product = width * height\n    return product if product > 0 else 0",
+        "x = compute(1, 2)\ny = compute(3, 4)",
+    ]
