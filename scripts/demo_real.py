@@ -80,10 +80,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_meta", type=int, default=16)
     parser.add_argument("--num_eval", type=int, default=32)
     parser.add_argument("--data_seed", type=int, default=0)
-    parser.add_argument("--final_steps", type=int, default=30, help="Steps of each fresh adapter.")
+    parser.add_argument("--final_steps", type=int, default=24, help="Steps of each fresh adapter.")
     parser.add_argument("--final_lr", type=float, default=3e-3, help="Learning rate of each fresh adapter.")
     parser.add_argument(
-        "--final_eval_steps", type=int, default=5,
+        "--final_eval_steps", type=int, default=6,
         help="Score each fresh adapter on the meta split every this many steps; its held-out loss is read at the "
         "step where the meta loss was lowest (early stopping, the same for every selection).",
     )  # fmt: skip

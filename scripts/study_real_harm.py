@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     for kind in ["more clean", *sorted(set(kinds) - {"clean"})]:
         selections[f"clean + {kind}"] = torch.tensor([k in ("clean", kind) for k in kind_of], dtype=torch.float64)
     args = TrainingArguments(
-        output_dir=str(options.out / "harm_runs"), max_steps=options.steps, learning_rate=3e-3,
+        output_dir=str(REPO / "outputs" / "study_real_harm"), max_steps=options.steps, learning_rate=3e-3,
         per_device_train_batch_size=training_args.per_device_train_batch_size, lr_scheduler_type="constant",
         report_to=[], save_strategy="no", logging_steps=options.steps, seed=training_args.seed,
         use_cpu=training_args.use_cpu, disable_tqdm=True, eval_steps=options.eval_steps,

@@ -1,0 +1,49 @@
+"""Fill docs/real_demo.md (and the README's demo block) from what the real-model runs wrote: the harm table of
+``make study-real-harm`` and the printout and plots of ``make demo-real``; nothing in those blocks is typed.
+
+    .venv/bin/python scripts/real_report.py [--demo outputs/demo_real]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import demo_real
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fill(text: str, name: str, block: str) -> str:
+    """Replace what lies between ``<!-- name:begin ... -->`` and ``<!-- name:end -->`` by ``block``."""
+    pattern = re.compile(rf"(<!-- {name}:begin[^>]*-->\n).*?(<!-- {name}:end -->)", re.DOTALL)
+    if not pattern.search(text):
+        raise ValueError(f"no <!-- {name}:begin --> ... <!-- {name}:end --> markers")
+    return pattern.sub(lambda m: m.group(1) + block.rstrip("\n") + "\n" + m.group(2), text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--demo", type=Path, default=REPO / "outputs" / "demo_real")
+    parser.add_argument("--harm", type=Path, default=REPO / "docs" / "bench" / "real" / "harm.md")
+    options = parser.parse_args(argv)
+    results = json.loads((options.demo / "results.json").read_text())
+    printout = "```text\n$ make demo-real\n" + demo_real.format_table(results) + "\n```\n"
+    docs = REPO / "docs" / "real_demo.md"
+    text = fill(docs.read_text(), "demo", printout)
+    if options.harm.exists():
+        text = fill(text, "harm", options.harm.read_text())
+    docs.write_text(text)
+    readme = REPO / "README.md"
+    readme.write_text(fill(readme.read_text(), "demo-real", printout))
+    shutil.copy(options.demo / "weights.png", REPO / "docs" / "real_demo_weights.png")
+    shutil.copy(options.demo / "heldout_loss.png", REPO / "docs" / "real_demo_heldout.png")
+    print(f"wrote {docs}, the demo block of {readme} and the two plots")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
