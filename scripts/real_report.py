@@ -30,6 +30,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo", type=Path, default=REPO / "outputs" / "demo_real")
     parser.add_argument("--harm", type=Path, default=REPO / "docs" / "bench" / "real" / "harm.md")
+    parser.add_argument(
+        "--earlier",
+        type=Path,
+        default=REPO / "docs" / "bench" / "real" / "demo_constant_step.json",
+        help="results.json of an earlier demo run to show beside it.",
+    )
     options = parser.parse_args(argv)
     results = json.loads((options.demo / "results.json").read_text())
     printout = "```text\n$ make demo-real\n" + demo_real.format_table(results) + "\n```\n"
@@ -37,6 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     text = fill(docs.read_text(), "demo", printout)
     if options.harm.exists():
         text = fill(text, "harm", options.harm.read_text())
+    if options.earlier.exists():  # the run before the recipe's step decayed, kept for its payoff
+        earlier = json.loads(options.earlier.read_text())
+        text = fill(text, "demo-constant-step", "```text\n" + demo_real.format_table(earlier) + "\n```\n")
     docs.write_text(text)
     readme = REPO / "README.md"
     readme.write_text(fill(readme.read_text(), "demo-real", printout))

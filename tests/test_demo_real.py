@@ -4,6 +4,7 @@ and the Gutenberg files; this checks the pipeline: data files, recipe, heuristic
 import importlib.util
 import json
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,19 @@ def test_lora_layers_puts_adapters_on_the_named_decoder_layers_only():
     adapted = wrap_with_peft(model, recipe.lora_config(model_args))
     names = [name for name, parameter in adapted.named_parameters() if parameter.requires_grad]
     assert len(names) == 2 and all(".layers.1.self_attn.q_proj.lora_" in name for name in names)
+
+
+def test_real_report_fills_only_between_its_markers():
+    spec = importlib.util.spec_from_file_location("real_report", SCRIPT.parent / "real_report.py")
+    sys.path.insert(0, str(SCRIPT.parent))  # real_report imports demo_real
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    text = "a\n<!-- demo:begin (x) -->\nold\n<!-- demo:end -->\n"
+    text += "<!-- demo-real:begin -->\nkeep\n<!-- demo-real:end -->\n"
+    filled = module.fill(text, "demo", "new\n")
+    assert filled == text.replace("old", "new")
+    with pytest.raises(ValueError, match="no <!-- harm:begin -->"):
+        module.fill(text, "harm", "x")
