@@ -16,6 +16,11 @@ from pathlib import Path
 import demo_real
 
 REPO = Path(__file__).resolve().parents[1]
+# Other demo runs shown in docs/real_demo.md: {marker: their results.json, copied under --runs}.
+OTHER_RUNS = {
+    "demo-constant-step": "demo_constant_step.json",  # the run before the recipe's outer step decayed
+    "demo-data-seed-1": "demo_data_seed_1.json",  # another draw of the data (--data_seed 1)
+}
 
 
 def fill(text: str, name: str, block: str) -> str:
@@ -31,10 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--demo", type=Path, default=REPO / "outputs" / "demo_real")
     parser.add_argument("--harm", type=Path, default=REPO / "docs" / "bench" / "real" / "harm.md")
     parser.add_argument(
-        "--earlier",
-        type=Path,
-        default=REPO / "docs" / "bench" / "real" / "demo_constant_step.json",
-        help="results.json of an earlier demo run to show beside it.",
+        "--runs", type=Path, default=REPO / "docs" / "bench" / "real", help="Where the OTHER_RUNS results lie."
     )
     options = parser.parse_args(argv)
     results = json.loads((options.demo / "results.json").read_text())
@@ -43,9 +45,11 @@ def main(argv: list[str] | None = None) -> None:
     text = fill(docs.read_text(), "demo", printout)
     if options.harm.exists():
         text = fill(text, "harm", options.harm.read_text())
-    if options.earlier.exists():  # the run before the recipe's step decayed, kept for its payoff
-        earlier = json.loads(options.earlier.read_text())
-        text = fill(text, "demo-constant-step", "```text\n" + demo_real.format_table(earlier) + "\n```\n")
+    for marker, name in OTHER_RUNS.items():
+        path = options.runs / name
+        if path.exists():
+            other = json.loads(path.read_text())
+            text = fill(text, marker, "```text\n" + demo_real.format_table(other) + "\n```\n")
     docs.write_text(text)
     readme = REPO / "README.md"
     readme.write_text(fill(readme.read_text(), "demo-real", printout))
