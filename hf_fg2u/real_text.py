@@ -37,44 +37,42 @@ def passages(text: str, lines_per_passage: int = 2, min_words: int = 4, max_word
     parts = GUTENBERG_MARKERS.split(text)
     if len(parts) >= 7:  # header, START marker (2 groups), body, END marker (2 groups), licence
         text = parts[3]
-    found, run = [], []
-    for raw in text.splitlines():
+
+    def kept(raw: str) -> str | None:
         line = " ".join(raw.split())
-        words = line.split()
         prose_line = (
-            min_words <= len(words) <= max_words
+            min_words <= len(line.split()) <= max_words
             and not line.isupper()
             and not re.search(r"[\[\]_<>{}|]|^(ACT|SCENE|Scene|Enter|Exit|Exeunt)\b", line)
             and any(c.islower() for c in line)
         )
-        if not prose_line:
-            run = []
-            continue
-        run.append(line)
-        if len(run) == lines_per_passage:
-            found.append(" ".join(run))
-            run = []
-    return found
+        return line if prose_line else None
+
+    return _runs(map(kept, text.splitlines()), lines_per_passage, " ")
 
 
 def code_passages(source: str, lines_per_passage: int = 2, min_words: int = 3, max_words: int = 14) -> list[str]:
     """Runs of ``lines_per_passage`` consecutive code lines of ``min_words``..``max_words`` whitespace-separated
     tokens, joined by a newline with their indentation kept; blank lines, comments and docstring lines break a
     run."""
-    found, run, in_docstring = [], [], False
+    lines, in_docstring = [], False
     for raw in source.splitlines():
-        line = raw.rstrip()
-        stripped = line.strip()
+        stripped = raw.strip()
         quotes = stripped.count('"""') + stripped.count("'''")
         docstring = in_docstring or quotes > 0
         in_docstring ^= quotes % 2 == 1
         code = min_words <= len(stripped.split()) <= max_words and not stripped.startswith(("#", '"', "'"))
-        if docstring or not code:
-            run = []
-            continue
-        run.append(line)
-        if len(run) == lines_per_passage:
-            found.append("\n".join(run))
+        lines.append(raw.rstrip() if code and not docstring else None)
+    return _runs(lines, lines_per_passage, "\n")
+
+
+def _runs(lines, size: int, separator: str) -> list[str]:
+    """Consecutive kept lines (None breaks a run) grouped ``size`` at a time and joined by ``separator``."""
+    found, run = [], []
+    for line in lines:
+        run = [] if line is None else [*run, line]
+        if len(run) == size:
+            found.append(separator.join(run))
             run = []
     return found
 
