@@ -131,8 +131,8 @@ def compare_selections(
             for key in ("eval_stop_loss", "eval_heldout_loss"):
                 if key in entry:
                     by_step.setdefault(entry["step"], {})[key] = entry[key]
-        scored = [losses for losses in by_step.values() if len(losses) == 2]
-        losses[name] = min(scored, key=lambda losses: losses["eval_stop_loss"])["eval_heldout_loss"]
+        scored = [step for step in by_step.values() if len(step) == 2]
+        losses[name] = min(scored, key=lambda step: step["eval_stop_loss"])["eval_heldout_loss"]
     return losses
 
 

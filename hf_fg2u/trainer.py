@@ -44,7 +44,7 @@ from .distributed import ProcessPolicy
 from .formats import MODEL_INPUT_COLUMNS
 from .functional import load_parameters, select_inner_parameters, trainable_parameters, unwrap_model
 from .hypergrad import METHOD_SPECS, NonFiniteHypergradientError, estimate_hypergradient, method_from_config
-from .hypergrad.unroll import run_inner_loop
+from .hypergrad.unroll import clone_tree, run_inner_loop
 from .inner_resets import ResetPolicy
 from .method_choice import choose_method
 from .model_card import WEIGHTED_DATASET_FILE, write_model_card
@@ -549,12 +549,12 @@ class BilevelTrainer(Trainer):
             if self.args.inner_warmup_steps:
                 self._inner_params, self._inner_state = self._warm_up(model)
                 load_parameters(model, self._inner_params)
-            self._initial_params = _clone_tree(self._inner_params)
-            self._initial_state = _clone_tree(self._inner_state)
+            self._initial_params = clone_tree(self._inner_params)
+            self._initial_state = clone_tree(self._inner_state)
         if self._resets.due():
             logger.info(f"Outer step {step}: θ and the inner optimizer state go back to their start.")
-            self._inner_params = _clone_tree(self._initial_params)
-            self._inner_state = _clone_tree(self._initial_state)
+            self._inner_params = clone_tree(self._initial_params)
+            self._inner_state = clone_tree(self._initial_state)
             load_parameters(model, self._inner_params)
             self._resets.restarted()
             self._metrics["inner_resets"].append(1.0)
@@ -614,13 +614,6 @@ class _OuterUpdateGuard(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._check_outer_update()
-
-
-def _clone_tree(tree):
-    """A deep copy of a (possibly nested) dict of tensors; None stays None."""
-    if tree is None:
-        return None
-    return {k: _clone_tree(v) if isinstance(v, dict) else v.detach().clone() for k, v in tree.items()}
 
 
 def _unit_norm(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

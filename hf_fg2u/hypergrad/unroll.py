@@ -55,6 +55,11 @@ def detach_tree(tree):
     return tree_map(lambda t: t.detach(), tree)
 
 
+def clone_tree(tree):
+    """A detached copy of every tensor of ``tree``; None (no state yet) stays None."""
+    return None if tree is None else tree_map(lambda t: t.detach().clone(), tree)
+
+
 @contextlib.contextmanager
 def step_rng(seed: int | None):
     """Fix the global RNG for one inner step, so every pass over it (primal, each tangent chunk) sees the
