@@ -25,6 +25,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from datasets import DatasetDict, load_from_disk
@@ -213,17 +214,38 @@ def payoff(options, task, weights, keep, training_args, model_args) -> tuple[dic
     kept_by = {name: keep_top(-suspicion, keep) for name, suspicion in heuristics.items()}
     scores = (torch.ones(len(weights)), weights, kept_by["loss filter"], kept_by["gradient alignment"], clean)
     selections = dict(zip(SELECTIONS, scores, strict=True))
-    args = TrainingArguments(
-        output_dir=str(options.out_dir / "payoff"), max_steps=options.final_steps, learning_rate=options.final_lr,
-        per_device_train_batch_size=training_args.per_device_train_batch_size, lr_scheduler_type="constant",
-        report_to=[], save_strategy="no", logging_steps=max(1, options.final_steps), seed=training_args.seed,
-        use_cpu=training_args.use_cpu, disable_tqdm=True, eval_steps=options.final_eval_steps,
-    )  # fmt: skip
-    heldout = compare_selections(
-        lambda: copy.deepcopy(base), tokenized["train"], tokenized["eval"], selections,
-        recipe.lora_config(model_args), args, tokenizer, stop_on=tokenized["meta"],
-    )  # fmt: skip
+    budget = FreshAdapters(options.final_steps, options.final_lr, options.final_eval_steps, options.out_dir / "payoff")
+    heldout = fresh_adapter_losses(
+        base, tokenizer, tokenized["train"], tokenized, selections, budget, training_args, model_args
+    )
     return heldout, heuristics
+
+
+class FreshAdapters(NamedTuple):
+    """How each fresh adapter of the payoff is trained: Adam steps and learning rate, meta-split scoring every
+    ``eval_steps`` steps, and where the runs go."""
+
+    steps: int
+    learning_rate: float
+    eval_steps: int
+    output_dir: Path
+
+
+def fresh_adapter_losses(
+    base, tokenizer, train, tokenized, selections, budget: FreshAdapters, training_args, model_args
+) -> dict:
+    """Held-out loss of a fresh adapter (the recipe's LoRA, batch size, seed and device; constant lr) per selection
+    of the tokenized ``train`` rows, each early-stopped on ``tokenized["meta"]`` and scored on ``tokenized["eval"]``."""
+    args = TrainingArguments(
+        output_dir=str(budget.output_dir), max_steps=budget.steps, learning_rate=budget.learning_rate,
+        per_device_train_batch_size=training_args.per_device_train_batch_size, lr_scheduler_type="constant",
+        report_to=[], save_strategy="no", logging_steps=max(1, budget.steps), seed=training_args.seed,
+        use_cpu=training_args.use_cpu, disable_tqdm=True, eval_steps=budget.eval_steps,
+    )  # fmt: skip
+    return compare_selections(
+        lambda: copy.deepcopy(base), train, tokenized["eval"], selections, recipe.lora_config(model_args), args,
+        tokenizer, stop_on=tokenized["meta"],
+    )  # fmt: skip
 
 
 def format_table(results: dict) -> str:

@@ -13,7 +13,6 @@ by that much. Prints a Markdown table and writes it with the JSON under --out.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import random
 import sys
@@ -22,10 +21,8 @@ from pathlib import Path
 import demo_real
 import torch
 from datasets import Dataset, concatenate_datasets
-from transformers import TrainingArguments
 
 from hf_fg2u import recipe
-from hf_fg2u.data_selection import compare_selections
 from hf_fg2u.formats import prepare_split
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,16 +53,10 @@ def main(argv: list[str] | None = None) -> dict:
     selections = {"clean rows only": torch.tensor([k == "clean" for k in kind_of], dtype=torch.float64)}
     for kind in ["more clean", *sorted(set(kinds) - {"clean"})]:
         selections[f"clean + {kind}"] = torch.tensor([k in ("clean", kind) for k in kind_of], dtype=torch.float64)
-    args = TrainingArguments(
-        output_dir=str(REPO / "outputs" / "study_real_harm"), max_steps=options.steps, learning_rate=3e-3,
-        per_device_train_batch_size=training_args.per_device_train_batch_size, lr_scheduler_type="constant",
-        report_to=[], save_strategy="no", logging_steps=options.steps, seed=training_args.seed,
-        use_cpu=training_args.use_cpu, disable_tqdm=True, eval_steps=options.eval_steps,
-    )  # fmt: skip
-    heldout = compare_selections(
-        lambda: copy.deepcopy(base), pool, tokenized["eval"], selections, recipe.lora_config(model_args), args,
-        tokenizer, stop_on=tokenized["meta"],
-    )  # fmt: skip
+    budget = demo_real.FreshAdapters(options.steps, 3e-3, options.eval_steps, REPO / "outputs" / "study_real_harm")
+    heldout = demo_real.fresh_adapter_losses(
+        base, tokenizer, pool, tokenized, selections, budget, training_args, model_args
+    )
     data = {"heldout_loss": heldout, "clean_rows": len(clean_rows), "rows_per_kind": per_kind, "argv": passthrough}
     options.out.mkdir(parents=True, exist_ok=True)
     (options.out / "harm.json").write_text(json.dumps(data, indent=2))
