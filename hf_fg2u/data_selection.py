@@ -1,10 +1,12 @@
 """Is learning the weights worth it? The simple filters a curator would try instead, and the fair comparison.
 
-Heuristic scores of each train row, both computed once at the base model:
+Heuristic scores of each train row:
 
-- ``base_model_losses``: the row's mean next-token loss; the loss filter drops the highest-loss rows;
+- ``base_model_losses``: the row's mean next-token loss under the base model; the loss filter drops the
+  highest-loss rows;
 - ``gradient_alignment_scores``: the cosine of the row's LoRA gradient with the meta set's (one-step gradient
-  alignment, as TracIn and LESS score data); the rows least aligned with the meta data are dropped.
+  alignment, as TracIn and LESS score data), after ``warm_up`` trained the adapter a few steps as LESS does; the
+  rows least aligned with the meta data are dropped.
 
 ``compare_selections`` then trains a fresh adapter for the same steps on each selection — uniform weights, the
 learned weights, the rows each heuristic keeps — and evaluates each on held-out data the selection never saw.
@@ -67,6 +69,26 @@ def gradient_alignment_scores(model, dataset, meta_dataset, collator: BilevelDat
         row_gradient = flat_gradient(_row_losses(model, batch).sum())
         scores.append(torch.nn.functional.cosine_similarity(row_gradient, meta_gradient, dim=0).item())
     return torch.tensor(scores)
+
+
+def warm_up(
+    model, dataset, collator: BilevelDataCollator, steps: int, learning_rate: float, batch_size: int, seed: int = 0
+):
+    """Train ``model``'s trainable (LoRA) parameters in place for ``steps`` plain Adam steps on uniformly drawn
+    rows of a tokenized ``dataset``: the warm-up LESS runs before scoring, so that the scores see a trained
+    adapter (at peft's initial lora_B = 0 only the B matrices have a gradient, and every row looks alike)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=learning_rate)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        rows = torch.randperm(len(dataset), generator=generator)[:batch_size].tolist()
+        batch = next(_batches(model, dataset.select(rows), collator, batch_size))
+        optimizer.zero_grad()
+        _row_losses(model, batch).mean().backward()
+        optimizer.step()
+    model.eval()
+    return model
 
 
 def keep_top(scores: torch.Tensor, keep_fraction: float) -> torch.Tensor:

@@ -59,14 +59,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def heuristics(passthrough: list[str]) -> dict:
-    """AUROC per kind of the loss filter and of gradient alignment, both at the base model (no training)."""
+    """AUROC per kind of the loss filter (base model) and of gradient alignment (after the demo's warm-up)."""
     demo_options, recipe_argv = demo_real.make_parser().parse_known_args(passthrough)
     task = demo_real.make_task(demo_options)
     _, training_args, model_args = recipe.parse_args(["--config", str(demo_real.CONFIG), *recipe_argv])
     base, tokenizer, tokenized = demo_real.load_and_tokenize(task, training_args, model_args)
     kinds = task["train"]["corruption"]
-    scores = demo_real.heuristic_scores(base, tokenizer, tokenized, model_args)
-    return {f"{name} (base model)": {"auroc": auroc_by_kind(s, kinds)} for name, s in scores.items()}
+    scores = demo_real.heuristic_scores(base, tokenizer, tokenized, model_args, demo_options, training_args)
+    return {name: {"auroc": auroc_by_kind(s, kinds)} for name, s in scores.items()}
 
 
 def markdown(data: dict) -> str:

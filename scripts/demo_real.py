@@ -7,8 +7,9 @@
    corrupted train rows of several kinds, written as JSONL files under ``--out_dir``/data.
 2. Runs the noisy-data recipe on those files exactly as a user would on theirs (``hf-fg2u train --config
    hf_fg2u/recipes/noisy_reweighting_real.yaml --data_files train=... meta=... eval=...``).
-3. Scores the same rows with the base-model loss and with one-step gradient alignment to the meta set, trains a
-   fresh adapter for the same steps on each selection (uniform, learned weights, the rows each heuristic keeps)
+3. Scores the same rows with the base-model loss and with gradient alignment to the meta set after a short
+   warm-up of the adapter (LESS-style), trains a fresh adapter for the same steps on each selection (uniform,
+   learned weights, the rows each heuristic keeps)
    and evaluates it on the held-out eval split, which no selection used.
 4. Prints AUROC per corruption kind and the held-out losses, writes two plots and ``results.json``, and with
    ``--log`` appends one line per run to a Markdown table (the study in docs/real_demo.md).
@@ -40,6 +41,7 @@ from hf_fg2u.data_selection import (
     keep_top,
     plot_heldout_losses,
     plot_weights_by_kind,
+    warm_up,
 )
 from hf_fg2u.formats import prepare_split
 from hf_fg2u.real_text import CORRUPTIONS, SOURCE_KINDS, build_corrupted_text_task, code_passages, passages
@@ -89,12 +91,17 @@ def make_parser() -> argparse.ArgumentParser:
         "step where the meta loss was lowest (early stopping, the same for every selection).",
     )  # fmt: skip
     parser.add_argument(
+        "--alignment_warmup_steps", type=int, default=8,
+        help="Adam steps (at --final_lr, uniform rows) of the adapter before gradient alignment scores the rows, "
+        "as LESS warms up first: at peft's initial lora_B = 0 only the B matrices have a gradient.",
+    )  # fmt: skip
+    parser.add_argument(
         "--no_payoff", action="store_true", help="Skip the fresh adapters (a quicker study of the AUROC alone)."
     )
     parser.add_argument(
         "--trace", action="store_true",
-        help="Record, at every outer step, the AUROC of that step's hypergradient among the rows it saw (is the "
-        "hypergradient still telling corrupted rows from clean ones?) into results.json.",
+        help="Record, at every outer step, the hypergradient of the example logits and its AUROC among the rows it "
+        "saw (is the hypergradient still telling corrupted rows from clean ones?) into results.json.",
     )  # fmt: skip
     parser.add_argument("--out_dir", type=Path, default=Path("outputs/demo_real"))
     parser.add_argument("--log", type=Path, default=None, help="Append this run's row to a Markdown table.")
@@ -113,9 +120,10 @@ def read_passages(root: Path, files: list[str], split=passages) -> list[str]:
 
 
 class HypergradientTrace(TrainerCallback):
-    """Per outer step, the AUROC (corrupted vs clean, per kind) of the step's hypergradient of the example logits
-    among the rows it saw: a positive gradient lowers a row's weight, so AUROC > 0.5 means the step pushed
-    corrupted rows down. Rows are matched to ``kinds`` by their ``example_id`` (the train file's row order)."""
+    """Per outer step, the hypergradient of the example logits (all rows; 0 for the rows not seen) and its AUROC
+    (corrupted vs clean, per kind) among the rows it saw: a positive gradient lowers a row's weight, so AUROC > 0.5
+    means the step pushed corrupted rows down. Rows are matched to ``kinds`` by their ``example_id`` (the train
+    file's row order). The recorded gradients let other outer update rules be replayed offline."""
 
     def __init__(self, kinds: list[str]):
         self.kinds, self.steps = list(kinds), []
@@ -125,7 +133,7 @@ class HypergradientTrace(TrainerCallback):
         seen = torch.nonzero(grad.detach().cpu() != 0).flatten().tolist()
         kinds = [self.kinds[i] for i in seen]
         aurocs = auroc_by_kind(grad.detach().cpu()[seen], kinds) if "clean" in kinds else {}
-        self.steps.append({"step": state.global_step, "auroc": aurocs})
+        self.steps.append({"step": state.global_step, "auroc": aurocs, "grad": grad.detach().cpu().tolist()})
 
 
 def make_task(options) -> DatasetDict:
@@ -187,12 +195,17 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def heuristic_scores(base, tokenizer, tokenized, model_args) -> dict[str, torch.Tensor]:
-    """Each heuristic's suspicion of every train row (higher = more likely corrupted), both at the base model:
-    its loss (the loss filter drops the highest) and minus the cosine of its LoRA gradient with the meta set's."""
+def heuristic_scores(base, tokenizer, tokenized, model_args, options, training_args) -> dict[str, torch.Tensor]:
+    """Each heuristic's suspicion of every train row (higher = more likely corrupted): its loss under the base
+    model (the loss filter drops the highest), and minus the cosine of its LoRA gradient with the meta set's after
+    ``options.alignment_warmup_steps`` Adam steps of the adapter on uniform rows (LESS-style)."""
     collator = BilevelDataCollator(pad_token_id=tokenizer.pad_token_id or 0)
     losses = base_model_losses(base, tokenized["train"], collator)
     adapter = wrap_with_peft(copy.deepcopy(base), recipe.lora_config(model_args))
+    warm_up(
+        adapter, tokenized["train"], collator, options.alignment_warmup_steps, options.final_lr,
+        training_args.per_device_train_batch_size, training_args.seed,
+    )  # fmt: skip
     alignment = gradient_alignment_scores(adapter, tokenized["train"], tokenized["meta"], collator)
     return {"loss filter": losses, "gradient alignment": -alignment}
 
@@ -207,7 +220,7 @@ def load_and_tokenize(task, training_args, model_args):
 def payoff(options, task, weights, keep, training_args, model_args) -> tuple[dict, dict]:
     """Held-out loss of a fresh adapter per selection, and each heuristic's suspicion score of every row."""
     base, tokenizer, tokenized = load_and_tokenize(task, training_args, model_args)
-    heuristics = heuristic_scores(base, tokenizer, tokenized, model_args)
+    heuristics = heuristic_scores(base, tokenizer, tokenized, model_args, options, training_args)
     # The heuristics are told the true corrupted fraction (a curator would have to guess it): generous to them.
     # "clean rows only" knows the answer: the most any selection could gain on this data.
     clean = torch.tensor([not corrupted for corrupted in task["train"]["is_corrupted"]], dtype=torch.float64)

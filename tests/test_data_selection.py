@@ -16,6 +16,7 @@ from hf_fg2u.data_selection import (
     keep_top,
     plot_heldout_losses,
     plot_weights_by_kind,
+    warm_up,
 )
 from hf_fg2u.formats import tokenize_dataset
 from hf_fg2u.problem import per_example_token_loss
@@ -63,6 +64,19 @@ def test_gradient_alignment_is_one_for_the_meta_row_itself_and_lower_for_other_t
     scores = gradient_alignment_scores(model, train, meta, COLLATOR)
     assert scores[0].item() == pytest.approx(1.0, abs=1e-5)
     assert scores[1].item() < 0.9
+
+
+def test_warm_up_trains_the_adapter_on_the_rows_and_zero_steps_leave_it_as_it_was():
+    model, data = get_peft_model(tiny_llama(), lora()), rows(["the cat sat on the mat", "a dog ran in the park"] * 2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    warm_up(model, data, COLLATOR, steps=0, learning_rate=1e-2, batch_size=2)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+    loss_before = base_model_losses(model, data, COLLATOR).mean()
+    warm_up(model, data, COLLATOR, steps=10, learning_rate=1e-2, batch_size=2)
+    assert not model.training  # left in eval mode for the scores that follow
+    assert base_model_losses(model, data, COLLATOR).mean() < loss_before - 0.1
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # B left its initial zeros
 
 
 def test_compare_selections_trains_on_the_kept_rows_and_reports_held_out_loss(tmp_path):

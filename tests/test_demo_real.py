@@ -43,6 +43,7 @@ def test_demo_real_prints_auroc_per_kind_and_held_out_losses_and_logs_a_row(tmp_
     assert list(results["heldout_loss"]) == list(demo.SELECTIONS)
     assert [step["step"] for step in results["trace"]] == [0, 1]  # before each optimizer step
     assert all(0.0 <= v <= 1.0 for step in results["trace"] for v in step["auroc"].values())
+    assert all(len(step["grad"]) == 16 and any(step["grad"]) for step in results["trace"])  # every row's logit
     assert results["keep_fraction"] == pytest.approx(0.5)  # 8 clean of 16 train rows
     assert json.loads((tmp_path / "out" / "results.json").read_text())["heldout_loss"] == results["heldout_loss"]
     printed = capsys.readouterr().out
