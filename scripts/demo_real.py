@@ -136,6 +136,12 @@ class HypergradientTrace(TrainerCallback):
         self.steps.append({"step": state.global_step, "auroc": aurocs, "grad": grad.detach().cpu().tolist()})
 
 
+def task_options(options) -> dict:
+    """The options that decide the task (kinds, split sizes, data seed): what a results.json was measured on."""
+    names = ("corruptions", "num_train_clean", "num_corrupted", "num_meta", "num_eval", "data_seed")
+    return {name: getattr(options, name) for name in names}
+
+
 def make_task(options) -> DatasetDict:
     """The train/meta/eval splits of the demo's options (texts, kinds, sizes, data seed)."""
     sources = {
@@ -182,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
         "auroc": aurocs, "heldout_loss": heldout, "meta_loss": bilevel.get("bilevel_meta_loss"),
         "outer_steps": bilevel.get("bilevel_outer_steps"),
         "bilevel_seconds": bilevel_seconds, "payoff_seconds": payoff_seconds, "keep_fraction": keep,
-        "recipe_args": recipe_argv, "weights_plot": str(plot_weights_by_kind(weights, kinds, out / "weights.png")),
+        "recipe_args": recipe_argv, "task": task_options(options), "weights_plot": str(plot_weights_by_kind(weights, kinds, out / "weights.png")),
     }  # fmt: skip
     if trace is not None:
         results["trace"] = trace.steps

@@ -31,6 +31,25 @@ def fill(text: str, name: str, block: str) -> str:
     return pattern.sub(lambda m: m.group(1) + block.rstrip("\n") + "\n" + m.group(2), text)
 
 
+def study_table(folder: Path) -> str:
+    """One Markdown table per set of corruption kinds over the study runs' results.json copies in ``folder``
+    (each with the ``note`` saying what it varies and the ``task`` it ran on): AUROC of the learned weights."""
+    runs = [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
+    tables = []
+    for kinds in dict.fromkeys(tuple(sorted(run["auroc"]["learned weights"])) for run in runs):
+        lines = [
+            "| run | data seed | meta rows | outer steps | " + " | ".join(f"AUROC {k}" for k in kinds) + " |",
+            "|---|---|---|---|" + "---|" * len(kinds),
+        ]
+        for run in runs:
+            if tuple(sorted(run["auroc"]["learned weights"])) == kinds:
+                task, aurocs = run["task"], run["auroc"]["learned weights"]
+                cells = [run["note"], str(task["data_seed"]), str(task["num_meta"]), str(run.get("outer_steps"))]
+                lines.append("| " + " | ".join(cells + [f"{aurocs[k]:.3f}" for k in kinds]) + " |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo", type=Path, default=REPO / "outputs" / "demo_real")
@@ -50,6 +69,12 @@ def main(argv: list[str] | None = None) -> None:
         if path.exists():
             other = json.loads(path.read_text())
             text = fill(text, marker, "```text\n" + demo_real.format_table(other) + "\n```\n")
+    study = options.runs / "study"
+    if study.is_dir():
+        text = fill(text, "study", study_table(study))
+    unroll = sorted((options.runs / "unroll").glob("*.md"))
+    if unroll:
+        text = fill(text, "unroll", "\n".join(path.read_text() for path in unroll))
     docs.write_text(text)
     readme = REPO / "README.md"
     readme.write_text(fill(readme.read_text(), "demo-real", printout))

@@ -71,7 +71,7 @@ def test_lora_layers_puts_adapters_on_the_named_decoder_layers_only():
     assert len(names) == 2 and all(".layers.1.self_attn.q_proj.lora_" in name for name in names)
 
 
-def test_real_report_fills_only_between_its_markers():
+def load_real_report():
     spec = importlib.util.spec_from_file_location("real_report", SCRIPT.parent / "real_report.py")
     sys.path.insert(0, str(SCRIPT.parent))  # real_report imports demo_real
     try:
@@ -79,9 +79,54 @@ def test_real_report_fills_only_between_its_markers():
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(SCRIPT.parent))
+    return module
+
+
+def test_real_report_fills_only_between_its_markers():
+    module = load_real_report()
     text = "a\n<!-- demo:begin (x) -->\nold\n<!-- demo:end -->\n"
     text += "<!-- demo-real:begin -->\nkeep\n<!-- demo-real:end -->\n"
     filled = module.fill(text, "demo", "new\n")
     assert filled == text.replace("old", "new")
     with pytest.raises(ValueError, match="no <!-- harm:begin -->"):
         module.fill(text, "harm", "x")
+
+
+def test_real_report_study_table_groups_runs_by_their_kinds(tmp_path):
+    def run(name, note, aurocs, seed):
+        task = {"data_seed": seed, "num_meta": 16}
+        result = {"note": note, "task": task, "outer_steps": 20, "auroc": {"learned weights": aurocs}}
+        (tmp_path / f"{name}.json").write_text(json.dumps(result))
+
+    run("a", "the recipe", {"x": 0.5, "y": 0.25}, 0)
+    run("b", "other kinds", {"z": 1.0}, 1)
+    run("c", "the recipe", {"y": 0.75, "x": 0.125}, 1)
+    tables = load_real_report().study_table(tmp_path).strip().split("\n\n")
+    assert len(tables) == 2
+    assert tables[0].splitlines()[0] == "| run | data seed | meta rows | outer steps | AUROC x | AUROC y |"
+    assert tables[0].splitlines()[2:] == ["| the recipe | 0 | 16 | 20 | 0.500 | 0.250 |",
+                                          "| the recipe | 1 | 16 | 20 | 0.125 | 0.750 |"]  # fmt: skip
+    assert tables[1].splitlines()[2] == "| other kinds | 1 | 16 | 20 | 1.000 |"
+
+
+def test_study_real_unroll_scores_every_inner_loop_on_the_same_unrolls(tmp_path):
+    """scripts/study_real_unroll.py on the tiny model: each inner loop gets a pooled and a within-unroll AUROC per
+    kind, over the same unrolls (every row twice), and the matched SGD step size is positive and finite."""
+    write_text(tmp_path / "texts" / "clean.txt", "the king and queen speak to their son of his father", 60, 0)
+    sys.path.insert(0, str(SCRIPT.parent))  # the study imports demo_real
+    spec = importlib.util.spec_from_file_location("study_real_unroll", SCRIPT.parent / "study_real_unroll.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    results = study.main([
+        "--texts", str(tmp_path / "texts"), "--clean_files", "clean.txt", "--corruptions", "shuffled_words",
+        "--num_train_clean", "12", "--num_corrupted", "4", "--num_meta", "4", "--num_eval", "4",
+        "--inner_loops", "adam T=2", "sgd T=2", "--out", str(tmp_path / "out"),
+    ])  # fmt: skip
+    assert results["unrolls"] == 2  # 16 rows, twice, 16 per unroll
+    assert list(results["inner_loops"]) == ["adam T=2", "sgd T=2"]
+    for run in results["inner_loops"].values():
+        assert set(run["pooled"]) == set(run["within_unroll"]) == {"shuffled_words"}
+        assert all(0.0 <= v <= 1.0 for v in [*run["pooled"].values(), *run["within_unroll"].values()])
+    assert 0.0 < results["sgd_lr"] < float("inf")
+    table = (tmp_path / "out" / "seed0_shuffled_words.md").read_text()
+    assert "| adam T=2 |" in table and "| sgd T=2 |" in table
