@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
         "auroc": aurocs, "heldout_loss": heldout, "meta_loss": bilevel.get("bilevel_meta_loss"),
         "outer_steps": bilevel.get("bilevel_outer_steps"),
         "bilevel_seconds": bilevel_seconds, "payoff_seconds": payoff_seconds, "keep_fraction": keep,
-        "recipe_args": recipe_argv, "task": task_options(options), "weights_plot": str(plot_weights_by_kind(weights, kinds, out / "weights.png")),
+        "recipe_args": recipe_argv, "task": task_options(options),
+        "weights_plot": str(plot_weights_by_kind(weights, kinds, out / "weights.png")),
     }  # fmt: skip
     if trace is not None:
         results["trace"] = trace.steps

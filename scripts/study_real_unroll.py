@@ -21,9 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+import demo_real
 import torch
 
-import demo_real
 from hf_fg2u import recipe
 from hf_fg2u.data_selection import auroc_by_kind
 from hf_fg2u.functional import trainable_parameters
@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> dict:
     adam = make_inner_optimizer("adam", training_args.inner_lr)
     theta = trainable_parameters(model)
     warmup = [batch(torch.randperm(len(kinds), generator=generator)[:8].tolist()) for _ in range(WARMUP_STEPS)]
-    theta_w, state_w, _ = run_inner_loop(inner_loss, adam, theta, adam.init(theta), outer, warmup, [None] * WARMUP_STEPS)
+    theta_w, state_w, _ = run_inner_loop(
+        inner_loss, adam, theta, adam.init(theta), outer, warmup, [None] * WARMUP_STEPS
+    )
     order = torch.cat([torch.randperm(len(kinds), generator=generator) for _ in range(options.passes)]).tolist()
     unrolls = [order[i : i + ROWS_PER_UNROLL] for i in range(0, len(order) - ROWS_PER_UNROLL + 1, ROWS_PER_UNROLL)]
     sgd_lr = matched_sgd_lr(inner_loss, adam, theta_w, state_w, outer, batch(unrolls[0][:8]))
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
 def matched_sgd_lr(inner_loss, adam, theta_w, state_w, outer, batch) -> float:
     """The SGD step size whose first update from θ_w is as long as Adam's on the same batch."""
     params = {k: v.detach().requires_grad_() for k, v in theta_w.items()}
-    grads = dict(zip(params, torch.autograd.grad(inner_loss(params, outer, batch), list(params.values()))))
+    grads = torch.autograd.grad(inner_loss(params, outer, batch), list(params.values()))
+    grads = dict(zip(params, grads, strict=True))
     moved, _, _ = run_inner_loop(inner_loss, adam, theta_w, state_w, outer, [batch], [None])
     step = {k: moved[k] - theta_w[k] for k in theta_w}
     return float(tree_dot(step, step).sqrt() / tree_dot(grads, grads).sqrt())
