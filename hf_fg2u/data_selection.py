@@ -77,6 +77,8 @@ def warm_up(
     """Train ``model``'s trainable (LoRA) parameters in place for ``steps`` plain Adam steps on uniformly drawn
     rows of a tokenized ``dataset``: the warm-up LESS runs before scoring, so that the scores see a trained
     adapter (at peft's initial lora_B = 0 only the B matrices have a gradient, and every row looks alike)."""
+    if steps < 0 or batch_size < 1:
+        raise ValueError(f"warm_up needs steps >= 0 and batch_size >= 1, got steps={steps}, batch_size={batch_size}.")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=learning_rate)
     generator = torch.Generator().manual_seed(seed)

@@ -77,6 +77,8 @@ def test_warm_up_trains_the_adapter_on_the_rows_and_zero_steps_leave_it_as_it_wa
     assert base_model_losses(model, data, COLLATOR).mean() < loss_before - 0.1
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # B left its initial zeros
+    with pytest.raises(ValueError, match=r"steps >= 0 and batch_size >= 1, got steps=-1"):
+        warm_up(model, data, COLLATOR, steps=-1, learning_rate=1e-2, batch_size=2)
 
 
 def test_compare_selections_trains_on_the_kept_rows_and_reports_held_out_loss(tmp_path):
