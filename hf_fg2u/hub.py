@@ -9,21 +9,25 @@ from pathlib import Path
 
 from huggingface_hub import snapshot_download
 from peft import PeftConfig, PeftModel
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .outer import OuterModule
 from .outer.base import resolve_folder
 
 RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "outer_config.json", "outer_model.safetensors")
+# What the Trainer's save writes of the tokenizer (processing_class.save_pretrained), fetched when present.
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt", "chat_template*", "*.model")
 
 
 @dataclass
 class BilevelRun:
-    """What ``load_run`` returns: the base model with the trained adapter, the outer variables, their folder."""
+    """What ``load_run`` returns: the base model with the trained adapter, the outer variables, their folder, and
+    the tokenizer the run was trained with (None when the run saved none)."""
 
     model: PeftModel
     outer: OuterModule
     folder: Path
+    tokenizer: PreTrainedTokenizerBase | None = None
 
 
 def load_run(
@@ -34,12 +38,13 @@ def load_run(
 
     ``base_model`` defaults to the adapter's ``base_model_name_or_path``; pass a model (or a name) when that is
     not loadable here, e.g. a model built from config. ``model_kwargs`` go to ``from_pretrained`` of the base.
+    The tokenizer is the one the Trainer saved beside the adapter (``processing_class``), else None.
     """
     if Path(name_or_path).is_dir():
         folder = Path(name_or_path)
     else:
         resolve_folder(name_or_path, RUN_FILES, revision, token, cache_dir)  # a clear error when files are missing
-        patterns = [*RUN_FILES, "README.md", "prompt_adapter/*"]
+        patterns = [*RUN_FILES, *TOKENIZER_FILES, "README.md", "prompt_adapter/*"]
         folder = Path(snapshot_download(str(name_or_path), revision=revision, token=token, cache_dir=cache_dir,
                                         allow_patterns=patterns))  # fmt: skip
     outer = OuterModule.from_pretrained(folder)
@@ -51,4 +56,5 @@ def load_run(
                 "base_model_name_or_path). Pass load_run(..., base_model=<model or name>)."
             )
         base_model = AutoModelForCausalLM.from_pretrained(name, **model_kwargs)
-    return BilevelRun(PeftModel.from_pretrained(base_model, folder), outer, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() else None
+    return BilevelRun(PeftModel.from_pretrained(base_model, folder), outer, folder, tokenizer)

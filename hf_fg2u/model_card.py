@@ -66,7 +66,7 @@ datasets {datasets}.
 
 SNIPPET = """from hf_fg2u.hub import load_run
 
-run = load_run("{location}")  # base model + LoRA adapter + outer variables, from the Hub or a folder
+run = load_run("{location}")  # base model + LoRA adapter + outer variables + tokenizer, from the Hub or a folder
 print(type(run.outer).__name__, run.outer.summary())
 
 # or piece by piece, the adapter with plain peft:

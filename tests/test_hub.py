@@ -17,7 +17,7 @@ from hf_fg2u.model_card import WEIGHTED_DATASET_FILE
 from hf_fg2u.outer import OuterModule
 
 from .test_fake_hub import assert_token_only_in_authorization
-from .test_trainer import fact_data, tiny_llama, trainer_for
+from .test_trainer import TOKENIZER, fact_data, tiny_llama, trainer_for
 
 TOKEN = "hf_fake"
 
@@ -78,6 +78,7 @@ print(json.dumps({
     "run_logits": run.model(ids).logits.sum().item(), "plain_logits": plain(ids).logits.sum().item(),
     "outer": OuterModule.from_pretrained("tester/run").logits.tolist(), "load_run_outer": run.outer.logits.tolist(),
     "weights": list(weighted["weight"]),
+    "token_ids": run.tokenizer("kqzt=42")["input_ids"],
 }))
 """
 
@@ -115,6 +116,7 @@ def test_pushed_run_loads_back_by_repo_id_in_a_fresh_process(hub, tmp_path):
     assert loaded["plain_logits"] == pytest.approx(expected_logits, rel=1e-5)
     assert loaded["outer"] == loaded["load_run_outer"] == pytest.approx(outer.logits.tolist())
     assert loaded["weights"] == pytest.approx(expected_weights)
+    assert loaded["token_ids"] == TOKENIZER("kqzt=42")["input_ids"]  # the tokenizer came down with the run
 
 
 def test_load_run_from_a_folder_without_a_base_model_name_says_what_to_pass(tmp_path):
@@ -127,6 +129,8 @@ def test_load_run_from_a_folder_without_a_base_model_name_says_what_to_pass(tmp_
         load_run(folder)
     run = load_run(folder, base_model=tiny_llama())
     assert run.outer.logits.tolist() == pytest.approx(trainer.outer.logits.tolist())
+    assert run.tokenizer("kqzt=42")["input_ids"] == TOKENIZER("kqzt=42")["input_ids"]  # the run's own tokenizer
+    assert run.tokenizer.pad_token_id == TOKENIZER.pad_token_id
     torch.testing.assert_close(
         run.model(torch.tensor([[1, 2, 3]])).logits, trainer.model(torch.tensor([[1, 2, 3]])).logits
     )
