@@ -188,3 +188,22 @@ def test_num_processes_launches_the_cli_through_accelerate(tmp_path, monkeypatch
     with pytest.raises(ValueError, match=r"\['num_processes'\] start processes under `hf-fg2u train` only"):
         recipe.parse_args([*argv, "--num_processes", "2"])
     assert len(calls) == 2
+
+
+def test_recipe_push_uploads_the_bilevel_run_without_its_uniform_baseline(tmp_path, hub):
+    """compare_uniform trains the same budget with frozen weights in output_dir/uniform, for the results table;
+    the repo gets the bilevel run (adapter, outer variables, tokenizer, weighted data), not that baseline."""
+    out = tmp_path / "run"
+    args = ["--config", str(RECIPES / "noisy_reweighting.yaml"), "--max_steps", "1", "--output_dir", str(out)]
+    args += ["--num_directions", "2", "--plot", "false", "--push_to_hub", "true", "--hub_model_id", "tester/run"]
+    args += ["--hub_token", "hf_fake", "--hub_strategy", "end"]
+    results = cli.run_train(args)
+    assert results["uniform_meta_loss"] > 0 and (out / "uniform").is_dir()
+    pushed = set(hub.repos["tester/run"])
+    assert {
+        "adapter_model.safetensors",
+        "outer_model.safetensors",
+        "tokenizer.json",
+        "weighted_dataset.parquet",
+    } <= pushed
+    assert not [path for path in pushed if "uniform" in path], sorted(pushed)
