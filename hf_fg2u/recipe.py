@@ -358,7 +358,8 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
             trainer.add_callback(TimeBudget(script_args.time_budget_s))
         for callback in callbacks if name == "bilevel" else ():
             trainer.add_callback(callback)
-        print(f"[hf_fg2u] {script_args.recipe}: {name} run ({args.max_steps} outer steps, method {args.method})")
+        if trainer.is_world_process_zero():
+            print(f"[hf_fg2u] {script_args.recipe}: {name} run ({args.max_steps} outer steps, method {args.method})")
         trainer.train()
         results[f"{name}_meta_loss"] = trainer.evaluate(trainer.meta_dataset, metric_key_prefix="meta")["meta_loss"]
         results[f"{name}_outer_steps"] = trainer.state.global_step
@@ -367,7 +368,7 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
         runs[name] = trainer
     trainer = runs["bilevel"]
     results.update(summarize(script_args, raw, trainer, results, output_dir))
-    if script_args.plot and len(runs) > 1:
+    if script_args.plot and len(runs) > 1 and trainer.args.should_save:
         from .report import meta_loss_history, plot_meta_loss_curves
 
         curves = {name: meta_loss_history(run.state.log_history) for name, run in runs.items()}
@@ -376,7 +377,8 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
     trainer.save_model()  # after the plots: the card shows them and push_to_hub (if set) uploads them
     if script_args.final_stage_steps and script_args.recipe == "noisy_reweighting":
         results["final_adapter_meta_loss"] = final_stage(script_args, training_args, model_args, trainer)
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    if trainer.args.should_save:
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     trainer.accelerator.end_training()  # under several processes: destroy the process group before exit
     return results
 
@@ -452,17 +454,20 @@ def final_stage(script_args, training_args, model_args, trainer) -> float:
 
 
 def summarize(script_args, raw, trainer, results, output_dir: Path) -> dict:
-    """Headline numbers and the weighted dataset / plots of the run."""
+    """Headline numbers and the weighted dataset / plots of the run. Every process gets the numbers; only the
+    main one writes files (several processes share output_dir)."""
     out = {"output_dir": str(output_dir.resolve())}
+    writes = trainer.args.should_save
     if "uniform_meta_loss" in results:
         out["meta_loss_reduction"] = 1.0 - results["bilevel_meta_loss"] / results["uniform_meta_loss"]
     if script_args.recipe == "noisy_reweighting":
         weighted = trainer.export_weights()  # the user's columns and a weight, no token ids
-        weighted.save_to_disk(str(output_dir / "weighted_dataset"))
+        if writes:
+            weighted.save_to_disk(str(output_dir / "weighted_dataset"))
         if "is_corrupted" in weighted.column_names:
             corrupted = torch.tensor(weighted["is_corrupted"])
             out["auroc_corrupted"] = auroc(-torch.tensor(weighted["weight"]), corrupted)
-            if script_args.plot:
+            if script_args.plot and writes:
                 from .report import plot_weight_histogram
 
                 path = plot_weight_histogram(

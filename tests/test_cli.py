@@ -207,3 +207,22 @@ def test_recipe_push_uploads_the_bilevel_run_without_its_uniform_baseline(tmp_pa
         "weighted_dataset.parquet",
     } <= pushed
     assert not [path for path in pushed if "uniform" in path], sorted(pushed)
+
+
+def test_only_the_main_process_writes_the_run_summary_files(tmp_path):
+    """Ranks share output_dir: every rank gets the headline numbers, only the one that saves writes the weighted
+    dataset and the histogram (two ranks writing one Arrow file at once can leave it broken)."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    weighted = Dataset.from_dict(
+        {"text": ["a", "b", "c"], "is_corrupted": [False, True, False], "weight": [1.5, 0.1, 1.4]}
+    )
+    script = recipe.ScriptArguments(recipe="noisy_reweighting", plot=True)
+    for rank, saves in ((1, False), (0, True)):
+        trainer = SimpleNamespace(args=SimpleNamespace(should_save=saves), export_weights=lambda: weighted)
+        out = recipe.summarize(script, None, trainer, {}, tmp_path / str(rank))
+        assert out["auroc_corrupted"] == 1.0
+        assert (tmp_path / str(rank) / "weighted_dataset").is_dir() == saves
+        assert (tmp_path / str(rank) / "weights_histogram.png").is_file() == saves
