@@ -40,8 +40,11 @@ def main(argv: list[str] | None = None) -> dict:
     options, passthrough = parser.parse_known_args(argv)
     runs = {}
     for label in options.methods:
+        # A budget in seconds has no step count for the recipe's linear decay to end at: a constant outer step
+        # of 1, the mean of the recipe's decay from 2 to 0, for every method.
         results = demo_real.main([
             *passthrough, *METHODS[label], "--no_payoff", "--max_steps", "100000", "--logging_steps", "1000",
+            "--lr_scheduler_type", "constant", "--learning_rate", "1.0",
             "--time_budget_s", str(options.budget), "--out_dir", str(options.runs / label.split()[0]),
         ])  # fmt: skip
         runs[label] = {

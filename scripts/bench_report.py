@@ -232,8 +232,10 @@ SECTIONS = [
     ("Real model, real text: methods at equal wall-clock", "real/bench_real.md", "real/bench_real.json",
      real_headlines, [], "make bench-real (scripts/bench_real.py, ~12 min)",
      "SmolLM2-135M-Instruct with LoRA on Gutenberg passages with corrupted rows of several kinds (the task of "
-     "`make demo-real`, docs/real_demo.md): the recipe's settings with each method, every run stopped after the "
-     "outer step that passes the same training time; the heuristics score the rows at the base model, untrained."),
+     "`make demo-real`, docs/real_demo.md): the recipe's settings with each method but a constant outer step of 1 "
+     "(the mean of the recipe's decay, which needs a step count), every run stopped after the outer step that "
+     "passes the same training time; the loss filter scores the rows at the base model, gradient alignment after "
+     "the demo's 8-step warm-up of the adapter."),
     ("GPU", "gpu_check.md", "gpu_check.json", lambda data: [], [], "bash scripts/gpu_check.sh on a GPU machine",
      "A ~0.5B Llama-shaped model in bf16 with fp32 LoRA: memory vs T for fg2u and rgu, tokens per second."),
 ]  # fmt: skip
