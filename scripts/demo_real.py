@@ -130,10 +130,11 @@ class HypergradientTrace(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         grad = next(p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None)
-        seen = torch.nonzero(grad.detach().cpu() != 0).flatten().tolist()
+        grad = grad.detach().cpu()
+        seen = torch.nonzero(grad != 0).flatten().tolist()
         kinds = [self.kinds[i] for i in seen]
-        aurocs = auroc_by_kind(grad.detach().cpu()[seen], kinds) if "clean" in kinds else {}
-        self.steps.append({"step": state.global_step, "auroc": aurocs, "grad": grad.detach().cpu().tolist()})
+        aurocs = auroc_by_kind(grad[seen], kinds) if "clean" in kinds else {}
+        self.steps.append({"step": state.global_step, "auroc": aurocs, "grad": grad.tolist()})
 
 
 def task_options(options) -> dict:

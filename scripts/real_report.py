@@ -34,18 +34,20 @@ def fill(text: str, name: str, block: str) -> str:
 def study_table(folder: Path) -> str:
     """One Markdown table per set of corruption kinds over the study runs' results.json copies in ``folder``
     (each with the ``note`` saying what it varies and the ``task`` it ran on): AUROC of the learned weights."""
-    runs = [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
+    by_kinds: dict[tuple[str, ...], list[dict]] = {}
+    for path in sorted(folder.glob("*.json")):
+        run = json.loads(path.read_text())
+        by_kinds.setdefault(tuple(sorted(run["auroc"]["learned weights"])), []).append(run)
     tables = []
-    for kinds in dict.fromkeys(tuple(sorted(run["auroc"]["learned weights"])) for run in runs):
+    for kinds, runs in by_kinds.items():
         lines = [
             "| run | data seed | meta rows | outer steps | " + " | ".join(f"AUROC {k}" for k in kinds) + " |",
             "|---|---|---|---|" + "---|" * len(kinds),
         ]
         for run in runs:
-            if tuple(sorted(run["auroc"]["learned weights"])) == kinds:
-                task, aurocs = run["task"], run["auroc"]["learned weights"]
-                cells = [run["note"], str(task["data_seed"]), str(task["num_meta"]), str(run.get("outer_steps"))]
-                lines.append("| " + " | ".join(cells + [f"{aurocs[k]:.3f}" for k in kinds]) + " |")
+            task, aurocs = run["task"], run["auroc"]["learned weights"]
+            cells = [run["note"], str(task["data_seed"]), str(task["num_meta"]), str(run.get("outer_steps"))]
+            lines.append("| " + " | ".join(cells + [f"{aurocs[k]:.3f}" for k in kinds]) + " |")
         tables.append("\n".join(lines))
     return "\n\n".join(tables) + "\n"
 
