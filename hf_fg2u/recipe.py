@@ -384,7 +384,9 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
 
 
 class TimeBudget(TrainerCallback):
-    """Ends training after the step during which ``seconds`` of training have passed."""
+    """Ends training after the step during which ``seconds`` of training have passed. Under several processes
+    rank 0's clock decides for all: ranks that stopped at different steps would wait on each other's collectives
+    for ever."""
 
     def __init__(self, seconds: float):
         if not seconds > 0:
@@ -395,8 +397,12 @@ class TimeBudget(TrainerCallback):
         self.start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if time.perf_counter() - self.start >= self.seconds:
-            print(f"[hf_fg2u] time budget of {self.seconds:g} s reached after {state.global_step} outer steps")
+        over = torch.tensor([float(time.perf_counter() - self.start >= self.seconds)], device=args.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast(over, src=0)
+        if over.item():
+            if state.is_world_process_zero:
+                print(f"[hf_fg2u] time budget of {self.seconds:g} s reached after {state.global_step} outer steps")
             control.should_training_stop = True
             control.should_log = args.logging_strategy != "no"  # the last step's metrics, as at max_steps
 
@@ -446,7 +452,8 @@ def final_stage(script_args, training_args, model_args, trainer) -> float:
         logging_steps=training_args.logging_steps, seed=training_args.seed, use_cpu=training_args.use_cpu,
         disable_tqdm=training_args.disable_tqdm,
     )  # fmt: skip
-    print(f"[hf_fg2u] final stage: a fresh adapter, {script_args.final_stage_steps} steps of weighted loss")
+    if trainer.is_world_process_zero():  # under several processes the ranks train this adapter together (DDP)
+        print(f"[hf_fg2u] final stage: a fresh adapter, {script_args.final_stage_steps} steps of weighted loss")
     lora = lora_config(model_args)
     final = train_final_adapter(model, weighted, lora, args, processing_class=tokenizer, eval_dataset=meta)
     final.save_model()

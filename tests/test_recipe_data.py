@@ -4,6 +4,7 @@ results in the data's own terms."""
 import json
 
 import pytest
+import torch
 from datasets import Dataset, load_from_disk
 
 from hf_fg2u import cli, recipe
@@ -129,3 +130,28 @@ def test_time_budget_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match=r"time_budget_s=0.0 must be > 0"):
         cli.run_train(["--recipe", "noisy_reweighting", "--max_steps", "1", "--time_budget_s", "0",
                        "--output_dir", str(tmp_path / "zero")])  # fmt: skip
+
+
+def test_time_budget_follows_rank_0_under_several_processes(monkeypatch):
+    """A rank whose own clock is within the budget stops when rank 0's is past it (and goes on when it is not)."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    rank_0_over = {"value": 1.0}
+
+    def broadcast(tensor, src):
+        assert src == 0
+        tensor.fill_(rank_0_over["value"])
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "broadcast", broadcast)
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to=[])
+    budget = recipe.TimeBudget(3600.0)  # this rank's clock is far from the budget
+    budget.on_train_begin(args, TrainerState(), TrainerControl())
+    control = TrainerControl()
+    budget.on_step_end(args, TrainerState(), control)
+    assert control.should_training_stop
+    rank_0_over["value"] = 0.0
+    budget.start -= 7200.0  # now this rank's clock is past it, rank 0's is not
+    control = TrainerControl()
+    budget.on_step_end(args, TrainerState(), control)
+    assert not control.should_training_stop
