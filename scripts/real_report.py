@@ -19,7 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 # Other demo runs shown in docs/real_demo.md: {marker: their results.json, copied under --runs}.
 OTHER_RUNS = {
     "demo-constant-step": "demo_constant_step.json",  # the run before the recipe's outer step decayed
-    "demo-data-seed-1": "demo_data_seed_1.json",  # another draw of the data (--data_seed 1)
 }
 
 
@@ -52,6 +51,24 @@ def study_table(folder: Path) -> str:
     return "\n\n".join(tables) + "\n"
 
 
+def draws_table(folder: Path) -> str:
+    """One Markdown row per demo run in ``folder`` (the recipe's defaults on another ``--data_seed`` each): AUROC
+    of the learned weights per kind, held-out loss of every selection, and the learned weights' margin over
+    uniform weights (negative: the learned weights win)."""
+    runs = [json.loads(path.read_text()) for path in folder.glob("*.json")]
+    runs.sort(key=lambda run: run["task"]["data_seed"])
+    kinds = sorted(runs[0]["auroc"]["learned weights"])
+    header = ["data seed", *(f"AUROC {k}" for k in kinds), *demo_real.SELECTIONS, "learned − uniform"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run in runs:
+        heldout = run["heldout_loss"]
+        cells = [str(run["task"]["data_seed"]), *(f"{run['auroc']['learned weights'][k]:.3f}" for k in kinds)]
+        cells += [f"{heldout[name]:.4f}" for name in demo_real.SELECTIONS]
+        cells.append(f"{heldout['learned weights'] - heldout['uniform']:+.4f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo", type=Path, default=REPO / "outputs" / "demo_real")
@@ -71,6 +88,9 @@ def main(argv: list[str] | None = None) -> None:
         if path.exists():
             other = json.loads(path.read_text())
             text = fill(text, marker, "```text\n" + demo_real.format_table(other) + "\n```\n")
+    draws = options.runs / "draws"
+    if draws.is_dir():
+        text = fill(text, "draws", draws_table(draws))
     study = options.runs / "study"
     if study.is_dir():
         text = fill(text, "study", study_table(study))

@@ -109,6 +109,24 @@ def test_real_report_study_table_groups_runs_by_their_kinds(tmp_path):
     assert tables[1].splitlines()[2] == "| other kinds | 1 | 16 | 20 | 1.000 |"
 
 
+def test_real_report_draws_table_has_a_row_per_data_seed_in_seed_order(tmp_path):
+    report = load_real_report()
+
+    def run(seed, uniform, learned):
+        heldout = dict.fromkeys(report.demo_real.SELECTIONS, 5.0) | {"uniform": uniform, "learned weights": learned}
+        result = {"task": {"data_seed": seed}, "auroc": {"learned weights": {"y": 0.5, "x": 0.25}},
+                  "heldout_loss": heldout}  # fmt: skip
+        (tmp_path / f"seed_{seed}.json").write_text(json.dumps(result))
+
+    run(2, 5.25, 5.0)
+    run(0, 5.0, 5.125)
+    lines = report.draws_table(tmp_path).splitlines()
+    assert lines[0].startswith("| data seed | AUROC x | AUROC y | uniform | learned weights |")
+    assert lines[2].startswith("| 0 | 0.250 | 0.500 | 5.0000 | 5.1250 |") and lines[2].endswith("| +0.1250 |")
+    assert lines[3].startswith("| 2 |") and lines[3].endswith("| -0.2500 |")
+    assert len(lines) == 4
+
+
 def test_study_real_unroll_scores_every_inner_loop_on_the_same_unrolls(tmp_path):
     """scripts/study_real_unroll.py on the tiny model: each inner loop gets a pooled and a within-unroll AUROC per
     kind, over the same unrolls (every row twice), and the matched SGD step size is positive and finite."""
