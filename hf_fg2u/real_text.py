@@ -8,7 +8,12 @@ splits, three disjoint sets; the train split also holds corrupted rows of severa
 - ``other_domain``: passages of another kind of text (e.g. Milton's political prose) — the wrong domain;
 - ``code``: lines of source code (e.g. Python's standard library) — markup or code caught by a text scraper;
 - ``shuffled_words``: clean passages with their words in random order — broken extraction, garbled text;
-- ``char_noise``: clean passages with a fraction of their letters replaced — OCR or encoding damage.
+- ``char_noise``: clean passages with a fraction of their letters replaced — OCR or encoding damage;
+- ``mismatched_completion`` (prompt/completion rows only): a passage's first line with another passage's rest —
+  pairs misaligned when a dataset was assembled.
+
+With ``pairs=True`` every row is ``prompt`` (a passage's first line) and ``completion`` (the rest), the loss on
+the completion only; the damaged kinds then damage the completion.
 
 Every train row carries ``is_corrupted`` and ``corruption`` (``"clean"`` or the kind), so the learned weights can
 be scored per kind. The builder takes text, never files: the texts are the caller's (``scripts/demo_real.py``
@@ -26,13 +31,16 @@ from datasets import Dataset, DatasetDict
 
 CLEAN = "clean"
 SOURCE_KINDS = ("other_author", "other_domain", "code")  # rows taken from another text, passed as `sources`
-CORRUPTIONS = (*SOURCE_KINDS, "shuffled_words", "char_noise")
+MISMATCHED = "mismatched_completion"  # prompt/completion rows only: the completion of another passage
+CORRUPTIONS = (*SOURCE_KINDS, "shuffled_words", "char_noise", MISMATCHED)
 GUTENBERG_MARKERS = re.compile(r"\*\*\* ?(START|END) OF (THE|THIS) PROJECT GUTENBERG", re.IGNORECASE)
 
 
-def passages(text: str, lines_per_passage: int = 2, min_words: int = 4, max_words: int = 14) -> list[str]:
+def passages(
+    text: str, lines_per_passage: int = 2, min_words: int = 4, max_words: int = 14, separator: str = " "
+) -> list[str]:
     """Runs of ``lines_per_passage`` consecutive lines of ``text`` with ``min_words``..``max_words`` words each,
-    joined by a space. Headings, speaker tags ("Ham."), stage directions ("[Exit.]") and blank lines break a
+    joined by ``separator``. Headings, speaker tags ("Ham."), stage directions ("[Exit.]") and blank lines break a
     run and are dropped; so is a Project Gutenberg header or licence when its markers are present."""
     parts = GUTENBERG_MARKERS.split(text)
     if len(parts) >= 7:  # header, START marker (2 groups), body, END marker (2 groups), licence
@@ -48,7 +56,7 @@ def passages(text: str, lines_per_passage: int = 2, min_words: int = 4, max_word
         )
         return line if prose_line else None
 
-    return _runs(map(kept, text.splitlines()), lines_per_passage, " ")
+    return _runs(map(kept, text.splitlines()), lines_per_passage, separator)
 
 
 def code_passages(source: str, lines_per_passage: int = 2, min_words: int = 3, max_words: int = 14) -> list[str]:
@@ -104,15 +112,19 @@ def build_corrupted_text_task(
     num_eval: int = 32,
     corruptions: tuple[str, ...] = ("other_author", "shuffled_words"),
     seed: int = 0,
+    pairs: bool = False,
 ) -> DatasetDict:
     """``train`` (``text``, ``is_corrupted``, ``corruption``; ``num_train_clean`` clean rows and ``num_corrupted``
     rows of each kind in ``corruptions``, shuffled), ``meta`` and ``eval`` (``text``; clean, disjoint from each
     other and from every train row, the eval split being the held-out check that the meta split is not).
     ``sources`` maps each kind of :data:`SOURCE_KINDS` in ``corruptions`` to its passages; the other kinds damage
-    clean passages not used elsewhere."""
+    clean passages not used elsewhere. ``pairs``: ``prompt``/``completion`` rows instead of ``text``, split at
+    each passage's first newline (pass passages of two or more lines joined by newlines)."""
     unknown = [kind for kind in corruptions if kind not in CORRUPTIONS]
     if unknown or not corruptions:
         raise ValueError(f"corruptions={corruptions!r}: name one or more of {CORRUPTIONS}.")
+    if MISMATCHED in corruptions and not pairs:
+        raise ValueError(f"{MISMATCHED!r} needs prompt/completion rows (pairs=True).")
     sources = {kind: list(dict.fromkeys(found)) for kind, found in (sources or {}).items()}
     for kind in corruptions:
         if kind in SOURCE_KINDS and len(sources.get(kind, [])) < num_corrupted:
@@ -120,35 +132,50 @@ def build_corrupted_text_task(
                 f"{kind!r} needs at least num_corrupted={num_corrupted} passages in sources[{kind!r}], got "
                 f"{len(sources.get(kind, []))}. Pass more text of that source, or lower num_corrupted."
             )
-    damaged = sum(kind not in SOURCE_KINDS for kind in corruptions)
+    damaged = sum({MISMATCHED: 2}.get(kind, 1) for kind in corruptions if kind not in SOURCE_KINDS)
     needed = num_train_clean + num_meta + num_eval + damaged * num_corrupted
     pool = list(dict.fromkeys(clean))  # a passage repeated in the source must not land in two splits
     if len(pool) < needed:
         raise ValueError(
             f"{len(pool)} distinct clean passages, but the splits need {needed} (train {num_train_clean}, meta "
-            f"{num_meta}, eval {num_eval}, {num_corrupted} per damaged kind). Pass more text or smaller splits."
+            f"{num_meta}, eval {num_eval}, {num_corrupted} per damaged kind, twice that for {MISMATCHED!r}). Pass "
+            "more text or smaller splits."
         )
+    row = _pair_row if pairs else (lambda passage: {"text": passage})
     rng = random.Random(seed)
     rng.shuffle(pool)
     take = iter(pool)
-    train = [(next(take), CLEAN) for _ in range(num_train_clean)]
-    meta = [next(take) for _ in range(num_meta)]
-    eval_ = [next(take) for _ in range(num_eval)]
+    train = [(row(next(take)), CLEAN) for _ in range(num_train_clean)]
+    meta = [row(next(take)) for _ in range(num_meta)]
+    eval_ = [row(next(take)) for _ in range(num_eval)]
     for kind in corruptions:
         if kind in SOURCE_KINDS:
-            train += [(p, kind) for p in rng.sample(sources[kind], num_corrupted)]
+            train += [(row(p), kind) for p in rng.sample(sources[kind], num_corrupted)]
+        elif kind == MISMATCHED:
+            taken = [(row(next(take)), row(next(take))) for _ in range(num_corrupted)]
+            train += [({**first, "completion": other["completion"]}, kind) for first, other in taken]
         else:
             damage = shuffle_words if kind == "shuffled_words" else char_noise
-            train += [(damage(next(take), rng), kind) for _ in range(num_corrupted)]
+            field = "completion" if pairs else "text"
+            train += [(_damaged(row(next(take)), field, damage, rng), kind) for _ in range(num_corrupted)]
     rng.shuffle(train)
+    columns = {name: [r[name] for r, _ in train] for name in train[0][0]}
     return DatasetDict(
         train=Dataset.from_dict(
-            {
-                "text": [text for text, _ in train],
-                "is_corrupted": [kind != CLEAN for _, kind in train],
-                "corruption": [kind for _, kind in train],
-            }
+            {**columns, "is_corrupted": [kind != CLEAN for _, kind in train], "corruption": [kind for _, kind in train]}
         ),
-        meta=Dataset.from_dict({"text": meta}),
-        eval=Dataset.from_dict({"text": eval_}),
+        meta=Dataset.from_list(meta),
+        eval=Dataset.from_list(eval_),
     )
+
+
+def _pair_row(passage: str) -> dict:
+    """A passage as a prompt (its first line and the newline) and a completion (the rest)."""
+    first, newline, rest = passage.partition("\n")
+    if not newline or not rest.strip():
+        raise ValueError(f"Prompt/completion rows need passages of two or more lines, got {passage!r}.")
+    return {"prompt": first + newline, "completion": rest}
+
+
+def _damaged(row: dict, field: str, damage, rng: random.Random) -> dict:
+    return {**row, field: damage(row[field], rng)}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import sys
 import sysconfig
@@ -46,7 +47,15 @@ from hf_fg2u.data_selection import (
     warm_up,
 )
 from hf_fg2u.formats import prepare_split
-from hf_fg2u.real_text import CLEAN, CORRUPTIONS, SOURCE_KINDS, build_corrupted_text_task, code_passages, passages
+from hf_fg2u.real_text import (
+    CLEAN,
+    CORRUPTIONS,
+    MISMATCHED,
+    SOURCE_KINDS,
+    build_corrupted_text_task,
+    code_passages,
+    passages,
+)
 from hf_fg2u.trainer import BilevelDataCollator, wrap_with_peft
 
 CONFIG = Path(recipe.RECIPES_DIR) / "noisy_reweighting_real.yaml"
@@ -80,6 +89,11 @@ def make_parser() -> argparse.ArgumentParser:
         "--code_root", type=Path, default=Path(sysconfig.get_paths()["stdlib"]), help="Python's standard library."
     )
     parser.add_argument("--corruptions", nargs="+", default=["other_author", "shuffled_words"], choices=CORRUPTIONS)
+    parser.add_argument(
+        "--pairs", action="store_true",
+        help="Prompt/completion rows (a passage's first line, then the rest; loss on the completion) instead of text; "
+        f"allows the kind {MISMATCHED!r}.",
+    )  # fmt: skip
     parser.add_argument("--num_train_clean", type=int, default=48)
     parser.add_argument("--num_corrupted", type=int, default=16, help="Train rows of each corruption kind.")
     parser.add_argument("--num_meta", type=int, default=16)
@@ -149,7 +163,7 @@ def task_options(options) -> dict:
     was measured on."""
     if options.data_files:
         return {"data_files": list(options.data_files)}
-    names = ("corruptions", "num_train_clean", "num_corrupted", "num_meta", "num_eval", "data_seed")
+    names = ("corruptions", "num_train_clean", "num_corrupted", "num_meta", "num_eval", "data_seed", "pairs")
     return {name: getattr(options, name) for name in names}
 
 
@@ -182,17 +196,18 @@ def make_task(options) -> DatasetDict:
     texts (kinds, sizes, data seed)."""
     if options.data_files:
         return load_task(options.data_files)
+    lines = functools.partial(passages, separator="\n" if options.pairs else " ")  # pairs split at the newline
     sources = {
-        kind: read_passages(options.texts, getattr(options, f"{kind}_files"))
+        kind: read_passages(options.texts, getattr(options, f"{kind}_files"), lines)
         for kind in SOURCE_KINDS
         if kind in options.corruptions and kind != "code"
     }
     if "code" in options.corruptions:
         sources["code"] = read_passages(options.code_root, options.code_files, code_passages)
     return build_corrupted_text_task(
-        read_passages(options.texts, options.clean_files), sources,
+        read_passages(options.texts, options.clean_files, lines), sources,
         options.num_train_clean, options.num_corrupted, options.num_meta, options.num_eval,
-        tuple(options.corruptions), options.data_seed,
+        tuple(options.corruptions), options.data_seed, options.pairs,
     )  # fmt: skip
 
 

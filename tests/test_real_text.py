@@ -96,6 +96,31 @@ def test_task_names_what_is_missing():
         build_corrupted_text_task(sentences(40), None, 8, 4, 4, 4, ("typos",))
 
 
+def test_pairs_split_each_passage_at_its_first_line_and_mismatch_completions_across_passages():
+    first, rest = sentences(60, seed=4), sentences(60, words=("one", "two", "three"), seed=5)
+    clean = [f"{a}\n{b}" for a, b in zip(first, rest, strict=True)]  # line i pairs with line i (same number)
+    kinds = ("mismatched_completion", "shuffled_words")
+    task = build_corrupted_text_task(clean, None, 12, 5, 6, 7, kinds, seed=1, pairs=True)
+    train, number = task["train"], lambda text: next(w for w in text.split() if w.isdigit())  # noqa: E731
+    assert train.column_names == ["prompt", "completion", "is_corrupted", "corruption"]
+    assert task["meta"].column_names == ["prompt", "completion"] == task["eval"].column_names
+    for row in [*train, *task["meta"], *task["eval"]]:
+        assert row["prompt"].endswith("\n") and "\n" not in row["completion"]
+        mismatched = row.get("corruption") == "mismatched_completion"
+        assert (number(row["prompt"]) != number(row["completion"])) == mismatched
+        if row.get("corruption") == "shuffled_words":  # the completion is damaged, the prompt is not
+            assert row["prompt"].strip() in first and row["completion"] not in rest
+            assert sorted(row["completion"].split()) == sorted(rest[first.index(row["prompt"].strip())].split())
+    assert train["corruption"].count("mismatched_completion") == 5
+    assert passages(PLAY, separator="\n")[0] == (
+        "Who is there upon the platform tonight?\nNay answer me and unfold yourself now."
+    )
+    with pytest.raises(ValueError, match=r"'mismatched_completion' needs prompt/completion rows"):
+        build_corrupted_text_task(clean, None, 12, 5, 6, 7, kinds, seed=1)
+    with pytest.raises(ValueError, match=r"passages of two or more lines"):
+        build_corrupted_text_task(first, None, 12, 5, 6, 7, ("shuffled_words",), pairs=True)
+
+
 def test_code_passages_keep_code_lines_and_skip_comments_docstrings_and_blank_lines():
     source = '''def area(width, height):
     """The area.
