@@ -21,6 +21,7 @@ import json
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,7 +103,8 @@ class ScriptArguments:
     final_stage_steps: int = field(
         default=0,
         metadata={"help": "noisy_reweighting: then train a fresh adapter for this many steps with the learned "
-                  "weights as a plain weighted loss (no bilevel), saved in output_dir/final_adapter."},
+                  "weights as a plain weighted loss (no bilevel), saved in output_dir/final_adapter. With an eval "
+                  "split, a second one on uniform weights is trained and both are scored there."},
     )  # fmt: skip
 
 
@@ -376,7 +378,7 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
             results["meta_loss_plot"] = str(plot_meta_loss_curves(curves, output_dir / "meta_loss.png"))
     trainer.save_model()  # after the plots: the card shows them and push_to_hub (if set) uploads them
     if script_args.final_stage_steps and script_args.recipe == "noisy_reweighting":
-        results["final_adapter_meta_loss"] = final_stage(script_args, training_args, model_args, trainer)
+        results.update(final_stage(script_args, training_args, model_args, trainer))
     if trainer.args.should_save:
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     trainer.accelerator.end_training()  # under several processes: destroy the process group before exit
@@ -436,28 +438,52 @@ def lora_config(model_args: ModelArguments) -> LoraConfig:
     )  # fmt: skip
 
 
-def final_stage(script_args, training_args, model_args, trainer) -> float:
-    """Train a fresh adapter on the train data weighted by the learned weights; returns its meta loss."""
+def final_stage(script_args, training_args, model_args, trainer) -> dict[str, float]:
+    """Train a fresh adapter on the train data weighted by the learned weights (saved in final_adapter/); returns
+    its meta loss. With a held-out eval split, a second fresh adapter on uniform weights gets the same budget and
+    both are scored there: the check, on data the outer loop never saw, that the learned weights are worth having
+    (they are not when the train data holds nothing to find and they fitted the meta split's noise)."""
     from transformers import TrainingArguments
 
     from .final_stage import train_final_adapter
 
     output_dir = Path(training_args.output_dir) / "final_adapter"
-    model, tokenizer = load_model_and_tokenizer(model_args, training_args.seed)
-    tokenized, meta = trainer.train_dataset, trainer.meta_dataset  # tokenized by the same tokenizer
-    weighted = tokenized.add_column("weight", trainer.dataset_weights(tokenized).tolist())
-    args = TrainingArguments(
-        output_dir=str(output_dir), max_steps=script_args.final_stage_steps, learning_rate=training_args.inner_lr,
-        per_device_train_batch_size=training_args.per_device_train_batch_size, report_to=[], save_strategy="no",
-        logging_steps=training_args.logging_steps, seed=training_args.seed, use_cpu=training_args.use_cpu,
-        disable_tqdm=training_args.disable_tqdm,
-    )  # fmt: skip
+    tokenized, meta, heldout = trainer.train_dataset, trainer.meta_dataset, trainer.eval_dataset  # same tokenizer
+    learned = trainer.dataset_weights(tokenized).tolist()
+    selections = {"final_adapter": learned}
+    if heldout is not None:
+        selections["uniform_adapter"] = [1.0] * len(learned)
     if trainer.is_world_process_zero():  # under several processes the ranks train this adapter together (DDP)
-        print(f"[hf_fg2u] final stage: a fresh adapter, {script_args.final_stage_steps} steps of weighted loss")
-    lora = lora_config(model_args)
-    final = train_final_adapter(model, weighted, lora, args, processing_class=tokenizer, eval_dataset=meta)
-    final.save_model()
-    return final.evaluate()["eval_loss"]
+        also = " (and one on uniform weights, both scored on the eval split)" if heldout is not None else ""
+        print(f"[hf_fg2u] final stage: a fresh adapter, {script_args.final_stage_steps} steps of weighted loss{also}")
+    results = {}
+    for name, weights in selections.items():
+        model, tokenizer = load_model_and_tokenizer(model_args, training_args.seed)
+        args = TrainingArguments(
+            output_dir=str(output_dir if name == "final_adapter" else output_dir / name),
+            max_steps=script_args.final_stage_steps, learning_rate=training_args.inner_lr,
+            per_device_train_batch_size=training_args.per_device_train_batch_size, report_to=[], save_strategy="no",
+            logging_steps=training_args.logging_steps, seed=training_args.seed, use_cpu=training_args.use_cpu,
+            disable_tqdm=training_args.disable_tqdm,
+        )  # fmt: skip
+        splits = {"meta": meta} | ({"eval": heldout} if heldout is not None else {})
+        final = train_final_adapter(
+            model, tokenized.add_column("weight", weights), lora_config(model_args), args, processing_class=tokenizer,
+            eval_dataset=splits,
+        )  # fmt: skip
+        if name == "final_adapter":
+            final.save_model()
+        scores = final.evaluate()
+        results.update({f"{name}_{split}_loss": scores[f"eval_{split}_loss"] for split in splits})
+    if heldout is not None and results["final_adapter_eval_loss"] >= results["uniform_adapter_eval_loss"]:
+        warnings.warn(
+            f"The fresh adapter on the learned weights has no lower eval loss than one on uniform weights "
+            f"({results['final_adapter_eval_loss']:.4f} vs {results['uniform_adapter_eval_loss']:.4f}): the weights "
+            "did not generalise beyond the meta split. With a larger meta split, or none to find in the train data, "
+            "train on uniform weights.",
+            stacklevel=2,
+        )
+    return results
 
 
 def summarize(script_args, raw, trainer, results, output_dir: Path) -> dict:

@@ -155,3 +155,23 @@ def test_time_budget_follows_rank_0_under_several_processes(monkeypatch):
     control = TrainerControl()
     budget.on_step_end(args, TrainerState(), control)
     assert not control.should_training_stop
+
+
+def test_final_stage_scores_learned_and_uniform_weights_on_the_eval_split_and_warns_when_no_better(tmp_path):
+    train = write(tmp_path / "train.jsonl", pairs(12) + pairs(4, start=12, wrong=True))
+    meta = write(tmp_path / "meta.jsonl", pairs(4, start=20))
+    held = write(tmp_path / "eval.jsonl", pairs(4, start=30))
+    out = tmp_path / "run"
+    argv = [
+        "--data_files", f"train={train}", f"meta={meta}", f"eval={held}", "--output_dir", str(out),
+        "--max_steps", "1", "--per_device_train_batch_size", "4", "--unroll_steps", "2", "--num_directions", "2",
+        "--max_length", "32", "--report_to", "none", "--save_strategy", "no", "--final_stage_steps", "2",
+        "--learning_rate", "0", "--plot", "false",
+    ]  # fmt: skip
+    with pytest.warns(UserWarning, match=r"no lower eval loss than one on uniform weights"):
+        results = cli.run_train(argv)  # an outer step of 0 leaves the weights uniform: the two adapters tie
+    assert results["final_adapter_eval_loss"] == pytest.approx(results["uniform_adapter_eval_loss"], abs=1e-6)
+    assert results["final_adapter_meta_loss"] > 0 and results["final_adapter_eval_loss"] > 0
+    assert results["final_adapter_eval_loss"] != results["final_adapter_meta_loss"]
+    assert (out / "final_adapter" / "adapter_model.safetensors").is_file()
+    assert not (out / "final_adapter" / "uniform_adapter" / "adapter_model.safetensors").exists()  # only scored
