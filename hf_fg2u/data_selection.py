@@ -131,8 +131,9 @@ def compare_selections(
     ``train_dataset``: ``{name: weights}``, rows of weight 0 dropped, the others weighted (``make_model()``
     builds the same base model each time; every run has the same seed, steps and learning rate).
 
-    With ``stop_on`` (the meta split), each adapter is also scored on it every ``args.eval_steps`` steps and its
-    held-out loss is read at the step where that loss was lowest: early stopping on data every selection may use.
+    With ``stop_on``, each adapter is also scored on it every ``args.eval_steps`` steps and its held-out loss is
+    read at the step where that loss was lowest. Use clean rows that no selection was fit on: early-stopped on the
+    meta split, the learned weights (fit to it) stop where their meta loss is lowest, not their held-out loss.
     Without it, a selection that drops rows runs more epochs over fewer rows in the same steps and is judged
     after it has overfit them, which says more about the step count than about the selection."""
     losses = {}

@@ -113,13 +113,16 @@ def build_corrupted_text_task(
     corruptions: tuple[str, ...] = ("other_author", "shuffled_words"),
     seed: int = 0,
     pairs: bool = False,
+    num_stop: int = 0,
 ) -> DatasetDict:
     """``train`` (``text``, ``is_corrupted``, ``corruption``; ``num_train_clean`` clean rows and ``num_corrupted``
     rows of each kind in ``corruptions``, shuffled), ``meta`` and ``eval`` (``text``; clean, disjoint from each
     other and from every train row, the eval split being the held-out check that the meta split is not).
     ``sources`` maps each kind of :data:`SOURCE_KINDS` in ``corruptions`` to its passages; the other kinds damage
     clean passages not used elsewhere. ``pairs``: ``prompt``/``completion`` rows instead of ``text``, split at
-    each passage's first newline (pass passages of two or more lines joined by newlines)."""
+    each passage's first newline (pass passages of two or more lines joined by newlines). ``num_stop`` > 0 adds a
+    ``stop`` split of that many more clean rows, drawn last (the other splits stay as they are without it): data
+    for early-stopping models trained on a selection, which neither the selection nor the judge used."""
     unknown = [kind for kind in corruptions if kind not in CORRUPTIONS]
     if unknown or not corruptions:
         raise ValueError(f"corruptions={corruptions!r}: name one or more of {CORRUPTIONS}.")
@@ -133,13 +136,13 @@ def build_corrupted_text_task(
                 f"{len(sources.get(kind, []))}. Pass more text of that source, or lower num_corrupted."
             )
     damaged = sum({MISMATCHED: 2}.get(kind, 1) for kind in corruptions if kind not in SOURCE_KINDS)
-    needed = num_train_clean + num_meta + num_eval + damaged * num_corrupted
+    needed = num_train_clean + num_meta + num_eval + damaged * num_corrupted + num_stop
     pool = list(dict.fromkeys(clean))  # a passage repeated in the source must not land in two splits
     if len(pool) < needed:
         raise ValueError(
             f"{len(pool)} distinct clean passages, but the splits need {needed} (train {num_train_clean}, meta "
-            f"{num_meta}, eval {num_eval}, {num_corrupted} per damaged kind, twice that for {MISMATCHED!r}). Pass "
-            "more text or smaller splits."
+            f"{num_meta}, eval {num_eval}, stop {num_stop}, {num_corrupted} per damaged kind, twice that for "
+            f"{MISMATCHED!r}). Pass more text or smaller splits."
         )
     row = _pair_row if pairs else (lambda passage: {"text": passage})
     rng = random.Random(seed)
@@ -158,15 +161,19 @@ def build_corrupted_text_task(
             damage = shuffle_words if kind == "shuffled_words" else char_noise
             field = "completion" if pairs else "text"
             train += [(_damaged(row(next(take)), field, damage, rng), kind) for _ in range(num_corrupted)]
+    stop = [row(next(take)) for _ in range(num_stop)]
     rng.shuffle(train)
     columns = {name: [r[name] for r, _ in train] for name in train[0][0]}
-    return DatasetDict(
+    splits = DatasetDict(
         train=Dataset.from_dict(
             {**columns, "is_corrupted": [kind != CLEAN for _, kind in train], "corruption": [kind for _, kind in train]}
         ),
         meta=Dataset.from_list(meta),
         eval=Dataset.from_list(eval_),
     )
+    if stop:
+        splits["stop"] = Dataset.from_list(stop)
+    return splits
 
 
 def _pair_row(passage: str) -> dict:

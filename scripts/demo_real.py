@@ -98,13 +98,18 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_corrupted", type=int, default=16, help="Train rows of each corruption kind.")
     parser.add_argument("--num_meta", type=int, default=16)
     parser.add_argument("--num_eval", type=int, default=32)
+    parser.add_argument(
+        "--num_stop", type=int, default=16,
+        help="Clean rows that early-stop each fresh adapter: not the meta split, which the learned weights were fit "
+        "to, and not the held-out eval split that judges.",
+    )  # fmt: skip
     parser.add_argument("--data_seed", type=int, default=0)
     parser.add_argument("--final_steps", type=int, default=24, help="Steps of each fresh adapter.")
     parser.add_argument("--final_lr", type=float, default=3e-3, help="Learning rate of each fresh adapter.")
     parser.add_argument(
         "--final_eval_steps", type=int, default=6,
-        help="Score each fresh adapter on the meta split every this many steps; its held-out loss is read at the "
-        "step where the meta loss was lowest (early stopping, the same for every selection).",
+        help="Score each fresh adapter on the stop split every this many steps; its held-out loss is read at the "
+        "step where that loss was lowest (early stopping, the same for every selection).",
     )  # fmt: skip
     parser.add_argument(
         "--alignment_warmup_steps", type=int, default=8,
@@ -163,13 +168,23 @@ def task_options(options) -> dict:
     was measured on."""
     if options.data_files:
         return {"data_files": list(options.data_files)}
-    names = ("corruptions", "num_train_clean", "num_corrupted", "num_meta", "num_eval", "data_seed", "pairs")
+    names = (
+        "corruptions",
+        "num_train_clean",
+        "num_corrupted",
+        "num_meta",
+        "num_eval",
+        "num_stop",
+        "data_seed",
+        "pairs",
+    )
     return {name: getattr(options, name) for name in names}
 
 
 def load_task(data_files: list[str]) -> DatasetDict:
-    """The user's train/meta/eval files as the demo's task: every train row gets both ``corruption`` (its kind,
-    ``"clean"`` for clean rows) and ``is_corrupted``, from whichever of the two it has."""
+    """The user's train/meta/eval (and optional stop) files as the demo's task: every train row gets both
+    ``corruption`` (its kind, ``"clean"`` for clean rows) and ``is_corrupted``, from whichever of the two it has.
+    Without a stop split the fresh adapters early-stop on the meta split."""
     task = recipe.load_data(None, None, data_files)
     missing = [split for split in ("train", "meta", "eval") if split not in task]
     if missing:
@@ -188,7 +203,7 @@ def load_task(data_files: list[str]) -> DatasetDict:
     if not any(train["is_corrupted"]) or all(train["is_corrupted"]):
         raise ValueError("The train file needs both clean and corrupted rows to score the weights (AUROC).")
     task["train"] = train
-    return DatasetDict({split: task[split] for split in ("train", "meta", "eval")})
+    return DatasetDict({split: task[split] for split in ("train", "meta", "eval", "stop") if split in task})
 
 
 def make_task(options) -> DatasetDict:
@@ -207,7 +222,7 @@ def make_task(options) -> DatasetDict:
     return build_corrupted_text_task(
         read_passages(options.texts, options.clean_files, lines), sources,
         options.num_train_clean, options.num_corrupted, options.num_meta, options.num_eval,
-        tuple(options.corruptions), options.data_seed, options.pairs,
+        tuple(options.corruptions), options.data_seed, options.pairs, options.num_stop,
     )  # fmt: skip
 
 
@@ -218,7 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
     files = []
     for split, dataset in task.items():
         dataset.to_json(out / "data" / f"{split}.jsonl")
-        files.append(f"{split}={out / 'data' / f'{split}.jsonl'}")
+        if split != "stop":  # the bilevel run never sees the stopping split
+            files.append(f"{split}={out / 'data' / f'{split}.jsonl'}")
     script_args, training_args, model_args = recipe.parse_args(
         ["--config", str(CONFIG), "--data_files", *files, "--output_dir", str(out / "bilevel"),
          "--overwrite_output_dir", "true", *recipe_argv]
@@ -241,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
         "auroc": aurocs, "heldout_loss": heldout, "meta_loss": bilevel.get("bilevel_meta_loss"),
         "outer_steps": bilevel.get("bilevel_outer_steps"),
         "bilevel_seconds": bilevel_seconds, "payoff_seconds": payoff_seconds, "keep_fraction": keep,
-        "recipe_args": recipe_argv, "task": task_options(options),
+        "recipe_args": recipe_argv, "task": task_options(options), "stop_split": "stop" if "stop" in task else "meta",
         "weights_plot": str(plot_weights_by_kind(weights, kinds, out / "weights.png")),
     }  # fmt: skip
     if trace is not None:
@@ -308,7 +324,8 @@ def fresh_adapter_losses(
     base, tokenizer, train, tokenized, selections, budget: FreshAdapters, training_args, model_args
 ) -> dict:
     """Held-out loss of a fresh adapter (the recipe's LoRA, batch size, seed and device; constant lr) per selection
-    of the tokenized ``train`` rows, each early-stopped on ``tokenized["meta"]`` and scored on ``tokenized["eval"]``."""
+    of the tokenized ``train`` rows, each early-stopped on ``tokenized["stop"]`` (``tokenized["meta"]`` without one)
+    and scored on ``tokenized["eval"]``."""
     args = TrainingArguments(
         output_dir=str(budget.output_dir), max_steps=budget.steps, learning_rate=budget.learning_rate,
         per_device_train_batch_size=training_args.per_device_train_batch_size, lr_scheduler_type="constant",
@@ -317,7 +334,7 @@ def fresh_adapter_losses(
     )  # fmt: skip
     return compare_selections(
         lambda: copy.deepcopy(base), train, tokenized["eval"], selections, recipe.lora_config(model_args), args,
-        tokenizer, stop_on=tokenized["meta"],
+        tokenizer, stop_on=tokenized.get("stop", tokenized["meta"]),
     )  # fmt: skip
 
 
@@ -332,7 +349,8 @@ def format_table(results: dict) -> str:
     contenders = {name: loss for name, loss in heldout.items() if name != ORACLE}
     best = min(contenders, key=contenders.get) if heldout else None
     if heldout:
-        lines.append("  held-out loss of a fresh adapter, early-stopped on the meta split (lower is better):")
+        stopped_on = "a split of its own" if results.get("stop_split") == "stop" else "the meta split"
+        lines.append(f"  held-out loss of a fresh adapter, early-stopped on {stopped_on} (lower is better):")
     for name, loss in heldout.items():
         mark = "   <- lowest" if name == best else ("   (knows which rows are corrupted)" if name == ORACLE else "")
         lines.append(f"    {name:<26}{loss:.4f}{mark}")

@@ -51,22 +51,26 @@ def study_table(folder: Path) -> str:
     return "\n\n".join(tables) + "\n"
 
 
-def draws_table(folder: Path) -> str:
-    """One Markdown row per demo run in ``folder`` (the recipe's defaults on another ``--data_seed`` each): AUROC
-    of the learned weights per kind, held-out loss of every selection, and the learned weights' margin over
-    uniform weights (negative: the learned weights win)."""
-    runs = [json.loads(path.read_text()) for path in folder.glob("*.json")]
-    runs.sort(key=lambda run: run["task"]["data_seed"])
-    kinds = sorted(runs[0]["auroc"]["learned weights"])
-    header = ["data seed", *(f"AUROC {k}" for k in kinds), *demo_real.SELECTIONS, "learned − uniform"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for run in runs:
-        heldout = run["heldout_loss"]
-        cells = [str(run["task"]["data_seed"]), *(f"{run['auroc']['learned weights'][k]:.3f}" for k in kinds)]
-        cells += [f"{heldout[name]:.4f}" for name in demo_real.SELECTIONS]
-        cells.append(f"{heldout['learned weights'] - heldout['uniform']:+.4f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def runs_table(folder: Path) -> str:
+    """One Markdown table per set of corruption kinds over the demo runs' results.json copies in ``folder``, a
+    row per run in data-seed order: AUROC of the learned weights per kind, held-out loss of every selection, and
+    the learned weights' margin over uniform weights (negative: the learned weights win)."""
+    by_kinds: dict[tuple[str, ...], list[dict]] = {}
+    for path in sorted(folder.glob("*.json")):
+        run = json.loads(path.read_text())
+        by_kinds.setdefault(tuple(sorted(run["auroc"]["learned weights"])), []).append(run)
+    tables = []
+    for kinds, runs in by_kinds.items():
+        header = ["data seed", *(f"AUROC {k}" for k in kinds), *demo_real.SELECTIONS, "learned − uniform"]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for run in sorted(runs, key=lambda run: run["task"]["data_seed"]):
+            heldout = run["heldout_loss"]
+            cells = [str(run["task"]["data_seed"]), *(f"{run['auroc']['learned weights'][k]:.3f}" for k in kinds)]
+            cells += [f"{heldout[name]:.4f}" for name in demo_real.SELECTIONS]
+            cells.append(f"{heldout['learned weights'] - heldout['uniform']:+.4f}")
+            lines.append("| " + " | ".join(cells) + " |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,9 +92,9 @@ def main(argv: list[str] | None = None) -> None:
         if path.exists():
             other = json.loads(path.read_text())
             text = fill(text, marker, "```text\n" + demo_real.format_table(other) + "\n```\n")
-    draws = options.runs / "draws"
-    if draws.is_dir():
-        text = fill(text, "draws", draws_table(draws))
+    for marker in ("draws", "pairs"):  # the demo on other data seeds; on prompt/completion rows (--pairs)
+        if (options.runs / marker).is_dir():
+            text = fill(text, marker, runs_table(options.runs / marker))
     study = options.runs / "study"
     if study.is_dir():
         text = fill(text, "study", study_table(study))

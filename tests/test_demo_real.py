@@ -35,8 +35,9 @@ def test_demo_real_prints_auroc_per_kind_and_held_out_losses_and_logs_a_row(tmp_
     results = demo.main([
         "--texts", str(tmp_path / "texts"), "--clean_files", "clean.txt", "--other_author_files", "other.txt",
         "--corruptions", "other_author", "char_noise", "--num_train_clean", "8", "--num_corrupted", "4",
-        "--num_meta", "4", "--num_eval", "4", "--final_steps", "2", "--out_dir", str(tmp_path / "out"),
-        "--log", str(log), "--note", "tiny", "--max_steps", "2", "--per_device_train_batch_size", "4", "--trace",
+        "--num_meta", "4", "--num_eval", "4", "--num_stop", "4", "--final_steps", "2",
+        "--out_dir", str(tmp_path / "out"), "--log", str(log), "--note", "tiny", "--max_steps", "2",
+        "--per_device_train_batch_size", "4", "--trace",
     ])  # fmt: skip
     assert set(results["auroc"]) == {"learned weights", "loss filter", "gradient alignment"}
     assert all(set(per_kind) == {"other_author", "char_noise"} for per_kind in results["auroc"].values())
@@ -51,8 +52,11 @@ def test_demo_real_prints_auroc_per_kind_and_held_out_losses_and_logs_a_row(tmp_
     table = log.read_text().splitlines()
     assert len(table) == 3 and table[2].startswith("| tiny | ")
     assert (tmp_path / "out" / "weights.png").exists() and (tmp_path / "out" / "heldout_loss.png").exists()
-    # The data a user would pass, as JSONL files by split.
-    assert sorted(p.name for p in (tmp_path / "out" / "data").iterdir()) == ["eval.jsonl", "meta.jsonl", "train.jsonl"]
+    # The data a user would pass, as JSONL files by split; the fresh adapters early-stop on a split of their own.
+    assert sorted(p.name for p in (tmp_path / "out" / "data").iterdir()) == [
+        "eval.jsonl", "meta.jsonl", "stop.jsonl", "train.jsonl",
+    ]  # fmt: skip
+    assert results["stop_split"] == "stop" and "early-stopped on a split of its own" in printed
 
 
 def test_demo_real_runs_on_your_own_files_in_prompt_completion_format(tmp_path, capsys):
@@ -99,7 +103,7 @@ def test_demo_real_builds_prompt_completion_rows_with_mismatched_completions(tmp
     results = load_script().main([
         "--texts", str(tmp_path / "texts"), "--clean_files", "clean.txt", "--pairs", "--corruptions",
         "mismatched_completion", "--num_train_clean", "8", "--num_corrupted", "4", "--num_meta", "4",
-        "--num_eval", "4", "--no_payoff", "--out_dir", str(tmp_path / "out"), "--max_steps", "1",
+        "--num_eval", "4", "--num_stop", "0", "--no_payoff", "--out_dir", str(tmp_path / "out"), "--max_steps", "1",
         "--per_device_train_batch_size", "4",
     ])  # fmt: skip
     assert set(results["auroc"]["learned weights"]) == {"mismatched_completion"}
@@ -162,22 +166,24 @@ def test_real_report_study_table_groups_runs_by_their_kinds(tmp_path):
     assert tables[1].splitlines()[2] == "| other kinds | 1 | 16 | 20 | 1.000 |"
 
 
-def test_real_report_draws_table_has_a_row_per_data_seed_in_seed_order(tmp_path):
+def test_real_report_runs_table_has_a_table_per_kinds_and_a_row_per_data_seed_in_seed_order(tmp_path):
     report = load_real_report()
 
-    def run(seed, uniform, learned):
+    def run(name, seed, uniform, learned, aurocs):
         heldout = dict.fromkeys(report.demo_real.SELECTIONS, 5.0) | {"uniform": uniform, "learned weights": learned}
-        result = {"task": {"data_seed": seed}, "auroc": {"learned weights": {"y": 0.5, "x": 0.25}},
-                  "heldout_loss": heldout}  # fmt: skip
-        (tmp_path / f"seed_{seed}.json").write_text(json.dumps(result))
+        result = {"task": {"data_seed": seed}, "auroc": {"learned weights": aurocs}, "heldout_loss": heldout}
+        (tmp_path / f"{name}.json").write_text(json.dumps(result))
 
-    run(2, 5.25, 5.0)
-    run(0, 5.0, 5.125)
-    lines = report.draws_table(tmp_path).splitlines()
+    run("a", 2, 5.25, 5.0, {"y": 0.5, "x": 0.25})
+    run("b", 0, 5.0, 5.125, {"x": 0.25, "y": 0.5})
+    run("c", 0, 5.0, 5.0, {"z": 1.0})
+    first, second = report.runs_table(tmp_path).strip().split("\n\n")
+    lines = first.splitlines()
     assert lines[0].startswith("| data seed | AUROC x | AUROC y | uniform | learned weights |")
     assert lines[2].startswith("| 0 | 0.250 | 0.500 | 5.0000 | 5.1250 |") and lines[2].endswith("| +0.1250 |")
     assert lines[3].startswith("| 2 |") and lines[3].endswith("| -0.2500 |")
     assert len(lines) == 4
+    assert second.splitlines()[0].startswith("| data seed | AUROC z | uniform |")
 
 
 def test_study_real_unroll_scores_every_inner_loop_on_the_same_unrolls(tmp_path):
@@ -190,7 +196,7 @@ def test_study_real_unroll_scores_every_inner_loop_on_the_same_unrolls(tmp_path)
     spec.loader.exec_module(study)
     results = study.main([
         "--texts", str(tmp_path / "texts"), "--clean_files", "clean.txt", "--corruptions", "shuffled_words",
-        "--num_train_clean", "12", "--num_corrupted", "4", "--num_meta", "4", "--num_eval", "4",
+        "--num_train_clean", "12", "--num_corrupted", "4", "--num_meta", "4", "--num_eval", "4", "--num_stop", "0",
         "--inner_loops", "adam T=2", "sgd T=2", "--out", str(tmp_path / "out"),
     ])  # fmt: skip
     assert results["unrolls"] == 2  # 16 rows, twice, 16 per unroll

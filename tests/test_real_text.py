@@ -84,7 +84,12 @@ def test_task_has_the_requested_rows_per_kind_and_disjoint_clean_splits():
     used = {number(t) for t in train_clean | meta | eval_}
     assert len(origins) == 5 and not origins & used
     again = build_corrupted_text_task(clean, sources, 12, 5, 6, 7, kinds, seed=3)
-    assert again["train"]["text"] == train["text"]
+    assert again["train"]["text"] == train["text"] and "stop" not in again
+    # A stop split is drawn last: the other splits stay as they were, and it shares no passage with them.
+    stopped = build_corrupted_text_task(clean, sources, 12, 5, 6, 7, kinds, seed=3, num_stop=4)
+    assert all(stopped[split]["text"] == task[split]["text"] for split in ("train", "meta", "eval"))
+    assert len(stopped["stop"]) == 4 and set(stopped["stop"]["text"]) <= set(clean)
+    assert not {number(t) for t in stopped["stop"]["text"]} & (used | origins)
 
 
 def test_task_names_what_is_missing():
