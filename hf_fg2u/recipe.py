@@ -440,9 +440,9 @@ def lora_config(model_args: ModelArguments) -> LoraConfig:
 
 def final_stage(script_args, training_args, model_args, trainer) -> dict[str, float]:
     """Train a fresh adapter on the train data weighted by the learned weights (saved in final_adapter/); returns
-    its meta loss. With a held-out eval split, a second fresh adapter on uniform weights gets the same budget and
-    both are scored there: the check, on data the outer loop never saw, that the learned weights are worth having
-    (they are not when the train data holds nothing to find and they fitted the meta split's noise)."""
+    its losses by split (``final_adapter_meta_loss``, ...). With a held-out eval split, a second fresh adapter on
+    uniform weights gets the same budget and both are scored there: the check, on data the outer loop never saw,
+    that the learned weights are worth having (they are not when they fitted the meta split's noise)."""
     from transformers import TrainingArguments
 
     from .final_stage import train_final_adapter
@@ -479,8 +479,8 @@ def final_stage(script_args, training_args, model_args, trainer) -> dict[str, fl
         warnings.warn(
             f"The fresh adapter on the learned weights has no lower eval loss than one on uniform weights "
             f"({results['final_adapter_eval_loss']:.4f} vs {results['uniform_adapter_eval_loss']:.4f}): the weights "
-            "did not generalise beyond the meta split. With a larger meta split, or none to find in the train data, "
-            "train on uniform weights.",
+            "did not generalise beyond the meta split. Use more meta rows, or train on uniform weights: the train "
+            "data may hold nothing that the meta split tells apart.",
             stacklevel=2,
         )
     return results

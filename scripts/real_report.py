@@ -53,19 +53,21 @@ def study_table(folder: Path) -> str:
 
 def runs_table(folder: Path) -> str:
     """One Markdown table per set of corruption kinds over the demo runs' results.json copies in ``folder``, a
-    row per run in data-seed order: AUROC of the learned weights per kind, held-out loss of every selection, and
-    the learned weights' margin over uniform weights (negative: the learned weights win)."""
+    row per run in data-seed order: the split its fresh adapters early-stopped on, AUROC of the learned weights
+    per kind, held-out loss of every selection, and the learned weights' margin over uniform weights (negative:
+    the learned weights win)."""
     by_kinds: dict[tuple[str, ...], list[dict]] = {}
     for path in sorted(folder.glob("*.json")):
         run = json.loads(path.read_text())
         by_kinds.setdefault(tuple(sorted(run["auroc"]["learned weights"])), []).append(run)
     tables = []
     for kinds, runs in by_kinds.items():
-        header = ["data seed", *(f"AUROC {k}" for k in kinds), *demo_real.SELECTIONS, "learned − uniform"]
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for run in sorted(runs, key=lambda run: run["task"]["data_seed"]):
-            heldout = run["heldout_loss"]
-            cells = [str(run["task"]["data_seed"]), *(f"{run['auroc']['learned weights'][k]:.3f}" for k in kinds)]
+        header = ["data seed", "early stop on", *(f"AUROC {k}" for k in kinds), *demo_real.SELECTIONS]
+        lines = ["| " + " | ".join([*header, "learned − uniform"]) + " |", "|" + "---|" * (len(header) + 1)]
+        for run in sorted(runs, key=lambda run: (run["task"]["data_seed"], run.get("stop_split", "meta"))):
+            heldout, stopped_on = run["heldout_loss"], run.get("stop_split", "meta")  # earlier runs: the meta split
+            cells = [str(run["task"]["data_seed"]), stopped_on]
+            cells += [f"{run['auroc']['learned weights'][k]:.3f}" for k in kinds]
             cells += [f"{heldout[name]:.4f}" for name in demo_real.SELECTIONS]
             cells.append(f"{heldout['learned weights'] - heldout['uniform']:+.4f}")
             lines.append("| " + " | ".join(cells) + " |")

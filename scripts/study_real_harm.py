@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     base, tokenizer, tokenized = demo_real.load_and_tokenize(task, training_args, model_args)
     train, kinds = tokenized["train"], task["train"]["corruption"]
     clean_rows = [i for i, kind in enumerate(kinds) if kind == "clean"]
-    used = set(task["train"]["text"]) | set(task["meta"]["text"]) | set(task["eval"]["text"])
+    used = {text for split in task.values() for text in split["text"]}  # the stop split's rows too
     spare = [p for p in demo_real.read_passages(demo_options.texts, demo_options.clean_files) if p not in used]
     per_kind = kinds.count(demo_real.CORRUPTIONS[0])
     extra = random.Random(demo_options.data_seed).sample(sorted(set(spare)), per_kind)

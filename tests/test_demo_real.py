@@ -169,21 +169,21 @@ def test_real_report_study_table_groups_runs_by_their_kinds(tmp_path):
 def test_real_report_runs_table_has_a_table_per_kinds_and_a_row_per_data_seed_in_seed_order(tmp_path):
     report = load_real_report()
 
-    def run(name, seed, uniform, learned, aurocs):
+    def run(name, seed, uniform, learned, aurocs, **more):
         heldout = dict.fromkeys(report.demo_real.SELECTIONS, 5.0) | {"uniform": uniform, "learned weights": learned}
-        result = {"task": {"data_seed": seed}, "auroc": {"learned weights": aurocs}, "heldout_loss": heldout}
+        result = {"task": {"data_seed": seed}, "auroc": {"learned weights": aurocs}, "heldout_loss": heldout, **more}
         (tmp_path / f"{name}.json").write_text(json.dumps(result))
 
     run("a", 2, 5.25, 5.0, {"y": 0.5, "x": 0.25})
-    run("b", 0, 5.0, 5.125, {"x": 0.25, "y": 0.5})
+    run("b", 0, 5.0, 5.125, {"x": 0.25, "y": 0.5}, stop_split="stop")
     run("c", 0, 5.0, 5.0, {"z": 1.0})
     first, second = report.runs_table(tmp_path).strip().split("\n\n")
     lines = first.splitlines()
-    assert lines[0].startswith("| data seed | AUROC x | AUROC y | uniform | learned weights |")
-    assert lines[2].startswith("| 0 | 0.250 | 0.500 | 5.0000 | 5.1250 |") and lines[2].endswith("| +0.1250 |")
-    assert lines[3].startswith("| 2 |") and lines[3].endswith("| -0.2500 |")
+    assert lines[0].startswith("| data seed | early stop on | AUROC x | AUROC y | uniform | learned weights |")
+    assert lines[2].startswith("| 0 | stop | 0.250 | 0.500 | 5.0000 | 5.1250 |") and lines[2].endswith("| +0.1250 |")
+    assert lines[3].startswith("| 2 | meta |") and lines[3].endswith("| -0.2500 |")  # runs before the stop split
     assert len(lines) == 4
-    assert second.splitlines()[0].startswith("| data seed | AUROC z | uniform |")
+    assert second.splitlines()[0].startswith("| data seed | early stop on | AUROC z | uniform |")
 
 
 def test_study_real_unroll_scores_every_inner_loop_on_the_same_unrolls(tmp_path):
