@@ -5,7 +5,7 @@
 
 A fresh adapter (the demo's LoRA, Adam 3e-3, batch 8) is trained on the task's clean train rows alone, on them
 plus as many further clean passages as one corruption kind has rows, and on them plus the rows of each kind;
-each is early-stopped on the meta split and scored on the held-out split (as in ``make demo-real``). A kind whose
+each is early-stopped on the stop split and scored on the held-out split (as in ``make demo-real``). A kind whose
 row beats no extra rows helps, whatever it is; one that loses to extra clean rows is worth down-weighting only
 by that much. Prints a Markdown table and writes it with the JSON under --out.
 """
@@ -24,8 +24,12 @@ from datasets import Dataset, concatenate_datasets
 
 from hf_fg2u import recipe
 from hf_fg2u.formats import prepare_split
+from hf_fg2u.real_text import MISMATCHED
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+TEXT_KINDS = [kind for kind in demo_real.CORRUPTIONS if kind != MISMATCHED]  # the kinds of text rows
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -34,9 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval_steps", type=int, default=6)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "bench" / "real")
     options, passthrough = parser.parse_known_args(argv)
-    demo_options, recipe_argv = demo_real.make_parser().parse_known_args(
-        [*passthrough, "--corruptions", *demo_real.CORRUPTIONS]
-    )
+    demo_options, recipe_argv = demo_real.make_parser().parse_known_args([*passthrough, "--corruptions", *TEXT_KINDS])
     task = demo_real.make_task(demo_options)
     _, training_args, model_args = recipe.parse_args(["--config", str(demo_real.CONFIG), *recipe_argv])
     base, tokenizer, tokenized = demo_real.load_and_tokenize(task, training_args, model_args)
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     clean_rows = [i for i, kind in enumerate(kinds) if kind == "clean"]
     used = {text for split in task.values() for text in split["text"]}  # the stop split's rows too
     spare = [p for p in demo_real.read_passages(demo_options.texts, demo_options.clean_files) if p not in used]
-    per_kind = kinds.count(demo_real.CORRUPTIONS[0])
+    per_kind = kinds.count(TEXT_KINDS[0])
     extra = random.Random(demo_options.data_seed).sample(sorted(set(spare)), per_kind)
     extra_rows = prepare_split(Dataset.from_dict({"text": extra}), "train", tokenizer, training_args.max_length)
     columns = ["input_ids", "attention_mask", "labels"]
