@@ -30,15 +30,20 @@ def fill(text: str, name: str, block: str) -> str:
     return pattern.sub(lambda m: m.group(1) + block.rstrip("\n") + "\n" + m.group(2), text)
 
 
-def study_table(folder: Path) -> str:
-    """One Markdown table per set of corruption kinds over the study runs' results.json copies in ``folder``
-    (each with the ``note`` saying what it varies and the ``task`` it ran on): AUROC of the learned weights."""
+def runs_by_kinds(folder: Path) -> dict[tuple[str, ...], list[dict]]:
+    """The results.json copies in ``folder`` (in file-name order), grouped by their sorted corruption kinds."""
     by_kinds: dict[tuple[str, ...], list[dict]] = {}
     for path in sorted(folder.glob("*.json")):
         run = json.loads(path.read_text())
         by_kinds.setdefault(tuple(sorted(run["auroc"]["learned weights"])), []).append(run)
+    return by_kinds
+
+
+def study_table(folder: Path) -> str:
+    """One Markdown table per set of corruption kinds over the study runs' results.json copies in ``folder``
+    (each with the ``note`` saying what it varies and the ``task`` it ran on): AUROC of the learned weights."""
     tables = []
-    for kinds, runs in by_kinds.items():
+    for kinds, runs in runs_by_kinds(folder).items():
         lines = [
             "| run | data seed | meta rows | outer steps | " + " | ".join(f"AUROC {k}" for k in kinds) + " |",
             "|---|---|---|---|" + "---|" * len(kinds),
@@ -56,12 +61,8 @@ def runs_table(folder: Path) -> str:
     row per run in data-seed order: the split its fresh adapters early-stopped on, AUROC of the learned weights
     per kind, held-out loss of every selection, and the learned weights' margin over uniform weights (negative:
     the learned weights win)."""
-    by_kinds: dict[tuple[str, ...], list[dict]] = {}
-    for path in sorted(folder.glob("*.json")):
-        run = json.loads(path.read_text())
-        by_kinds.setdefault(tuple(sorted(run["auroc"]["learned weights"])), []).append(run)
     tables = []
-    for kinds, runs in by_kinds.items():
+    for kinds, runs in runs_by_kinds(folder).items():
         header = ["data seed", "early stop on", *(f"AUROC {k}" for k in kinds), *demo_real.SELECTIONS]
         lines = ["| " + " | ".join([*header, "learned − uniform"]) + " |", "|" + "---|" * (len(header) + 1)]
         for run in sorted(runs, key=lambda run: (run["task"]["data_seed"], run.get("stop_split", "meta"))):
