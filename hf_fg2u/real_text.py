@@ -33,6 +33,7 @@ CLEAN = "clean"
 SOURCE_KINDS = ("other_author", "other_domain", "code")  # rows taken from another text, passed as `sources`
 MISMATCHED = "mismatched_completion"  # prompt/completion rows only: the completion of another passage
 CORRUPTIONS = (*SOURCE_KINDS, "shuffled_words", "char_noise", MISMATCHED)
+TEXT_CORRUPTIONS = tuple(kind for kind in CORRUPTIONS if kind != MISMATCHED)  # the kinds a `text` task can hold
 GUTENBERG_MARKERS = re.compile(r"\*\*\* ?(START|END) OF (THE|THIS) PROJECT GUTENBERG", re.IGNORECASE)
 
 

@@ -456,6 +456,7 @@ def final_stage(script_args, training_args, model_args, trainer) -> dict[str, fl
     if trainer.is_world_process_zero():  # under several processes the ranks train this adapter together (DDP)
         also = " (and one on uniform weights, both scored on the eval split)" if heldout is not None else ""
         print(f"[hf_fg2u] final stage: a fresh adapter, {script_args.final_stage_steps} steps of weighted loss{also}")
+    splits = {"meta": meta} | ({"eval": heldout} if heldout is not None else {})
     results = {}
     for name, weights in selections.items():
         model, tokenizer = load_model_and_tokenizer(model_args, training_args.seed)
@@ -466,7 +467,6 @@ def final_stage(script_args, training_args, model_args, trainer) -> dict[str, fl
             logging_steps=training_args.logging_steps, seed=training_args.seed, use_cpu=training_args.use_cpu,
             disable_tqdm=training_args.disable_tqdm,
         )  # fmt: skip
-        splits = {"meta": meta} | ({"eval": heldout} if heldout is not None else {})
         final = train_final_adapter(
             model, tokenized.add_column("weight", weights), lora_config(model_args), args, processing_class=tokenizer,
             eval_dataset=splits,

@@ -24,12 +24,9 @@ from datasets import Dataset, concatenate_datasets
 
 from hf_fg2u import recipe
 from hf_fg2u.formats import prepare_split
-from hf_fg2u.real_text import MISMATCHED
+from hf_fg2u.real_text import TEXT_CORRUPTIONS
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-TEXT_KINDS = [kind for kind in demo_real.CORRUPTIONS if kind != MISMATCHED]  # the kinds of text rows
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -38,7 +35,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval_steps", type=int, default=6)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "bench" / "real")
     options, passthrough = parser.parse_known_args(argv)
-    demo_options, recipe_argv = demo_real.make_parser().parse_known_args([*passthrough, "--corruptions", *TEXT_KINDS])
+    demo_options, recipe_argv = demo_real.make_parser().parse_known_args(
+        [*passthrough, "--corruptions", *TEXT_CORRUPTIONS]
+    )
     task = demo_real.make_task(demo_options)
     _, training_args, model_args = recipe.parse_args(["--config", str(demo_real.CONFIG), *recipe_argv])
     base, tokenizer, tokenized = demo_real.load_and_tokenize(task, training_args, model_args)
@@ -46,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     clean_rows = [i for i, kind in enumerate(kinds) if kind == "clean"]
     used = {text for split in task.values() for text in split["text"]}  # the stop split's rows too
     spare = [p for p in demo_real.read_passages(demo_options.texts, demo_options.clean_files) if p not in used]
-    per_kind = kinds.count(TEXT_KINDS[0])
+    per_kind = kinds.count(TEXT_CORRUPTIONS[0])
     extra = random.Random(demo_options.data_seed).sample(sorted(set(spare)), per_kind)
     extra_rows = prepare_split(Dataset.from_dict({"text": extra}), "train", tokenizer, training_args.max_length)
     columns = ["input_ids", "attention_mask", "labels"]
