@@ -47,6 +47,30 @@ def base_model_losses(model, dataset, collator: BilevelDataCollator, batch_size:
     return torch.cat([_row_losses(model, batch).cpu() for batch in _batches(model, dataset, collator, batch_size)])
 
 
+@torch.no_grad()
+def last_token_losses(model, dataset, collator: BilevelDataCollator, batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """Per row of a tokenized ``dataset``: the next-token loss at its last labelled token (the end-of-text token,
+    for a row the tokenizer closed and nothing cut), the mean loss over its other labelled tokens, and how many
+    labelled tokens it has — how much of a row's loss is learning where it ends. ``{"last", "rest", "tokens"}``,
+    each [num_rows]; the row's mean loss is (last + rest · (tokens - 1)) / tokens."""
+    model.eval()
+    found = {"last": [], "rest": [], "tokens": []}
+    for batch in _batches(model, dataset, collator, batch_size):
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        logits, labels = model(**inputs).logits[:, :-1].float(), token_labels(batch)[:, 1:]
+        mask = labels != -100
+        nll = -torch.log_softmax(logits, -1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask
+        tokens = mask.sum(-1)
+        if (tokens < 2).any():
+            raise ValueError("last_token_losses needs rows with at least two labelled tokens.")
+        last_position = mask.shape[1] - 1 - mask.flip(-1).int().argmax(-1)  # the last labelled position of each row
+        last = nll.gather(-1, last_position.unsqueeze(-1)).squeeze(-1)
+        found["last"].append(last.cpu())
+        found["rest"].append(((nll.sum(-1) - last) / (tokens - 1)).cpu())
+        found["tokens"].append(tokens.cpu())
+    return {key: torch.cat(parts) for key, parts in found.items()}
+
+
 def gradient_alignment_scores(model, dataset, meta_dataset, collator: BilevelDataCollator) -> torch.Tensor:
     """cos(∇θ ℓ_i, ∇θ mean meta loss) of every row of ``dataset`` [num_rows], θ the trainable (LoRA) parameters
     of ``model`` where they are now. With peft's lora_B = 0 only the B matrices have a gradient; they carry it."""

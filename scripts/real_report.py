@@ -56,18 +56,25 @@ def study_table(folder: Path) -> str:
     return "\n\n".join(tables) + "\n"
 
 
+def lines_per_row(run: dict) -> int:
+    """The passage length a demo run's task had (runs from before the option: 2 lines)."""
+    return run["task"].get("lines_per_passage", 2)
+
+
 def runs_table(folder: Path) -> str:
     """One Markdown table per set of corruption kinds over the demo runs' results.json copies in ``folder``, a
-    row per run in data-seed order: the split its fresh adapters early-stopped on, AUROC of the learned weights
-    per kind, held-out loss of every selection, and the learned weights' margin over uniform weights (negative:
-    the learned weights win)."""
+    row per run in order of row length and data seed: the lines per row, the split its fresh adapters
+    early-stopped on, AUROC of the learned weights per kind, held-out loss of every selection, and the learned
+    weights' margin over uniform weights (negative: the learned weights win)."""
     tables = []
     for kinds, runs in runs_by_kinds(folder).items():
-        header = ["data seed", "early stop on", *(f"AUROC {k}" for k in kinds), *demo_real.SELECTIONS]
+        header = ["lines per row", "data seed", "early stop on", *(f"AUROC {k}" for k in kinds), *demo_real.SELECTIONS]
         lines = ["| " + " | ".join([*header, "learned − uniform"]) + " |", "|" + "---|" * (len(header) + 1)]
-        for run in sorted(runs, key=lambda run: (run["task"]["data_seed"], run.get("stop_split", "meta"))):
+        for run in sorted(
+            runs, key=lambda run: (lines_per_row(run), run["task"]["data_seed"], run.get("stop_split", "meta"))
+        ):
             heldout, stopped_on = run["heldout_loss"], run.get("stop_split", "meta")  # earlier runs: the meta split
-            cells = [str(run["task"]["data_seed"]), stopped_on]
+            cells = [str(lines_per_row(run)), str(run["task"]["data_seed"]), stopped_on]
             cells += [f"{run['auroc']['learned weights'][k]:.3f}" for k in kinds]
             cells += [f"{heldout[name]:.4f}" for name in demo_real.SELECTIONS]
             cells.append(f"{heldout['learned weights'] - heldout['uniform']:+.4f}")
@@ -101,9 +108,10 @@ def main(argv: list[str] | None = None) -> None:
     study = options.runs / "study"
     if study.is_dir():
         text = fill(text, "study", study_table(study))
-    unroll = sorted((options.runs / "unroll").glob("*.md"))
-    if unroll:
-        text = fill(text, "unroll", "\n".join(path.read_text() for path in unroll))
+    for marker in ("unroll", "tokens"):  # scripts/study_real_unroll.py, scripts/study_real_tokens.py
+        tables = sorted((options.runs / marker).glob("*.md"))
+        if tables:
+            text = fill(text, marker, "\n".join(path.read_text() for path in tables))
     docs.write_text(text)
     readme = REPO / "README.md"
     readme.write_text(fill(readme.read_text(), "demo-real", printout))

@@ -14,6 +14,7 @@ from hf_fg2u.data_selection import (
     compare_selections,
     gradient_alignment_scores,
     keep_top,
+    last_token_losses,
     plot_heldout_losses,
     plot_weights_by_kind,
     warm_up,
@@ -55,6 +56,20 @@ def test_base_model_losses_are_each_rows_own_loss_despite_padding():
         for r in data
     ]
     torch.testing.assert_close(losses, torch.cat(alone).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_last_token_losses_split_each_rows_loss_at_its_end_of_text_token_despite_padding():
+    model, data = tiny_llama(), rows(["a short one", "a much longer row of text here", "mid size row"])
+    found = last_token_losses(model, data, COLLATOR, batch_size=3)
+    for i, row in enumerate(data):
+        ids = torch.tensor([row["input_ids"]])
+        assert row["input_ids"][-1] == TOKENIZER.eos_token_id
+        token_nll = torch.nn.functional.cross_entropy(model(input_ids=ids).logits[0, :-1], ids[0, 1:], reduction="none")
+        assert found["tokens"][i].item() == len(row["input_ids"]) - 1
+        assert found["last"][i].item() == pytest.approx(token_nll[-1].item(), abs=1e-5)
+        assert found["rest"][i].item() == pytest.approx(token_nll[:-1].mean().item(), abs=1e-5)
+    row_means = (found["last"] + found["rest"] * (found["tokens"] - 1)) / found["tokens"]
+    torch.testing.assert_close(row_means, base_model_losses(model, data, COLLATOR), atol=1e-5, rtol=1e-5)
 
 
 def test_gradient_alignment_is_one_for_the_meta_row_itself_and_lower_for_other_text():

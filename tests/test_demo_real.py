@@ -29,7 +29,7 @@ def write_text(path: Path, words: str, lines: int, seed: int) -> None:
 
 
 def test_demo_real_prints_auroc_per_kind_and_held_out_losses_and_logs_a_row(tmp_path, capsys):
-    write_text(tmp_path / "texts" / "clean.txt", "the king and queen speak to their son of his father", 60, 0)
+    write_text(tmp_path / "texts" / "clean.txt", "the king and queen speak to their son of his father", 90, 0)
     write_text(tmp_path / "texts" / "other.txt", "paradise eternal providence justify ways angels", 20, 1)
     demo, log = load_script(), tmp_path / "runs.md"
     results = demo.main([
@@ -175,21 +175,26 @@ def test_real_report_runs_table_has_a_table_per_kinds_and_a_row_per_data_seed_in
         (tmp_path / f"{name}.json").write_text(json.dumps(result))
 
     run("a", 2, 5.25, 5.0, {"y": 0.5, "x": 0.25})
+    run("d", 1, 5.0, 4.5, {"y": 0.5, "x": 0.25}, stop_split="stop", task={"data_seed": 1, "lines_per_passage": 3})
     run("b", 0, 5.0, 5.125, {"x": 0.25, "y": 0.5}, stop_split="stop")
     run("c", 0, 5.0, 5.0, {"z": 1.0})
     first, second = report.runs_table(tmp_path).strip().split("\n\n")
     lines = first.splitlines()
-    assert lines[0].startswith("| data seed | early stop on | AUROC x | AUROC y | uniform | learned weights |")
-    assert lines[2].startswith("| 0 | stop | 0.250 | 0.500 | 5.0000 | 5.1250 |") and lines[2].endswith("| +0.1250 |")
-    assert lines[3].startswith("| 2 | meta |") and lines[3].endswith("| -0.2500 |")  # runs before the stop split
-    assert len(lines) == 4
-    assert second.splitlines()[0].startswith("| data seed | early stop on | AUROC z | uniform |")
+    header = "| lines per row | data seed | early stop on | AUROC x | AUROC y | uniform | learned weights |"
+    assert lines[0].startswith(header)
+    assert lines[2].startswith("| 2 | 0 | stop | 0.250 | 0.500 | 5.0000 | 5.1250 |") and lines[2].endswith(
+        "| +0.1250 |"
+    )
+    assert lines[3].startswith("| 2 | 2 | meta |") and lines[3].endswith("| -0.2500 |")  # runs before the stop split
+    assert lines[4].startswith("| 3 | 1 | stop |") and lines[4].endswith("| -0.5000 |")  # longer rows after shorter
+    assert len(lines) == 5
+    assert second.splitlines()[0].startswith("| lines per row | data seed | early stop on | AUROC z | uniform |")
 
 
 def test_study_real_unroll_scores_every_inner_loop_on_the_same_unrolls(tmp_path):
     """scripts/study_real_unroll.py on the tiny model: each inner loop gets a pooled and a within-unroll AUROC per
     kind, over the same unrolls (every row twice), and the matched SGD step size is positive and finite."""
-    write_text(tmp_path / "texts" / "clean.txt", "the king and queen speak to their son of his father", 60, 0)
+    write_text(tmp_path / "texts" / "clean.txt", "the king and queen speak to their son of his father", 90, 0)
     sys.path.insert(0, str(SCRIPT.parent))  # the study imports demo_real
     spec = importlib.util.spec_from_file_location("study_real_unroll", SCRIPT.parent / "study_real_unroll.py")
     study = importlib.util.module_from_spec(spec)
@@ -207,3 +212,25 @@ def test_study_real_unroll_scores_every_inner_loop_on_the_same_unrolls(tmp_path)
     assert 0.0 < results["sgd_lr"] < float("inf")
     table = (tmp_path / "out" / "seed0_shuffled_words.md").read_text()
     assert "| adam T=2 |" in table and "| sgd T=2 |" in table
+
+
+def test_study_real_tokens_splits_each_adapters_held_out_loss_at_the_end_of_text(tmp_path):
+    """scripts/study_real_tokens.py on the tiny model: a row per training selection and one for the base model;
+    every adapter is scored on the same held-out rows, and training lowers the held-out loss."""
+    write_text(tmp_path / "texts" / "clean.txt", "the king and queen speak to their son of his father", 90, 0)
+    sys.path.insert(0, str(SCRIPT.parent))  # the study imports demo_real
+    spec = importlib.util.spec_from_file_location("study_real_tokens", SCRIPT.parent / "study_real_tokens.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    results = study.main([
+        "--texts", str(tmp_path / "texts"), "--clean_files", "clean.txt", "--corruptions", "shuffled_words",
+        "--num_train_clean", "12", "--num_corrupted", "4", "--num_meta", "4", "--num_eval", "4", "--num_stop", "0",
+        "--steps", "8", "--adapter_lr", "0.01", "--max_length", "80", "--out", str(tmp_path / "out"),
+    ])  # fmt: skip
+    losses = results["losses"]
+    assert list(losses) == [study.BASE, "clean rows only", "clean + shuffled_words", "shuffled_words alone"]
+    for loss in losses.values():
+        assert loss["heldout"] > 0 and loss["tokens"] > 2
+    assert losses["clean rows only"]["heldout"] < losses[study.BASE]["heldout"] - 0.1  # training did something
+    table = (tmp_path / "out" / "lines3_shuffled_words.md").read_text()
+    assert table.count("\n| ") == 5 and "| clean + shuffled_words |" in table
