@@ -45,12 +45,15 @@ def study_table(folder: Path) -> str:
     tables = []
     for kinds, runs in runs_by_kinds(folder).items():
         lines = [
-            "| run | data seed | meta rows | outer steps | " + " | ".join(f"AUROC {k}" for k in kinds) + " |",
-            "|---|---|---|---|" + "---|" * len(kinds),
+            "| run | lines per row | data seed | meta rows | outer steps | "
+            + " | ".join(f"AUROC {k}" for k in kinds)
+            + " |",
+            "|---|---|---|---|---|" + "---|" * len(kinds),
         ]
         for run in runs:
             task, aurocs = run["task"], run["auroc"]["learned weights"]
-            cells = [run["note"], str(task["data_seed"]), str(task["num_meta"]), str(run.get("outer_steps"))]
+            cells = [run["note"], str(lines_per_row(run)), str(task["data_seed"]), str(task["num_meta"])]
+            cells.append(str(run.get("outer_steps")))
             lines.append("| " + " | ".join(cells + [f"{aurocs[k]:.3f}" for k in kinds]) + " |")
         tables.append("\n".join(lines))
     return "\n\n".join(tables) + "\n"

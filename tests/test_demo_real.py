@@ -160,10 +160,12 @@ def test_real_report_study_table_groups_runs_by_their_kinds(tmp_path):
     run("c", "the recipe", {"y": 0.75, "x": 0.125}, 1)
     tables = load_real_report().study_table(tmp_path).strip().split("\n\n")
     assert len(tables) == 2
-    assert tables[0].splitlines()[0] == "| run | data seed | meta rows | outer steps | AUROC x | AUROC y |"
-    assert tables[0].splitlines()[2:] == ["| the recipe | 0 | 16 | 20 | 0.500 | 0.250 |",
-                                          "| the recipe | 1 | 16 | 20 | 0.125 | 0.750 |"]  # fmt: skip
-    assert tables[1].splitlines()[2] == "| other kinds | 1 | 16 | 20 | 1.000 |"
+    assert (
+        tables[0].splitlines()[0] == "| run | lines per row | data seed | meta rows | outer steps | AUROC x | AUROC y |"
+    )
+    assert tables[0].splitlines()[2:] == ["| the recipe | 2 | 0 | 16 | 20 | 0.500 | 0.250 |",
+                                          "| the recipe | 2 | 1 | 16 | 20 | 0.125 | 0.750 |"]  # fmt: skip
+    assert tables[1].splitlines()[2] == "| other kinds | 2 | 1 | 16 | 20 | 1.000 |"
 
 
 def test_real_report_runs_table_has_a_table_per_kinds_and_a_row_per_data_seed_in_seed_order(tmp_path):
