@@ -172,16 +172,14 @@ def compare_selections(
             trainer = train_final_adapter(make_model(), rows, peft_config, run_args, processing_class, eval_dataset)
             losses[name] = trainer.evaluate()["eval_loss"]
             continue
-        run_args = dataclasses.replace(run_args, eval_strategy="steps", eval_steps=args.eval_steps or args.max_steps)
-        splits = {"stop": stop_on, "heldout": eval_dataset}
-        trainer = train_final_adapter(make_model(), rows, peft_config, run_args, processing_class, splits)
-        by_step: dict[int, dict] = {}
-        for entry in trainer.state.log_history:
-            for key in ("eval_stop_loss", "eval_heldout_loss"):
-                if key in entry:
-                    by_step.setdefault(entry["step"], {})[key] = entry[key]
-        scored = [step for step in by_step.values() if len(step) == 2]
-        losses[name] = min(scored, key=lambda step: step["eval_stop_loss"])["eval_heldout_loss"]
+        every = args.eval_steps or args.max_steps
+        run_args = dataclasses.replace(
+            run_args, eval_strategy="steps", eval_steps=every, save_strategy="steps", save_steps=every,
+            load_best_model_at_end=True, metric_for_best_model="eval_stop_loss", greater_is_better=False,
+            save_total_limit=1,
+        )  # fmt: skip
+        trainer = train_final_adapter(make_model(), rows, peft_config, run_args, processing_class, {"stop": stop_on})
+        losses[name] = trainer.evaluate(eval_dataset=eval_dataset)["eval_loss"]  # the best stop step's adapter
     return losses
 
 

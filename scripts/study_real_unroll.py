@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
         results["inner_loops"][name] = {"pooled": per_kind, "within_unroll": mean_within}
         print(f"{name:<10} {time.perf_counter() - start:.0f} s  pooled {fmt(per_kind)}  within {fmt(mean_within)}")
     options.out.mkdir(parents=True, exist_ok=True)
-    stem = f"seed{options.data_seed}_{'_'.join(options.corruptions)}"
+    rows = "" if options.lines_per_passage == 2 else f"_lines{options.lines_per_passage}"  # 2: the earlier files
+    stem = f"seed{options.data_seed}_{'_'.join(options.corruptions)}{rows}"
     (options.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     (options.out / f"{stem}.md").write_text(markdown(results, options) + "\n")
     return results
@@ -124,7 +125,7 @@ def fmt(per_kind: dict) -> str:
 def markdown(results: dict, options) -> str:
     kinds = sorted(next(iter(results["inner_loops"].values()))["pooled"])
     lines = [
-        f"data seed {options.data_seed}, {results['unrolls']} unrolls of {ROWS_PER_UNROLL} rows at θ after "
+        f"data seed {options.data_seed}, {options.lines_per_passage}-line rows, {results['unrolls']} unrolls of {ROWS_PER_UNROLL} rows at θ after "
         f"{WARMUP_STEPS} Adam steps (SGD step size {results['sgd_lr']:.3g}):",
         "",
         "| inner loop | " + " | ".join(f"pooled {k}" for k in kinds) + " | " + " | ".join(f"within {k}" for k in kinds)

@@ -129,8 +129,13 @@ def test_lora_layers_puts_adapters_on_the_named_decoder_layers_only():
 
 
 def load_real_report():
-    spec = importlib.util.spec_from_file_location("real_report", SCRIPT.parent / "real_report.py")
-    sys.path.insert(0, str(SCRIPT.parent))  # real_report imports demo_real
+    return load_sibling("real_report")
+
+
+def load_sibling(name: str):
+    """scripts/<name>.py, which imports demo_real from its own folder."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
+    sys.path.insert(0, str(SCRIPT.parent))
     try:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -197,10 +202,7 @@ def test_study_real_unroll_scores_every_inner_loop_on_the_same_unrolls(tmp_path)
     """scripts/study_real_unroll.py on the tiny model: each inner loop gets a pooled and a within-unroll AUROC per
     kind, over the same unrolls (every row twice), and the matched SGD step size is positive and finite."""
     write_text(tmp_path / "texts" / "clean.txt", "the king and queen speak to their son of his father", 90, 0)
-    sys.path.insert(0, str(SCRIPT.parent))  # the study imports demo_real
-    spec = importlib.util.spec_from_file_location("study_real_unroll", SCRIPT.parent / "study_real_unroll.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    study = load_sibling("study_real_unroll")
     results = study.main([
         "--texts", str(tmp_path / "texts"), "--clean_files", "clean.txt", "--corruptions", "shuffled_words",
         "--num_train_clean", "12", "--num_corrupted", "4", "--num_meta", "4", "--num_eval", "4", "--num_stop", "0",
@@ -212,7 +214,7 @@ def test_study_real_unroll_scores_every_inner_loop_on_the_same_unrolls(tmp_path)
         assert set(run["pooled"]) == set(run["within_unroll"]) == {"shuffled_words"}
         assert all(0.0 <= v <= 1.0 for v in [*run["pooled"].values(), *run["within_unroll"].values()])
     assert 0.0 < results["sgd_lr"] < float("inf")
-    table = (tmp_path / "out" / "seed0_shuffled_words.md").read_text()
+    table = (tmp_path / "out" / "seed0_shuffled_words_lines3.md").read_text()
     assert "| adam T=2 |" in table and "| sgd T=2 |" in table
 
 
@@ -220,10 +222,7 @@ def test_study_real_tokens_splits_each_adapters_held_out_loss_at_the_end_of_text
     """scripts/study_real_tokens.py on the tiny model: a row per training selection and one for the base model;
     every adapter is scored on the same held-out rows, and training lowers the held-out loss."""
     write_text(tmp_path / "texts" / "clean.txt", "the king and queen speak to their son of his father", 90, 0)
-    sys.path.insert(0, str(SCRIPT.parent))  # the study imports demo_real
-    spec = importlib.util.spec_from_file_location("study_real_tokens", SCRIPT.parent / "study_real_tokens.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    study = load_sibling("study_real_tokens")
     results = study.main([
         "--texts", str(tmp_path / "texts"), "--clean_files", "clean.txt", "--corruptions", "shuffled_words",
         "--num_train_clean", "12", "--num_corrupted", "4", "--num_meta", "4", "--num_eval", "4", "--num_stop", "0",
