@@ -11,7 +11,7 @@ import math
 import warnings
 
 import torch
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
 
 from .data_checks import check_model_columns
 from .problem import per_example_token_loss, token_labels
@@ -135,6 +135,7 @@ def train_final_adapter(
         )
     if peft_config is None:
         raise ValueError("peft_config is required: the final stage trains a fresh adapter (e.g. a LoraConfig).")
+    set_seed(args.seed)  # the adapter's initial weights, whatever ran before: fresh adapters compared are alike
     model = wrap_with_peft(model, peft_config)
     pad = getattr(processing_class, "pad_token_id", None)
     if pad is None:

@@ -129,3 +129,19 @@ def test_train_final_adapter_with_clean_weights_beats_weights_on_the_corrupted_r
     # Seeds 0-2 gave clean 0.8-1.2, corrupted 3.0-3.2, untrained 4.9.
     assert eval_loss["clean"] < 0.5 * untrained, (eval_loss, untrained)
     assert eval_loss["clean"] + 1.0 < eval_loss["corrupted"], eval_loss
+
+
+def test_fresh_adapters_start_alike_whatever_the_random_state_before(tmp_path):
+    """Two fresh adapters trained with the same args are the same adapter, even when other work drew random numbers
+    between them (the payoff trains one per selection in one process): peft initialises lora_A at random."""
+    _, data = fact_data()
+    weighted = with_weights(data["train"], 1.0, 1.0)
+    trained = []
+    for draws in (0, 1000):
+        model = tiny_llama()
+        torch.rand(draws)
+        trainer = train_final_adapter(model, weighted, lora(), training_args(tmp_path / str(draws)))
+        trained.append({k: v.detach().clone() for k, v in trainer.model.named_parameters() if "lora_" in k})
+    assert trained[0].keys() == trained[1].keys() and trained[0]
+    for name, value in trained[0].items():
+        torch.testing.assert_close(value, trained[1][name], atol=0.0, rtol=0.0, msg=name)
