@@ -125,8 +125,8 @@ def fmt(per_kind: dict) -> str:
 def markdown(results: dict, options) -> str:
     kinds = sorted(next(iter(results["inner_loops"].values()))["pooled"])
     lines = [
-        f"data seed {options.data_seed}, {options.lines_per_passage}-line rows, {results['unrolls']} unrolls of {ROWS_PER_UNROLL} rows at θ after "
-        f"{WARMUP_STEPS} Adam steps (SGD step size {results['sgd_lr']:.3g}):",
+        f"data seed {options.data_seed}, {options.lines_per_passage}-line rows, {results['unrolls']} unrolls of "
+        f"{ROWS_PER_UNROLL} rows at θ after {WARMUP_STEPS} Adam steps (SGD step size {results['sgd_lr']:.3g}):",
         "",
         "| inner loop | " + " | ".join(f"pooled {k}" for k in kinds) + " | " + " | ".join(f"within {k}" for k in kinds)
         + " |",
