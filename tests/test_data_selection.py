@@ -1,6 +1,7 @@
 """The simple data filters and the fair comparison of selections, on a tiny Llama with the character tokenizer."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -117,10 +118,11 @@ def test_compare_selections_trains_on_the_kept_rows_and_reports_held_out_loss(tm
         compare_selections(lambda: base, train, rows(heldout), {"short": torch.ones(2)}, lora(), args)
 
 
-def test_early_stopping_on_the_meta_split_reads_the_held_out_loss_at_its_best_step(tmp_path):
-    """Training on one text lowers its loss at every step while another text's loss falls and then rises (4.19,
-    3.91, 3.91, 3.98 at steps 2..8 here). Stopped on the first text, the read-out is the last step's; stopped on
-    the other text itself, it is that text's lowest."""
+def test_early_stopping_reads_the_held_out_loss_at_the_best_step_of_the_stop_split(tmp_path):
+    """Training on one text lowers its loss at every step while another text's loss falls, rises and falls again
+    (4.33, 3.75, 3.86, 3.79 after 2..8 steps here). Stopped on the first text, the read-out is the last step's;
+    stopped on the other text itself, it is that text's lowest. Each is checked against fresh adapters trained for
+    2, 4, 6 and 8 steps without stopping: the same seed gives them the same start, so the same trajectory."""
     text, other = ["the cat sat on the mat"] * 4, ["zq xv kj wq zz xx qq"] * 4
     args = TrainingArguments(
         output_dir=str(tmp_path), max_steps=8, eval_steps=2, per_device_train_batch_size=4, learning_rate=5e-2,
@@ -130,7 +132,14 @@ def test_early_stopping_on_the_meta_split_reads_the_held_out_loss_at_its_best_st
     make = lambda: copy.deepcopy(base)  # noqa: E731
     on_text = compare_selections(make, rows(text), rows(other), selections, lora(), args, stop_on=rows(text))
     on_other = compare_selections(make, rows(text), rows(other), selections, lora(), args, stop_on=rows(other))
-    assert on_other["all"] < on_text["all"] - 0.05
+    after = [
+        compare_selections(make, rows(text), rows(other), selections, lora(), dataclasses.replace(args, max_steps=k))
+        for k in (2, 4, 6, 8)
+    ]
+    after = [loss["all"] for loss in after]
+    assert min(after) < after[-1] - 0.02  # the other text's best step is not the last
+    assert on_text["all"] == pytest.approx(after[-1], abs=1e-5)
+    assert on_other["all"] == pytest.approx(min(after), abs=1e-5)
 
 
 def test_plots_are_written(tmp_path):
