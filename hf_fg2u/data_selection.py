@@ -21,7 +21,7 @@ import torch
 from transformers import TrainingArguments
 
 from .final_stage import train_final_adapter
-from .problem import per_example_token_loss, token_labels
+from .problem import per_example_token_loss, token_labels, token_losses
 from .trainer import BilevelDataCollator, auroc
 
 CLEAN = "clean"
@@ -56,10 +56,8 @@ def last_token_losses(model, dataset, collator: BilevelDataCollator, batch_size:
     model.eval()
     found = {"last": [], "rest": [], "tokens": []}
     for batch in _batches(model, dataset, collator, batch_size):
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        logits, labels = model(**inputs).logits[:, :-1].float(), token_labels(batch)[:, 1:]
-        mask = labels != -100
-        nll = -torch.log_softmax(logits, -1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        nll, mask = token_losses(logits, token_labels(batch))
         tokens = mask.sum(-1)
         if (tokens < 2).any():
             raise ValueError("last_token_losses needs rows with at least two labelled tokens.")

@@ -25,8 +25,9 @@ def token_labels(batch: dict) -> torch.Tensor:
     return labels
 
 
-def per_example_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy per example [B], from logits [B, L, V] and labels [B, L].
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy at every position [B, L-1] (0 where unlabelled) and the mask of labelled positions
+    [B, L-1], from logits [B, L, V] and labels [B, L].
 
     Positions labelled -100 are excluded by an explicit mask (``ignore_index`` misbehaves under vmap), and
     ``torch.where`` keeps NaN in a padded position's logits from reaching the loss.
@@ -36,7 +37,13 @@ def per_example_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.
     safe_labels = torch.where(mask, labels, torch.zeros_like(labels))
     log_probs = torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
     token_nll = -log_probs.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
-    token_nll = torch.where(mask, token_nll, torch.zeros_like(token_nll))
+    return torch.where(mask, token_nll, torch.zeros_like(token_nll)), mask
+
+
+def per_example_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy per example [B], from logits [B, L, V] and labels [B, L] (see
+    :func:`token_losses`)."""
+    token_nll, mask = token_losses(logits, labels)
     return token_nll.sum(-1) / mask.sum(-1).clamp_min(1)
 
 

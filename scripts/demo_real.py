@@ -337,15 +337,21 @@ def fresh_adapter_losses(
     """Held-out loss of a fresh adapter (the recipe's LoRA, batch size, seed and device; constant lr) per selection
     of the tokenized ``train`` rows, each early-stopped on ``tokenized["stop"]`` (``tokenized["meta"]`` without one)
     and scored on ``tokenized["eval"]``."""
-    args = TrainingArguments(
+    args = fresh_adapter_args(budget, training_args)
+    return compare_selections(
+        lambda: copy.deepcopy(base), train, tokenized["eval"], selections, recipe.lora_config(model_args), args,
+        tokenizer, stop_on=tokenized.get("stop", tokenized["meta"]),
+    )  # fmt: skip
+
+
+def fresh_adapter_args(budget: FreshAdapters, training_args) -> TrainingArguments:
+    """How a fresh adapter is trained: ``budget``'s steps and constant learning rate, the recipe's batch size, seed
+    and device, no checkpoints."""
+    return TrainingArguments(
         output_dir=str(budget.output_dir), max_steps=budget.steps, learning_rate=budget.learning_rate,
         per_device_train_batch_size=training_args.per_device_train_batch_size, lr_scheduler_type="constant",
         report_to=[], save_strategy="no", logging_steps=max(1, budget.steps), seed=training_args.seed,
         use_cpu=training_args.use_cpu, disable_tqdm=True, eval_steps=budget.eval_steps,
-    )  # fmt: skip
-    return compare_selections(
-        lambda: copy.deepcopy(base), train, tokenized["eval"], selections, recipe.lora_config(model_args), args,
-        tokenizer, stop_on=tokenized.get("stop", tokenized["meta"]),
     )  # fmt: skip
 
 

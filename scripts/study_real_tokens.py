@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 import demo_real
-from transformers import TrainingArguments
 
 from hf_fg2u import recipe
 from hf_fg2u.data_selection import last_token_losses
@@ -46,13 +45,10 @@ def main(argv: list[str] | None = None) -> dict:
     selections = {"clean rows only": ["clean"]}
     selections |= {f"clean + {kind}": ["clean", kind] for kind in corrupted}
     selections |= {f"{kind} alone": [kind] for kind in corrupted}
-    args = TrainingArguments(
-        output_dir=str(REPO / "outputs" / "study_real_tokens"), max_steps=options.steps,
-        learning_rate=options.adapter_lr,
-        per_device_train_batch_size=training_args.per_device_train_batch_size, lr_scheduler_type="constant",
-        report_to=[], save_strategy="no", logging_steps=options.steps, seed=training_args.seed,
-        use_cpu=training_args.use_cpu, disable_tqdm=True,
-    )  # fmt: skip
+    budget = demo_real.FreshAdapters(
+        options.steps, options.adapter_lr, options.steps, REPO / "outputs" / "study_real_tokens"
+    )
+    args = demo_real.fresh_adapter_args(budget, training_args)  # no evaluation: eval_steps is unused
     found = {BASE: split_losses(base, tokenized["eval"], collator)}
     for name, wanted in selections.items():
         rows = train.select([i for i, kind in enumerate(kinds) if kind in wanted])

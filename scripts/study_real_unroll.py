@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
         results["inner_loops"][name] = {"pooled": per_kind, "within_unroll": mean_within}
         print(f"{name:<10} {time.perf_counter() - start:.0f} s  pooled {fmt(per_kind)}  within {fmt(mean_within)}")
     options.out.mkdir(parents=True, exist_ok=True)
-    rows = "" if options.lines_per_passage == 2 else f"_lines{options.lines_per_passage}"  # 2: the earlier files
-    stem = f"seed{options.data_seed}_{'_'.join(options.corruptions)}{rows}"
+    length = "" if options.lines_per_passage == 2 else f"_lines{options.lines_per_passage}"  # 2: the earlier files
+    stem = f"seed{options.data_seed}_{'_'.join(options.corruptions)}{length}"
     (options.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     (options.out / f"{stem}.md").write_text(markdown(results, options) + "\n")
     return results
