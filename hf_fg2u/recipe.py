@@ -78,6 +78,16 @@ class ScriptArguments:
     )
     meta_dataset_config: str | None = field(default=None, metadata={"help": "The meta dataset's config name."})
     meta_dataset_split: str = field(default="train", metadata={"help": "The split of --meta_dataset_name."})
+    weight_parametrization: str = field(
+        default="softmax",
+        metadata={"help": "outer=example_weights: how a logit becomes a row's weight, 'softmax' (unbounded) or "
+                  "'sigmoid' (a keep-probability: rows can be dropped but none outweighs a row kept in full)."},
+    )  # fmt: skip
+    weight_max_logit: float | None = field(
+        default=None,
+        metadata={"help": "outer=example_weights: cap the logits here after every outer step (they start at 0): "
+                  "0 lets a row be pushed down but never above where every row started."},
+    )  # fmt: skip
     domain_column: str = field(default="domain", metadata={"help": "domain_mixture: column naming the domain."})
     target_domain: str = field(default="facts_a", metadata={"help": "domain_mixture: domain of the meta data."})
     answer_only: bool = field(
@@ -336,7 +346,9 @@ def make_outer(script_args: ScriptArguments, splits: DatasetDict, model):
             raise ValueError(
                 f"outer={s.outer!r} is not known for noisy_reweighting; use example_weights or weight_net."
             )
-        return ExampleWeights(len(splits["train"]))
+        return ExampleWeights(
+            len(splits["train"]), parametrization=s.weight_parametrization, max_logit=s.weight_max_logit
+        )
     if s.recipe == "domain_mixture":
         return DomainWeights(sorted(splits["train"].unique(s.domain_column)), domain_column=s.domain_column)
     hidden = model.get_input_embeddings().weight.shape[1]

@@ -338,12 +338,14 @@ class BilevelTrainer(Trainer):
 
     def _check_outer_update(self) -> None:
         """After the outer optimizer's step: a non-finite φ (an overflowing learning rate or moment) is put back
-        as it was before the step, with the optimizer state, and the step counts as skipped."""
+        as it was before the step, with the optimizer state, and the step counts as skipped; a finite one is
+        projected onto its feasible set (``OuterModule.project_``)."""
         before, self._outer_before = self._outer_before, None
         if before is None:
             return
         bad = [name for name, value in self.outer.state_dict().items() if not torch.isfinite(value).all()]
         if not bad:
+            self.outer.project_()
             self._steps_run += 1
             self._meta_loss_sum += self._metrics["meta_loss"][-1]
             return

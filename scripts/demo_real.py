@@ -119,6 +119,11 @@ def make_parser() -> argparse.ArgumentParser:
         "step where that loss was lowest (early stopping, the same for every selection).",
     )  # fmt: skip
     parser.add_argument(
+        "--payoff_seeds", type=int, default=2,
+        help="Train each selection's fresh adapter from this many seeds (LoRA init and row order) and report the "
+        "mean held-out loss: one seed's read-out moves by about as much as the selections differ.",
+    )  # fmt: skip
+    parser.add_argument(
         "--alignment_warmup_steps", type=int, default=8,
         help="Adam steps (at --final_lr, uniform rows) of the adapter before gradient alignment scores the rows, "
         "as LESS warms up first: at peft's initial lora_B = 0 only the B matrices have a gradient.",
@@ -258,14 +263,17 @@ def main(argv: list[str] | None = None) -> dict:
     weights, kinds = torch.tensor(weighted["weight"]), list(weighted["corruption"])
 
     aurocs = {"learned weights": auroc_by_kind(-weights, kinds)}
-    heldout, payoff_seconds, keep = {}, 0.0, 1.0 - sum(weighted["is_corrupted"]) / len(weighted)
+    heldout, per_seed, payoff_seconds = {}, [], 0.0
+    keep = 1.0 - sum(weighted["is_corrupted"]) / len(weighted)
     if not options.no_payoff:
         start = time.perf_counter()
-        heldout, heuristics = payoff(options, task, weights, keep, training_args, model_args)
+        per_seed, heuristics = payoff(options, task, weights, keep, training_args, model_args)
+        heldout = {name: sum(run[name] for run in per_seed) / len(per_seed) for name in SELECTIONS}
         aurocs.update({name: auroc_by_kind(suspicion, kinds) for name, suspicion in heuristics.items()})
         payoff_seconds = time.perf_counter() - start
     results = {
-        "auroc": aurocs, "heldout_loss": heldout, "meta_loss": bilevel.get("bilevel_meta_loss"),
+        "auroc": aurocs, "heldout_loss": heldout, "heldout_loss_per_seed": per_seed,
+        "meta_loss": bilevel.get("bilevel_meta_loss"),
         "outer_steps": bilevel.get("bilevel_outer_steps"),
         "bilevel_seconds": bilevel_seconds, "payoff_seconds": payoff_seconds, "keep_fraction": keep,
         "recipe_args": recipe_argv, "task": task_options(options), "stop_split": "stop" if "stop" in task else "meta",
@@ -304,8 +312,9 @@ def load_and_tokenize(task, training_args, model_args):
     return base, tokenizer, tokenized
 
 
-def payoff(options, task, weights, keep, training_args, model_args) -> tuple[dict, dict]:
-    """Held-out loss of a fresh adapter per selection, and each heuristic's suspicion score of every row."""
+def payoff(options, task, weights, keep, training_args, model_args) -> tuple[list[dict], dict]:
+    """Held-out loss of a fresh adapter per selection for each of ``options.payoff_seeds`` seeds, and each
+    heuristic's suspicion score of every row."""
     base, tokenizer, tokenized = load_and_tokenize(task, training_args, model_args)
     heuristics = heuristic_scores(base, tokenizer, tokenized, model_args, options, training_args)
     # The heuristics are told the true corrupted fraction (a curator would have to guess it): generous to them.
@@ -314,11 +323,20 @@ def payoff(options, task, weights, keep, training_args, model_args) -> tuple[dic
     kept_by = {name: keep_top(-suspicion, keep) for name, suspicion in heuristics.items()}
     scores = (torch.ones(len(weights)), weights, kept_by["loss filter"], kept_by["gradient alignment"], clean)
     selections = dict(zip(SELECTIONS, scores, strict=True))
-    budget = FreshAdapters(options.final_steps, options.final_lr, options.final_eval_steps, options.out_dir / "payoff")
-    heldout = fresh_adapter_losses(
-        base, tokenizer, tokenized["train"], tokenized, selections, budget, training_args, model_args
-    )
-    return heldout, heuristics
+    if options.payoff_seeds < 1:
+        raise ValueError(f"--payoff_seeds={options.payoff_seeds} must be >= 1.")
+    per_seed = []
+    for offset in range(options.payoff_seeds):
+        seed = training_args.seed + offset
+        budget = FreshAdapters(
+            options.final_steps, options.final_lr, options.final_eval_steps, options.out_dir / f"payoff/seed_{seed}"
+        )
+        per_seed.append(
+            fresh_adapter_losses(
+                base, tokenizer, tokenized["train"], tokenized, selections, budget, training_args, model_args, seed
+            )
+        )
+    return per_seed, heuristics
 
 
 class FreshAdapters(NamedTuple):
@@ -332,25 +350,26 @@ class FreshAdapters(NamedTuple):
 
 
 def fresh_adapter_losses(
-    base, tokenizer, train, tokenized, selections, budget: FreshAdapters, training_args, model_args
+    base, tokenizer, train, tokenized, selections, budget: FreshAdapters, training_args, model_args, seed=None
 ) -> dict:
-    """Held-out loss of a fresh adapter (the recipe's LoRA, batch size, seed and device; constant lr) per selection
-    of the tokenized ``train`` rows, each early-stopped on ``tokenized["stop"]`` (``tokenized["meta"]`` without one)
-    and scored on ``tokenized["eval"]``."""
-    args = fresh_adapter_args(budget, training_args)
+    """Held-out loss of a fresh adapter (the recipe's LoRA, batch size, seed unless ``seed`` and device; constant
+    lr) per selection of the tokenized ``train`` rows, each early-stopped on ``tokenized["stop"]``
+    (``tokenized["meta"]`` without one) and scored on ``tokenized["eval"]``."""
+    args = fresh_adapter_args(budget, training_args, seed)
     return compare_selections(
         lambda: copy.deepcopy(base), train, tokenized["eval"], selections, recipe.lora_config(model_args), args,
         tokenizer, stop_on=tokenized.get("stop", tokenized["meta"]),
     )  # fmt: skip
 
 
-def fresh_adapter_args(budget: FreshAdapters, training_args) -> TrainingArguments:
-    """How a fresh adapter is trained: ``budget``'s steps and constant learning rate, the recipe's batch size, seed
-    and device, no checkpoints."""
+def fresh_adapter_args(budget: FreshAdapters, training_args, seed: int | None = None) -> TrainingArguments:
+    """How a fresh adapter is trained: ``budget``'s steps and constant learning rate, the recipe's batch size and
+    device, its seed unless ``seed``, no checkpoints."""
     return TrainingArguments(
         output_dir=str(budget.output_dir), max_steps=budget.steps, learning_rate=budget.learning_rate,
         per_device_train_batch_size=training_args.per_device_train_batch_size, lr_scheduler_type="constant",
-        report_to=[], save_strategy="no", logging_steps=max(1, budget.steps), seed=training_args.seed,
+        report_to=[], save_strategy="no", logging_steps=max(1, budget.steps),
+        seed=training_args.seed if seed is None else seed,
         use_cpu=training_args.use_cpu, disable_tqdm=True, eval_steps=budget.eval_steps,
     )  # fmt: skip
 
@@ -365,12 +384,15 @@ def format_table(results: dict) -> str:
     heldout = results["heldout_loss"]
     contenders = {name: loss for name, loss in heldout.items() if name != ORACLE}
     best = min(contenders, key=contenders.get) if heldout else None
+    per_seed = results.get("heldout_loss_per_seed") or []
     if heldout:
         stopped_on = "a split of its own" if results.get("stop_split") == "stop" else "the meta split"
-        lines.append(f"  held-out loss of a fresh adapter, early-stopped on {stopped_on} (lower is better):")
+        seeds = f", mean of {len(per_seed)} seeds" if len(per_seed) > 1 else ""
+        lines.append(f"  held-out loss of a fresh adapter, early-stopped on {stopped_on}{seeds} (lower is better):")
     for name, loss in heldout.items():
+        each = "  (" + ", ".join(f"{run[name]:.4f}" for run in per_seed) + ")" if len(per_seed) > 1 else ""
         mark = "   <- lowest" if name == best else ("   (knows which rows are corrupted)" if name == ORACLE else "")
-        lines.append(f"    {name:<26}{loss:.4f}{mark}")
+        lines.append(f"    {name:<26}{loss:.4f}{each}{mark}")
     met = all(v >= 0.9 for v in results["auroc"]["learned weights"].values()) and best == "learned weights"
     verdict = ("met" if met else "NOT met") if heldout else "held-out comparison skipped (--no_payoff)"
     lines.append(f"  targets (AUROC >= 0.9 per kind, learned weights lowest of the first four): {verdict}")

@@ -42,6 +42,11 @@ def test_demo_real_prints_auroc_per_kind_and_held_out_losses_and_logs_a_row(tmp_
     assert set(results["auroc"]) == {"learned weights", "loss filter", "gradient alignment"}
     assert all(set(per_kind) == {"other_author", "char_noise"} for per_kind in results["auroc"].values())
     assert list(results["heldout_loss"]) == list(demo.SELECTIONS)
+    # The read-out is the mean over two adapter seeds (LoRA init and row order), each kept in results.json.
+    per_seed = results["heldout_loss_per_seed"]
+    assert len(per_seed) == 2 and any(per_seed[0][name] != per_seed[1][name] for name in demo.SELECTIONS)
+    for name, loss in results["heldout_loss"].items():
+        assert loss == pytest.approx((per_seed[0][name] + per_seed[1][name]) / 2, rel=1e-12)
     assert [step["step"] for step in results["trace"]] == [0, 1]  # before each optimizer step
     assert all(0.0 <= v <= 1.0 for step in results["trace"] for v in step["auroc"].values())
     assert all(len(step["grad"]) == 16 and any(step["grad"]) for step in results["trace"])  # every row's logit
@@ -56,7 +61,7 @@ def test_demo_real_prints_auroc_per_kind_and_held_out_losses_and_logs_a_row(tmp_
     assert sorted(p.name for p in (tmp_path / "out" / "data").iterdir()) == [
         "eval.jsonl", "meta.jsonl", "stop.jsonl", "train.jsonl",
     ]  # fmt: skip
-    assert results["stop_split"] == "stop" and "early-stopped on a split of its own" in printed
+    assert results["stop_split"] == "stop" and "early-stopped on a split of its own, mean of 2 seeds" in printed
 
 
 def test_demo_real_runs_on_your_own_files_in_prompt_completion_format(tmp_path, capsys):
@@ -85,12 +90,13 @@ def test_demo_real_runs_on_your_own_files_in_prompt_completion_format(tmp_path, 
     demo = load_script()
     results = demo.main([
         "--data_files", *files.values(), "--final_steps", "2", "--out_dir", str(tmp_path / "out"), "--max_steps", "2",
-        "--per_device_train_batch_size", "4",
+        "--per_device_train_batch_size", "4", "--payoff_seeds", "1",
     ])  # fmt: skip
     assert all(set(per_kind) == {"corrupted"} for per_kind in results["auroc"].values())
     assert results["task"] == {"data_files": list(files.values())}
     assert results["keep_fraction"] == pytest.approx(0.75)
     assert list(results["heldout_loss"]) == list(demo.SELECTIONS)
+    assert results["heldout_loss_per_seed"] == [results["heldout_loss"]]
     assert "corrupted" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"needs a `corruption` column .* or a boolean `is_corrupted`"):
         demo.main(["--data_files", files["meta"].replace("meta=", "train="), files["meta"], files["eval"]])

@@ -72,6 +72,9 @@ class OuterModule(torch.nn.Module):
         """Numbers worth logging every outer step."""
         return {}
 
+    def project_(self) -> None:
+        """Put φ back into its feasible set after an outer step (default: every φ is feasible)."""
+
     # -- state --------------------------------------------------------------------------------------------
     def outer_dict(self) -> dict[str, torch.Tensor]:
         return {name: p.detach() for name, p in self.named_parameters()}

@@ -6,30 +6,60 @@ import torch
 
 from .base import OuterModule, normalized_entropy, require_columns, softmax_regularizer
 
+PARAMETRIZATIONS = ("softmax", "sigmoid")
+
 
 class ExampleWeights(OuterModule):
-    """A logit per training example, read through an id column; weights are the softmax of the batch's logits.
+    """A logit per training example, read through an id column; a batch's weights are its rows' shares.
 
-    Only the examples of the current unroll can affect h, so they alone get random directions: the estimator's
-    dimension is T·batch, not the dataset size. ``weights()`` reports num_examples·softmax(all logits), mean 1.
+    ``parametrization`` says how a logit z becomes a row's share before the batch normalises them to sum to 1:
+    ``"softmax"`` (exp z, unbounded) or ``"sigmoid"`` (σ(z) in (0, 1), a soft keep-probability). With sigmoid a
+    row can be dropped but never weighs more than a row kept in full, so the weights cannot pile onto the few rows
+    that best fit a small meta set (docs/real_demo.md measures that case). ``max_logit`` caps the logits after
+    every outer step (``project_``): with ``max_logit=init`` a row can be pushed down but never above where every
+    row started, the same bound on softmax's dynamics. Only the examples of the current unroll
+    can affect h, so they alone get random directions: the estimator's dimension is T·batch, not the dataset size.
+    ``weights()`` reports every row's share of the whole dataset, times num_examples (mean 1).
     """
 
-    def __init__(self, num_examples: int, id_column: str = "example_id", init: float = 0.0):
-        super().__init__(num_examples=num_examples, id_column=id_column, init=init)
+    def __init__(
+        self,
+        num_examples: int,
+        id_column: str = "example_id",
+        init: float = 0.0,
+        parametrization: str = "softmax",
+        max_logit: float | None = None,
+    ):
+        super().__init__(
+            num_examples=num_examples, id_column=id_column, init=init, parametrization=parametrization,
+            max_logit=max_logit,
+        )  # fmt: skip
         if num_examples < 1:
             raise ValueError(f"ExampleWeights needs num_examples >= 1, got {num_examples}.")
+        if parametrization not in PARAMETRIZATIONS:
+            raise ValueError(f"parametrization={parametrization!r} is not known; use one of {PARAMETRIZATIONS}.")
+        if max_logit is not None and not float(init) <= max_logit < float("inf"):
+            raise ValueError(f"max_logit={max_logit} must be a finite number >= init ({init}), or None.")
         self.id_column = id_column
+        self.parametrization = parametrization
+        self.max_logit = max_logit
         self.required_columns = (id_column,)
         self.logits = torch.nn.Parameter(torch.full((num_examples,), float(init)))
 
+    def log_shares(self, logits: torch.Tensor) -> torch.Tensor:
+        """log of each row's unnormalised share: z (softmax) or log σ(z) (sigmoid); weights are their softmax."""
+        return logits if self.parametrization == "softmax" else torch.nn.functional.logsigmoid(logits)
+
     def example_weights(self, outer, batch, losses):
-        return torch.softmax(outer["logits"][batch[self.id_column]], dim=0)
+        return torch.softmax(self.log_shares(outer["logits"][batch[self.id_column]]), dim=0)
 
     def row_weights(self, outer, batch, losses):
-        return torch.softmax(outer["logits"], dim=0)[batch[self.id_column]]
+        return torch.softmax(self.log_shares(outer["logits"]), dim=0)[batch[self.id_column]]
 
     def regularizer(self, outer, kind):
-        return softmax_regularizer(outer["logits"], kind)
+        """KL of the dataset-wide weights from uniform, or ½‖z‖² on the logits themselves."""
+        logits = outer["logits"]
+        return softmax_regularizer(self.log_shares(logits) if kind == "kl_uniform" else logits, kind)
 
     def prepare_dataset(self, dataset, role):
         if role != "train":
@@ -50,9 +80,15 @@ class ExampleWeights(OuterModule):
             mask[batch[self.id_column]] = True
         return {"logits": mask}
 
+    def project_(self) -> None:
+        """Clamp the logits to ``max_logit`` (when set): rows can still be pushed down, and back up to the cap."""
+        if self.max_logit is not None:
+            with torch.no_grad():
+                self.logits.clamp_(max=self.max_logit)
+
     def weights(self) -> torch.Tensor:
-        """Per-example weights with mean 1 (num_examples · softmax of all logits)."""
-        return self.logits.numel() * torch.softmax(self.logits.detach(), dim=0)
+        """Per-example weights with mean 1: num_examples times each row's share of the dataset."""
+        return self.logits.numel() * torch.softmax(self.log_shares(self.logits.detach()), dim=0)
 
     def summary(self):
         weights = self.weights()
