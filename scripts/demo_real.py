@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import torch
 from datasets import DatasetDict, load_from_disk
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from hf_fg2u import recipe
 from hf_fg2u.data_selection import (
@@ -296,6 +296,7 @@ def heuristic_scores(base, tokenizer, tokenized, model_args, options, training_a
     ``options.alignment_warmup_steps`` Adam steps of the adapter on uniform rows (LESS-style)."""
     collator = BilevelDataCollator(pad_token_id=tokenizer.pad_token_id or 0)
     losses = base_model_losses(base, tokenized["train"], collator)
+    set_seed(training_args.seed)  # the adapter's random LoRA init, whatever ran before in the process
     adapter = wrap_with_peft(copy.deepcopy(base), recipe.lora_config(model_args))
     warm_up(
         adapter, tokenized["train"], collator, options.alignment_warmup_steps, options.final_lr,

@@ -241,3 +241,29 @@ def test_study_real_tokens_splits_each_adapters_held_out_loss_at_the_end_of_text
     assert losses["clean rows only"]["heldout"] < losses[study.BASE]["heldout"] - 0.1  # training did something
     table = (tmp_path / "out" / "lines3_shuffled_words.md").read_text()
     assert table.count("\n| ") == 5 and "| clean + shuffled_words |" in table
+
+
+def test_heuristic_scores_do_not_depend_on_what_ran_before(tmp_path):
+    """The gradient-alignment adapter's LoRA init is seeded: scores are the same after other random draws (before,
+    they changed with the bilevel run's length, since both draw from the global generator)."""
+    import torch
+
+    from hf_fg2u import recipe
+
+    write_text(tmp_path / "texts" / "clean.txt", "the king and queen speak to their son of his father", 90, 0)
+    demo = load_script()
+    options, recipe_argv = demo.make_parser().parse_known_args([
+        "--texts", str(tmp_path / "texts"), "--clean_files", "clean.txt", "--corruptions", "char_noise",
+        "--num_train_clean", "8", "--num_corrupted", "4", "--num_meta", "4", "--num_eval", "4", "--num_stop", "4",
+        "--alignment_warmup_steps", "2", "--per_device_train_batch_size", "4",
+    ])  # fmt: skip
+    task = demo.make_task(options)
+    _, training_args, model_args = recipe.parse_args(
+        ["--config", str(demo.CONFIG), "--output_dir", str(tmp_path / "out"), *recipe_argv]
+    )
+    base, tokenizer, tokenized = demo.load_and_tokenize(task, training_args, model_args)
+    first = demo.heuristic_scores(base, tokenizer, tokenized, model_args, options, training_args)
+    torch.rand(1000)
+    second = demo.heuristic_scores(base, tokenizer, tokenized, model_args, options, training_args)
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], rtol=0, atol=0)
