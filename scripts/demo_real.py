@@ -277,6 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
         "outer_steps": bilevel.get("bilevel_outer_steps"),
         "bilevel_seconds": bilevel_seconds, "payoff_seconds": payoff_seconds, "keep_fraction": keep,
         "recipe_args": recipe_argv, "task": task_options(options), "stop_split": "stop" if "stop" in task else "meta",
+        "weights": weight_summary(weights, kinds),
         "weights_plot": str(plot_weights_by_kind(weights, kinds, out / "weights.png")),
     }  # fmt: skip
     if trace is not None:
@@ -375,6 +376,17 @@ def fresh_adapter_args(budget: FreshAdapters, training_args, seed: int | None = 
     )  # fmt: skip
 
 
+def weight_summary(weights: torch.Tensor, kinds: list[str]) -> dict:
+    """How the learned weights (mean 1) are spread: the largest, the effective number of rows (Σw)² / Σw² (all
+    rows when uniform; few when the weight piles onto a few rows), and the mean weight of each kind."""
+    weights = torch.as_tensor(weights, dtype=torch.float64)
+    mean_by_kind = {
+        kind: float(weights[torch.tensor([k == kind for k in kinds])].mean()) for kind in sorted(set(kinds))
+    }
+    effective = float(weights.sum() ** 2 / weights.pow(2).sum())
+    return {"max": float(weights.max()), "effective_rows": effective, "rows": len(weights), "mean": mean_by_kind}
+
+
 def format_table(results: dict) -> str:
     """The demo's printout: AUROC per kind for each score, then the held-out loss of each selection."""
     kinds = sorted(results["auroc"]["learned weights"])
@@ -401,6 +413,13 @@ def format_table(results: dict) -> str:
         means = [sum(step["auroc"].values()) / len(step["auroc"]) for step in results["trace"] if step["auroc"]]
         lines.append("  each outer step's hypergradient, AUROC among its rows (mean over kinds):")
         lines.append("    " + " ".join(f"{value:.2f}" for value in means))
+    if "weights" in results:
+        spread = results["weights"]
+        means = ", ".join(f"{kind} {value:.2f}" for kind, value in spread["mean"].items())
+        lines.append(
+            f"  learned weights: mean per kind {means}; largest {spread['max']:.2f}, effective rows "
+            f"{spread['effective_rows']:.0f} of {spread['rows']}"
+        )
     lines.append(f"  time: bilevel {results['bilevel_seconds']:.0f} s, baselines {results['payoff_seconds']:.0f} s")
     return "\n".join(lines)
 

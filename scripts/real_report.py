@@ -86,6 +86,30 @@ def runs_table(folder: Path) -> str:
     return "\n\n".join(tables) + "\n"
 
 
+def outer_table(folder: Path) -> str:
+    """One Markdown table per set of corruption kinds over the outer-loop study's results.json copies in
+    ``folder`` (each with its ``note``): AUROC of the learned weights, how they are spread, and the held-out loss
+    of a fresh adapter on them against uniform weights and the clean rows alone (the selections that do not
+    depend on the run; the mean over the run's adapter seeds)."""
+    tables = []
+    for kinds, runs in runs_by_kinds(folder).items():
+        header = ["run", "data seed", "outer steps", *(f"AUROC {k}" for k in kinds), "largest weight",
+                  "effective rows", "adapter seeds", "learned weights", "uniform", "clean rows only",
+                  "learned − uniform"]  # fmt: skip
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for run in runs:
+            heldout, spread = run["heldout_loss"], run["weights"]
+            cells = [run["note"], str(run["task"]["data_seed"]), str(run.get("outer_steps"))]
+            cells += [f"{run['auroc']['learned weights'][k]:.3f}" for k in kinds]
+            cells += [f"{spread['max']:.2f}", f"{spread['effective_rows']:.0f} of {spread['rows']}"]
+            cells.append(str(len(run.get("heldout_loss_per_seed") or [heldout])))
+            cells += [f"{heldout[name]:.4f}" for name in ("learned weights", "uniform", demo_real.ORACLE)]
+            cells.append(f"{heldout['learned weights'] - heldout['uniform']:+.4f}")
+            lines.append("| " + " | ".join(cells) + " |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo", type=Path, default=REPO / "outputs" / "demo_real")
@@ -111,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     study = options.runs / "study"
     if study.is_dir():
         text = fill(text, "study", study_table(study))
+    if (options.runs / "outer").is_dir():
+        text = fill(text, "outer", outer_table(options.runs / "outer"))
     for marker in ("unroll", "tokens"):  # scripts/study_real_unroll.py, scripts/study_real_tokens.py
         tables = sorted((options.runs / marker).glob("*.md"))
         if tables:

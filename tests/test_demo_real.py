@@ -51,9 +51,14 @@ def test_demo_real_prints_auroc_per_kind_and_held_out_losses_and_logs_a_row(tmp_
     assert all(0.0 <= v <= 1.0 for step in results["trace"] for v in step["auroc"].values())
     assert all(len(step["grad"]) == 16 and any(step["grad"]) for step in results["trace"])  # every row's logit
     assert results["keep_fraction"] == pytest.approx(0.5)  # 8 clean of 16 train rows
+    spread = results["weights"]
+    assert spread["rows"] == 16 and 1.0 <= spread["effective_rows"] <= 16.0 + 1e-9 and spread["max"] >= 1.0
+    clean_mean, kinds_mean = spread["mean"]["clean"], [spread["mean"][k] for k in ("other_author", "char_noise")]
+    assert (8 * clean_mean + 4 * sum(kinds_mean)) / 16 == pytest.approx(1.0, rel=1e-6)  # the weights have mean 1
     assert json.loads((tmp_path / "out" / "results.json").read_text())["heldout_loss"] == results["heldout_loss"]
     printed = capsys.readouterr().out
     assert "char_noise" in printed and "held-out loss of a fresh adapter" in printed and "targets (" in printed
+    assert "learned weights: mean per kind char_noise " in printed and "effective rows" in printed
     table = log.read_text().splitlines()
     assert len(table) == 3 and table[2].startswith("| tiny | ")
     assert (tmp_path / "out" / "weights.png").exists() and (tmp_path / "out" / "heldout_loss.png").exists()
