@@ -209,6 +209,24 @@ def test_real_report_runs_table_has_a_table_per_kinds_and_a_row_per_data_seed_in
     assert second.splitlines()[0].startswith("| lines per row | data seed | early stop on | AUROC z | uniform |")
 
 
+def test_real_report_outer_table_shows_the_spread_of_the_weights_and_counts_adapter_seeds(tmp_path):
+    report = load_real_report()
+    heldout = dict.fromkeys(report.demo_real.SELECTIONS, 5.0) | {"uniform": 5.25, "learned weights": 5.125}
+    weights = {"max": 1.875, "effective_rows": 58.4, "rows": 80, "mean": {}}
+    common = {"task": {"data_seed": 1}, "outer_steps": 5, "auroc": {"learned weights": {"y": 0.5, "x": 0.25}}}
+    one = common | {"note": "one seed", "heldout_loss": heldout, "weights": weights}
+    two = one | {"note": "two seeds", "heldout_loss_per_seed": [heldout, heldout]}
+    for name, run in {"a": one, "b": two}.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(run))
+    lines = report.outer_table(tmp_path).strip().splitlines()
+    assert lines[0] == (
+        "| run | data seed | outer steps | AUROC x | AUROC y | largest weight | effective rows | adapter seeds | "
+        "learned weights | uniform | clean rows only | learned − uniform |"
+    )
+    assert lines[2] == "| one seed | 1 | 5 | 0.250 | 0.500 | 1.88 | 58 of 80 | 1 | 5.1250 | 5.2500 | 5.0000 | -0.1250 |"
+    assert lines[3].startswith("| two seeds | 1 | 5 |") and "| 58 of 80 | 2 |" in lines[3] and len(lines) == 4
+
+
 def test_study_real_unroll_scores_every_inner_loop_on_the_same_unrolls(tmp_path):
     """scripts/study_real_unroll.py on the tiny model: each inner loop gets a pooled and a within-unroll AUROC per
     kind, over the same unrolls (every row twice), and the matched SGD step size is positive and finite."""
