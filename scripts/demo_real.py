@@ -244,6 +244,8 @@ def make_task(options) -> DatasetDict:
 
 def main(argv: list[str] | None = None) -> dict:
     options, recipe_argv = make_parser().parse_known_args(argv)
+    if options.payoff_seeds < 1:  # before minutes of bilevel training, not after
+        raise ValueError(f"--payoff_seeds={options.payoff_seeds} must be >= 1.")
     out = options.out_dir
     task = make_task(options)
     files = []
@@ -325,8 +327,6 @@ def payoff(options, task, weights, keep, training_args, model_args) -> tuple[lis
     kept_by = {name: keep_top(-suspicion, keep) for name, suspicion in heuristics.items()}
     scores = (torch.ones(len(weights)), weights, kept_by["loss filter"], kept_by["gradient alignment"], clean)
     selections = dict(zip(SELECTIONS, scores, strict=True))
-    if options.payoff_seeds < 1:
-        raise ValueError(f"--payoff_seeds={options.payoff_seeds} must be >= 1.")
     per_seed = []
     for offset in range(options.payoff_seeds):
         seed = training_args.seed + offset

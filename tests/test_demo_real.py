@@ -107,6 +107,9 @@ def test_demo_real_runs_on_your_own_files_in_prompt_completion_format(tmp_path, 
         demo.main(["--data_files", files["meta"].replace("meta=", "train="), files["meta"], files["eval"]])
     with pytest.raises(ValueError, match=r"has no \['eval'\] split"):
         demo.main(["--data_files", files["train"], files["meta"]])
+    with pytest.raises(ValueError, match=r"--payoff_seeds=0 must be >= 1"):
+        demo.main(["--data_files", *files.values(), "--payoff_seeds", "0", "--out_dir", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()  # refused before the task was written or anything trained
 
 
 def test_demo_real_builds_prompt_completion_rows_with_mismatched_completions(tmp_path):
