@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from transformers.trainer_utils import rotate_checkpoints
 
-from .functional import trainable_parameters
+from .functional import unwrap_model
 
 STATE_NAME = "bilevel_state.safetensors"
 STATE_CONFIG_NAME = "bilevel_state.json"
@@ -25,7 +26,7 @@ EARLIER = "The checkpoint is corrupt or incomplete; resume from an earlier check
 def compatibility_fields(outer, args, model, train_dataset=None, meta_dataset=None) -> dict:
     """What a checkpoint must share with a trainer to resume: the outer type, the inner optimizer (its state's
     layout), the names and shapes of the inner parameters (a LoRA rank) and the data the outer variables index."""
-    params = trainable_parameters(model)
+    params = {name: p for name, p in unwrap_model(model).named_parameters() if p.requires_grad}  # no copy of θ
     fields = {
         "outer_type": type(outer).__name__,
         "inner_optimizer": args.inner_optimizer,
@@ -61,11 +62,42 @@ def save_bilevel_state(directory: Path, states: dict[str, dict | None], descript
 
 def publish_checkpoint(written: Path, final: Path) -> Path:
     """Rename a completely written checkpoint to its final name (atomic on one filesystem) and remove its
-    staging folder; a checkpoint of the same step written before is replaced whole."""
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(written, final)
+    staging folder; a checkpoint of the same step written before is replaced whole, and deleted only after
+    the new one is in place (it is put back if the rename fails)."""
+    replace_path(written, final, aside=written.parent / f"replaced-{final.name}")
     shutil.rmtree(written.parent, ignore_errors=True)
     return final
+
+
+def publish_files(staging: Path, final: Path) -> None:
+    """Move every file and folder of a completely written ``staging`` folder into ``final``, each replacing its
+    namesake atomically (a folder: see :func:`replace_path`); other files of ``final`` are left alone."""
+    final.mkdir(parents=True, exist_ok=True)
+    for entry in sorted(staging.iterdir()):
+        replace_path(entry, final / entry.name, aside=staging / f"{PARTIAL_PREFIX}replaced-{entry.name}")
+
+
+def replace_path(new: Path, final: Path, aside: Path) -> None:
+    """``new`` takes the place of ``final``. A file is replaced atomically (``os.replace``). A folder cannot be
+    renamed over a non-empty one: the old folder is first renamed to ``aside``, put back if the rename of
+    ``new`` fails, and deleted only once ``new`` is in place."""
+    if not final.is_dir() or final.is_symlink():
+        os.replace(new, final)
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(final, aside)
+    try:
+        os.replace(new, final)
+    except BaseException:
+        os.replace(aside, final)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def rotate_checkpoints_by_step(run_dir: str, save_total_limit: int | None, best_checkpoint: str | None) -> None:
+    """Delete the oldest ``checkpoint-N`` folders beyond ``save_total_limit``, oldest by step N (modification
+    times tie within a second on many filesystems, and a tie could delete the newest); the best one is kept."""
+    rotate_checkpoints(run_dir, save_total_limit, best_checkpoint, use_mtime=False)
 
 
 def check_resume_compatible(directory: Path, mine: dict) -> None:

@@ -1,6 +1,11 @@
 """Multi-process policy of an outer step: which rows and directions each process handles, and the collectives
 that make the processes agree (gather of the unroll, the direction-share sum, the data-parallel mean, the θ
-checksum and resync).
+checksum and resync, and the decisions every rank must take alike: skip a step, the memory ``auto`` plans
+with, whether a lock or a save succeeded).
+
+A decision that one rank takes alone from what it alone sees (its share's finiteness, its free memory, an
+exception) makes the ranks run different collectives and hang; such decisions go through :meth:`any_process`,
+:meth:`minimum` or :meth:`agree` first, so that every rank takes the same branch.
 
 Two splits (``BilevelConfig.process_split``): ``'directions'`` gives every process the same unroll (gathered
 from all ranks) and a contiguous share of the b directions, summed once at the end; ``'data'`` keeps each
@@ -9,7 +14,6 @@ process's own rows and averages the inner gradients (and their tangents) over pr
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -44,9 +48,19 @@ class ProcessPolicy:
         """This process's contiguous share of the b directions (None: all of them, on one process)."""
         if self.world == 1 or not METHOD_SPECS[method].directional or self.data_parallel:
             return None
-        per_rank = math.ceil(self.args.num_directions / self.world)
-        start = min(self.args.num_directions, self.accelerator.process_index * per_rank)
-        return slice(start, min(self.args.num_directions, start + per_rank))
+        return balanced_share(self.args.num_directions, self.world, self.accelerator.process_index)
+
+    def check_direction_shares(self, methods: dict) -> None:
+        """Refuse, at the start, a split that leaves a process no direction where the method cannot run an empty
+        share (fg2u can: such a process runs the unroll and adds zeros to the sum)."""
+        empty = self.world - self.args.num_directions
+        refused = [name for name in methods if name == "fg2u_zo"]
+        if empty > 0 and refused and not self.data_parallel:
+            raise ValueError(
+                f"num_directions={self.args.num_directions} < {self.world} processes: {empty} processes would get no "
+                f"direction, which method {refused[0]!r} does not support. Set num_directions >= {self.world} (a "
+                "multiple of it balances the work), or use fewer processes."
+            )
 
     def gather_unroll(self, inputs: dict[str, torch.Tensor], fill: dict[str, int]) -> dict[str, torch.Tensor]:
         """Every rank's rows of the unroll, concatenated in rank order — the rows one process with
@@ -98,9 +112,50 @@ class ProcessPolicy:
         """The reduction the inner loop applies to its gradients (None: each process's own are the full ones)."""
         return self.average if self.data_parallel else None
 
+    def any_process(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any process (every process gets the same answer)."""
+        if self.world == 1:
+            return flag
+        value = torch.tensor([int(flag)], device=self.accelerator.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return bool(value.item())
+
+    def minimum(self, value: float) -> float:
+        """The smallest ``value`` over processes (every process gets the same number)."""
+        if self.world == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN)
+        return float(tensor.item())
+
+    def agree(self, error: BaseException | None, what: str) -> None:
+        """Make the outcome of ``what`` (run by some ranks only, e.g. rank 0's save) the same on every rank:
+        if it failed anywhere, raise on every rank — the original error where it happened, a RuntimeError naming
+        the failed rank elsewhere — instead of leaving the others waiting in the next collective."""
+        if self.world == 1:
+            if error is not None:
+                raise error
+            return
+        outcomes: list = [None] * self.world
+        mine = None if error is None else f"{type(error).__name__}: {error}"
+        torch.distributed.all_gather_object(outcomes, mine)
+        if error is not None:
+            raise error
+        failed = [(rank, outcome) for rank, outcome in enumerate(outcomes) if outcome is not None]
+        if failed:
+            rank, outcome = failed[0]
+            raise RuntimeError(f"{what} failed on process {rank} ({outcome}); every process stops.")
+
     def sum_direction_shares(self, grads: dict[str, torch.Tensor], method: str) -> dict[str, torch.Tensor]:
         """The one all-reduce of an outer step: the shares of the directions sum to the full estimate."""
         return grads if self.direction_share(method) is None else all_reduce_sum(grads)
+
+
+def balanced_share(total: int, world: int, rank: int) -> slice:
+    """Rank ``rank``'s contiguous share of ``total`` items split over ``world`` ranks, sizes differing by at most
+    one (no rank is empty when ``total >= world``; with fewer items some shares are empty and those ranks
+    contribute zeros to the sum)."""
+    return slice(rank * total // world, (rank + 1) * total // world)
 
 
 def all_reduce_sum(tree: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

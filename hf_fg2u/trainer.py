@@ -10,7 +10,7 @@ checkpoints and ``push_to_hub`` are the Trainer's, extended with the bilevel sta
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import math
 import os
 import shutil
@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
-from transformers.trainer import TRAINING_ARGS_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 
 from .checkpointing import (
@@ -34,7 +34,9 @@ from .checkpointing import (
     compatibility_fields,
     load_bilevel_state,
     publish_checkpoint,
+    publish_files,
     read_json,
+    rotate_checkpoints_by_step,
     save_bilevel_state,
     verify_checkpoint,
 )
@@ -46,7 +48,7 @@ from .functional import load_parameters, select_inner_parameters, trainable_para
 from .hypergrad import METHOD_SPECS, NonFiniteHypergradientError, estimate_hypergradient, method_from_config
 from .hypergrad.unroll import clone_tree, run_inner_loop
 from .inner_resets import ResetPolicy
-from .method_choice import choose_method
+from .method_choice import available_megabytes, choose_method
 from .model_card import WEIGHTED_DATASET_FILE, write_model_card
 from .optim import make_inner_optimizer
 from .outer import OuterModule
@@ -180,12 +182,15 @@ class BilevelTrainer(Trainer):
         self._problems: dict[bool, tuple] = {}
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._outer_before: tuple[dict, dict] | None = None  # φ and the outer optimizer state before the update
+        self._outer_buffers: list | None = None  # where they are copied, reused every step
+        self._save_error: Exception | None = None  # rank 0's checkpoint write failure, reported to every rank
         self._steps_run, self._steps_skipped, self._meta_loss_sum = 0, 0, 0.0
         self._staging: str | None = None
         self.add_callback(_OuterUpdateGuard(self))
         self.method_choice = self._resolve_auto_method() if self.args.method == "auto" else None
         # Built once from the config; every outer step then passes data only.
         self._methods = {name: method_from_config(self.args, name) for name in self._method_names()}
+        self.processes.check_direction_shares(self._methods)
         self._inner_optimizer = make_inner_optimizer(
             self.args.inner_optimizer, self.args.inner_lr, **self.args.inner_optimizer_kwargs()
         )
@@ -201,10 +206,17 @@ class BilevelTrainer(Trainer):
 
     def _resolve_auto_method(self):
         """method='auto': rgu when its stored trajectory fits the memory budget, else fg2u; logged once, and
-        written into the config so checkpoints and the model card say what ran."""
+        written into the config so checkpoints and the model card say what ran. Every process plans with the
+        least memory any of them has, so all pick the same method and checkpoint_every (hence run the same
+        collectives)."""
+        args = self.args
+        available, source = available_megabytes(args.memory_budget_mb, args.device)
+        if self.processes.world > 1:
+            available, source = self.processes.minimum(available), f"{source}; the least over processes"
         choice = choose_method(
-            trainable_parameters(self.model), self.args.inner_optimizer, self.args.unroll_steps,
-            self.args.memory_budget_mb, self.args.device,
+            trainable_parameters(self.model), args.inner_optimizer, args.unroll_steps, (available, source),
+            directions_per_pass=args.directions_per_pass or args.num_directions,
+            offload_trajectory=args.offload_trajectory,
         )  # fmt: skip
         logger.warning(choice.message())
         self.args.method = choice.method
@@ -240,10 +252,14 @@ class BilevelTrainer(Trainer):
         if resume_from_checkpoint:
             verify_checkpoint(Path(resume_from_checkpoint))
         self._steps_run, self._steps_skipped, self._meta_loss_sum = 0, 0, 0.0
-        if self.args.should_save:
-            with RunLock(self.args.output_dir):
-                output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
-        else:
+        with contextlib.ExitStack() as held:
+            refused = None
+            if self.args.should_save:
+                try:
+                    held.enter_context(RunLock(self.args.output_dir))
+                except Exception as error:  # another live run holds the lock, or the folder cannot be written
+                    refused = error
+            self.processes.agree(refused, f"The run lock of output_dir={self.args.output_dir!r}")
             output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
         if self._steps_skipped and not self._steps_run:
             raise RuntimeError(
@@ -289,6 +305,7 @@ class BilevelTrainer(Trainer):
             self._metrics["theta_resyncs"].append(1.0)
         inner_loss, outer_loss, _ = self._problem(model, method)
         start = time.perf_counter()
+        failure = None
         try:
             result = estimate_hypergradient(
                 inner_loss, outer_loss, self._inner_params, self.outer.outer_dict(), inner_batches, meta_batch,
@@ -299,11 +316,17 @@ class BilevelTrainer(Trainer):
                 reduce_gradients=self.processes.inner_gradient_reducer(),
             )  # fmt: skip
         except NonFiniteHypergradientError as error:
+            failure = error
+        # One process's non-finite share skips (or stops) the step on every process, before the share sum.
+        if self.processes.any_process(failure is not None):
+            if failure is None:
+                failure = NonFiniteHypergradientError("another process's share of the hypergradient is not finite")
             if self.args.nonfinite_policy == "stop":
-                raise
-            return self._skip_step(step, str(error))
+                raise failure
+            return self._skip_step(step, str(failure))
         seconds = time.perf_counter() - start
-        grads = self._add_regularizer(self.processes.sum_direction_shares(result.grad, method))
+        summed = self.processes.sum_direction_shares(result.grad, method)
+        grads = self._add_regularizer(summed)
         if self.args.normalize_hypergradient:
             grads = _unit_norm(grads)
         bad = [name for name, grad in grads.items() if not torch.isfinite(grad).all()]
@@ -313,17 +336,32 @@ class BilevelTrainer(Trainer):
                 f"{self.args.weight_regularization!r} × {self.args.weight_regularization_coef:g}; lower the "
                 "coefficient."
             )  # fmt: skip
-        self._outer_before = (
-            {k: v.detach().clone() for k, v in self.outer.state_dict().items()},
-            copy.deepcopy(self.optimizer.state_dict()) if self.optimizer is not None else None,
-        )
+        self._outer_before = self._snapshot_outer()
         for name, parameter in self.outer.named_parameters():
             parameter.grad = grads[name].to(parameter.dtype)
         self._inner_params, self._inner_state = result.params, result.optimizer_state
         load_parameters(model, result.params)
         self._resets.observe(result.outer_loss)
-        self._record(result, method, step, seconds)
+        self._record(result, method, step, seconds, _norm(summed))
         return torch.tensor(result.outer_loss, device=self.args.device)
+
+    def _snapshot_outer(self) -> tuple[dict, dict | None]:
+        """φ and the outer optimizer state as they are before the update, copied into buffers kept from the last
+        step (no allocation, no deep copy of the state per step; new buffers only when the layout changes)."""
+        live = (dict(self.outer.state_dict()), self.optimizer.state_dict() if self.optimizer is not None else None)
+        leaves, spec = tree_flatten(live)
+        buffers = self._outer_buffers
+        same = buffers is not None and len(buffers) == len(leaves) and all(
+            torch.is_tensor(b) == torch.is_tensor(v) and (not torch.is_tensor(v) or (
+                b.shape == v.shape and b.dtype == v.dtype and b.device == v.device))
+            for b, v in zip(buffers, leaves, strict=True)
+        )  # fmt: skip
+        if same:
+            buffers = [b.copy_(v) if torch.is_tensor(v) else v for b, v in zip(buffers, leaves, strict=True)]
+        else:
+            buffers = [v.detach().clone() if torch.is_tensor(v) else v for v in leaves]
+        self._outer_buffers = buffers
+        return tree_unflatten(buffers, spec)
 
     def _skip_step(self, step: int, reason: str) -> torch.Tensor:
         """Skip the outer update of ``step`` (nonfinite_policy='skip') or raise ('stop')."""
@@ -352,6 +390,7 @@ class BilevelTrainer(Trainer):
         self.outer.load_state_dict(before[0])
         if before[1] is not None:
             self.optimizer.load_state_dict(before[1])
+            self._outer_buffers = None  # the optimizer's state may now be these buffers: take new ones next step
         self._metrics["meta_loss"].pop()  # that step's update did not happen
         self._skip_step(
             self.state.global_step, f"the outer update made {bad} non-finite (learning_rate="
@@ -391,13 +430,39 @@ class BilevelTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """The Trainer's save (the peft adapter, tokenizer, args), then the outer variables, the inner
-        optimizer state and a model card: a folder ready for the Hub and for exact resumption."""
-        super()._save(output_dir, state_dict=state_dict)
+        optimizer state and a model card: a folder ready for the Hub and for exact resumption. A save outside a
+        checkpoint is written into ``_partial-save/`` first and its files then moved in one by one (each
+        replaced atomically), so a failure while writing leaves the previous save whole. Within a checkpoint a
+        failure is kept for :meth:`_save_checkpoint`, which reports it to every process."""
+        output_dir = Path(output_dir or self.args.output_dir)
+        if self._staging is not None:  # a checkpoint: its whole folder is staged already
+            try:
+                self._write_save(output_dir, state_dict)
+            except Exception as error:
+                self._save_error = error
+            return
+        if not self.args.should_save:
+            super()._save(str(output_dir), state_dict=state_dict)  # collectives of a sharded model, if any
+            return
+        staging = output_dir / f"{PARTIAL_PREFIX}save"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            self._write_save(staging, state_dict)
+            publish_files(staging, output_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _write_save(self, output_dir: Path, state_dict) -> None:
+        args = self.args
+        # The Trainer pickles its args, hub_token included, into a file that push_to_hub uploads: it gets the
+        # redacted copy, so no unredacted training_args.bin is ever written.
+        self.args = args.redacted()
+        try:
+            super()._save(str(output_dir), state_dict=state_dict)
+        finally:
+            self.args = args
         if not self.args.should_save:
             return
-        output_dir = Path(output_dir or self.args.output_dir)
-        # The Trainer pickles its args, hub_token included, into a file that push_to_hub uploads.
-        torch.save(self.args.redacted(), output_dir / TRAINING_ARGS_NAME)
         self.outer.save_pretrained(output_dir)
         base_model = unwrap_model(self.model).get_base_model() if hasattr(self.model, "get_base_model") else None
         self.outer.save_peft_adapter(output_dir / "prompt_adapter", base_model or self.model, self.model_name)
@@ -413,24 +478,35 @@ class BilevelTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer's checkpoint, written into ``_partial-checkpoint-N/`` and renamed to ``checkpoint-N``
-        when complete: a kill or a full disk mid-save leaves no ``checkpoint-N`` for a resume to pick."""
+        when complete: a kill or a full disk mid-save leaves no ``checkpoint-N`` for a resume to pick. Whether
+        every process wrote its part is agreed on before the rename, so a failure on one process (rank 0's
+        write) raises on all instead of leaving the others waiting."""
         run_dir = super()._get_output_dir(trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         self._staging = os.path.join(run_dir, f"{PARTIAL_PREFIX}{name}")
+        error = None
         try:
             super()._save_checkpoint(model, trial)  # its rotation sees only the staging folder
+        except Exception as caught:
+            error = caught
         except BaseException:
             if self.args.should_save:
                 shutil.rmtree(self._staging, ignore_errors=True)
             raise
         finally:
             staging, self._staging = self._staging, None
-        self.accelerator.wait_for_everyone()  # every rank's files (RNG states) are in
+        error, self._save_error = error or self._save_error, None
+        try:
+            self.processes.agree(error, f"Saving {name}")  # also the barrier: every rank's files (RNG states) are in
+        except BaseException:
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
         if self.args.should_save:
             final = publish_checkpoint(Path(staging) / name, Path(run_dir) / name)
             if self.state.best_global_step == self.state.global_step:
                 self.state.best_model_checkpoint = str(final)
-            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, True)
+            rotate_checkpoints_by_step(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
 
     def _get_output_dir(self, trial) -> str:
         return self._staging or super()._get_output_dir(trial)
@@ -597,11 +673,11 @@ class BilevelTrainer(Trainer):
         self._metrics["weight_penalty"].append(float(penalty.detach()))
         return {k: g if e is None else g + e for (k, g), e in zip(grads.items(), extra, strict=True)}
 
-    def _record(self, result, method: str, step: int, seconds: float) -> None:
+    def _record(self, result, method: str, step: int, seconds: float, grad_norm: float) -> None:
         metrics = self._metrics
         metrics["meta_loss"].append(result.outer_loss)
         metrics["inner_loss"].append(sum(result.inner_losses) / len(result.inner_losses))
-        metrics["hypergrad_norm"].append(result.grad_norm)
+        metrics["hypergrad_norm"].append(grad_norm)  # of the whole estimate, not of this process's share
         metrics["phase"].append(1.0 if method != self.args.method or step < self.args.phase1_steps else 2.0)
         metrics["outer_step_seconds"].append(seconds)
         if result.num_directions:
@@ -616,6 +692,10 @@ class _OuterUpdateGuard(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._check_outer_update()
+
+
+def _norm(grads: dict[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads.values()))
 
 
 def _unit_norm(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ their tangents averaged at every inner step)."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +81,47 @@ def test_data_parallel_trainer_keeps_ranks_in_step(tmp_path):
     logits = torch.tensor(parallel["logits"])
     assert torch.isfinite(logits).all() and logits.abs().max() > 0
     assert checkpoints(tmp_path / "data" / "run") == ["checkpoint-2"]
+
+
+def torchrun(script: str, processes: int, arguments: list[str], timeout: float = 120) -> None:
+    """``torchrun --standalone`` (its rendezvous binds a free port itself: no port races between tests); a run
+    that hangs is killed with its whole process group and fails the test."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([*command, str(HERE / script), *arguments], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)  # fmt: skip
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"{script} on {processes} ranks hung (killed after {timeout} s):\n{output[-3000:]}")
+    assert process.returncode == 0, output[-3000:]
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_ranks_take_every_decision_alike(tmp_path, processes):
+    """Each scenario of tests/agreement_run.py shows one rank something the others do not; on main before the
+    fix the empty share and the refused lock crashed, the non-finite share and the failed save hung, and
+    `auto` picked rgu on one rank and fg2u on the others."""
+    result = tmp_path / "agreement.json"
+    torchrun("agreement_run.py", processes, ["--output", str(tmp_path), "--result", str(result)])
+    report = json.loads(result.read_text())
+    assert report["world_size"] == processes
+    ranks = report["ranks"]
+    # b = W − 1 directions: one rank has none, adds zeros to the sum; φ moved, and alike everywhere.
+    assert len({r["empty_share"]["phi"] for r in ranks}) == 1
+    assert all(r["empty_share"]["norm"] > 0 for r in ranks)
+    # auto: one choice, from the least free memory (rank 1's: nothing fits, the smaller need wins).
+    assert len({(r["auto"]["method"], r["auto"]["checkpoint_every"], r["auto"]["phi"]) for r in ranks}) == 1
+    # The last rank's non-finite share skips step 0 on every rank; step 1 runs everywhere.
+    assert [(r["nonfinite"]["skipped"], r["nonfinite"]["run"]) for r in ranks] == [(1, 1)] * processes
+    assert len({r["nonfinite"]["phi"] for r in ranks}) == 1
+    # The refused lock and rank 0's failed save raise on every rank, and leave no checkpoint.
+    assert ranks[0]["lock"]["raised"] == "ValueError" and "Another run" in ranks[0]["lock"]["message"]
+    assert ranks[0]["save"]["raised"] == "OSError"
+    for r in ranks[1:]:
+        assert r["lock"]["raised"] == "RuntimeError" and "failed on process 0" in r["lock"]["message"]
+        assert r["save"]["raised"] == "RuntimeError"
+        assert "Saving checkpoint-1 failed on process 0" in r["save"]["message"]
+    assert all(r["save"]["left"] == [] for r in ranks)

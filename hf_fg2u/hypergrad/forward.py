@@ -72,7 +72,7 @@ def forward_directional_derivatives(
             new_chunks.append((d_params, d_state, d_outer))
         chunks = new_chunks
         params, state = detach_tree(optimizer.update(grads, state, params))
-        losses.append(float(loss))
+        losses.append(loss.detach())  # read once after the loop: no device sync at every inner step
         if unroll.progress is not None:
             unroll.progress.update(1)
 
@@ -80,7 +80,9 @@ def forward_directional_derivatives(
         params, outer, unroll.meta_batch
     )
     pair = torch.func.vmap(lambda d: tree_dot(meta_grad_params, d))
-    directional = torch.cat([pair(d_params) for d_params, _, _ in chunks])
+    # A process whose share of the directions is empty contributes no derivative (and zeros to the sum).
+    directional = torch.cat([pair(d_params) for d_params, _, _ in chunks]) if chunks else meta_value.new_zeros(0)
+    losses = torch.stack(losses).tolist()
     return directional, tree_map(torch.Tensor.detach, meta_grad_outer), float(meta_value), params, state, losses
 
 

@@ -46,11 +46,12 @@ def reverse_hypergradient(
     fetch = (lambda tree: tree_map(lambda t: t.to(device), tree)) if offload_trajectory else (lambda tree: tree)
 
     stored = []  # (θ_t, s_t) at t = 0, k, 2k, ... of the differentiated steps
+    differentiated_losses = []  # read once after the loop: no device sync at every inner step
     for t, (batch, seed) in enumerate(steps):
         if t % checkpoint_every == 0:
             stored.append(store((params, state)))
         params, state, loss = primal_step(inner_loss, optimizer, params, state, outer, batch, seed, reduce)
-        losses.append(float(loss))
+        differentiated_losses.append(loss.detach())
         if progress is not None:
             progress.update(1)
 
@@ -58,6 +59,7 @@ def reverse_hypergradient(
         params, outer, u.meta_batch
     )
     adjoint_params, grad_outer = detach_tree(adjoint_params), detach_tree(grad_outer)
+    losses += torch.stack(differentiated_losses).tolist() if differentiated_losses else []
     adjoint_state = tree_map(torch.zeros_like, state)
     for segment in reversed(range(len(stored))):
         first = segment * checkpoint_every
