@@ -7,7 +7,7 @@ from transformers.testing_utils import CaptureLogger
 from hf_fg2u import BilevelTrainer, ExampleWeights
 from hf_fg2u.functional import trainable_parameters
 from hf_fg2u.hypergrad import METHODS, estimate_hypergradient
-from hf_fg2u.method_choice import trajectory_megabytes
+from hf_fg2u.method_choice import MemoryModel, available_megabytes, choose_method, trajectory_megabytes
 from hf_fg2u.problem import batch_softmax_weights, make_lm_problem
 from hf_fg2u.trainer import logger, wrap_with_peft
 
@@ -40,7 +40,7 @@ def test_auto_picks_rgu_when_the_whole_trajectory_fits_and_logs_why(tmp_path):
     whole = adapter_megabytes()
     trainer, log = auto_trainer(tmp_path, budget_mb=1.01 * whole)
     assert (trainer.args.method, trainer.args.checkpoint_every) == ("rgu", 1)
-    assert f"picked 'rgu' (exact): the stored trajectory needs {whole:.1f} MB" in log
+    assert f"picked 'rgu' (exact): it needs {whole:.1f} MB with the whole trajectory stored" in log
     assert "available (memory_budget_mb)" in log
     trainer.train()
     assert trainer.state.log_history[0]["phase"] == 2.0
@@ -54,20 +54,52 @@ def test_auto_checkpoints_the_trajectory_when_only_that_fits(tmp_path):
     assert "checkpoint_every=2" in log
 
 
-def test_auto_picks_fg2u_when_the_trajectory_does_not_fit(tmp_path):
-    checkpointed = adapter_megabytes(checkpoint_every=2)
-    trainer, log = auto_trainer(tmp_path, budget_mb=0.99 * checkpointed)
+def adapter_model():
+    return MemoryModel.of(trainable_parameters(wrap_with_peft(tiny_llama(), lora())), "adam")
+
+
+def test_auto_picks_fg2u_when_only_fg2u_fits(tmp_path):
+    checkpointed, fg2u = adapter_megabytes(checkpoint_every=2), adapter_model().fg2u_megabytes(1)
+    assert fg2u < checkpointed  # one direction per pass: fg2u holds less than checkpointed rgu at T=4
+    trainer, log = auto_trainer(tmp_path, budget_mb=(fg2u + checkpointed) / 2, directions_per_pass=1)
     assert trainer.args.method == "fg2u"
     assert "picked 'fg2u'" in log
     trainer.train()
     assert trainer.state.log_history[0]["directions_per_second"] > 0
 
 
-def test_trajectory_megabytes_counts_optimizer_slots():
-    params = {"w": torch.zeros(2**18)}  # 1 MB of float32
-    assert trajectory_megabytes(params, "sgd", 10) == pytest.approx(10 + 3)
-    assert trajectory_megabytes(params, "adam", 10) == pytest.approx(30 + 3)
-    assert trajectory_megabytes(params, "adam", 16, checkpoint_every=4) == pytest.approx(3 * (4 + 3) + 3)
+def test_auto_costs_fg2u_and_takes_what_needs_least_when_nothing_fits(tmp_path):
+    """8 directions per pass at T=4 hold more than checkpointed rgu: fg2u is no fallback then."""
+    checkpointed, fg2u = adapter_megabytes(checkpoint_every=2), adapter_model().fg2u_megabytes(8)
+    assert checkpointed < fg2u
+    trainer, log = auto_trainer(tmp_path, budget_mb=0.5 * checkpointed, directions_per_pass=8)
+    assert (trainer.args.method, trainer.args.checkpoint_every) == ("rgu", 2)
+    assert "nothing fits; this needs the least" in log
+
+
+def test_memory_model_counts_slots_trainer_copies_and_offloading(monkeypatch):
+    """In MB of a 1 MB float32 θ: the trainer's copies 2(θ+s), a step's gradient, new θ and new s, the update's
+    intermediates (SGD 1, Adam 4); rgu adds ⌈T/k⌉+k−1 stored (θ, s), their adjoints, and a step's VJP (2θ +
+    the intermediates); fg2u adds per direction of a pass 2(θ+s) + the gradient's tangent + the intermediates."""
+    params = {"w": torch.zeros(2**18)}
+    assert trajectory_megabytes(params, "sgd", 10) == pytest.approx((2 + 2 + 1) + 10 + (1 + 2 + 1))
+    assert trajectory_megabytes(params, "adam", 10) == pytest.approx((6 + 2 + 2 + 4) + 30 + (3 + 2 + 4))
+    assert trajectory_megabytes(params, "adam", 16, checkpoint_every=4) == pytest.approx(14 + 3 * (4 + 3) + 9)
+    assert MemoryModel.of(params, "adam").fg2u_megabytes(8) == pytest.approx(14 + 8 * (6 + 1 + 4))
+    # bf16 θ: θ halves, the optimizer's float32 moments do not.
+    half = MemoryModel.of({"w": torch.zeros(2**18, dtype=torch.bfloat16)}, "adam")
+    assert (half.theta_bytes, half.state_bytes) == (2**19, 2**21)
+    # offload_trajectory keeps the stored states off an accelerator (here the meta device stands for one).
+    on_device = {"w": torch.zeros(2**18, device="meta")}
+    kept = choose_method(on_device, "adam", 10, (1e9, "test"))
+    offloaded = choose_method(on_device, "adam", 10, (1e9, "test"), offload_trajectory=True)
+    assert kept.trajectory_mb - offloaded.trajectory_mb == pytest.approx(30)
+    # On CPU the processes of one machine share its memory.
+    import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("M", (), {"available": 8 * 2**20})())
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert available_megabytes(None, torch.device("cpu")) == (1.0, "half of the available system memory / 4 processes")
 
 
 FULL_INNER = [r"layers\.1\.", "lm_head"]
