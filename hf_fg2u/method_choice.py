@@ -30,6 +30,7 @@ SLOT_BYTES = 4  # the inner optimizer's moments are kept in float32 whatever θ'
 TRAINER_COPIES = 2  # (θ_t, s_t) and (θ_start, s_start), held by the trainer across outer steps
 STEP_BUFFERS = 2  # the inner gradient and the new θ beside the old one, during an inner step (the new s: below)
 UPDATE_INTERMEDIATES = {"sgd": 1, "momentum": 2, "adam": 4}  # θ-sized temporaries of one optimizer update
+TANGENT_INTERMEDIATES = 2  # θ-sized temporaries per direction of the update's JVP (measured: Adam, vmapped)
 SHARE_OF_FREE_MEMORY = 0.5  # the rest stays for activations, which every method needs
 
 
@@ -67,7 +68,7 @@ class MemoryModel:
     def fg2u_megabytes(self, directions_per_pass: int) -> float:
         """fg2u: per direction of a pass, the tangents (dθ, ds) and their successors, the inner gradient's tangent
         and the update's JVP intermediates."""
-        per_direction = 2 * self.pair + self.theta_bytes + UPDATE_INTERMEDIATES[self.optimizer] * self.theta_bytes
+        per_direction = 2 * self.pair + (1 + TANGENT_INTERMEDIATES) * self.theta_bytes
         return (self.common() + directions_per_pass * per_direction) / 2**20
 
 

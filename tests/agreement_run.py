@@ -25,13 +25,14 @@ from hf_fg2u.hypergrad import NonFiniteHypergradientError  # noqa: E402
 from tests.test_trainer import fact_data, trainer_for  # noqa: E402
 
 SCENARIOS = ("empty_share", "auto", "nonfinite", "lock", "save")
+ON_CUDA = {"use_cpu": True}  # --cuda (scripts/gpu_check.sh on a machine with several GPUs): NCCL ranks
 
 
 def make_trainer(output: Path, **overrides):
     _, data = fact_data(num_facts=4, copies=4)
     values = dict(max_steps=1, per_device_train_batch_size=2, num_directions=4, directions="rademacher",
                   logging_steps=1, save_strategy="no", meta_batch_size=4)  # fmt: skip
-    values.update(overrides)
+    values.update(ON_CUDA, **overrides)
     return trainer_for(output, ExampleWeights(len(data["train"])), data, **values)
 
 
@@ -117,9 +118,11 @@ def main() -> None:
     parser.add_argument("--output", required=True, type=Path)
     parser.add_argument("--result", required=True, type=Path)
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
+    parser.add_argument("--cuda", action="store_true", help="one GPU per rank (NCCL) instead of CPU ranks (gloo)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    state = PartialState(cpu=True)  # the trainers' process group (gloo)
+    ON_CUDA["use_cpu"] = not args.cuda
+    state = PartialState(cpu=not args.cuda)  # the trainers' process group
     rank, world = dist.get_rank(), dist.get_world_size()
     outcomes = {}
     for name in args.scenarios:
