@@ -12,6 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from hf_fg2u.distributed import ProcessPolicy, balanced_share
+from hf_fg2u.hypergrad import estimate_hypergradient
+
+from .conftest import Quadratic
+
 HERE = Path(__file__).resolve().parent
 CPU_2PROC = HERE.parent / "hf_fg2u" / "recipes" / "accelerate_configs" / "cpu_2proc.yaml"
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC)]
@@ -125,3 +130,34 @@ def test_ranks_take_every_decision_alike(tmp_path, processes):
         assert r["save"]["raised"] == "RuntimeError"
         assert "Saving checkpoint-1 failed on process 0" in r["save"]["message"]
     assert all(r["save"]["left"] == [] for r in ranks)
+
+
+@pytest.mark.parametrize("world", [5, 7, 16])
+def test_direction_shares_of_any_world_size_sum_to_the_full_estimate(world):
+    """b=8 on 5, 7 or 16 ranks (the shares one process computes in turn): no share is empty when b >= W, and
+    with b < W the empty shares add exactly zero (before, ⌈b/W⌉ shares left ranks empty and torch.cat([]) raised)."""
+    problem = Quadratic()
+    common = dict(inner_lr=0.1, num_directions=8, directions="rademacher", seed=3, directions_per_pass=2)
+    batches = [None] * 3
+    full = estimate_hypergradient(problem.inner_loss, problem.outer_loss, problem.params, problem.outer, batches,
+                                  None, **common)  # fmt: skip
+    shares = [balanced_share(8, world, rank) for rank in range(world)]
+    assert sum(s.stop - s.start for s in shares) == 8 and (world > 8 or all(s.stop > s.start for s in shares))
+    total = torch.zeros_like(full.grad["phi"])
+    for share in shares:
+        part = estimate_hypergradient(problem.inner_loss, problem.outer_loss, problem.params, problem.outer, batches,
+                                      None, direction_slice=share, **common)  # fmt: skip
+        total += part.grad["phi"]
+    torch.testing.assert_close(total, full.grad["phi"], rtol=0, atol=1e-12)
+
+
+def test_fg2u_zo_with_fewer_directions_than_processes_is_refused_at_start():
+    from types import SimpleNamespace
+
+    from hf_fg2u.hypergrad import make_method
+
+    policy = ProcessPolicy(SimpleNamespace(num_processes=16, process_index=0),
+                           SimpleNamespace(num_directions=8, process_split="directions"))  # fmt: skip
+    policy.check_direction_shares({"fg2u": make_method("fg2u")})  # fg2u runs an empty share
+    with pytest.raises(ValueError, match=r"num_directions=8 < 16 processes: 8 processes would get no direction"):
+        policy.check_direction_shares({"fg2u_zo": make_method("fg2u_zo")})
