@@ -143,8 +143,9 @@ class BilevelConfig(TrainingArguments):
     )
     memory_budget_mb: float | None = field(
         default=None,
-        metadata={"help": "method='auto': the memory (MB) rgu's stored trajectory may use; default: half of what is "
-                  "free on the accelerator after the model, or half of the available system memory on CPU."},
+        metadata={"help": "method='auto': the memory (MB) the chosen method may use beyond the model and activations; "
+                  "default: half of what is free on the accelerator after the model, or on CPU half of the available "
+                  "system memory divided among this machine's processes (the least over all processes)."},
     )  # fmt: skip
 
     # -- inner variables ------------------------------------------------------------------------------------------
