@@ -49,7 +49,7 @@ from .hypergrad import METHOD_SPECS, NonFiniteHypergradientError, estimate_hyper
 from .hypergrad.unroll import clone_tree, run_inner_loop
 from .inner_resets import ResetPolicy
 from .method_choice import available_megabytes, choose_method
-from .model_card import WEIGHTED_DATASET_FILE, write_model_card
+from .model_card import WEIGHTED_DATASET_FILE, build_model_card, write_model_card
 from .optim import make_inner_optimizer
 from .outer import OuterModule
 from .problem import losses_to_problem, make_lm_losses
@@ -437,7 +437,7 @@ class BilevelTrainer(Trainer):
         output_dir = Path(output_dir or self.args.output_dir)
         if self._staging is not None:  # a checkpoint: its whole folder is staged already
             try:
-                self._write_save(output_dir, state_dict)
+                self._write_save(output_dir, state_dict, final=Path(self._staging).parent / output_dir.name)
             except Exception as error:
                 self._save_error = error
             return
@@ -447,12 +447,13 @@ class BilevelTrainer(Trainer):
         staging = output_dir / f"{PARTIAL_PREFIX}save"
         shutil.rmtree(staging, ignore_errors=True)
         try:
-            self._write_save(staging, state_dict)
+            self._write_save(staging, state_dict, final=output_dir)
             publish_files(staging, output_dir)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _write_save(self, output_dir: Path, state_dict) -> None:
+    def _write_save(self, output_dir: Path, state_dict, final: Path) -> None:
+        """Write the save into ``output_dir``; its model card names ``final``, where it will be moved."""
         args = self.args
         # The Trainer pickles its args, hub_token included, into a file that push_to_hub uploads: it gets the
         # redacted copy, so no unredacted training_args.bin is ever written.
@@ -474,7 +475,7 @@ class BilevelTrainer(Trainer):
         description["reset_policy"] = self._resets.state_dict()
         states = (self._initial_params, self._initial_state, self._inner_state)
         save_bilevel_state(output_dir, dict(zip(INNER_STATES, states, strict=True)), description)
-        write_model_card(self, output_dir)  # replaces peft's generic card
+        build_model_card(self, final).save(output_dir / "README.md")  # replaces peft's generic card
 
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer's checkpoint, written into ``_partial-checkpoint-N/`` and renamed to ``checkpoint-N``
