@@ -22,6 +22,7 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,11 +35,36 @@ from . import data as builtin_data
 from .config import BilevelConfig
 from .launch import add_launch_arguments
 from .outer import DomainWeights, ExampleWeights, SoftPrompt, WeightNet
-from .parsing import ConfigParser
+from .parsing import ConfigParser, _pop_config
 from .trainer import BilevelTrainer, auroc
 
-RECIPES = ("noisy_reweighting", "domain_mixture", "soft_prompt")
 RECIPES_DIR = Path(__file__).parent / "recipes"  # the YAML configs and accelerate configs, shipped as package data
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A registered recipe: its packaged YAML (``hf_fg2u/recipes/NAME.yaml``), the built-in data it generates
+    when the user gives none, the outer module it learns, and whether that is one weight per train row (then the
+    run writes the weighted dataset and may train a final adapter on it)."""
+
+    builtin_data: Callable[[ScriptArguments], DatasetDict]
+    make_outer: Callable
+    weights_rows: bool = False
+
+    @staticmethod
+    def yaml(name: str) -> Path:
+        return RECIPES_DIR / f"{name}.yaml"
+
+
+RECIPES: dict[str, Recipe] = {}  # filled by register_recipe below; every packaged YAML is one of them
+
+
+def register_recipe(name: str, recipe: Recipe) -> None:
+    """Make ``--recipe name`` load ``hf_fg2u/recipes/name.yaml`` and build its data and outer module with
+    ``recipe``."""
+    if not Recipe.yaml(name).is_file():
+        raise ValueError(f"recipe {name!r} has no packaged YAML {Recipe.yaml(name)}; add it beside the others.")
+    RECIPES[name] = recipe
 
 
 @dataclass
@@ -47,7 +73,11 @@ class ScriptArguments:
 
     _argument_group_name = "recipe: what to learn and on which data"
 
-    recipe: str = field(default="noisy_reweighting", metadata={"help": f"One of {RECIPES}."})
+    recipe: str = field(
+        default="noisy_reweighting",
+        metadata={"help": "A packaged recipe (hf_fg2u/recipes/NAME.yaml): noisy_reweighting, noisy_reweighting_real, "
+                  "domain_mixture, soft_prompt."},
+    )  # fmt: skip
     outer: str = field(
         default="example_weights",
         metadata={"help": "noisy_reweighting only: 'example_weights' (a weight per example) or 'weight_net'."},
@@ -143,8 +173,18 @@ class ModelArguments:
     )  # fmt: skip
 
 
+# Options of the built-in toy data and tiny model: they do nothing with --dataset_name/--data_files and a model of
+# the user's, so --help lists them in a group of their own, last.
+BUILTIN_OPTIONS = (
+    "answer_only", "num_facts", "copies", "corrupted_fraction", "num_domains", "target_domain", "generation_seed",
+    "tiny_hidden_size", "tiny_num_layers",
+)  # fmt: skip
+BUILTIN_GROUP = "built-in toy data and tiny model (without --dataset_name/--data_files/--model_name_or_path)"
+
+
 def make_parser() -> ConfigParser:
-    """The ``hf-fg2u train`` parser: recipe options, bilevel options, model/LoRA, then the Trainer's."""
+    """The ``hf-fg2u train`` parser: recipe options, bilevel options, model/LoRA, the Trainer's, then the toy
+    data's."""
     parser = ConfigParser(
         (ScriptArguments, BilevelConfig, ModelArguments), prog="hf-fg2u train",
         usage="hf-fg2u train [--recipe NAME | --config FILE] [--num_processes N] [--OPTION VALUE ...]",
@@ -153,19 +193,72 @@ def make_parser() -> ConfigParser:
     )  # fmt: skip
     add_launch_arguments(parser.run_group)
     parser.set_defaults(output_dir="outputs/hf_fg2u")
+    move_to_last_group(parser, BUILTIN_OPTIONS, BUILTIN_GROUP)
+    hide_rare_trainer_options(parser)
     return parser
+
+
+# The Trainer's options --help lists; --help_all lists its ~100 others (all are accepted either way).
+COMMON_TRAINER_OPTIONS = (
+    "output_dir", "per_device_train_batch_size", "num_train_epochs", "max_steps", "learning_rate",
+    "lr_scheduler_type", "optim", "bf16", "logging_steps", "report_to", "eval_strategy", "save_strategy",
+    "save_steps", "push_to_hub", "hub_model_id", "hub_token", "seed", "use_cpu", "resume_from_checkpoint",
+)  # fmt: skip
+
+
+class _FullHelp(argparse.Action):
+    """``--help_all``: the help with every option of the Trainer, then exit."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        kwargs.update(dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0)
+        super().__init__(option_strings, help="Show every option, the Trainer's ~100 others too, and exit.", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for action, text in parser.hidden_help.items():
+            action.help = text
+        parser.print_help()
+        parser.exit()
+
+
+def hide_rare_trainer_options(parser: ConfigParser) -> None:
+    """Keep ``--help`` to the options a run usually sets; ``--help_all`` shows the Trainer's others."""
+    group = parser._trainer_group
+    group.description = "The common ones; every TrainingArguments option is accepted (--help_all lists them)."
+    parser.hidden_help = {}
+    for action in group._group_actions:
+        if action.dest not in COMMON_TRAINER_OPTIONS:
+            parser.hidden_help[action] = action.help
+            action.help = argparse.SUPPRESS
+    parser.add_argument("--help_all", action=_FullHelp)
+
+
+def move_to_last_group(parser: argparse.ArgumentParser, dests: tuple[str, ...], title: str) -> None:
+    """List the options of ``dests`` under a help group ``title`` placed last (parsing is unchanged)."""
+    group = parser.add_argument_group(title)
+    for old in parser._action_groups:
+        if old is not group:
+            moved = [action for action in old._group_actions if action.dest in dests]
+            old._group_actions[:] = [action for action in old._group_actions if action.dest not in dests]
+            group._group_actions.extend(moved)
 
 
 def recipe_config(name: str) -> Path:
     """The packaged YAML of recipe ``name`` (shipped inside the package, so it works from any directory)."""
+    check_recipe(name)
+    return Recipe.yaml(name)
+
+
+def check_recipe(name: str) -> Recipe:
     if name not in RECIPES:
-        raise ValueError(f"recipe={name!r} is not known; use one of {RECIPES}.")
-    return RECIPES_DIR / f"{name}.yaml"
+        raise ValueError(f"recipe={name!r} is not known; use one of {sorted(RECIPES)}.")
+    return RECIPES[name]
 
 
 def parse_args(argv: list[str] | None = None):
     """(script_args, training_args, model_args) from ``--config FILE`` or else the packaged YAML of ``--recipe``
-    (default noisy_reweighting), overridden by the CLI flags."""
+    (default noisy_reweighting), overridden by the CLI flags. The YAML's ``builtin_data:`` options (toy sizes, a
+    short ``max_length``) hold only when the run generates its data: with ``--dataset_name``/``--data_files`` the
+    documented defaults stand."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser()
     config = None
@@ -174,14 +267,17 @@ def parse_args(argv: list[str] | None = None):
         early.add_argument("--recipe", default=ScriptArguments.recipe)
         named, _ = early.parse_known_args(argv)
         config = recipe_config(named.recipe)
-    script_args, training_args, model_args, *launch_options = parser.parse_args_and_config(argv, config=config)
+    parsed = parser.parse_args_and_config(argv, config=config)
+    if parser.builtin_data_defaults and not uses_own_data(parsed[0]):
+        parser.set_defaults(**parser.builtin_data_defaults)
+        parsed = parser.parse_args_into_dataclasses(args=_pop_config(argv)[1])
+    script_args, training_args, model_args, *launch_options = parsed
     if launch_options:
         raise ValueError(
             f"{sorted(vars(launch_options[0]))} start processes under `hf-fg2u train` only; with recipes/train.py "
             "use `accelerate launch --config_file ... recipes/train.py ...`."
         )
-    if script_args.recipe not in RECIPES:
-        raise ValueError(f"recipe={script_args.recipe!r} is not known; use one of {RECIPES}.")
+    check_recipe(script_args.recipe)
     return script_args, training_args, model_args
 
 
@@ -225,16 +321,22 @@ def dequantized_copy(model):
 
 
 def builtin_splits(script_args: ScriptArguments) -> DatasetDict:
-    s = script_args
-    if s.recipe == "noisy_reweighting":
-        splits = builtin_data.make_fact_splits(s.num_facts, s.copies, s.generation_seed, s.corrupted_fraction)
-    elif s.recipe == "domain_mixture":
-        splits = builtin_data.make_fact_domain_splits(
-            s.num_domains, s.num_facts, s.copies, s.generation_seed, s.target_domain
-        )
-    else:
-        splits = builtin_data.make_fact_splits(s.num_facts, s.copies, s.generation_seed, 0.0)
+    splits = RECIPES[script_args.recipe].builtin_data(script_args)
     return DatasetDict({"train": splits["train"], "meta": splits["meta"]})  # their "eval" is the meta set again
+
+
+def _facts(s: ScriptArguments) -> DatasetDict:
+    return builtin_data.make_fact_splits(s.num_facts, s.copies, s.generation_seed, s.corrupted_fraction)
+
+
+def _clean_facts(s: ScriptArguments) -> DatasetDict:
+    return builtin_data.make_fact_splits(s.num_facts, s.copies, s.generation_seed, 0.0)
+
+
+def _domain_facts(s: ScriptArguments) -> DatasetDict:
+    return builtin_data.make_fact_domain_splits(
+        s.num_domains, s.num_facts, s.copies, s.generation_seed, s.target_domain
+    )
 
 
 DATA_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -281,7 +383,8 @@ def builder_of(files: dict[str, list[str]]) -> str:
 
 def load_data(name: str | None, config: str | None, data_files: list[str] | None) -> DatasetDict:
     """A Hub dataset, a local folder (its files by split), a local file (split "train"), or files by split
-    (``--data_files``)."""
+    (``--data_files``). Local files are read one split at a time, so the splits' columns may differ (a train file
+    with ``is_corrupted``, a meta file without)."""
     files = parse_data_files(data_files) if data_files else None
     if name is not None and Path(name).is_dir():
         folder = Path(name)
@@ -289,15 +392,27 @@ def load_data(name: str | None, config: str | None, data_files: list[str] | None
             files = {k: [p if Path(p).exists() else str(folder / p) for p in v] for k, v in files.items()}
         else:
             files = folder_data_files(folder)
-        return load_dataset(builder_of(files), data_files=files)
+        return load_files(files)
     if name is not None and Path(name).is_file():  # one local file: its rows are the "train" split
-        files = {"train": [name]}
-        return load_dataset(builder_of(files), data_files=files)
+        return load_files({"train": [name]})
     if name is None:
         if not files:
             raise ValueError("No data: pass --dataset_name or --data_files train=FILE meta=FILE.")
-        return load_dataset(builder_of(files), data_files=files)
+        return load_files(files)
+    if files and name in DATA_BUILDERS.values():  # --dataset_name json --data_files ...
+        return load_files(files, builder=name)
     return load_dataset(name, config, data_files=files)
+
+
+def load_files(files: dict[str, list[str]], builder: str | None = None) -> DatasetDict:
+    """Local files by split, one ``load_dataset`` call per split (one call for all would cast every split to the
+    first one's columns)."""
+    return DatasetDict(
+        {
+            split: load_dataset(builder or builder_of({split: paths}), data_files={split: paths}, split=split)
+            for split, paths in files.items()
+        }
+    )
 
 
 def _split(loaded: DatasetDict, name: str, source: str, flag: str):
@@ -338,21 +453,30 @@ def user_splits(script_args: ScriptArguments) -> DatasetDict:
 
 
 def make_outer(script_args: ScriptArguments, splits: DatasetDict, model):
-    s = script_args
-    if s.recipe == "noisy_reweighting":
-        if s.outer == "weight_net":
-            return WeightNet(hidden_size=s.weight_net_hidden_size)
-        if s.outer != "example_weights":
-            raise ValueError(
-                f"outer={s.outer!r} is not known for noisy_reweighting; use example_weights or weight_net."
-            )
-        return ExampleWeights(
-            len(splits["train"]), parametrization=s.weight_parametrization, max_logit=s.weight_max_logit
-        )
-    if s.recipe == "domain_mixture":
-        return DomainWeights(sorted(splits["train"].unique(s.domain_column)), domain_column=s.domain_column)
+    return RECIPES[script_args.recipe].make_outer(script_args, splits, model)
+
+
+def _row_weights(s: ScriptArguments, splits: DatasetDict, model):
+    if s.outer == "weight_net":
+        return WeightNet(hidden_size=s.weight_net_hidden_size)
+    if s.outer != "example_weights":
+        raise ValueError(f"outer={s.outer!r} is not known for {s.recipe}; use example_weights or weight_net.")
+    return ExampleWeights(len(splits["train"]), parametrization=s.weight_parametrization, max_logit=s.weight_max_logit)
+
+
+def _domain_weights(s: ScriptArguments, splits: DatasetDict, model):
+    return DomainWeights(sorted(splits["train"].unique(s.domain_column)), domain_column=s.domain_column)
+
+
+def _soft_prompt(s: ScriptArguments, splits: DatasetDict, model):
     hidden = model.get_input_embeddings().weight.shape[1]
     return SoftPrompt(s.num_virtual_tokens, hidden, init_std=0.5)
+
+
+register_recipe("noisy_reweighting", Recipe(_facts, _row_weights, weights_rows=True))
+register_recipe("noisy_reweighting_real", Recipe(_facts, _row_weights, weights_rows=True))
+register_recipe("domain_mixture", Recipe(_domain_facts, _domain_weights))
+register_recipe("soft_prompt", Recipe(_clean_facts, _soft_prompt))
 
 
 # -- main ---------------------------------------------------------------------------------------------------------
@@ -389,7 +513,7 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
         if any(curves.values()):  # nothing is logged with logging_strategy="no"
             results["meta_loss_plot"] = str(plot_meta_loss_curves(curves, output_dir / "meta_loss.png"))
     trainer.save_model()  # after the plots: the card shows them and push_to_hub (if set) uploads them
-    if script_args.final_stage_steps and script_args.recipe == "noisy_reweighting":
+    if script_args.final_stage_steps and RECIPES[script_args.recipe].weights_rows:
         results.update(final_stage(script_args, training_args, model_args, trainer))
     if trainer.args.should_save:
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
@@ -505,7 +629,7 @@ def summarize(script_args, raw, trainer, results, output_dir: Path) -> dict:
     writes = trainer.args.should_save
     if "uniform_meta_loss" in results:
         out["meta_loss_reduction"] = 1.0 - results["bilevel_meta_loss"] / results["uniform_meta_loss"]
-    if script_args.recipe == "noisy_reweighting":
+    if RECIPES[script_args.recipe].weights_rows:
         weighted = trainer.export_weights()  # the user's columns and a weight, no token ids
         if writes:
             weighted.save_to_disk(str(output_dir / "weighted_dataset"))
@@ -519,7 +643,7 @@ def summarize(script_args, raw, trainer, results, output_dir: Path) -> dict:
                     weighted["weight"], weighted["is_corrupted"], output_dir / "weights_histogram.png"
                 )
                 out["histogram"] = str(path)
-    if script_args.recipe == "domain_mixture":
+    if isinstance(trainer.outer, DomainWeights):
         out["domain_weights"] = trainer.outer.probabilities()
     return out
 

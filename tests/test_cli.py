@@ -148,8 +148,12 @@ def test_help_is_grouped_with_bilevel_options_first(capsys):
     titles = [line for line in lines if line and not line.startswith(" ") and line.endswith(":")]
     assert titles == [
         "options:", "run:", "BilevelConfig: bilevel meta-tuning:", "recipe: what to learn and on which data:",
-        "model and its LoRA adapter:", f"{parsing.TRAINER_GROUP}:",
+        "model and its LoRA adapter:", f"{parsing.TRAINER_GROUP}:", f"{recipe.BUILTIN_GROUP}:",
     ]  # fmt: skip
+    assert len(lines) < 400 and "--ignore_data_skip" not in "\n".join(lines)  # issue 23 item 10: was 771 lines
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--help_all"])
+    assert "--ignore_data_skip" in capsys.readouterr().out
     first80 = "\n".join(lines[:80])
     assert "--config FILE" in first80 and "--num_processes N" in first80
     assert (
@@ -221,8 +225,47 @@ def test_only_the_main_process_writes_the_run_summary_files(tmp_path):
     )
     script = recipe.ScriptArguments(recipe="noisy_reweighting", plot=True)
     for rank, saves in ((1, False), (0, True)):
-        trainer = SimpleNamespace(args=SimpleNamespace(should_save=saves), export_weights=lambda: weighted)
+        trainer = SimpleNamespace(args=SimpleNamespace(should_save=saves), export_weights=lambda: weighted, outer=None)
         out = recipe.summarize(script, None, trainer, {}, tmp_path / str(rank))
         assert out["auroc_corrupted"] == 1.0
         assert (tmp_path / str(rank) / "weighted_dataset").is_dir() == saves
         assert (tmp_path / str(rank) / "weights_histogram.png").is_file() == saves
+
+
+def test_every_packaged_yaml_is_a_recipe_name_and_a_config_name(tmp_path, monkeypatch):
+    """Issue 23 item 2: --recipe NAME and --config NAME reach every packaged YAML from any directory, and a
+    missing config's error does not send the user to --recipe for a name that --recipe refuses."""
+    monkeypatch.chdir(tmp_path)
+    names = sorted(path.stem for path in RECIPES.glob("*.yaml"))
+    assert "noisy_reweighting_real" in names and sorted(recipe.RECIPES) == names
+    for name in names:
+        packaged = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
+        for argv in (["--recipe", name], ["--config", name], ["--config", f"hf_fg2u/recipes/{name}.yaml"]):
+            script, training, _ = recipe.parse_args(argv)
+            assert script.recipe == name and training.output_dir == packaged["output_dir"], argv
+    script, training, model = recipe.parse_args(["--recipe", "noisy_reweighting_real"])
+    assert script.weight_parametrization == "sigmoid" and training.method == "rgu" and model.lora_r == 8
+    with pytest.raises(FileNotFoundError) as error:
+        recipe.parse_args(["--config", "nope.yaml"])
+    assert "--recipe" not in str(error.value) and "noisy_reweighting_real" in str(error.value)
+    with pytest.raises(ValueError, match=r"recipe='nope' is not known; use one of \['domain_mixture', 'noisy"):
+        recipe.parse_args(["--recipe", "nope"])
+
+
+def test_noisy_reweighting_real_runs_by_name_on_the_builtin_data(tmp_path):
+    out = tmp_path / "real"
+    argv = ["--recipe", "noisy_reweighting_real", "--max_steps", "1", "--output_dir", str(out), "--plot", "false"]
+    results = cli.run_train([*argv, "--max_length", "10"])
+    assert results["bilevel_meta_loss"] > 0 and (out / "weighted_dataset").is_dir()
+    assert 0.0 <= results["auroc_corrupted"] <= 1.0
+
+
+def test_toy_options_sit_in_their_own_help_group_last(capsys):
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--help"])
+    text = capsys.readouterr().out
+    last = text.split(f"\n{recipe.BUILTIN_GROUP}:\n")
+    assert len(last) == 2, "the toy group is missing"
+    for option in ("--num_facts", "--copies", "--tiny_hidden_size", "--corrupted_fraction"):
+        assert option in last[1] and option not in last[0], option
+    assert not [line for line in last[1].splitlines() if line.endswith(":") and not line.startswith(" ")]
