@@ -3,7 +3,7 @@
 hf-fg2u train --recipe noisy_reweighting [--config FILE] [--key value ...]   (hf-fg2u train --help)
 hf-fg2u train --recipe noisy_reweighting --num_processes 2                  (ranks through accelerate)
 hf-fg2u demo [--output_dir outputs/demo]
-hf-fg2u weights outputs/demo [--top 10] [--push_to_hub user/dataset]
+hf-fg2u weights outputs/demo [--top 10] [--push_to_hub user/dataset] [--export filtered|resampled]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from . import launch, recipe
+from .report import EXPORTS
 
 # The demo is the noisy-data recipe on its packaged offline default (hf_fg2u/recipes/noisy_reweighting.yaml).
 DEMO_ARGS = ["--recipe", "noisy_reweighting", "--output_dir", "outputs/demo"]
@@ -57,18 +58,39 @@ def print_demo_summary(results: dict) -> None:
 
 def run_weights(argv: list[str]) -> str:
     parser = argparse.ArgumentParser(prog="hf-fg2u weights", description="Summarise the weights of a finished run.")
-    parser.add_argument("output_dir", type=Path)
+    parser.add_argument("run", type=Path, metavar="RUN", help="The run's output folder.")
     parser.add_argument("--top", type=int, default=10, help="Rows shown at each end of the weights.")
     parser.add_argument("--push_to_hub", metavar="REPO_ID", help="Push the weighted dataset as a Hub dataset.")
+    export = parser.add_argument_group(
+        "export for a trainer without weights (trl sft)",
+        "Plain rows, no weight column: `trl sft --dataset_name DIR` then trains on what the weights say.",
+    )
+    export.add_argument(
+        "--export", choices=EXPORTS, help="filtered: drop low-weight rows; resampled: draw rows ∝ weight."
+    )
+    export.add_argument("--output_dir", metavar="DIR", help="Where DIR/train.jsonl goes (default RUN/export_KIND).")
+    export.add_argument("--threshold", type=float, help="filtered: keep rows with weight >= this (default: the mean).")
+    export.add_argument("--keep_fraction", type=float, help="filtered: keep this fraction of the rows, by weight.")
+    export.add_argument("--num_rows", type=int, help="resampled: rows to draw (default: as many as the data has).")
+    export.add_argument("--seed", type=int, default=0, help="resampled: the draw's seed.")
     args = parser.parse_args(argv)
-    from .report import report_weights
+    from datasets import load_from_disk
 
-    text = report_weights(args.output_dir, k=args.top)
+    from .report import export_weighted, report_weights
+
+    text = report_weights(args.run, k=args.top)
     print(text)
+    weighted = None
+    if args.push_to_hub or args.export:
+        weighted = load_from_disk(str(args.run / "weighted_dataset"))
+    if args.export:
+        rows = export_weighted(weighted, args.export, args.threshold, args.keep_fraction, args.num_rows, args.seed)
+        path = Path(args.output_dir or args.run / f"export_{args.export}") / "train.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows.to_json(str(path))
+        print(f"{args.export}: {len(rows)} of {len(weighted)} rows, without weights, in {path}")
     if args.push_to_hub:
-        from datasets import load_from_disk
-
-        load_from_disk(str(args.output_dir / "weighted_dataset")).push_to_hub(args.push_to_hub)
+        weighted.push_to_hub(args.push_to_hub)
         print(f"pushed the weighted dataset to {args.push_to_hub}")
     return text
 

@@ -302,3 +302,43 @@ def report_weights(output_dir: str | Path, dataset=None, k: int = 10, histogram:
         except ImportError:
             parts.append(f"Histogram skipped: matplotlib is not installed ({PLOTS_HINT}).")
     return "\n\n".join(parts)
+
+
+EXPORTS = ("filtered", "resampled")
+# Columns the run adds to the user's rows: a tool that reads the exported data (trl sft) must not see them.
+RUN_COLUMNS = ("weight",)
+
+
+def export_weighted(
+    dataset, kind: str, threshold: float | None = None, keep_fraction: float | None = None,
+    num_rows: int | None = None, seed: int = 0,
+):  # fmt: skip
+    """The weighted rows as plain rows for a trainer that ignores weights (``trl sft``): ``filtered`` keeps the rows
+    whose weight is at least ``threshold``, or the top ``keep_fraction`` of them by weight (default: above the mean
+    weight); ``resampled`` draws ``num_rows`` rows (default: as many as there are) with replacement, each with
+    probability ∝ its weight, from ``seed``. Either way without the ``weight`` column."""
+    weights = _as_weights(_column(dataset, "weight")).double()
+    if kind == "filtered":
+        if threshold is not None and keep_fraction is not None:
+            raise ValueError("Give --threshold or --keep_fraction, not both.")
+        if keep_fraction is not None:
+            if not 0 < keep_fraction <= 1:
+                raise ValueError(f"keep_fraction={keep_fraction} must be in (0, 1].")
+            count = max(1, round(keep_fraction * len(weights)))
+            keep = sorted(torch.argsort(weights, descending=True, stable=True)[:count].tolist())
+        else:
+            cut = weights.mean().item() if threshold is None else threshold
+            keep = torch.nonzero(weights >= cut).flatten().tolist()
+        if not keep:
+            raise ValueError(f"No row has a weight >= {threshold} (largest {weights.max():.4g}); lower --threshold.")
+    elif kind == "resampled":
+        if threshold is not None or keep_fraction is not None:
+            raise ValueError("--threshold and --keep_fraction are for --export filtered; resampled uses --num_rows.")
+        if not weights.sum() > 0:
+            raise ValueError("Every weight is 0: nothing to resample.")
+        generator = torch.Generator().manual_seed(seed)
+        count = len(weights) if num_rows is None else num_rows
+        keep = torch.multinomial(weights, count, replacement=True, generator=generator).tolist()
+    else:
+        raise ValueError(f"export={kind!r} is not known; use one of {list(EXPORTS)}.")
+    return dataset.select(keep).remove_columns([c for c in RUN_COLUMNS if c in dataset.column_names])

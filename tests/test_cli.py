@@ -269,3 +269,54 @@ def test_toy_options_sit_in_their_own_help_group_last(capsys):
     for option in ("--num_facts", "--copies", "--tiny_hidden_size", "--corrupted_fraction"):
         assert option in last[1] and option not in last[0], option
     assert not [line for line in last[1].splitlines() if line.endswith(":") and not line.startswith(" ")]
+
+
+def weighted_run(folder: Path) -> Path:
+    """A run folder holding only what `hf-fg2u weights` reads: the weighted dataset."""
+    from datasets import Dataset
+
+    rows = {"text": [f"row {i}" for i in range(8)], "is_corrupted": [i % 4 == 0 for i in range(8)]}
+    rows["weight"] = [0.1, 1.2, 1.1, 1.3, 0.2, 0.9, 1.0, 1.4]
+    Dataset.from_dict(rows).save_to_disk(str(folder / "weighted_dataset"))
+    return folder
+
+
+def test_weights_export_filtered_and_resampled_rows_without_weights(tmp_path):
+    """Issue 23 item 1 (export): plain rows that `trl sft --dataset_name DIR` trains on as the weights say."""
+    from datasets import load_dataset
+
+    run = weighted_run(tmp_path / "run")
+    cli.run_weights([str(run), "--export", "filtered", "--output_dir", str(tmp_path / "f")])
+    kept = load_dataset(str(tmp_path / "f"), split="train")
+    assert kept.column_names == ["text", "is_corrupted"]  # no weight column
+    assert kept["text"] == ["row 1", "row 2", "row 3", "row 5", "row 6", "row 7"]  # weight >= mean (0.9)
+    cli.run_weights([str(run), "--export", "filtered", "--keep_fraction", "0.25", "--output_dir", str(tmp_path / "q")])
+    assert load_dataset(str(tmp_path / "q"), split="train")["text"] == ["row 3", "row 7"]  # the top 2 of 8
+    cli.run_weights([str(run), "--export", "filtered", "--threshold", "1.15", "--output_dir", str(tmp_path / "t")])
+    assert load_dataset(str(tmp_path / "t"), split="train")["text"] == ["row 1", "row 3", "row 7"]
+    argv = [str(run), "--export", "resampled", "--num_rows", "4000", "--seed", "3"]
+    cli.run_weights([*argv, "--output_dir", str(tmp_path / "r")])
+    drawn = load_dataset(str(tmp_path / "r"), split="train")
+    assert drawn.column_names == ["text", "is_corrupted"] and len(drawn) == 4000
+    share = drawn["text"].count("row 7") / 4000  # probability 1.4 / 7.2 = 0.194; 3 sigma of 4000 draws is 0.019
+    assert share == pytest.approx(1.4 / 7.2, abs=0.019)
+    cli.run_weights([*argv, "--output_dir", str(tmp_path / "r2")])  # seeded: the same draw again
+    assert load_dataset(str(tmp_path / "r2"), split="train")["text"] == drawn["text"]
+    with pytest.raises(ValueError, match="lower --threshold"):
+        cli.run_weights([str(run), "--export", "filtered", "--threshold", "9"])
+
+
+def test_weights_push_to_hub_uploads_the_weighted_dataset(tmp_path, hub, monkeypatch):
+    """Issue 23 item 10: `hf-fg2u weights RUN --push_to_hub` against the stand-in Hub."""
+    monkeypatch.setenv("HF_TOKEN", "hf_fake")
+    run = weighted_run(tmp_path / "run")
+    cli.run_weights([str(run), "--push_to_hub", "tester/weights"])
+    files = hub.repos["tester/weights"]
+    parquet = [path for path in files if path.endswith(".parquet")]
+    assert len(parquet) == 1, sorted(files)
+    import io
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(files[parquet[0]]))
+    assert table.column("weight").to_pylist() == pytest.approx([0.1, 1.2, 1.1, 1.3, 0.2, 0.9, 1.0, 1.4])
