@@ -1,4 +1,4 @@
-"""The ``hf-fg2u`` command: ``train``, ``demo`` and ``weights``.
+"""The hf-fg2u command: train, demo and weights.
 
 hf-fg2u train --recipe noisy_reweighting [--config FILE] [--key value ...]   (hf-fg2u train --help)
 hf-fg2u train --recipe noisy_reweighting --num_processes 2                  (ranks through accelerate)
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,21 +19,62 @@ from . import launch, recipe
 from .report import EXPORTS
 
 # The demo is the noisy-data recipe on its packaged offline default (hf_fg2u/recipes/noisy_reweighting.yaml).
-DEMO_ARGS = ["--recipe", "noisy_reweighting", "--output_dir", "outputs/demo"]
+DEMO_ARGS = ["--recipe", "noisy_reweighting", "--output_dir", "outputs/demo", "--compare_uniform", "true"]
 
 
 def run_train(argv: list[str]) -> dict:
     """Run a recipe here, or with ``--num_processes N`` on N ranks started through ``accelerate launch``."""
     launch_args, argv = launch.split_launch_args(argv)
-    if launch_args.num_processes == 1 or launch.launched():
+    if launch.launched():  # one rank of a launched group: the launching process prints the summary
         return recipe.main(*recipe.parse_args(argv))
+    if launch_args.num_processes == 1:
+        results = recipe.main(*recipe.parse_args(argv))
+        print_train_summary(results)
+        return results
     _, training_args, _ = recipe.parse_args(argv)  # bad options fail here, before any rank starts
     command = launch.launch_command(launch_args.num_processes, launch_args.accelerate_config, argv)
-    print("[hf_fg2u] " + " ".join(command))
-    done = subprocess.run(command, check=False)
+    env = launch.launch_env(launch_args.accelerate_config)
+    print("[hf_fg2u] " + launch.echo_command(command, env))
+    done = subprocess.run(command, check=False, env={**os.environ, **env})
     if done.returncode != 0:
         raise RuntimeError(f"accelerate launch exited with status {done.returncode} (command above).")
-    return json.loads((Path(training_args.output_dir) / "results.json").read_text())
+    results = json.loads((Path(training_args.output_dir) / "results.json").read_text())
+    print_train_summary(results)
+    return results
+
+
+SUMMARY_NUMBERS = {  # results key -> what the summary calls it
+    "bilevel_meta_loss": "meta loss, learned outer variables",
+    "uniform_meta_loss": "meta loss, uniform (same budget)",
+    "meta_loss_reduction": "meta loss reduction",
+    "bilevel_eval_loss": "held-out eval loss",
+    "uniform_eval_loss": "held-out eval loss, uniform",
+    "auroc_corrupted": "AUROC of the weights, corrupted vs clean",
+    "bilevel_outer_steps": "outer steps",
+}
+
+
+def train_summary(results: dict) -> str:
+    """The lines `hf-fg2u train` ends with: where the run is, its key numbers, and the next command."""
+    folder = results.get("output_dir", "(not recorded)")
+    lines = ["", f"hf_fg2u train: done. Output folder: {folder}"]
+    for key, name in SUMMARY_NUMBERS.items():
+        if key in results:
+            value = results[key]
+            shown = f"{100 * value:.1f}%" if key == "meta_loss_reduction" else f"{value:.4g}"
+            lines.append(f"  {name:<42}: {shown}")
+    if "domain_weights" in results:
+        weights = ", ".join(f"{k} {v:.3f}" for k, v in results["domain_weights"].items())
+        lines.append(f"  {'domain weights':<42}: {weights}")
+    if (Path(folder) / "weighted_dataset").is_dir():
+        lines.append(f"  next: hf-fg2u weights {folder}   (then --export filtered for trl sft)")
+    else:
+        lines.append(f"  next: python -c \"from hf_fg2u.hub import load_run; print(load_run('{folder}'))\"")
+    return "\n".join(lines)
+
+
+def print_train_summary(results: dict) -> None:
+    print(train_summary(results))
 
 
 def run_demo(argv: list[str]) -> dict:
@@ -100,7 +142,7 @@ COMMANDS = {"train": run_train, "demo": run_demo, "weights": run_weights}
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:  # the docstring is plain text
         print(__doc__.strip())
         if argv and argv[0] not in ("-h", "--help"):
             sys.exit(f"hf-fg2u: unknown command {argv[0]!r}; use one of {sorted(COMMANDS)}.")

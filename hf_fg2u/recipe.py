@@ -131,7 +131,8 @@ class ScriptArguments:
     num_virtual_tokens: int = field(default=4, metadata={"help": "soft_prompt: virtual tokens."})
     weight_net_hidden_size: int = field(default=8, metadata={"help": "weight_net: hidden units."})
     compare_uniform: bool = field(
-        default=True, metadata={"help": "Also run the same budget with the outer variables frozen, and compare."}
+        default=False,
+        metadata={"help": "Also run the same budget with the outer variables frozen, and compare (twice the time)."},
     )
     plot: bool = field(default=True, metadata={"help": "Write PNG plots into output_dir."})
     time_budget_s: float | None = field(
@@ -497,9 +498,11 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
         for callback in callbacks if name == "bilevel" else ():
             trainer.add_callback(callback)
         if trainer.is_world_process_zero():
-            print(f"[hf_fg2u] {script_args.recipe}: {name} run ({args.max_steps} outer steps, method {args.method})")
+            print(run_banner(script_args, args, name, trainer))
         trainer.train()
-        results[f"{name}_meta_loss"] = trainer.evaluate(trainer.meta_dataset, metric_key_prefix="meta")["meta_loss"]
+        # "final_meta": the per-step train logs already use meta_loss; one tag per meaning
+        final = trainer.evaluate(trainer.meta_dataset, metric_key_prefix="final_meta")
+        results[f"{name}_meta_loss"] = final["final_meta_loss"]
         results[f"{name}_outer_steps"] = trainer.state.global_step
         if "eval" in raw:  # held out: neither trained on nor used by the outer objective
             results[f"{name}_eval_loss"] = trainer.evaluate()["eval_loss"]
@@ -519,6 +522,23 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     trainer.accelerator.end_training()  # under several processes: destroy the process group before exit
     return results
+
+
+def run_banner(script_args, args: BilevelConfig, name: str, trainer) -> str:
+    """The first lines of a run: processes and backend, what runs, and whether a uniform run follows."""
+    lines = []
+    if name == "bilevel":
+        backend = trainer.accelerator.state.backend or ("cpu" if args.use_cpu else "single device")
+        lines.append(f"[hf_fg2u] {args.world_size} process{'es' if args.world_size > 1 else ''}, backend {backend}")
+    steps = f"{args.max_steps} outer steps" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs"
+    line = f"[hf_fg2u] {script_args.recipe}: {name} run ({steps}, method {args.method})"
+    if name == "bilevel":
+        line += (
+            "; then the same budget on uniform weights (compare_uniform true: twice the time)"
+            if script_args.compare_uniform
+            else "; no uniform-weights baseline (--compare_uniform true adds one)"
+        )
+    return "\n".join(lines + [line])
 
 
 class TimeBudget(TrainerCallback):
@@ -601,7 +621,7 @@ def final_stage(script_args, training_args, model_args, trainer) -> dict[str, fl
             max_steps=script_args.final_stage_steps, learning_rate=training_args.inner_lr,
             per_device_train_batch_size=training_args.per_device_train_batch_size, report_to=[], save_strategy="no",
             logging_steps=training_args.logging_steps, seed=training_args.seed, use_cpu=training_args.use_cpu,
-            disable_tqdm=training_args.disable_tqdm,
+            disable_tqdm=training_args.disable_tqdm, dataloader_pin_memory=training_args.dataloader_pin_memory,
         )  # fmt: skip
         final = train_final_adapter(
             model, tokenized.add_column("weight", weights), lora_config(model_args), args, processing_class=tokenizer,

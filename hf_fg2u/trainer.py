@@ -629,7 +629,9 @@ def wrap_with_peft(model, peft_config):
     from peft import get_peft_model
 
     try:
-        return get_peft_model(model, peft_config)
+        with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            return get_peft_model(model, peft_config)
     except ValueError as error:
         names = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name})
         raise ValueError(

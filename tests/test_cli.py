@@ -26,7 +26,14 @@ def test_cli_flags_override_yaml_values(tmp_path):
 def test_demo_arguments_match_the_noisy_recipe_yaml():
     parsed_demo = recipe.parse_args(cli.DEMO_ARGS)
     parsed_yaml = recipe.parse_args(
-        ["--config", str(RECIPES / "noisy_reweighting.yaml"), "--output_dir", "outputs/demo"]
+        [
+            "--config",
+            str(RECIPES / "noisy_reweighting.yaml"),
+            "--output_dir",
+            "outputs/demo",
+            "--compare_uniform",
+            "true",
+        ]
     )
     for demo, from_yaml in zip(parsed_demo, parsed_yaml, strict=True):
         assert demo == from_yaml
@@ -65,7 +72,7 @@ def test_missing_file_unknown_recipe_and_wrong_type(tmp_path, capsys):
 def test_each_recipe_runs_its_offline_default(tmp_path, name):
     out = tmp_path / name
     args = ["--config", str(RECIPES / f"{name}.yaml"), "--max_steps", "2", "--output_dir", str(out)]
-    args += ["--num_directions", "2", "--directions", "rademacher", "--plot", "false"]
+    args += ["--num_directions", "2", "--directions", "rademacher", "--plot", "false", "--compare_uniform", "true"]
     results = cli.run_train(args)
     assert json.loads((out / "results.json").read_text()) == results
     assert results["bilevel_meta_loss"] > 0 and results["uniform_meta_loss"] > 0
@@ -167,7 +174,7 @@ def test_help_is_grouped_with_bilevel_options_first(capsys):
 def test_num_processes_launches_the_cli_through_accelerate(tmp_path, monkeypatch, capsys):
     calls = []
 
-    def fake_run(command, check):
+    def fake_run(command, check, env=None):
         calls.append(command)
         (tmp_path / "results.json").write_text('{"bilevel_meta_loss": 1.5}')
         return subprocess.CompletedProcess(command, 0)
@@ -200,7 +207,7 @@ def test_recipe_push_uploads_the_bilevel_run_without_its_uniform_baseline(tmp_pa
     out = tmp_path / "run"
     args = ["--config", str(RECIPES / "noisy_reweighting.yaml"), "--max_steps", "1", "--output_dir", str(out)]
     args += ["--num_directions", "2", "--plot", "false", "--push_to_hub", "true", "--hub_model_id", "tester/run"]
-    args += ["--hub_token", "hf_fake", "--hub_strategy", "end"]
+    args += ["--hub_token", "hf_fake", "--hub_strategy", "end", "--compare_uniform", "true"]
     results = cli.run_train(args)
     assert results["uniform_meta_loss"] > 0 and (out / "uniform").is_dir()
     pushed = set(hub.repos["tester/run"])
@@ -320,3 +327,67 @@ def test_weights_push_to_hub_uploads_the_weighted_dataset(tmp_path, hub, monkeyp
 
     table = pq.read_table(io.BytesIO(files[parquet[0]]))
     assert table.column("weight").to_pylist() == pytest.approx([0.1, 1.2, 1.1, 1.3, 0.2, 0.9, 1.0, 1.4])
+
+
+def test_train_ends_with_a_summary_states_the_baseline_and_logs_each_tag_once(tmp_path, capsys, recwarn):
+    """Issue 23 items 8 and 9: a summary with the folder, numbers and next command; no uniform run unless asked
+    (said in the first lines); the final meta evaluation under its own tag; no known third-party warning."""
+    from transformers import TrainerCallback
+
+    class Keep(TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            self.state = state
+
+    keep, out = Keep(), tmp_path / "run"
+    argv = ["--recipe", "noisy_reweighting", "--max_steps", "2", "--logging_steps", "1", "--output_dir", str(out)]
+    monkey_main = recipe.main
+    try:
+        recipe.main = lambda *args: monkey_main(*args, callbacks=[keep])
+        results = cli.run_train([*argv, "--plot", "false"])
+    finally:
+        recipe.main = monkey_main
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "[hf_fg2u] 1 process, backend cpu" or lines[0].startswith("[hf_fg2u] 1 process, backend")
+    assert "no uniform-weights baseline (--compare_uniform true adds one)" in lines[1]
+    assert "uniform_meta_loss" not in results and not (out / "uniform").exists()
+    summary = "\n".join(lines[lines.index("") :])
+    assert f"Output folder: {out.resolve()}" in summary and f"next: hf-fg2u weights {out.resolve()}" in summary
+    assert f"{results['bilevel_meta_loss']:.4g}" in summary and "AUROC" in summary
+    history = keep.state.log_history
+    steps_of = [entry["step"] for entry in history if "meta_loss" in entry]
+    assert steps_of == [1, 2]  # one meta_loss per step; the final evaluation is final_meta_loss
+    assert [entry["final_meta_loss"] for entry in history if "final_meta_loss" in entry] == [
+        pytest.approx(results["bilevel_meta_loss"])
+    ]
+    noisy = [
+        str(w.message)
+        for w in recwarn
+        if "is_gradient_checkpointing" in str(w.message) or "pin_memory" in str(w.message)
+    ]
+    assert noisy == []
+
+
+def test_bare_command_prints_plain_text(capsys):
+    cli.main([])
+    text = capsys.readouterr().out
+    assert text.startswith("The hf-fg2u command") and "``" not in text and "hf-fg2u weights" in text
+
+
+def test_cpu_launch_echoes_the_environment_that_makes_cpu_ranks(tmp_path, monkeypatch, capsys):
+    """Issue 23 item 9: on a machine without a GPU, --multi_gpu starts CPU ranks only with ACCELERATE_USE_CPU=1
+    (DESIGN.md section 5); the echoed line shows it, and the launcher sets it."""
+    seen = {}
+
+    def fake_run(command, check, env=None):
+        seen.update(env=env, command=command)
+        (tmp_path / "results.json").write_text(json.dumps({"output_dir": str(tmp_path), "bilevel_meta_loss": 1.5}))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(cli.subprocess, "run", fake_run)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cli.run_train(["--recipe", "soft_prompt", "--output_dir", str(tmp_path), "--num_processes", "2"])
+    echoed = capsys.readouterr().out.splitlines()[0]
+    assert echoed.startswith(f"[hf_fg2u] ACCELERATE_USE_CPU=1 {sys.executable} -m accelerate.commands.launch")
+    assert "--multi_gpu" in echoed and "# CPU ranks (gloo)" in echoed
+    assert seen["env"]["ACCELERATE_USE_CPU"] == "1"
