@@ -509,7 +509,7 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
         runs[name] = trainer
     trainer = runs["bilevel"]
     results.update(summarize(script_args, raw, trainer, results, output_dir))
-    if script_args.plot and len(runs) > 1 and trainer.args.should_save:
+    if script_args.plot and trainer.args.should_save:
         from .report import meta_loss_history, plot_meta_loss_curves
 
         curves = {name: meta_loss_history(run.state.log_history) for name, run in runs.items()}
@@ -528,8 +528,11 @@ def run_banner(script_args, args: BilevelConfig, name: str, trainer) -> str:
     """The first lines of a run: processes and backend, what runs, and whether a uniform run follows."""
     lines = []
     if name == "bilevel":
-        backend = trainer.accelerator.state.backend or ("cpu" if args.use_cpu else "single device")
-        lines.append(f"[hf_fg2u] {args.world_size} process{'es' if args.world_size > 1 else ''}, backend {backend}")
+        backend = trainer.accelerator.state.backend or "none"
+        lines.append(
+            f"[hf_fg2u] {args.world_size} process{'es' if args.world_size > 1 else ''}, backend {backend}, "
+            f"device {args.device.type}"
+        )
     steps = f"{args.max_steps} outer steps" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs"
     line = f"[hf_fg2u] {script_args.recipe}: {name} run ({steps}, method {args.method})"
     if name == "bilevel":

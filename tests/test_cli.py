@@ -347,7 +347,7 @@ def test_train_ends_with_a_summary_states_the_baseline_and_logs_each_tag_once(tm
     finally:
         recipe.main = monkey_main
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "[hf_fg2u] 1 process, backend cpu" or lines[0].startswith("[hf_fg2u] 1 process, backend")
+    assert lines[0] == "[hf_fg2u] 1 process, backend none, device cpu"
     assert "no uniform-weights baseline (--compare_uniform true adds one)" in lines[1]
     assert "uniform_meta_loss" not in results and not (out / "uniform").exists()
     summary = "\n".join(lines[lines.index("") :])
