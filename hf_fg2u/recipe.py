@@ -156,6 +156,13 @@ class ModelArguments:
     _argument_group_name = "model and its LoRA adapter"
 
     model_name_or_path: str | None = field(default=None, metadata={"help": "Default: a tiny Llama from config."})
+    model_revision: str = field(default="main", metadata={"help": "The model's revision: a branch, tag or commit."})
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "The dtype the model is loaded in ('auto': the checkpoint's own).",
+                  "choices": ["auto", "bfloat16", "float16", "float32"]},
+    )  # fmt: skip
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run the model repository's own code."})
     gguf_file: str | None = field(default=None, metadata={"help": "A GGUF file inside model_name_or_path."})
     attn_implementation: str = field(default="eager", metadata={"help": "eager, sdpa (math kernel is used)."})
     tiny_hidden_size: int = field(default=32, metadata={"help": "Built-in tiny model: hidden size."})
@@ -283,7 +290,9 @@ def parse_args(argv: list[str] | None = None):
 
 
 # -- model and data ---------------------------------------------------------------------------------------------
-def load_model_and_tokenizer(model_args: ModelArguments, seed: int):
+def load_model_and_tokenizer(model_args: ModelArguments, seed: int, init_kwargs: dict | None = None):
+    """The model and tokenizer of ``model_args`` (``init_kwargs``: BilevelConfig.model_init_kwargs), or the
+    built-in tiny Llama and character tokenizer without ``model_name_or_path``."""
     if model_args.model_name_or_path is None:
         tokenizer = builtin_data.make_char_tokenizer()
         torch.manual_seed(seed)
@@ -297,20 +306,30 @@ def load_model_and_tokenizer(model_args: ModelArguments, seed: int):
             pad_token_id=tokenizer.pad_token_id,
         )  # fmt: skip
         return LlamaForCausalLM(config), tokenizer
-    extra = {"gguf_file": model_args.gguf_file} if model_args.gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, **extra)
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, **tokenizer_kwargs(model_args))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
-        model_args.model_name_or_path, attn_implementation=model_args.attn_implementation,
-        dtype=torch.float32, **extra,
-    )  # fmt: skip
+    kwargs = from_pretrained_kwargs(model_args, init_kwargs)
+    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
     if model_args.gguf_file:
-        model = dequantized_copy(model)
+        model = dequantized_copy(model, kwargs["dtype"])
+        model.config.gguf_file = model_args.gguf_file  # saved with the run, so that load_run finds the base again
     return model, tokenizer
 
 
-def dequantized_copy(model):
+def tokenizer_kwargs(model_args: ModelArguments) -> dict:
+    kwargs = {"revision": model_args.model_revision, "trust_remote_code": model_args.trust_remote_code}
+    return kwargs | ({"gguf_file": model_args.gguf_file} if model_args.gguf_file else {})
+
+
+def from_pretrained_kwargs(model_args: ModelArguments, init_kwargs: dict | None = None) -> dict:
+    """``from_pretrained``'s keyword arguments from TRL's ``ModelConfig`` names; ``--model_init_kwargs`` win."""
+    dtype = model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
+    kwargs = tokenizer_kwargs(model_args) | {"attn_implementation": model_args.attn_implementation, "dtype": dtype}
+    return kwargs | dict(init_kwargs or {})
+
+
+def dequantized_copy(model, dtype=torch.float32):
     """A GGUF-loaded model is already dequantised to fp32 but still marked quantized, which the Trainer refuses
     to train and save; rebuild the architecture from its config without the mark and load the weights."""
     config = model.config
@@ -318,7 +337,7 @@ def dequantized_copy(model):
     delattr(config, "quantization_config")
     fresh = AutoModelForCausalLM.from_config(config, attn_implementation=config._attn_implementation)
     fresh.load_state_dict(model.state_dict())
-    return fresh.to(torch.float32)
+    return fresh.to(torch.float32 if dtype == "auto" else dtype)
 
 
 def builtin_splits(script_args: ScriptArguments) -> DatasetDict:
@@ -570,7 +589,7 @@ class TimeBudget(TrainerCallback):
 
 def build_trainer(script_args, training_args: BilevelConfig, model_args: ModelArguments, raw: DatasetDict):
     """A BilevelTrainer for a recipe's raw splits: model, tokenizer, tokenized splits, outer module, LoRA."""
-    model, tokenizer = load_model_and_tokenizer(model_args, training_args.seed)
+    model, tokenizer = load_model_and_tokenizer(model_args, training_args.seed, training_args.model_init_kwargs)
     splits = raw if uses_own_data(script_args) else tokenize_builtin(raw, tokenizer, script_args, training_args)
     return BilevelTrainer(
         model, training_args, train_dataset=splits["train"], meta_dataset=splits["meta"],
@@ -618,7 +637,7 @@ def final_stage(script_args, training_args, model_args, trainer) -> dict[str, fl
     splits = {"meta": meta} | ({"eval": heldout} if heldout is not None else {})
     results = {}
     for name, weights in selections.items():
-        model, tokenizer = load_model_and_tokenizer(model_args, training_args.seed)
+        model, tokenizer = load_model_and_tokenizer(model_args, training_args.seed, training_args.model_init_kwargs)
         args = TrainingArguments(
             output_dir=str(output_dir if name == "final_adapter" else output_dir / name),
             max_steps=script_args.final_stage_steps, learning_rate=training_args.inner_lr,

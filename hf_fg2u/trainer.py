@@ -11,6 +11,7 @@ checkpoints and ``push_to_hub`` are the Trainer's, extended with the bilevel sta
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import shutil
@@ -409,6 +410,7 @@ class BilevelTrainer(Trainer):
         description["reset_policy"] = self._resets.state_dict()
         states = (self._initial_params, self._initial_state, self._inner_state)
         save_bilevel_state(output_dir, dict(zip(INNER_STATES, states, strict=True)), description)
+        write_base_model_file(output_dir, base_model or self.model, self.model_name)
         write_model_card(self, output_dir)  # replaces peft's generic card
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -622,6 +624,18 @@ def _unit_norm(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The outer gradient divided by its global norm (unchanged where it is zero)."""
     norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values()))
     return grads if norm == 0 else {k: (g / norm).to(g.dtype) for k, g in grads.items()}
+
+
+BASE_MODEL_FILE = "base_model.json"  # how load_run loads the base when the name alone is not enough (GGUF)
+
+
+def write_base_model_file(output_dir: Path, model, name: str | None) -> None:
+    """Record the GGUF file a base model was loaded from (``config.gguf_file``, set by the recipe's loader): the
+    adapter config names only the folder, from which ``from_pretrained`` alone cannot load it."""
+    gguf_file = getattr(getattr(model, "config", None), "gguf_file", None)
+    if gguf_file:
+        record = {"base_model_name_or_path": name, "gguf_file": gguf_file}
+        (Path(output_dir) / BASE_MODEL_FILE).write_text(json.dumps(record, indent=2))
 
 
 def wrap_with_peft(model, peft_config):
