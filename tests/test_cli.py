@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -359,6 +360,11 @@ def test_train_ends_with_a_summary_states_the_baseline_and_logs_each_tag_once(tm
     assert [entry["final_meta_loss"] for entry in history if "final_meta_loss" in entry] == [
         pytest.approx(results["bilevel_meta_loss"])
     ]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    documented = set(re.findall(r"`([a-z_*]+)`", readme[readme.index("| name | what it is |") :].split("\n\n")[0]))
+    logged = {key for entry in history for key in entry if key != "step"}
+    undocumented = {key for key in logged - documented if not any(key.endswith(t.lstrip("*")) for t in documented)}
+    assert undocumented == set()
     noisy = [
         str(w.message)
         for w in recwarn
