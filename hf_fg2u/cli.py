@@ -66,7 +66,7 @@ def train_summary(results: dict) -> str:
     if "domain_weights" in results:
         weights = ", ".join(f"{k} {v:.3f}" for k, v in results["domain_weights"].items())
         lines.append(f"  {'domain weights':<42}: {weights}")
-    if (Path(folder) / "weighted_dataset").is_dir():
+    if any((Path(folder) / name).exists() for name in ("weighted_dataset.parquet", "weighted_dataset")):
         lines.append(f"  next: hf-fg2u weights {folder}   (then --export filtered for trl sft)")
     else:
         lines.append(f"  next: python -c \"from hf_fg2u.hub import load_run; print(load_run('{folder}'))\"")
@@ -116,15 +116,13 @@ def run_weights(argv: list[str]) -> str:
     export.add_argument("--num_rows", type=int, help="resampled: rows to draw (default: as many as the data has).")
     export.add_argument("--seed", type=int, default=0, help="resampled: the draw's seed.")
     args = parser.parse_args(argv)
-    from datasets import load_from_disk
-
-    from .report import export_weighted, report_weights
+    from .report import export_weighted, load_weighted_dataset, report_weights
 
     text = report_weights(args.run, k=args.top)
     print(text)
     weighted = None
     if args.push_to_hub or args.export:
-        weighted = load_from_disk(str(args.run / "weighted_dataset"))
+        weighted = load_weighted_dataset(args.run)
     if args.export:
         rows = export_weighted(weighted, args.export, args.threshold, args.keep_fraction, args.num_rows, args.seed)
         path = Path(args.output_dir or args.run / f"export_{args.export}") / "train.jsonl"

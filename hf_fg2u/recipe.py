@@ -34,6 +34,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from . import data as builtin_data
 from .config import BilevelConfig
 from .launch import add_launch_arguments
+from .model_card import WEIGHTED_DATASET_FILE
 from .outer import DomainWeights, ExampleWeights, SoftPrompt, WeightNet
 from .parsing import ConfigParser, _pop_config
 from .trainer import BilevelTrainer, auroc
@@ -591,11 +592,14 @@ def build_trainer(script_args, training_args: BilevelConfig, model_args: ModelAr
     """A BilevelTrainer for a recipe's raw splits: model, tokenizer, tokenized splits, outer module, LoRA."""
     model, tokenizer = load_model_and_tokenizer(model_args, training_args.seed, training_args.model_init_kwargs)
     splits = raw if uses_own_data(script_args) else tokenize_builtin(raw, tokenizer, script_args, training_args)
-    return BilevelTrainer(
+    trainer = BilevelTrainer(
         model, training_args, train_dataset=splits["train"], meta_dataset=splits["meta"],
         eval_dataset=splits.get("eval", splits["meta"]), outer=make_outer(script_args, raw, model),
         processing_class=tokenizer, peft_config=lora_config(model_args),
     )  # fmt: skip
+    # The card's `datasets` metadata (Hub names only; local files and folders are left out there).
+    trainer.card_datasets = [name for name in (script_args.dataset_name, script_args.meta_dataset_name) if name]
+    return trainer
 
 
 def tokenize_builtin(raw: DatasetDict, tokenizer, script_args, training_args: BilevelConfig) -> DatasetDict:
@@ -674,7 +678,8 @@ def summarize(script_args, raw, trainer, results, output_dir: Path) -> dict:
     if RECIPES[script_args.recipe].weights_rows:
         weighted = trainer.export_weights()  # the user's columns and a weight, no token ids
         if writes:
-            weighted.save_to_disk(str(output_dir / "weighted_dataset"))
+            output_dir.mkdir(parents=True, exist_ok=True)  # one copy: the file push_to_hub uploads too
+            weighted.to_parquet(str(output_dir / WEIGHTED_DATASET_FILE))
         if "is_corrupted" in weighted.column_names:
             corrupted = torch.tensor(weighted["is_corrupted"])
             out["auroc_corrupted"] = auroc(-torch.tensor(weighted["weight"]), corrupted)

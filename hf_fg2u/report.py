@@ -18,6 +18,7 @@ from .outer.base import normalized_entropy
 from .trainer import auroc
 
 WEIGHTED_DATASET_DIR = "weighted_dataset"
+WEIGHTED_DATASET_FILE = "weighted_dataset.parquet"  # what a run writes (model_card.WEIGHTED_DATASET_FILE)
 HISTOGRAM_NAME = "weights_histogram.png"
 CORRUPTED_COLUMN = "is_corrupted"
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -258,29 +259,40 @@ def plot_meta_loss_curves(
     return _save(figure, path)
 
 
+def load_weighted_dataset(output_dir: str | Path):
+    """The weighted rows of a run: ``weighted_dataset.parquet`` (the one copy a run writes, the file its Hub repo
+    holds), or a ``weighted_dataset/`` folder of ``save_to_disk`` (runs before that, or saved by hand)."""
+    import datasets
+
+    output_dir = Path(output_dir)
+    parquet, folder = output_dir / WEIGHTED_DATASET_FILE, output_dir / WEIGHTED_DATASET_DIR
+    if parquet.is_file():
+        return datasets.Dataset.from_parquet(str(parquet))
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"No weighted dataset at {parquet}. Run the training first: `hf-fg2u train --recipe "
+            f"noisy_reweighting --output_dir {output_dir}` (or `hf-fg2u demo --output_dir "
+            f"{output_dir}`), or save one yourself: trainer.export_weights().to_parquet('{parquet}')."
+        )
+    dataset = datasets.load_from_disk(str(folder))
+    if isinstance(dataset, datasets.DatasetDict):
+        if "train" not in dataset:
+            raise ValueError(f"{folder} holds splits {list(dataset)}; expected a Dataset or a 'train' split.")
+        dataset = dataset["train"]
+    return dataset
+
+
 def report_weights(output_dir: str | Path, dataset=None, k: int = 10, histogram: bool = True) -> str:
     """The weight report of a run: summary table, the ``k`` most down- and up-weighted rows, and
     ``<output_dir>/weights_histogram.png``. Returns the text (the caller prints it).
 
-    ``dataset`` defaults to ``<output_dir>/weighted_dataset`` (a ``save_to_disk`` folder with a ``weight`` column
-    and optionally ``is_corrupted`` and ``text``). Without matplotlib the report says so instead of plotting.
+    ``dataset`` defaults to the run's weighted dataset (``load_weighted_dataset``: a ``weight`` column and
+    optionally ``is_corrupted`` and ``text``). Without matplotlib the report says so instead of plotting.
     """
-    import datasets
 
     output_dir = Path(output_dir)
     if dataset is None:
-        folder = output_dir / WEIGHTED_DATASET_DIR
-        if not folder.is_dir():
-            raise FileNotFoundError(
-                f"No weighted dataset at {folder}. Run the training first: `hf-fg2u train --recipe "
-                f"noisy_reweighting --output_dir {output_dir}` (or `hf-fg2u demo --output_dir "
-                f"{output_dir}`), or save one yourself: trainer.export_weights().save_to_disk('{folder}')."
-            )
-        dataset = datasets.load_from_disk(str(folder))
-        if isinstance(dataset, datasets.DatasetDict):
-            if "train" not in dataset:
-                raise ValueError(f"{folder} holds splits {list(dataset)}; expected a Dataset or a 'train' split.")
-            dataset = dataset["train"]
+        dataset = load_weighted_dataset(output_dir)
     if "weight" not in dataset.column_names:
         raise ValueError(
             f"The weighted dataset has no 'weight' column (columns: {dataset.column_names}). Save "

@@ -219,6 +219,7 @@ def test_recipe_push_uploads_the_bilevel_run_without_its_uniform_baseline(tmp_pa
         "weighted_dataset.parquet",
     } <= pushed
     assert not [path for path in pushed if "uniform" in path], sorted(pushed)
+    assert not [path for path in pushed if path.startswith("weighted_dataset/")]  # one copy: the parquet file
 
 
 def test_only_the_main_process_writes_the_run_summary_files(tmp_path):
@@ -236,7 +237,7 @@ def test_only_the_main_process_writes_the_run_summary_files(tmp_path):
         trainer = SimpleNamespace(args=SimpleNamespace(should_save=saves), export_weights=lambda: weighted, outer=None)
         out = recipe.summarize(script, None, trainer, {}, tmp_path / str(rank))
         assert out["auroc_corrupted"] == 1.0
-        assert (tmp_path / str(rank) / "weighted_dataset").is_dir() == saves
+        assert (tmp_path / str(rank) / "weighted_dataset.parquet").is_file() == saves
         assert (tmp_path / str(rank) / "weights_histogram.png").is_file() == saves
 
 
@@ -264,7 +265,7 @@ def test_noisy_reweighting_real_runs_by_name_on_the_builtin_data(tmp_path):
     out = tmp_path / "real"
     argv = ["--recipe", "noisy_reweighting_real", "--max_steps", "1", "--output_dir", str(out), "--plot", "false"]
     results = cli.run_train([*argv, "--max_length", "10"])
-    assert results["bilevel_meta_loss"] > 0 and (out / "weighted_dataset").is_dir()
+    assert results["bilevel_meta_loss"] > 0 and (out / "weighted_dataset.parquet").is_file()
     assert 0.0 <= results["auroc_corrupted"] <= 1.0
 
 
@@ -285,7 +286,8 @@ def weighted_run(folder: Path) -> Path:
 
     rows = {"text": [f"row {i}" for i in range(8)], "is_corrupted": [i % 4 == 0 for i in range(8)]}
     rows["weight"] = [0.1, 1.2, 1.1, 1.3, 0.2, 0.9, 1.0, 1.4]
-    Dataset.from_dict(rows).save_to_disk(str(folder / "weighted_dataset"))
+    folder.mkdir(parents=True)
+    Dataset.from_dict(rows).to_parquet(str(folder / "weighted_dataset.parquet"))
     return folder
 
 

@@ -5,9 +5,10 @@ import json
 
 import pytest
 import torch
-from datasets import Dataset, load_from_disk
+from datasets import Dataset
 
 from hf_fg2u import cli, recipe
+from hf_fg2u.report import load_weighted_dataset
 
 
 def pairs(count: int, start: int = 0, wrong: bool = False) -> list[dict]:
@@ -93,7 +94,7 @@ def test_own_jsonl_end_to_end_short_run_writes_results_in_the_users_terms(tmp_pa
     assert json.loads((out / "results.json").read_text()) == results
     assert (out / "meta_loss.png").is_file()
     assert results["bilevel_eval_loss"] > 0 and results["bilevel_eval_loss"] != results["bilevel_meta_loss"]
-    weighted = load_from_disk(str(out / "weighted_dataset"))
+    weighted = load_weighted_dataset(out)
     assert weighted.column_names == ["prompt", "completion", "is_corrupted", "weight"]
     assert 0.0 <= results["auroc_corrupted"] <= 1.0
     text = cli.run_weights([str(out), "--top", "2"])
@@ -111,7 +112,7 @@ def test_built_in_recipe_shorter_than_logging_steps_finishes_and_writes_results(
     ])  # fmt: skip
     assert (out / "results.json").is_file() and (out / "meta_loss.png").is_file()
     assert "bilevel_eval_loss" not in results  # the built-in data has no held-out split beyond its meta set
-    weighted = load_from_disk(str(out / "weighted_dataset"))
+    weighted = load_weighted_dataset(out)
     assert weighted.column_names == ["example_id", "is_corrupted", "domain", "text", "weight"]
 
 
