@@ -505,6 +505,7 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
     """Run one recipe; returns (and writes to ``output_dir/results.json``) its headline numbers. ``callbacks``
     (``TrainerCallback``s) are added to the bilevel run's trainer."""
     output_dir = Path(training_args.output_dir)
+    quiet_replicas(training_args.process_index)
     raw = user_splits(script_args) if uses_own_data(script_args) else builtin_splits(script_args)
     results, runs = {}, {}
     for name in ("bilevel", "uniform") if script_args.compare_uniform else ("bilevel",):
@@ -542,6 +543,13 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     trainer.accelerator.end_training()  # under several processes: destroy the process group before exit
     return results
+
+
+def quiet_replicas(process_index: int) -> None:
+    """Ranks other than the first print no Python warnings: every rank sees the same data and settings, so they
+    would repeat the first one's word for word (the Trainer's log_level_replica does the same for its logs)."""
+    if process_index > 0:
+        warnings.simplefilter("ignore")
 
 
 def run_banner(script_args, args: BilevelConfig, name: str, trainer) -> str:

@@ -207,7 +207,8 @@ class BilevelTrainer(Trainer):
             trainable_parameters(self.model), self.args.inner_optimizer, self.args.unroll_steps,
             self.args.memory_budget_mb, self.args.device,
         )  # fmt: skip
-        logger.warning(choice.message())
+        if self.args.process_index == 0:  # every rank makes the same choice; one says so
+            logger.warning(choice.message())
         self.args.method = choice.method
         if choice.method == "rgu":
             self.args.checkpoint_every = choice.checkpoint_every

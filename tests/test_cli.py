@@ -399,3 +399,14 @@ def test_cpu_launch_echoes_the_environment_that_makes_cpu_ranks(tmp_path, monkey
     assert echoed.startswith(f"[hf_fg2u] ACCELERATE_USE_CPU=1 {sys.executable} -m accelerate.commands.launch")
     assert "--multi_gpu" in echoed and "# CPU ranks (gloo)" in echoed
     assert seen["env"]["ACCELERATE_USE_CPU"] == "1"
+
+
+def test_only_the_first_rank_prints_warnings():
+    import warnings
+
+    for rank, expected in ((0, 1), (1, 0)):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            recipe.quiet_replicas(rank)
+            warnings.warn("rows were cut at max_length", UserWarning, stacklevel=1)
+        assert len(seen) == expected, rank
