@@ -546,10 +546,14 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
 
 
 def quiet_replicas(process_index: int) -> None:
-    """Ranks other than the first print no Python warnings: every rank sees the same data and settings, so they
-    would repeat the first one's word for word (the Trainer's log_level_replica does the same for its logs)."""
+    """Ranks other than the first print no Python warnings or progress bars of datasets: every rank sees the same
+    data and settings, so they would repeat the first one's word for word (the Trainer's log_level_replica does the
+    same for its logs)."""
     if process_index > 0:
+        import datasets
+
         warnings.simplefilter("ignore")
+        datasets.disable_progress_bars()  # the tokenization's "Map" bars
 
 
 def run_banner(script_args, args: BilevelConfig, name: str, trainer) -> str:

@@ -401,12 +401,17 @@ def test_cpu_launch_echoes_the_environment_that_makes_cpu_ranks(tmp_path, monkey
     assert seen["env"]["ACCELERATE_USE_CPU"] == "1"
 
 
-def test_only_the_first_rank_prints_warnings():
+def test_only_the_first_rank_prints_warnings_and_progress_bars():
     import warnings
 
-    for rank, expected in ((0, 1), (1, 0)):
-        with warnings.catch_warnings(record=True) as seen:
-            warnings.simplefilter("always")
-            recipe.quiet_replicas(rank)
-            warnings.warn("rows were cut at max_length", UserWarning, stacklevel=1)
-        assert len(seen) == expected, rank
+    import datasets
+
+    try:
+        for rank, expected in ((0, 1), (1, 0)):
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                recipe.quiet_replicas(rank)
+                warnings.warn("rows were cut at max_length", UserWarning, stacklevel=1)
+            assert len(seen) == expected and datasets.is_progress_bar_enabled() == (rank == 0), rank
+    finally:
+        datasets.enable_progress_bars()
