@@ -605,7 +605,8 @@ class BilevelTrainer(Trainer):
         metrics["meta_loss"].append(result.outer_loss)
         metrics["inner_loss"].append(sum(result.inner_losses) / len(result.inner_losses))
         metrics["hypergrad_norm"].append(result.grad_norm)
-        metrics["phase"].append(1.0 if method != self.args.method or step < self.args.phase1_steps else 2.0)
+        if self.args.phase1_method is not None:  # a two-phase schedule: which phase this step was in
+            metrics["phase"].append(1.0 if method != self.args.method or step < self.args.phase1_steps else 2.0)
         metrics["outer_step_seconds"].append(seconds)
         if result.num_directions:
             metrics["directions_per_second"].append(result.num_directions / max(seconds, 1e-9))
