@@ -86,7 +86,7 @@ def quick_start(location: str, base: str | None) -> str:
 
 
 # Logged numbers that describe the machine or the schedule, not the run's result: left off the card.
-NOT_RESULTS = ("step", "epoch", "loss", "learning_rate", "total_flos", "outer_steps_run", "skipped_steps")
+NOT_RESULTS = ("step", "epoch", "loss", "learning_rate", "total_flos")
 NOT_RESULT_SUFFIXES = ("_runtime", "_per_second", "_seconds")
 
 
