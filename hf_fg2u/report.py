@@ -1,7 +1,8 @@
 """Reports on learned per-example weights: summary numbers, the most down-weighted rows and plots.
 
 Used by ``hf-fg2u weights <output_dir>`` and the demo. A run saves ``BilevelTrainer.export_weights()`` to
-``<output_dir>/weighted_dataset`` (``Dataset.save_to_disk``); :func:`report_weights` reads it back. Weights are
+``<output_dir>/weighted_dataset.parquet``; :func:`load_weighted_dataset` reads it back, :func:`export_weighted`
+turns it into plain rows for trainers without weights (``hf-fg2u weights --export``). Weights are
 positive with mean 1, so 1 is "as in uniform training" and a weight below 0.5 is a row the run halved or more.
 Plots use matplotlib's Agg canvas directly (no pyplot, no global backend switch), imported only when called.
 """
