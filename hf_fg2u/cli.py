@@ -1,37 +1,80 @@
-"""The ``hf-fg2u`` command: ``train``, ``demo`` and ``weights``.
+"""The hf-fg2u command: train, demo and weights.
 
 hf-fg2u train --recipe noisy_reweighting [--config FILE] [--key value ...]   (hf-fg2u train --help)
 hf-fg2u train --recipe noisy_reweighting --num_processes 2                  (ranks through accelerate)
 hf-fg2u demo [--output_dir outputs/demo]
-hf-fg2u weights outputs/demo [--top 10] [--push_to_hub user/dataset]
+hf-fg2u weights outputs/demo [--top 10] [--push_to_hub user/dataset] [--export filtered|resampled]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 from . import launch, recipe
+from .report import EXPORTS
 
 # The demo is the noisy-data recipe on its packaged offline default (hf_fg2u/recipes/noisy_reweighting.yaml).
-DEMO_ARGS = ["--recipe", "noisy_reweighting", "--output_dir", "outputs/demo"]
+DEMO_ARGS = ["--recipe", "noisy_reweighting", "--output_dir", "outputs/demo", "--compare_uniform", "true"]
 
 
 def run_train(argv: list[str]) -> dict:
     """Run a recipe here, or with ``--num_processes N`` on N ranks started through ``accelerate launch``."""
     launch_args, argv = launch.split_launch_args(argv)
-    if launch_args.num_processes == 1 or launch.launched():
+    if launch.launched():  # one rank of a launched group: the launching process prints the summary
         return recipe.main(*recipe.parse_args(argv))
+    if launch_args.num_processes == 1:
+        results = recipe.main(*recipe.parse_args(argv))
+        print_train_summary(results)
+        return results
     _, training_args, _ = recipe.parse_args(argv)  # bad options fail here, before any rank starts
     command = launch.launch_command(launch_args.num_processes, launch_args.accelerate_config, argv)
-    print("[hf_fg2u] " + " ".join(command))
-    done = subprocess.run(command, check=False)
+    env = launch.launch_env(launch_args.accelerate_config)
+    print("[hf_fg2u] " + launch.echo_command(command, env))
+    done = subprocess.run(command, check=False, env={**os.environ, **env})
     if done.returncode != 0:
         raise RuntimeError(f"accelerate launch exited with status {done.returncode} (command above).")
-    return json.loads((Path(training_args.output_dir) / "results.json").read_text())
+    results = json.loads((Path(training_args.output_dir) / "results.json").read_text())
+    print_train_summary(results)
+    return results
+
+
+SUMMARY_NUMBERS = {  # results key -> what the summary calls it
+    "bilevel_meta_loss": "meta loss, learned outer variables",
+    "uniform_meta_loss": "meta loss, uniform (same budget)",
+    "meta_loss_reduction": "meta loss reduction",
+    "bilevel_eval_loss": "held-out eval loss",
+    "uniform_eval_loss": "held-out eval loss, uniform",
+    "auroc_corrupted": "AUROC of the weights, corrupted vs clean",
+    "bilevel_outer_steps": "outer steps",
+}
+
+
+def train_summary(results: dict) -> str:
+    """The lines `hf-fg2u train` ends with: where the run is, its key numbers, and the next command."""
+    folder = results.get("output_dir", "(not recorded)")
+    lines = ["", f"hf_fg2u train: done. Output folder: {folder}"]
+    for key, name in SUMMARY_NUMBERS.items():
+        if key in results:
+            value = results[key]
+            shown = f"{100 * value:.1f}%" if key == "meta_loss_reduction" else f"{value:.4g}"
+            lines.append(f"  {name:<42}: {shown}")
+    if "domain_weights" in results:
+        weights = ", ".join(f"{k} {v:.3f}" for k, v in results["domain_weights"].items())
+        lines.append(f"  {'domain weights':<42}: {weights}")
+    if any((Path(folder) / name).exists() for name in ("weighted_dataset.parquet", "weighted_dataset")):
+        lines.append(f"  next: hf-fg2u weights {folder}   (then --export filtered for trl sft)")
+    else:
+        lines.append(f"  next: python -c \"from hf_fg2u.hub import load_run; print(load_run('{folder}'))\"")
+    return "\n".join(lines)
+
+
+def print_train_summary(results: dict) -> None:
+    print(train_summary(results))
 
 
 def run_demo(argv: list[str]) -> dict:
@@ -57,18 +100,37 @@ def print_demo_summary(results: dict) -> None:
 
 def run_weights(argv: list[str]) -> str:
     parser = argparse.ArgumentParser(prog="hf-fg2u weights", description="Summarise the weights of a finished run.")
-    parser.add_argument("output_dir", type=Path)
+    parser.add_argument("run", type=Path, metavar="RUN", help="The run's output folder.")
     parser.add_argument("--top", type=int, default=10, help="Rows shown at each end of the weights.")
     parser.add_argument("--push_to_hub", metavar="REPO_ID", help="Push the weighted dataset as a Hub dataset.")
+    export = parser.add_argument_group(
+        "export for a trainer without weights (trl sft)",
+        "Plain rows, no weight column: `trl sft --dataset_name DIR` then trains on what the weights say.",
+    )
+    export.add_argument(
+        "--export", choices=EXPORTS, help="filtered: drop low-weight rows; resampled: draw rows ∝ weight."
+    )
+    export.add_argument("--output_dir", metavar="DIR", help="Where DIR/train.jsonl goes (default RUN/export_KIND).")
+    export.add_argument("--threshold", type=float, help="filtered: keep rows with weight >= this (default: the mean).")
+    export.add_argument("--keep_fraction", type=float, help="filtered: keep this fraction of the rows, by weight.")
+    export.add_argument("--num_rows", type=int, help="resampled: rows to draw (default: as many as the data has).")
+    export.add_argument("--seed", type=int, default=0, help="resampled: the draw's seed.")
     args = parser.parse_args(argv)
-    from .report import report_weights
+    from .report import export_weighted, load_weighted_dataset, report_weights
 
-    text = report_weights(args.output_dir, k=args.top)
+    text = report_weights(args.run, k=args.top)
     print(text)
+    weighted = None
+    if args.push_to_hub or args.export:
+        weighted = load_weighted_dataset(args.run)
+    if args.export:
+        rows = export_weighted(weighted, args.export, args.threshold, args.keep_fraction, args.num_rows, args.seed)
+        path = Path(args.output_dir or args.run / f"export_{args.export}") / "train.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows.to_json(str(path))
+        print(f"{args.export}: {len(rows)} of {len(weighted)} rows, without weights, in {path}")
     if args.push_to_hub:
-        from datasets import load_from_disk
-
-        load_from_disk(str(args.output_dir / "weighted_dataset")).push_to_hub(args.push_to_hub)
+        weighted.push_to_hub(args.push_to_hub)
         print(f"pushed the weighted dataset to {args.push_to_hub}")
     return text
 
@@ -78,7 +140,7 @@ COMMANDS = {"train": run_train, "demo": run_demo, "weights": run_weights}
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:  # the docstring is plain text
         print(__doc__.strip())
         if argv and argv[0] not in ("-h", "--help"):
             sys.exit(f"hf-fg2u: unknown command {argv[0]!r}; use one of {sorted(COMMANDS)}.")

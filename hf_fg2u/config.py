@@ -209,6 +209,8 @@ class BilevelConfig(TrainingArguments):
             # `accelerate launch` with a multi-GPU config on a machine without GPUs: run the ranks on CPU (gloo).
             self.use_cpu = True
         super().__post_init__()
+        if self.use_cpu or not _has_accelerator():
+            self.dataloader_pin_memory = False  # torch warns that pinning needs an accelerator, once per loader
         _check_choice("method", self.method, CONFIG_METHODS)
         _check_choice("jvp", self.jvp, JVP_MODES)
         _check_choice("directions", self.directions, DIRECTIONS)

@@ -82,12 +82,18 @@ def attention_implementation(model: torch.nn.Module) -> str:
     return getattr(config, "_attn_implementation", None) or "eager"
 
 
+def gradient_checkpointing(model: torch.nn.Module) -> bool:
+    """Whether any layer of ``model`` checkpoints activations (what transformers' ``is_activation_checkpointing``
+    computes; its old name ``is_gradient_checkpointing`` warns, and a peft wrapper forwards to it)."""
+    return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
+
+
 def preflight(model: torch.nn.Module, second_order: bool) -> Callable[[], contextlib.AbstractContextManager]:
     """Check that ``model`` can be differentiated as the chosen method needs, and return a factory of the
     context the loss functions run under: SDPA models are switched to the math kernel, the only SDPA kernel with forward
     AD and double backward. Raises ``ValueError`` naming the fix otherwise."""
     model = unwrap_model(model)
-    if getattr(model, "is_gradient_checkpointing", False):
+    if gradient_checkpointing(model):
         raise ValueError(
             "Gradient checkpointing does not compose with torch.func transforms. Disable it "
             "(model.gradient_checkpointing_disable(), or gradient_checkpointing=False in the config); the "

@@ -4,6 +4,7 @@ plain peft, the outer variables with ``OuterModule.from_pretrained``."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from .outer import OuterModule
 from .outer.base import resolve_folder
+from .trainer import BASE_MODEL_FILE
 
 RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "outer_config.json", "outer_model.safetensors")
 # What the Trainer's save writes of the tokenizer (processing_class.save_pretrained), fetched when present.
@@ -44,10 +46,13 @@ def load_run(
         folder = Path(name_or_path)
     else:
         resolve_folder(name_or_path, RUN_FILES, revision, token, cache_dir)  # a clear error when files are missing
-        patterns = [*RUN_FILES, *TOKENIZER_FILES, "README.md", "prompt_adapter/*"]
+        patterns = [*RUN_FILES, *TOKENIZER_FILES, "README.md", "prompt_adapter/*", BASE_MODEL_FILE]
         folder = Path(snapshot_download(str(name_or_path), revision=revision, token=token, cache_dir=cache_dir,
                                         allow_patterns=patterns))  # fmt: skip
     outer = OuterModule.from_pretrained(folder)
+    recorded = json.loads((folder / BASE_MODEL_FILE).read_text()) if (folder / BASE_MODEL_FILE).is_file() else {}
+    if recorded.get("gguf_file") and base_model is None:  # a GGUF base: the folder's name alone does not load it
+        model_kwargs.setdefault("gguf_file", recorded["gguf_file"])
     if not isinstance(base_model, PreTrainedModel):
         name = base_model or PeftConfig.from_pretrained(folder).base_model_name_or_path
         if not name:

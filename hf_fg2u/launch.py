@@ -60,3 +60,21 @@ def launch_command(num_processes: int, accelerate_config: str | None, argv: list
     else:
         command += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     return [*command, "-m", "hf_fg2u.cli", "train", *argv]
+
+
+def launch_env(accelerate_config: str | None) -> dict[str, str]:
+    """What the launcher's environment adds: without a config on a machine without a GPU, ``ACCELERATE_USE_CPU=1``,
+    which makes ``--multi_gpu`` start CPU ranks (gloo); DESIGN.md §5: ``--cpu`` would start one process."""
+    import torch
+
+    if accelerate_config is None and not torch.cuda.is_available():
+        return {"ACCELERATE_USE_CPU": "1"}
+    return {}
+
+
+def echo_command(command: list[str], env: dict[str, str]) -> str:
+    """The launch as a shell line to copy: the environment it adds, then the command, with a comment on CPU."""
+    line = " ".join([*(f"{name}={value}" for name, value in env.items()), *command])
+    if env.get("ACCELERATE_USE_CPU") == "1":
+        line += "   # CPU ranks (gloo): --multi_gpu with ACCELERATE_USE_CPU=1; --cpu would start a single process"
+    return line

@@ -85,14 +85,43 @@ def quick_start(location: str, base: str | None) -> str:
     return snippet
 
 
+# Logged numbers that describe the machine or the schedule, not the run's result: left off the card.
+NOT_RESULTS = ("step", "epoch", "loss", "learning_rate", "total_flos")
+NOT_RESULT_SUFFIXES = ("_runtime", "_per_second", "_seconds")
+
+
 def final_metrics(log_history: list[dict]) -> dict[str, float]:
-    """The last logged value of every numeric metric (train and eval)."""
+    """The last logged value of every numeric metric that says how the run did (train and eval): no timings,
+    FLOPs or learning rate, and not ``loss`` (the Trainer's copy of ``meta_loss``)."""
     metrics = {}
     for entry in log_history:
         for key, value in entry.items():
-            if isinstance(value, int | float) and key not in ("step", "epoch"):
+            if isinstance(value, int | float) and key not in NOT_RESULTS and not key.endswith(NOT_RESULT_SUFFIXES):
                 metrics[key] = value
     return metrics
+
+
+def hub_name(name: str | None) -> str | None:
+    """``name`` when it can be a Hub repo id (``org/model``), else None: a local path means nothing to a reader of
+    the card and the Hub rejects it as metadata (TRL leaves it out too)."""
+    if not name or Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return None
+    return name
+
+
+def method_config(args) -> dict:
+    """The bilevel configuration without the options of hypergradient methods that did not run (an rgu run shows
+    no zo_epsilon or cg_damping)."""
+    import dataclasses
+
+    from .hypergrad.methods import METHOD_SPECS
+
+    def options(name):
+        return {f.name for f in dataclasses.fields(METHOD_SPECS[name].options_type)} if name in METHOD_SPECS else set()
+
+    ran = set().union(*(options(name) for name in (args.method, args.phase1_method)))
+    others = set().union(*(options(name) for name in METHOD_SPECS)) - ran
+    return {key: value for key, value in args.bilevel_fields().items() if key not in others}
 
 
 def table(values: dict[str, float], empty: str) -> str:
@@ -105,10 +134,11 @@ def build_model_card(trainer, directory: Path, model_name: str | None = None, **
     The quick start names the Hub repo when the run is pushed, else the folder."""
     args = trainer.args
     base = trainer.model_name
-    dataset = kwargs.get("dataset") or kwargs.get("dataset_name")
+    dataset = kwargs.get("dataset") or kwargs.get("dataset_name") or getattr(trainer, "card_datasets", None)
+    datasets_meta = [d for d in ([dataset] if isinstance(dataset, str) else dataset or []) if hub_name(d)]
     data = ModelCardData(
-        base_model=base or None, library_name="peft", pipeline_tag="text-generation",
-        datasets=([dataset] if isinstance(dataset, str) else dataset) or None,
+        base_model=hub_name(base), library_name="peft", pipeline_tag="text-generation",
+        datasets=datasets_meta or None, license=kwargs.get("license") or getattr(trainer, "card_license", None),
         tags=sorted({*trainer._tag_names, *(kwargs.get("tags") or []), type(trainer.outer).__name__.lower()}),
     )  # fmt: skip
     location = args.hub_model_id if args.push_to_hub and args.hub_model_id else str(Path(directory).resolve())
@@ -125,7 +155,7 @@ def build_model_card(trainer, directory: Path, model_name: str | None = None, **
         summary=table(trainer.outer.summary(), "no summary for this outer module"),
         plot=f"\n\n![learned weights]({PLOT_NAME})" if (Path(directory) / PLOT_NAME).is_file() else "",
         metrics=table(final_metrics(trainer.state.log_history), "none yet"),
-        config=json.dumps(args.bilevel_fields(), indent=2, default=str),
+        config=json.dumps(method_config(args), indent=2, default=str),
         hf_fg2u=hf_fg2u.__version__, transformers=transformers.__version__, peft=peft.__version__,
         torch=torch.__version__, accelerate=accelerate.__version__, datasets=datasets.__version__,
         paper_title=trainer._paper["title"], paper_id=trainer._paper["id"], citation=trainer._paper["citation"],

@@ -4,8 +4,10 @@ The YAML's values become the parser's defaults, so CLI flags override them and a
 CLI's errors. YAML values keep their types (``max_steps: 10`` is an int, never the string "10"), are checked
 against each option's type and choices here, with errors naming the file and the key, and are read as YAML 1.2
 (only ``true``/``false`` are booleans: ``save_strategy: no`` means "no", not ``False``). An ``env:`` mapping is
-exported to ``os.environ`` before anything is built. A ``TrainingArguments`` subclass gets two help groups: its
-own fields right after ``--config``, the Trainer's own fields last.
+exported to ``os.environ`` before anything is built; a ``builtin_data:`` mapping is kept apart for the script
+(``builtin_data_defaults``: options of the built-in toy data, e.g. a short ``max_length``). A
+``TrainingArguments`` subclass gets two help groups: its own fields right after ``--config``, the Trainer's own
+fields last.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from transformers.hf_argparser import string_to_bool
 
 TRAINER_GROUP = "transformers.TrainingArguments (the outer optimizer, logging, saving, the Hub)"
 _BOOL_TAG = "tag:yaml.org,2002:bool"
+BUILTIN_DATA = "builtin_data"  # a YAML section of options that apply only to a script's built-in data
 
 
 class Yaml12Loader(yaml.SafeLoader):
@@ -37,11 +40,26 @@ Yaml12Loader.yaml_implicit_resolvers = {
 Yaml12Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
-def load_yaml_config(path: str | Path) -> dict:
-    """The mapping in a YAML file; a missing file, bad YAML or a non-mapping is an error naming the file."""
+PACKAGED_CONFIGS = Path(__file__).parent / "recipes"
+
+
+def find_config(path: str | Path) -> Path:
+    """``path`` when it is a file, else the packaged YAML of that name (``--config noisy_reweighting_real``,
+    ``--config noisy_reweighting.yaml``, ``--config hf_fg2u/recipes/noisy_reweighting.yaml`` from any directory)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Config file {path} does not exist. Packaged recipes load with --recipe NAME.")
+    if path.is_file():
+        return path
+    packaged = PACKAGED_CONFIGS / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    if packaged.is_file():
+        return packaged
+    names = sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
+    raise FileNotFoundError(f"Config file {path} does not exist, and no packaged config has that name ({names}).")
+
+
+def load_yaml_config(path: str | Path) -> dict:
+    """The mapping in a YAML file (or a packaged one, by name); a missing file, bad YAML or a non-mapping is an
+    error naming the file."""
+    path = find_config(path)
     try:
         values = yaml.load(path.read_text(), Loader=Yaml12Loader) or {}
     except yaml.YAMLError as error:
@@ -56,6 +74,7 @@ class ConfigParser(HfArgumentParser):
 
     def __init__(self, dataclass_types, **kwargs):
         self._own_group = self._trainer_group = None
+        self.builtin_data_defaults: dict = {}
         super().__init__(dataclass_types, **kwargs)
         self.run_group = self.add_argument_group("run")
         self._config_action = self.run_group.add_argument(
@@ -91,9 +110,20 @@ class ConfigParser(HfArgumentParser):
             self.set_defaults(**self.typed_config(path))
         return self.parse_args_into_dataclasses(args=args)
 
+    @staticmethod
+    def _builtin_data_section(path, values: dict) -> dict:
+        """The ``builtin_data:`` mapping popped from ``values``: options (toy data sizes, a short ``max_length``)
+        that hold only when the script runs on its built-in data; the script applies them (``builtin_data_defaults``),
+        not the parser."""
+        section = values.pop(BUILTIN_DATA, None) or {}
+        if not isinstance(section, dict):
+            raise ValueError(f"{path}: {BUILTIN_DATA} must be a mapping of option: value, got {section!r}.")
+        return section
+
     def typed_config(self, path: str | Path) -> dict:
         """The YAML's options checked against the parser's; exports its ``env:`` mapping."""
         values = load_yaml_config(path)
+        section = self._builtin_data_section(path, values)
         env = values.pop("env", None) or {}
         if not isinstance(env, dict):
             raise ValueError(f"{path}: env must be a mapping of NAME: value, got {type(env).__name__} {env!r}.")
@@ -101,10 +131,13 @@ class ConfigParser(HfArgumentParser):
         for action in self._actions:  # the first action of a dest: --plot, not its complement --no_plot
             if action is not self._config_action:
                 actions.setdefault(action.dest, action)
-        unknown = sorted(set(values) - set(actions))
+        unknown = sorted((set(values) | set(section)) - set(actions))
         if unknown:
             raise ValueError(f"{path}: unknown key(s) {unknown}. Run `{self.prog} --help` for the options.")
         typed = {key: typed_value(f"{path}: {key}", value, actions[key]) for key, value in values.items()}
+        self.builtin_data_defaults = {
+            key: typed_value(f"{path}: {BUILTIN_DATA}: {key}", value, actions[key]) for key, value in section.items()
+        }
         os.environ.update({str(name): str(value) for name, value in env.items()})
         return typed
 

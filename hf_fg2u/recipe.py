@@ -22,6 +22,7 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,12 +34,38 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from . import data as builtin_data
 from .config import BilevelConfig
 from .launch import add_launch_arguments
+from .model_card import WEIGHTED_DATASET_FILE
 from .outer import DomainWeights, ExampleWeights, SoftPrompt, WeightNet
-from .parsing import ConfigParser
+from .parsing import ConfigParser, _pop_config
 from .trainer import BilevelTrainer, auroc
 
-RECIPES = ("noisy_reweighting", "domain_mixture", "soft_prompt")
 RECIPES_DIR = Path(__file__).parent / "recipes"  # the YAML configs and accelerate configs, shipped as package data
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A registered recipe: its packaged YAML (``hf_fg2u/recipes/NAME.yaml``), the built-in data it generates
+    when the user gives none, the outer module it learns, and whether that is one weight per train row (then the
+    run writes the weighted dataset and may train a final adapter on it)."""
+
+    builtin_data: Callable[[ScriptArguments], DatasetDict]
+    make_outer: Callable
+    weights_rows: bool = False
+
+    @staticmethod
+    def yaml(name: str) -> Path:
+        return RECIPES_DIR / f"{name}.yaml"
+
+
+RECIPES: dict[str, Recipe] = {}  # filled by register_recipe below; every packaged YAML is one of them
+
+
+def register_recipe(name: str, recipe: Recipe) -> None:
+    """Make ``--recipe name`` load ``hf_fg2u/recipes/name.yaml`` and build its data and outer module with
+    ``recipe``."""
+    if not Recipe.yaml(name).is_file():
+        raise ValueError(f"recipe {name!r} has no packaged YAML {Recipe.yaml(name)}; add it beside the others.")
+    RECIPES[name] = recipe
 
 
 @dataclass
@@ -47,7 +74,11 @@ class ScriptArguments:
 
     _argument_group_name = "recipe: what to learn and on which data"
 
-    recipe: str = field(default="noisy_reweighting", metadata={"help": f"One of {RECIPES}."})
+    recipe: str = field(
+        default="noisy_reweighting",
+        metadata={"help": "A packaged recipe (hf_fg2u/recipes/NAME.yaml): noisy_reweighting, noisy_reweighting_real, "
+                  "domain_mixture, soft_prompt."},
+    )  # fmt: skip
     outer: str = field(
         default="example_weights",
         metadata={"help": "noisy_reweighting only: 'example_weights' (a weight per example) or 'weight_net'."},
@@ -101,7 +132,8 @@ class ScriptArguments:
     num_virtual_tokens: int = field(default=4, metadata={"help": "soft_prompt: virtual tokens."})
     weight_net_hidden_size: int = field(default=8, metadata={"help": "weight_net: hidden units."})
     compare_uniform: bool = field(
-        default=True, metadata={"help": "Also run the same budget with the outer variables frozen, and compare."}
+        default=False,
+        metadata={"help": "Also run the same budget with the outer variables frozen, and compare (twice the time)."},
     )
     plot: bool = field(default=True, metadata={"help": "Write PNG plots into output_dir."})
     time_budget_s: float | None = field(
@@ -125,6 +157,13 @@ class ModelArguments:
     _argument_group_name = "model and its LoRA adapter"
 
     model_name_or_path: str | None = field(default=None, metadata={"help": "Default: a tiny Llama from config."})
+    model_revision: str = field(default="main", metadata={"help": "The model's revision: a branch, tag or commit."})
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "The dtype the model is loaded in ('auto': the checkpoint's own).",
+                  "choices": ["auto", "bfloat16", "float16", "float32"]},
+    )  # fmt: skip
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run the model repository's own code."})
     gguf_file: str | None = field(default=None, metadata={"help": "A GGUF file inside model_name_or_path."})
     attn_implementation: str = field(default="eager", metadata={"help": "eager, sdpa (math kernel is used)."})
     tiny_hidden_size: int = field(default=32, metadata={"help": "Built-in tiny model: hidden size."})
@@ -143,8 +182,18 @@ class ModelArguments:
     )  # fmt: skip
 
 
+# Options of the built-in toy data and tiny model: they do nothing with --dataset_name/--data_files and a model of
+# the user's, so --help lists them in a group of their own, last.
+BUILTIN_OPTIONS = (
+    "answer_only", "num_facts", "copies", "corrupted_fraction", "num_domains", "target_domain", "generation_seed",
+    "tiny_hidden_size", "tiny_num_layers",
+)  # fmt: skip
+BUILTIN_GROUP = "built-in toy data and tiny model (without --dataset_name/--data_files/--model_name_or_path)"
+
+
 def make_parser() -> ConfigParser:
-    """The ``hf-fg2u train`` parser: recipe options, bilevel options, model/LoRA, then the Trainer's."""
+    """The ``hf-fg2u train`` parser: recipe options, bilevel options, model/LoRA, the Trainer's, then the toy
+    data's."""
     parser = ConfigParser(
         (ScriptArguments, BilevelConfig, ModelArguments), prog="hf-fg2u train",
         usage="hf-fg2u train [--recipe NAME | --config FILE] [--num_processes N] [--OPTION VALUE ...]",
@@ -153,19 +202,72 @@ def make_parser() -> ConfigParser:
     )  # fmt: skip
     add_launch_arguments(parser.run_group)
     parser.set_defaults(output_dir="outputs/hf_fg2u")
+    move_to_last_group(parser, BUILTIN_OPTIONS, BUILTIN_GROUP)
+    hide_rare_trainer_options(parser)
     return parser
+
+
+# The Trainer's options --help lists; --help_all lists its ~100 others (all are accepted either way).
+COMMON_TRAINER_OPTIONS = (
+    "output_dir", "per_device_train_batch_size", "num_train_epochs", "max_steps", "learning_rate",
+    "lr_scheduler_type", "optim", "bf16", "logging_steps", "report_to", "eval_strategy", "save_strategy",
+    "save_steps", "push_to_hub", "hub_model_id", "hub_token", "seed", "use_cpu", "resume_from_checkpoint",
+)  # fmt: skip
+
+
+class _FullHelp(argparse.Action):
+    """``--help_all``: the help with every option of the Trainer, then exit."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        kwargs.update(dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0)
+        super().__init__(option_strings, help="Show every option, the Trainer's ~100 others too, and exit.", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for action, text in parser.hidden_help.items():
+            action.help = text
+        parser.print_help()
+        parser.exit()
+
+
+def hide_rare_trainer_options(parser: ConfigParser) -> None:
+    """Keep ``--help`` to the options a run usually sets; ``--help_all`` shows the Trainer's others."""
+    group = parser._trainer_group
+    group.description = "The common ones; every TrainingArguments option is accepted (--help_all lists them)."
+    parser.hidden_help = {}
+    for action in group._group_actions:
+        if action.dest not in COMMON_TRAINER_OPTIONS:
+            parser.hidden_help[action] = action.help
+            action.help = argparse.SUPPRESS
+    parser.add_argument("--help_all", action=_FullHelp)
+
+
+def move_to_last_group(parser: argparse.ArgumentParser, dests: tuple[str, ...], title: str) -> None:
+    """List the options of ``dests`` under a help group ``title`` placed last (parsing is unchanged)."""
+    group = parser.add_argument_group(title)
+    for old in parser._action_groups:
+        if old is not group:
+            moved = [action for action in old._group_actions if action.dest in dests]
+            old._group_actions[:] = [action for action in old._group_actions if action.dest not in dests]
+            group._group_actions.extend(moved)
 
 
 def recipe_config(name: str) -> Path:
     """The packaged YAML of recipe ``name`` (shipped inside the package, so it works from any directory)."""
+    check_recipe(name)
+    return Recipe.yaml(name)
+
+
+def check_recipe(name: str) -> Recipe:
     if name not in RECIPES:
-        raise ValueError(f"recipe={name!r} is not known; use one of {RECIPES}.")
-    return RECIPES_DIR / f"{name}.yaml"
+        raise ValueError(f"recipe={name!r} is not known; use one of {sorted(RECIPES)}.")
+    return RECIPES[name]
 
 
 def parse_args(argv: list[str] | None = None):
     """(script_args, training_args, model_args) from ``--config FILE`` or else the packaged YAML of ``--recipe``
-    (default noisy_reweighting), overridden by the CLI flags."""
+    (default noisy_reweighting), overridden by the CLI flags. The YAML's ``builtin_data:`` options (toy sizes, a
+    short ``max_length``) hold only when the run generates its data: with ``--dataset_name``/``--data_files`` the
+    documented defaults stand."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser()
     config = None
@@ -174,19 +276,24 @@ def parse_args(argv: list[str] | None = None):
         early.add_argument("--recipe", default=ScriptArguments.recipe)
         named, _ = early.parse_known_args(argv)
         config = recipe_config(named.recipe)
-    script_args, training_args, model_args, *launch_options = parser.parse_args_and_config(argv, config=config)
+    parsed = parser.parse_args_and_config(argv, config=config)
+    if parser.builtin_data_defaults and not uses_own_data(parsed[0]):
+        parser.set_defaults(**parser.builtin_data_defaults)
+        parsed = parser.parse_args_into_dataclasses(args=_pop_config(argv)[1])
+    script_args, training_args, model_args, *launch_options = parsed
     if launch_options:
         raise ValueError(
             f"{sorted(vars(launch_options[0]))} start processes under `hf-fg2u train` only; with recipes/train.py "
             "use `accelerate launch --config_file ... recipes/train.py ...`."
         )
-    if script_args.recipe not in RECIPES:
-        raise ValueError(f"recipe={script_args.recipe!r} is not known; use one of {RECIPES}.")
+    check_recipe(script_args.recipe)
     return script_args, training_args, model_args
 
 
 # -- model and data ---------------------------------------------------------------------------------------------
-def load_model_and_tokenizer(model_args: ModelArguments, seed: int):
+def load_model_and_tokenizer(model_args: ModelArguments, seed: int, init_kwargs: dict | None = None):
+    """The model and tokenizer of ``model_args`` (``init_kwargs``: BilevelConfig.model_init_kwargs), or the
+    built-in tiny Llama and character tokenizer without ``model_name_or_path``."""
     if model_args.model_name_or_path is None:
         tokenizer = builtin_data.make_char_tokenizer()
         torch.manual_seed(seed)
@@ -200,20 +307,30 @@ def load_model_and_tokenizer(model_args: ModelArguments, seed: int):
             pad_token_id=tokenizer.pad_token_id,
         )  # fmt: skip
         return LlamaForCausalLM(config), tokenizer
-    extra = {"gguf_file": model_args.gguf_file} if model_args.gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, **extra)
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, **tokenizer_kwargs(model_args))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
-        model_args.model_name_or_path, attn_implementation=model_args.attn_implementation,
-        dtype=torch.float32, **extra,
-    )  # fmt: skip
+    kwargs = from_pretrained_kwargs(model_args, init_kwargs)
+    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
     if model_args.gguf_file:
-        model = dequantized_copy(model)
+        model = dequantized_copy(model, kwargs["dtype"])
+        model.config.gguf_file = model_args.gguf_file  # saved with the run, so that load_run finds the base again
     return model, tokenizer
 
 
-def dequantized_copy(model):
+def tokenizer_kwargs(model_args: ModelArguments) -> dict:
+    kwargs = {"revision": model_args.model_revision, "trust_remote_code": model_args.trust_remote_code}
+    return kwargs | ({"gguf_file": model_args.gguf_file} if model_args.gguf_file else {})
+
+
+def from_pretrained_kwargs(model_args: ModelArguments, init_kwargs: dict | None = None) -> dict:
+    """``from_pretrained``'s keyword arguments from TRL's ``ModelConfig`` names; ``--model_init_kwargs`` win."""
+    dtype = model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
+    kwargs = tokenizer_kwargs(model_args) | {"attn_implementation": model_args.attn_implementation, "dtype": dtype}
+    return kwargs | dict(init_kwargs or {})
+
+
+def dequantized_copy(model, dtype=torch.float32):
     """A GGUF-loaded model is already dequantised to fp32 but still marked quantized, which the Trainer refuses
     to train and save; rebuild the architecture from its config without the mark and load the weights."""
     config = model.config
@@ -221,20 +338,26 @@ def dequantized_copy(model):
     delattr(config, "quantization_config")
     fresh = AutoModelForCausalLM.from_config(config, attn_implementation=config._attn_implementation)
     fresh.load_state_dict(model.state_dict())
-    return fresh.to(torch.float32)
+    return fresh.to(torch.float32 if dtype == "auto" else dtype)
 
 
 def builtin_splits(script_args: ScriptArguments) -> DatasetDict:
-    s = script_args
-    if s.recipe == "noisy_reweighting":
-        splits = builtin_data.make_fact_splits(s.num_facts, s.copies, s.generation_seed, s.corrupted_fraction)
-    elif s.recipe == "domain_mixture":
-        splits = builtin_data.make_fact_domain_splits(
-            s.num_domains, s.num_facts, s.copies, s.generation_seed, s.target_domain
-        )
-    else:
-        splits = builtin_data.make_fact_splits(s.num_facts, s.copies, s.generation_seed, 0.0)
+    splits = RECIPES[script_args.recipe].builtin_data(script_args)
     return DatasetDict({"train": splits["train"], "meta": splits["meta"]})  # their "eval" is the meta set again
+
+
+def _facts(s: ScriptArguments) -> DatasetDict:
+    return builtin_data.make_fact_splits(s.num_facts, s.copies, s.generation_seed, s.corrupted_fraction)
+
+
+def _clean_facts(s: ScriptArguments) -> DatasetDict:
+    return builtin_data.make_fact_splits(s.num_facts, s.copies, s.generation_seed, 0.0)
+
+
+def _domain_facts(s: ScriptArguments) -> DatasetDict:
+    return builtin_data.make_fact_domain_splits(
+        s.num_domains, s.num_facts, s.copies, s.generation_seed, s.target_domain
+    )
 
 
 DATA_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -281,7 +404,8 @@ def builder_of(files: dict[str, list[str]]) -> str:
 
 def load_data(name: str | None, config: str | None, data_files: list[str] | None) -> DatasetDict:
     """A Hub dataset, a local folder (its files by split), a local file (split "train"), or files by split
-    (``--data_files``)."""
+    (``--data_files``). Local files are read one split at a time, so the splits' columns may differ (a train file
+    with ``is_corrupted``, a meta file without)."""
     files = parse_data_files(data_files) if data_files else None
     if name is not None and Path(name).is_dir():
         folder = Path(name)
@@ -289,15 +413,27 @@ def load_data(name: str | None, config: str | None, data_files: list[str] | None
             files = {k: [p if Path(p).exists() else str(folder / p) for p in v] for k, v in files.items()}
         else:
             files = folder_data_files(folder)
-        return load_dataset(builder_of(files), data_files=files)
+        return load_files(files)
     if name is not None and Path(name).is_file():  # one local file: its rows are the "train" split
-        files = {"train": [name]}
-        return load_dataset(builder_of(files), data_files=files)
+        return load_files({"train": [name]})
     if name is None:
         if not files:
             raise ValueError("No data: pass --dataset_name or --data_files train=FILE meta=FILE.")
-        return load_dataset(builder_of(files), data_files=files)
+        return load_files(files)
+    if files and name in DATA_BUILDERS.values():  # --dataset_name json --data_files ...
+        return load_files(files, builder=name)
     return load_dataset(name, config, data_files=files)
+
+
+def load_files(files: dict[str, list[str]], builder: str | None = None) -> DatasetDict:
+    """Local files by split, one ``load_dataset`` call per split (one call for all would cast every split to the
+    first one's columns)."""
+    return DatasetDict(
+        {
+            split: load_dataset(builder or builder_of({split: paths}), data_files={split: paths}, split=split)
+            for split, paths in files.items()
+        }
+    )
 
 
 def _split(loaded: DatasetDict, name: str, source: str, flag: str):
@@ -338,21 +474,30 @@ def user_splits(script_args: ScriptArguments) -> DatasetDict:
 
 
 def make_outer(script_args: ScriptArguments, splits: DatasetDict, model):
-    s = script_args
-    if s.recipe == "noisy_reweighting":
-        if s.outer == "weight_net":
-            return WeightNet(hidden_size=s.weight_net_hidden_size)
-        if s.outer != "example_weights":
-            raise ValueError(
-                f"outer={s.outer!r} is not known for noisy_reweighting; use example_weights or weight_net."
-            )
-        return ExampleWeights(
-            len(splits["train"]), parametrization=s.weight_parametrization, max_logit=s.weight_max_logit
-        )
-    if s.recipe == "domain_mixture":
-        return DomainWeights(sorted(splits["train"].unique(s.domain_column)), domain_column=s.domain_column)
+    return RECIPES[script_args.recipe].make_outer(script_args, splits, model)
+
+
+def _row_weights(s: ScriptArguments, splits: DatasetDict, model):
+    if s.outer == "weight_net":
+        return WeightNet(hidden_size=s.weight_net_hidden_size)
+    if s.outer != "example_weights":
+        raise ValueError(f"outer={s.outer!r} is not known for {s.recipe}; use example_weights or weight_net.")
+    return ExampleWeights(len(splits["train"]), parametrization=s.weight_parametrization, max_logit=s.weight_max_logit)
+
+
+def _domain_weights(s: ScriptArguments, splits: DatasetDict, model):
+    return DomainWeights(sorted(splits["train"].unique(s.domain_column)), domain_column=s.domain_column)
+
+
+def _soft_prompt(s: ScriptArguments, splits: DatasetDict, model):
     hidden = model.get_input_embeddings().weight.shape[1]
     return SoftPrompt(s.num_virtual_tokens, hidden, init_std=0.5)
+
+
+register_recipe("noisy_reweighting", Recipe(_facts, _row_weights, weights_rows=True))
+register_recipe("noisy_reweighting_real", Recipe(_facts, _row_weights, weights_rows=True))
+register_recipe("domain_mixture", Recipe(_domain_facts, _domain_weights))
+register_recipe("soft_prompt", Recipe(_clean_facts, _soft_prompt))
 
 
 # -- main ---------------------------------------------------------------------------------------------------------
@@ -360,6 +505,7 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
     """Run one recipe; returns (and writes to ``output_dir/results.json``) its headline numbers. ``callbacks``
     (``TrainerCallback``s) are added to the bilevel run's trainer."""
     output_dir = Path(training_args.output_dir)
+    quiet_replicas(training_args.process_index)
     raw = user_splits(script_args) if uses_own_data(script_args) else builtin_splits(script_args)
     results, runs = {}, {}
     for name in ("bilevel", "uniform") if script_args.compare_uniform else ("bilevel",):
@@ -373,28 +519,61 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
         for callback in callbacks if name == "bilevel" else ():
             trainer.add_callback(callback)
         if trainer.is_world_process_zero():
-            print(f"[hf_fg2u] {script_args.recipe}: {name} run ({args.max_steps} outer steps, method {args.method})")
+            print(run_banner(script_args, args, name, trainer))
         trainer.train()
-        results[f"{name}_meta_loss"] = trainer.evaluate(trainer.meta_dataset, metric_key_prefix="meta")["meta_loss"]
+        # "final_meta": the per-step train logs already use meta_loss; one tag per meaning
+        final = trainer.evaluate(trainer.meta_dataset, metric_key_prefix="final_meta")
+        results[f"{name}_meta_loss"] = final["final_meta_loss"]
         results[f"{name}_outer_steps"] = trainer.state.global_step
         if "eval" in raw:  # held out: neither trained on nor used by the outer objective
             results[f"{name}_eval_loss"] = trainer.evaluate()["eval_loss"]
         runs[name] = trainer
     trainer = runs["bilevel"]
     results.update(summarize(script_args, raw, trainer, results, output_dir))
-    if script_args.plot and len(runs) > 1 and trainer.args.should_save:
+    if script_args.plot and trainer.args.should_save:
         from .report import meta_loss_history, plot_meta_loss_curves
 
         curves = {name: meta_loss_history(run.state.log_history) for name, run in runs.items()}
         if any(curves.values()):  # nothing is logged with logging_strategy="no"
             results["meta_loss_plot"] = str(plot_meta_loss_curves(curves, output_dir / "meta_loss.png"))
     trainer.save_model()  # after the plots: the card shows them and push_to_hub (if set) uploads them
-    if script_args.final_stage_steps and script_args.recipe == "noisy_reweighting":
+    if script_args.final_stage_steps and RECIPES[script_args.recipe].weights_rows:
         results.update(final_stage(script_args, training_args, model_args, trainer))
     if trainer.args.should_save:
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     trainer.accelerator.end_training()  # under several processes: destroy the process group before exit
     return results
+
+
+def quiet_replicas(process_index: int) -> None:
+    """Ranks other than the first print no Python warnings or progress bars of datasets: every rank sees the same
+    data and settings, so they would repeat the first one's word for word (the Trainer's log_level_replica does the
+    same for its logs)."""
+    if process_index > 0:
+        import datasets
+
+        warnings.simplefilter("ignore")
+        datasets.disable_progress_bars()  # the tokenization's "Map" bars
+
+
+def run_banner(script_args, args: BilevelConfig, name: str, trainer) -> str:
+    """The first lines of a run: processes and backend, what runs, and whether a uniform run follows."""
+    lines = []
+    if name == "bilevel":
+        backend = trainer.accelerator.state.backend or "none"
+        lines.append(
+            f"[hf_fg2u] {args.world_size} process{'es' if args.world_size > 1 else ''}, backend {backend}, "
+            f"device {args.device.type}"
+        )
+    steps = f"{args.max_steps} outer steps" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs"
+    line = f"[hf_fg2u] {script_args.recipe}: {name} run ({steps}, method {args.method})"
+    if name == "bilevel":
+        line += (
+            "; then the same budget on uniform weights (compare_uniform true: twice the time)"
+            if script_args.compare_uniform
+            else "; no uniform-weights baseline (--compare_uniform true adds one)"
+        )
+    return "\n".join(lines + [line])
 
 
 class TimeBudget(TrainerCallback):
@@ -423,13 +602,16 @@ class TimeBudget(TrainerCallback):
 
 def build_trainer(script_args, training_args: BilevelConfig, model_args: ModelArguments, raw: DatasetDict):
     """A BilevelTrainer for a recipe's raw splits: model, tokenizer, tokenized splits, outer module, LoRA."""
-    model, tokenizer = load_model_and_tokenizer(model_args, training_args.seed)
+    model, tokenizer = load_model_and_tokenizer(model_args, training_args.seed, training_args.model_init_kwargs)
     splits = raw if uses_own_data(script_args) else tokenize_builtin(raw, tokenizer, script_args, training_args)
-    return BilevelTrainer(
+    trainer = BilevelTrainer(
         model, training_args, train_dataset=splits["train"], meta_dataset=splits["meta"],
         eval_dataset=splits.get("eval", splits["meta"]), outer=make_outer(script_args, raw, model),
         processing_class=tokenizer, peft_config=lora_config(model_args),
     )  # fmt: skip
+    # The card's `datasets` metadata (Hub names only; local files and folders are left out there).
+    trainer.card_datasets = [name for name in (script_args.dataset_name, script_args.meta_dataset_name) if name]
+    return trainer
 
 
 def tokenize_builtin(raw: DatasetDict, tokenizer, script_args, training_args: BilevelConfig) -> DatasetDict:
@@ -471,13 +653,13 @@ def final_stage(script_args, training_args, model_args, trainer) -> dict[str, fl
     splits = {"meta": meta} | ({"eval": heldout} if heldout is not None else {})
     results = {}
     for name, weights in selections.items():
-        model, tokenizer = load_model_and_tokenizer(model_args, training_args.seed)
+        model, tokenizer = load_model_and_tokenizer(model_args, training_args.seed, training_args.model_init_kwargs)
         args = TrainingArguments(
             output_dir=str(output_dir if name == "final_adapter" else output_dir / name),
             max_steps=script_args.final_stage_steps, learning_rate=training_args.inner_lr,
             per_device_train_batch_size=training_args.per_device_train_batch_size, report_to=[], save_strategy="no",
             logging_steps=training_args.logging_steps, seed=training_args.seed, use_cpu=training_args.use_cpu,
-            disable_tqdm=training_args.disable_tqdm,
+            disable_tqdm=training_args.disable_tqdm, dataloader_pin_memory=training_args.dataloader_pin_memory,
         )  # fmt: skip
         final = train_final_adapter(
             model, tokenized.add_column("weight", weights), lora_config(model_args), args, processing_class=tokenizer,
@@ -505,10 +687,11 @@ def summarize(script_args, raw, trainer, results, output_dir: Path) -> dict:
     writes = trainer.args.should_save
     if "uniform_meta_loss" in results:
         out["meta_loss_reduction"] = 1.0 - results["bilevel_meta_loss"] / results["uniform_meta_loss"]
-    if script_args.recipe == "noisy_reweighting":
+    if RECIPES[script_args.recipe].weights_rows:
         weighted = trainer.export_weights()  # the user's columns and a weight, no token ids
         if writes:
-            weighted.save_to_disk(str(output_dir / "weighted_dataset"))
+            output_dir.mkdir(parents=True, exist_ok=True)  # one copy: the file push_to_hub uploads too
+            weighted.to_parquet(str(output_dir / WEIGHTED_DATASET_FILE))
         if "is_corrupted" in weighted.column_names:
             corrupted = torch.tensor(weighted["is_corrupted"])
             out["auroc_corrupted"] = auroc(-torch.tensor(weighted["weight"]), corrupted)
@@ -519,7 +702,7 @@ def summarize(script_args, raw, trainer, results, output_dir: Path) -> dict:
                     weighted["weight"], weighted["is_corrupted"], output_dir / "weights_histogram.png"
                 )
                 out["histogram"] = str(path)
-    if script_args.recipe == "domain_mixture":
+    if isinstance(trainer.outer, DomainWeights):
         out["domain_weights"] = trainer.outer.probabilities()
     return out
 

@@ -1,7 +1,8 @@
 """Reports on learned per-example weights: summary numbers, the most down-weighted rows and plots.
 
 Used by ``hf-fg2u weights <output_dir>`` and the demo. A run saves ``BilevelTrainer.export_weights()`` to
-``<output_dir>/weighted_dataset`` (``Dataset.save_to_disk``); :func:`report_weights` reads it back. Weights are
+``<output_dir>/weighted_dataset.parquet``; :func:`load_weighted_dataset` reads it back, :func:`export_weighted`
+turns it into plain rows for trainers without weights (``hf-fg2u weights --export``). Weights are
 positive with mean 1, so 1 is "as in uniform training" and a weight below 0.5 is a row the run halved or more.
 Plots use matplotlib's Agg canvas directly (no pyplot, no global backend switch), imported only when called.
 """
@@ -18,6 +19,7 @@ from .outer.base import normalized_entropy
 from .trainer import auroc
 
 WEIGHTED_DATASET_DIR = "weighted_dataset"
+WEIGHTED_DATASET_FILE = "weighted_dataset.parquet"  # what a run writes (model_card.WEIGHTED_DATASET_FILE)
 HISTOGRAM_NAME = "weights_histogram.png"
 CORRUPTED_COLUMN = "is_corrupted"
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -258,29 +260,40 @@ def plot_meta_loss_curves(
     return _save(figure, path)
 
 
+def load_weighted_dataset(output_dir: str | Path):
+    """The weighted rows of a run: ``weighted_dataset.parquet`` (the one copy a run writes, the file its Hub repo
+    holds), or a ``weighted_dataset/`` folder of ``save_to_disk`` (runs before that, or saved by hand)."""
+    import datasets
+
+    output_dir = Path(output_dir)
+    parquet, folder = output_dir / WEIGHTED_DATASET_FILE, output_dir / WEIGHTED_DATASET_DIR
+    if parquet.is_file():
+        return datasets.Dataset.from_parquet(str(parquet))
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"No weighted dataset at {parquet}. Run the training first: `hf-fg2u train --recipe "
+            f"noisy_reweighting --output_dir {output_dir}` (or `hf-fg2u demo --output_dir "
+            f"{output_dir}`), or save one yourself: trainer.export_weights().to_parquet('{parquet}')."
+        )
+    dataset = datasets.load_from_disk(str(folder))
+    if isinstance(dataset, datasets.DatasetDict):
+        if "train" not in dataset:
+            raise ValueError(f"{folder} holds splits {list(dataset)}; expected a Dataset or a 'train' split.")
+        dataset = dataset["train"]
+    return dataset
+
+
 def report_weights(output_dir: str | Path, dataset=None, k: int = 10, histogram: bool = True) -> str:
     """The weight report of a run: summary table, the ``k`` most down- and up-weighted rows, and
     ``<output_dir>/weights_histogram.png``. Returns the text (the caller prints it).
 
-    ``dataset`` defaults to ``<output_dir>/weighted_dataset`` (a ``save_to_disk`` folder with a ``weight`` column
-    and optionally ``is_corrupted`` and ``text``). Without matplotlib the report says so instead of plotting.
+    ``dataset`` defaults to the run's weighted dataset (``load_weighted_dataset``: a ``weight`` column and
+    optionally ``is_corrupted`` and ``text``). Without matplotlib the report says so instead of plotting.
     """
-    import datasets
 
     output_dir = Path(output_dir)
     if dataset is None:
-        folder = output_dir / WEIGHTED_DATASET_DIR
-        if not folder.is_dir():
-            raise FileNotFoundError(
-                f"No weighted dataset at {folder}. Run the training first: `hf-fg2u train --recipe "
-                f"noisy_reweighting --output_dir {output_dir}` (or `hf-fg2u demo --output_dir "
-                f"{output_dir}`), or save one yourself: trainer.export_weights().save_to_disk('{folder}')."
-            )
-        dataset = datasets.load_from_disk(str(folder))
-        if isinstance(dataset, datasets.DatasetDict):
-            if "train" not in dataset:
-                raise ValueError(f"{folder} holds splits {list(dataset)}; expected a Dataset or a 'train' split.")
-            dataset = dataset["train"]
+        dataset = load_weighted_dataset(output_dir)
     if "weight" not in dataset.column_names:
         raise ValueError(
             f"The weighted dataset has no 'weight' column (columns: {dataset.column_names}). Save "
@@ -302,3 +315,43 @@ def report_weights(output_dir: str | Path, dataset=None, k: int = 10, histogram:
         except ImportError:
             parts.append(f"Histogram skipped: matplotlib is not installed ({PLOTS_HINT}).")
     return "\n\n".join(parts)
+
+
+EXPORTS = ("filtered", "resampled")
+# Columns the run adds to the user's rows: a tool that reads the exported data (trl sft) must not see them.
+RUN_COLUMNS = ("weight",)
+
+
+def export_weighted(
+    dataset, kind: str, threshold: float | None = None, keep_fraction: float | None = None,
+    num_rows: int | None = None, seed: int = 0,
+):  # fmt: skip
+    """The weighted rows as plain rows for a trainer that ignores weights (``trl sft``): ``filtered`` keeps the rows
+    whose weight is at least ``threshold``, or the top ``keep_fraction`` of them by weight (default: above the mean
+    weight); ``resampled`` draws ``num_rows`` rows (default: as many as there are) with replacement, each with
+    probability ∝ its weight, from ``seed``. Either way without the ``weight`` column."""
+    weights = _as_weights(_column(dataset, "weight")).double()
+    if kind == "filtered":
+        if threshold is not None and keep_fraction is not None:
+            raise ValueError("Give --threshold or --keep_fraction, not both.")
+        if keep_fraction is not None:
+            if not 0 < keep_fraction <= 1:
+                raise ValueError(f"keep_fraction={keep_fraction} must be in (0, 1].")
+            count = max(1, round(keep_fraction * len(weights)))
+            keep = sorted(torch.argsort(weights, descending=True, stable=True)[:count].tolist())
+        else:
+            cut = weights.mean().item() if threshold is None else threshold
+            keep = torch.nonzero(weights >= cut).flatten().tolist()
+        if not keep:
+            raise ValueError(f"No row has a weight >= {threshold} (largest {weights.max():.4g}); lower --threshold.")
+    elif kind == "resampled":
+        if threshold is not None or keep_fraction is not None:
+            raise ValueError("--threshold and --keep_fraction are for --export filtered; resampled uses --num_rows.")
+        if not weights.sum() > 0:
+            raise ValueError("Every weight is 0: nothing to resample.")
+        generator = torch.Generator().manual_seed(seed)
+        count = len(weights) if num_rows is None else num_rows
+        keep = torch.multinomial(weights, count, replacement=True, generator=generator).tolist()
+    else:
+        raise ValueError(f"export={kind!r} is not known; use one of {list(EXPORTS)}.")
+    return dataset.select(keep).remove_columns([c for c in RUN_COLUMNS if c in dataset.column_names])

@@ -11,6 +11,7 @@ checkpoints and ``push_to_hub`` are the Trainer's, extended with the bilevel sta
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -218,7 +219,8 @@ class BilevelTrainer(Trainer):
             directions_per_pass=args.directions_per_pass or args.num_directions,
             offload_trajectory=args.offload_trajectory,
         )  # fmt: skip
-        logger.warning(choice.message())
+        if self.args.process_index == 0:  # every rank makes the same choice; one says so
+            logger.warning(choice.message())
         self.args.method = choice.method
         if choice.method == "rgu":
             self.args.checkpoint_every = choice.checkpoint_every
@@ -475,6 +477,7 @@ class BilevelTrainer(Trainer):
         description["reset_policy"] = self._resets.state_dict()
         states = (self._initial_params, self._initial_state, self._inner_state)
         save_bilevel_state(output_dir, dict(zip(INNER_STATES, states, strict=True)), description)
+        write_base_model_file(output_dir, base_model or self.model, self.model_name)
         build_model_card(self, final).save(output_dir / "README.md")  # replaces peft's generic card
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -679,7 +682,8 @@ class BilevelTrainer(Trainer):
         metrics["meta_loss"].append(result.outer_loss)
         metrics["inner_loss"].append(sum(result.inner_losses) / len(result.inner_losses))
         metrics["hypergrad_norm"].append(grad_norm)  # of the whole estimate, not of this process's share
-        metrics["phase"].append(1.0 if method != self.args.method or step < self.args.phase1_steps else 2.0)
+        if self.args.phase1_method is not None:  # a two-phase schedule: which phase this step was in
+            metrics["phase"].append(1.0 if method != self.args.method or step < self.args.phase1_steps else 2.0)
         metrics["outer_step_seconds"].append(seconds)
         if result.num_directions:
             metrics["directions_per_second"].append(result.num_directions / max(seconds, 1e-9))
@@ -705,12 +709,26 @@ def _unit_norm(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return grads if norm == 0 else {k: (g / norm).to(g.dtype) for k, g in grads.items()}
 
 
+BASE_MODEL_FILE = "base_model.json"  # how load_run loads the base when the name alone is not enough (GGUF)
+
+
+def write_base_model_file(output_dir: Path, model, name: str | None) -> None:
+    """Record the GGUF file a base model was loaded from (``config.gguf_file``, set by the recipe's loader): the
+    adapter config names only the folder, from which ``from_pretrained`` alone cannot load it."""
+    gguf_file = getattr(getattr(model, "config", None), "gguf_file", None)
+    if gguf_file:
+        record = {"base_model_name_or_path": name, "gguf_file": gguf_file}
+        (Path(output_dir) / BASE_MODEL_FILE).write_text(json.dumps(record, indent=2))
+
+
 def wrap_with_peft(model, peft_config):
     """Wrap ``model`` in a peft adapter; a config that matches no module is an error that names the modules."""
     from peft import get_peft_model
 
     try:
-        return get_peft_model(model, peft_config)
+        with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            return get_peft_model(model, peft_config)
     except ValueError as error:
         names = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name})
         raise ValueError(

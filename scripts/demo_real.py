@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from datasets import DatasetDict, load_from_disk
+from datasets import DatasetDict
 from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from hf_fg2u import recipe
@@ -56,6 +56,7 @@ from hf_fg2u.real_text import (
     code_passages,
     passages,
 )
+from hf_fg2u.report import load_weighted_dataset
 from hf_fg2u.trainer import BilevelDataCollator, wrap_with_peft
 
 CONFIG = Path(recipe.RECIPES_DIR) / "noisy_reweighting_real.yaml"
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     bilevel = recipe.main(script_args, training_args, model_args, callbacks=[trace] if trace else [])
     bilevel_seconds = time.perf_counter() - start
-    weighted = load_from_disk(str(out / "bilevel" / "weighted_dataset"))
+    weighted = load_weighted_dataset(out / "bilevel")
     weights, kinds = torch.tensor(weighted["weight"]), list(weighted["corruption"])
 
     aurocs = {"learned weights": auroc_by_kind(-weights, kinds)}

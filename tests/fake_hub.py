@@ -3,8 +3,10 @@
 Why: push-to-hub paths (``HfApi.upload_folder``, ``Trainer.push_to_hub``) must be testable offline, with the real
 client building the real requests, so that a test can assert which files arrive and where the token travels.
 
-Only the routes those paths use are served. Every file is answered upload mode ``"regular"`` at preupload, so the
-client sends contents inline (base64 in the NDJSON commit) and never starts the LFS or Xet upload protocols. Routes
+Only the routes those paths use are served. At preupload a Parquet file is answered upload mode ``"lfs"`` (as the
+Hub's default .gitattributes makes it; ``Dataset.push_to_hub`` uploads its shards before the commit and deletes its
+temporary files, so it needs this), every other file ``"regular"``, so the client sends it inline (base64 in the
+NDJSON commit). LFS objects go through the basic batch + single PUT protocol; Xet is never started. Routes
 that are not served answer 404 and are recorded in ``FakeHub.unknown``.
 
 Usage::
@@ -31,6 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
+LFS_SUFFIXES = (".parquet",)  # what the stand-in stores through the LFS protocol
 MAX_BODY_BYTES = 64 * 1024 * 1024  # a bound on any one request body; the tiny models in tests are far below it
 _REPO = r"(?P<type>model|dataset|space)s/(?P<repo>[^/]+/[^/]+)"
 _ROUTES = [  # (method, pattern on the raw URL path, handler name); first match wins
@@ -39,6 +42,8 @@ _ROUTES = [  # (method, pattern on the raw URL path, handler name); first match 
     ("POST", r"/api/validate-yaml", "_validate_yaml"),
     ("POST", rf"/api/{_REPO}/preupload/(?P<rev>[^/]+)", "_preupload"),
     ("POST", rf"/api/{_REPO}/commit/(?P<rev>[^/]+)", "_commit"),
+    ("POST", r"/(?:(?P<type>dataset|space)s/)?(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch", "_lfs_batch"),
+    ("PUT", r"/lfs-upload/(?P<oid>[0-9a-f]{64})", "_lfs_upload"),
     ("GET", rf"/api/{_REPO}/refs", "_refs"),
     ("GET", rf"/api/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?", "_tree"),
     ("GET", rf"/api/{_REPO}(?:/revision/(?P<rev>[^/]+))?", "_repo_info"),
@@ -95,6 +100,7 @@ class FakeHub:
         self.bodies: list[bytes] = []  # request bodies, aligned with `requests`
         self.unknown: list[str] = []  # "METHOD path" that matched no route (answered 404)
         self.blocked: list[Any] = []  # non-loopback addresses refused by the socket guard of `patch_endpoint`
+        self.lfs: dict[str, bytes] = {}  # sha256 hex -> contents uploaded through the LFS protocol
         self._heads: dict[str, str] = {}
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -144,9 +150,10 @@ class FakeHub:
 
         ``HF_ENDPOINT`` is read once at import into ``huggingface_hub.constants``, and copies of it live on: the
         module-level ``huggingface_hub.hf_api.api`` (behind ``huggingface_hub.upload_folder`` etc.), the resolve URL
-        template, the trusted-host set, and ``transformers.utils.hub._hf_api`` (built on first use). All are patched,
-        Xet and telemetry are switched off, and with ``block_remote`` any non-loopback socket connect is refused and
-        recorded in ``self.blocked``, so a missed copy fails fast instead of reaching huggingface.co.
+        template, the trusted-host set, ``transformers.utils.hub._hf_api`` (built on first use) and
+        ``datasets.config``'s endpoint (``Dataset.push_to_hub``). All are patched, Xet and telemetry are switched
+        off, and with ``block_remote`` any non-loopback socket connect is refused and recorded in ``self.blocked``,
+        so a missed copy fails fast instead of reaching huggingface.co.
         """
         from huggingface_hub import constants, hf_api
 
@@ -168,6 +175,16 @@ class FakeHub:
             transformers_hub = None
         if hasattr(transformers_hub, "_hf_api"):
             monkeypatch.setattr(transformers_hub, "_hf_api", None)  # rebuilt lazily from the patched constants
+        try:  # datasets keeps its own copies (Dataset.push_to_hub builds HfApi(endpoint=datasets.config.HF_ENDPOINT))
+            import datasets.config as datasets_config
+        except ImportError:
+            datasets_config = None
+        if datasets_config is not None:
+            monkeypatch.setattr(datasets_config, "HF_ENDPOINT", url)
+            monkeypatch.setattr(
+                datasets_config, "HUB_DATASETS_URL", url + "/datasets/{repo_id}/resolve/{revision}/{path}"
+            )
+            monkeypatch.setattr(datasets_config, "HF_HUB_OFFLINE", False)
         if block_remote:
             self._block_remote_sockets(monkeypatch)
 
@@ -249,7 +266,8 @@ class FakeHub:
         for item in json.loads(body)["files"]:
             path = item["path"]
             oid = git_blob_oid(files[path]) if path in files else None
-            answer.append({"path": path, "uploadMode": "regular", "shouldIgnore": False, "oid": oid})
+            mode = "lfs" if path.endswith(LFS_SUFFIXES) else "regular"
+            answer.append({"path": path, "uploadMode": mode, "shouldIgnore": False, "oid": oid})
         return {"files": answer, "commitOid": self._heads[repo_id]}
 
     def _commit(self, m, query, body):
@@ -271,6 +289,11 @@ class FakeHub:
                 encoding = value.get("encoding", "utf-8")
                 files[value["path"]] = base64.b64decode(content) if encoding == "base64" else content.encode()
                 added.append(value["path"])
+            elif key == "lfsFile":
+                if value["oid"] not in self.lfs:
+                    raise _Reply(400, f"LFS object {value['oid']} was never uploaded", "BadRequest")
+                files[value["path"]] = self.lfs[value["oid"]]
+                added.append(value["path"])
             elif key == "deletedFile":
                 if files.pop(value["path"], None) is None:
                     raise _Reply(404, "A file with this name doesn't exist", "EntryNotFound")
@@ -281,10 +304,27 @@ class FakeHub:
                 for path in gone:
                     del files[path]
                 deleted.extend(gone)
-            elif key != "header":  # lfsFile included: preupload never asks for LFS, so one here is a client change
+            elif key != "header":
                 raise _Reply(400, f"FakeHub does not support commit operation {key!r}", "BadRequest")
         commit = self._new_commit(repo_id, header["summary"], header.get("description", ""), files, added, deleted)
         return {"commitUrl": f"{self.url}/{repo_id}/commit/{commit.oid}", "commitOid": commit.oid, "success": True}
+
+    def _lfs_batch(self, m, query, body):
+        """The LFS batch API: every object not stored yet gets a single-PUT upload action on this server."""
+        self._get_repo(m)
+        objects = []
+        for item in json.loads(body)["objects"]:
+            entry = {"oid": item["oid"], "size": item["size"]}
+            if item["oid"] not in self.lfs:
+                entry["actions"] = {"upload": {"href": f"{self.url}/lfs-upload/{item['oid']}"}}
+            objects.append(entry)
+        return {"transfer": "basic", "objects": objects}
+
+    def _lfs_upload(self, m, query, body):
+        if hashlib.sha256(body).hexdigest() != m["oid"]:
+            raise _Reply(400, "LFS upload does not match its sha256", "BadRequest")
+        self.lfs[m["oid"]] = body
+        return {}
 
     def _refs(self, m, query, body):
         repo_id = self._get_repo(m)
@@ -358,7 +398,7 @@ class _Handler(BaseHTTPRequestHandler):
     fake: FakeHub
     protocol_version = "HTTP/1.1"
     timeout = 10  # an idle pooled client connection frees its thread after this long
-    _write_routes = {"_create_repo", "_preupload", "_commit", "_whoami"}
+    _write_routes = {"_create_repo", "_preupload", "_commit", "_whoami", "_lfs_batch"}
 
     def log_message(self, format, *args):  # noqa: A002 - signature fixed by BaseHTTPRequestHandler
         pass  # keep pytest output quiet; `FakeHub.requests` is the log

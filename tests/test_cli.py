@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,14 @@ def test_cli_flags_override_yaml_values(tmp_path):
 def test_demo_arguments_match_the_noisy_recipe_yaml():
     parsed_demo = recipe.parse_args(cli.DEMO_ARGS)
     parsed_yaml = recipe.parse_args(
-        ["--config", str(RECIPES / "noisy_reweighting.yaml"), "--output_dir", "outputs/demo"]
+        [
+            "--config",
+            str(RECIPES / "noisy_reweighting.yaml"),
+            "--output_dir",
+            "outputs/demo",
+            "--compare_uniform",
+            "true",
+        ]
     )
     for demo, from_yaml in zip(parsed_demo, parsed_yaml, strict=True):
         assert demo == from_yaml
@@ -65,7 +73,7 @@ def test_missing_file_unknown_recipe_and_wrong_type(tmp_path, capsys):
 def test_each_recipe_runs_its_offline_default(tmp_path, name):
     out = tmp_path / name
     args = ["--config", str(RECIPES / f"{name}.yaml"), "--max_steps", "2", "--output_dir", str(out)]
-    args += ["--num_directions", "2", "--directions", "rademacher", "--plot", "false"]
+    args += ["--num_directions", "2", "--directions", "rademacher", "--plot", "false", "--compare_uniform", "true"]
     results = cli.run_train(args)
     assert json.loads((out / "results.json").read_text()) == results
     assert results["bilevel_meta_loss"] > 0 and results["uniform_meta_loss"] > 0
@@ -148,8 +156,12 @@ def test_help_is_grouped_with_bilevel_options_first(capsys):
     titles = [line for line in lines if line and not line.startswith(" ") and line.endswith(":")]
     assert titles == [
         "options:", "run:", "BilevelConfig: bilevel meta-tuning:", "recipe: what to learn and on which data:",
-        "model and its LoRA adapter:", f"{parsing.TRAINER_GROUP}:",
+        "model and its LoRA adapter:", f"{parsing.TRAINER_GROUP}:", f"{recipe.BUILTIN_GROUP}:",
     ]  # fmt: skip
+    assert len(lines) < 400 and "--ignore_data_skip" not in "\n".join(lines)  # issue 23 item 10: was 771 lines
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--help_all"])
+    assert "--ignore_data_skip" in capsys.readouterr().out
     first80 = "\n".join(lines[:80])
     assert "--config FILE" in first80 and "--num_processes N" in first80
     assert (
@@ -163,7 +175,7 @@ def test_help_is_grouped_with_bilevel_options_first(capsys):
 def test_num_processes_launches_the_cli_through_accelerate(tmp_path, monkeypatch, capsys):
     calls = []
 
-    def fake_run(command, check):
+    def fake_run(command, check, env=None):
         calls.append(command)
         (tmp_path / "results.json").write_text('{"bilevel_meta_loss": 1.5}')
         return subprocess.CompletedProcess(command, 0)
@@ -196,7 +208,7 @@ def test_recipe_push_uploads_the_bilevel_run_without_its_uniform_baseline(tmp_pa
     out = tmp_path / "run"
     args = ["--config", str(RECIPES / "noisy_reweighting.yaml"), "--max_steps", "1", "--output_dir", str(out)]
     args += ["--num_directions", "2", "--plot", "false", "--push_to_hub", "true", "--hub_model_id", "tester/run"]
-    args += ["--hub_token", "hf_fake", "--hub_strategy", "end"]
+    args += ["--hub_token", "hf_fake", "--hub_strategy", "end", "--compare_uniform", "true"]
     results = cli.run_train(args)
     assert results["uniform_meta_loss"] > 0 and (out / "uniform").is_dir()
     pushed = set(hub.repos["tester/run"])
@@ -207,6 +219,7 @@ def test_recipe_push_uploads_the_bilevel_run_without_its_uniform_baseline(tmp_pa
         "weighted_dataset.parquet",
     } <= pushed
     assert not [path for path in pushed if "uniform" in path], sorted(pushed)
+    assert not [path for path in pushed if path.startswith("weighted_dataset/")]  # one copy: the parquet file
 
 
 def test_only_the_main_process_writes_the_run_summary_files(tmp_path):
@@ -221,8 +234,184 @@ def test_only_the_main_process_writes_the_run_summary_files(tmp_path):
     )
     script = recipe.ScriptArguments(recipe="noisy_reweighting", plot=True)
     for rank, saves in ((1, False), (0, True)):
-        trainer = SimpleNamespace(args=SimpleNamespace(should_save=saves), export_weights=lambda: weighted)
+        trainer = SimpleNamespace(args=SimpleNamespace(should_save=saves), export_weights=lambda: weighted, outer=None)
         out = recipe.summarize(script, None, trainer, {}, tmp_path / str(rank))
         assert out["auroc_corrupted"] == 1.0
-        assert (tmp_path / str(rank) / "weighted_dataset").is_dir() == saves
+        assert (tmp_path / str(rank) / "weighted_dataset.parquet").is_file() == saves
         assert (tmp_path / str(rank) / "weights_histogram.png").is_file() == saves
+
+
+def test_every_packaged_yaml_is_a_recipe_name_and_a_config_name(tmp_path, monkeypatch):
+    """Issue 23 item 2: --recipe NAME and --config NAME reach every packaged YAML from any directory, and a
+    missing config's error does not send the user to --recipe for a name that --recipe refuses."""
+    monkeypatch.chdir(tmp_path)
+    names = sorted(path.stem for path in RECIPES.glob("*.yaml"))
+    assert "noisy_reweighting_real" in names and sorted(recipe.RECIPES) == names
+    for name in names:
+        packaged = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
+        for argv in (["--recipe", name], ["--config", name], ["--config", f"hf_fg2u/recipes/{name}.yaml"]):
+            script, training, _ = recipe.parse_args(argv)
+            assert script.recipe == name and training.output_dir == packaged["output_dir"], argv
+    script, training, model = recipe.parse_args(["--recipe", "noisy_reweighting_real"])
+    assert script.weight_parametrization == "sigmoid" and training.method == "rgu" and model.lora_r == 8
+    with pytest.raises(FileNotFoundError) as error:
+        recipe.parse_args(["--config", "nope.yaml"])
+    assert "--recipe" not in str(error.value) and "noisy_reweighting_real" in str(error.value)
+    with pytest.raises(ValueError, match=r"recipe='nope' is not known; use one of \['domain_mixture', 'noisy"):
+        recipe.parse_args(["--recipe", "nope"])
+
+
+def test_noisy_reweighting_real_runs_by_name_on_the_builtin_data(tmp_path):
+    out = tmp_path / "real"
+    argv = ["--recipe", "noisy_reweighting_real", "--max_steps", "1", "--output_dir", str(out), "--plot", "false"]
+    results = cli.run_train([*argv, "--max_length", "10"])
+    assert results["bilevel_meta_loss"] > 0 and (out / "weighted_dataset.parquet").is_file()
+    assert 0.0 <= results["auroc_corrupted"] <= 1.0
+
+
+def test_toy_options_sit_in_their_own_help_group_last(capsys):
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--help"])
+    text = capsys.readouterr().out
+    last = text.split(f"\n{recipe.BUILTIN_GROUP}:\n")
+    assert len(last) == 2, "the toy group is missing"
+    for option in ("--num_facts", "--copies", "--tiny_hidden_size", "--corrupted_fraction"):
+        assert option in last[1] and option not in last[0], option
+    assert not [line for line in last[1].splitlines() if line.endswith(":") and not line.startswith(" ")]
+
+
+def weighted_run(folder: Path) -> Path:
+    """A run folder holding only what `hf-fg2u weights` reads: the weighted dataset."""
+    from datasets import Dataset
+
+    rows = {"text": [f"row {i}" for i in range(8)], "is_corrupted": [i % 4 == 0 for i in range(8)]}
+    rows["weight"] = [0.1, 1.2, 1.1, 1.3, 0.2, 0.9, 1.0, 1.4]
+    folder.mkdir(parents=True)
+    Dataset.from_dict(rows).to_parquet(str(folder / "weighted_dataset.parquet"))
+    return folder
+
+
+def test_weights_export_filtered_and_resampled_rows_without_weights(tmp_path):
+    """Issue 23 item 1 (export): plain rows that `trl sft --dataset_name DIR` trains on as the weights say."""
+    from datasets import load_dataset
+
+    run = weighted_run(tmp_path / "run")
+    cli.run_weights([str(run), "--export", "filtered", "--output_dir", str(tmp_path / "f")])
+    kept = load_dataset(str(tmp_path / "f"), split="train")
+    assert kept.column_names == ["text", "is_corrupted"]  # no weight column
+    assert kept["text"] == ["row 1", "row 2", "row 3", "row 5", "row 6", "row 7"]  # weight >= mean (0.9)
+    cli.run_weights([str(run), "--export", "filtered", "--keep_fraction", "0.25", "--output_dir", str(tmp_path / "q")])
+    assert load_dataset(str(tmp_path / "q"), split="train")["text"] == ["row 3", "row 7"]  # the top 2 of 8
+    cli.run_weights([str(run), "--export", "filtered", "--threshold", "1.15", "--output_dir", str(tmp_path / "t")])
+    assert load_dataset(str(tmp_path / "t"), split="train")["text"] == ["row 1", "row 3", "row 7"]
+    argv = [str(run), "--export", "resampled", "--num_rows", "4000", "--seed", "3"]
+    cli.run_weights([*argv, "--output_dir", str(tmp_path / "r")])
+    drawn = load_dataset(str(tmp_path / "r"), split="train")
+    assert drawn.column_names == ["text", "is_corrupted"] and len(drawn) == 4000
+    share = drawn["text"].count("row 7") / 4000  # probability 1.4 / 7.2 = 0.194; 3 sigma of 4000 draws is 0.019
+    assert share == pytest.approx(1.4 / 7.2, abs=0.019)
+    cli.run_weights([*argv, "--output_dir", str(tmp_path / "r2")])  # seeded: the same draw again
+    assert load_dataset(str(tmp_path / "r2"), split="train")["text"] == drawn["text"]
+    with pytest.raises(ValueError, match="lower --threshold"):
+        cli.run_weights([str(run), "--export", "filtered", "--threshold", "9"])
+
+
+def test_weights_push_to_hub_uploads_the_weighted_dataset(tmp_path, hub, monkeypatch):
+    """Issue 23 item 10: `hf-fg2u weights RUN --push_to_hub` against the stand-in Hub."""
+    monkeypatch.setenv("HF_TOKEN", "hf_fake")
+    run = weighted_run(tmp_path / "run")
+    cli.run_weights([str(run), "--push_to_hub", "tester/weights"])
+    files = hub.repos["tester/weights"]
+    parquet = [path for path in files if path.endswith(".parquet")]
+    assert len(parquet) == 1, sorted(files)
+    import io
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(files[parquet[0]]))
+    assert table.column("weight").to_pylist() == pytest.approx([0.1, 1.2, 1.1, 1.3, 0.2, 0.9, 1.0, 1.4])
+
+
+def test_train_ends_with_a_summary_states_the_baseline_and_logs_each_tag_once(tmp_path, capsys, recwarn):
+    """Issue 23 items 8 and 9: a summary with the folder, numbers and next command; no uniform run unless asked
+    (said in the first lines); the final meta evaluation under its own tag; no known third-party warning."""
+    from transformers import TrainerCallback
+
+    class Keep(TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            self.state = state
+
+    keep, out = Keep(), tmp_path / "run"
+    argv = ["--recipe", "noisy_reweighting", "--max_steps", "2", "--logging_steps", "1", "--output_dir", str(out)]
+    monkey_main = recipe.main
+    try:
+        recipe.main = lambda *args: monkey_main(*args, callbacks=[keep])
+        results = cli.run_train([*argv, "--plot", "false"])
+    finally:
+        recipe.main = monkey_main
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "[hf_fg2u] 1 process, backend none, device cpu"
+    assert "no uniform-weights baseline (--compare_uniform true adds one)" in lines[1]
+    assert "uniform_meta_loss" not in results and not (out / "uniform").exists()
+    summary = "\n".join(lines[lines.index("") :])
+    assert f"Output folder: {out.resolve()}" in summary and f"next: hf-fg2u weights {out.resolve()}" in summary
+    assert f"{results['bilevel_meta_loss']:.4g}" in summary and "AUROC" in summary
+    history = keep.state.log_history
+    steps_of = [entry["step"] for entry in history if "meta_loss" in entry]
+    assert steps_of == [1, 2]  # one meta_loss per step; the final evaluation is final_meta_loss
+    assert [entry["final_meta_loss"] for entry in history if "final_meta_loss" in entry] == [
+        pytest.approx(results["bilevel_meta_loss"])
+    ]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    documented = set(re.findall(r"`([a-z_*]+)`", readme[readme.index("| name | what it is |") :].split("\n\n")[0]))
+    logged = {key for entry in history for key in entry if key != "step"}
+    undocumented = {key for key in logged - documented if not any(key.endswith(t.lstrip("*")) for t in documented)}
+    assert undocumented == set()
+    noisy = [
+        str(w.message)
+        for w in recwarn
+        if "is_gradient_checkpointing" in str(w.message) or "pin_memory" in str(w.message)
+    ]
+    assert noisy == []
+
+
+def test_bare_command_prints_plain_text(capsys):
+    cli.main([])
+    text = capsys.readouterr().out
+    assert text.startswith("The hf-fg2u command") and "``" not in text and "hf-fg2u weights" in text
+
+
+def test_cpu_launch_echoes_the_environment_that_makes_cpu_ranks(tmp_path, monkeypatch, capsys):
+    """Issue 23 item 9: on a machine without a GPU, --multi_gpu starts CPU ranks only with ACCELERATE_USE_CPU=1
+    (DESIGN.md section 5); the echoed line shows it, and the launcher sets it."""
+    seen = {}
+
+    def fake_run(command, check, env=None):
+        seen.update(env=env, command=command)
+        (tmp_path / "results.json").write_text(json.dumps({"output_dir": str(tmp_path), "bilevel_meta_loss": 1.5}))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(cli.subprocess, "run", fake_run)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cli.run_train(["--recipe", "soft_prompt", "--output_dir", str(tmp_path), "--num_processes", "2"])
+    echoed = capsys.readouterr().out.splitlines()[0]
+    assert echoed.startswith(f"[hf_fg2u] ACCELERATE_USE_CPU=1 {sys.executable} -m accelerate.commands.launch")
+    assert "--multi_gpu" in echoed and "# CPU ranks (gloo)" in echoed
+    assert seen["env"]["ACCELERATE_USE_CPU"] == "1"
+
+
+def test_only_the_first_rank_prints_warnings_and_progress_bars():
+    import warnings
+
+    import datasets
+
+    try:
+        for rank, expected in ((0, 1), (1, 0)):
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                recipe.quiet_replicas(rank)
+                warnings.warn("rows were cut at max_length", UserWarning, stacklevel=1)
+            assert len(seen) == expected and datasets.is_progress_bar_enabled() == (rank == 0), rank
+    finally:
+        datasets.enable_progress_bars()

@@ -134,3 +134,46 @@ def test_load_run_from_a_folder_without_a_base_model_name_says_what_to_pass(tmp_
     torch.testing.assert_close(
         run.model(torch.tensor([[1, 2, 3]])).logits, trainer.model(torch.tensor([[1, 2, 3]])).logits
     )
+
+
+def test_model_config_options_reach_from_pretrained_and_a_gguf_base_is_recorded(tmp_path, monkeypatch):
+    """Issue 23 item 5: --dtype, --model_revision, --trust_remote_code and --model_init_kwargs reach
+    from_pretrained; a run on a GGUF base records the file and load_run passes it back."""
+    from hf_fg2u import hub as hub_module
+    from hf_fg2u import recipe
+
+    folder = tmp_path / "base"
+    tiny_llama().save_pretrained(folder)
+    TOKENIZER.save_pretrained(folder)
+    script, training, model_args = recipe.parse_args([
+        "--model_name_or_path", str(folder), "--dtype", "bfloat16", "--model_revision", "main",
+        "--trust_remote_code", "true", "--model_init_kwargs", '{"attn_implementation": "sdpa"}',
+    ])  # fmt: skip
+    model, tokenizer = recipe.load_model_and_tokenizer(model_args, 0, training.model_init_kwargs)
+    assert model.dtype == torch.bfloat16 and model.config._attn_implementation == "sdpa"
+    assert recipe.from_pretrained_kwargs(model_args, training.model_init_kwargs) == {
+        "revision": "main", "trust_remote_code": True, "attn_implementation": "sdpa", "dtype": torch.bfloat16,
+    }  # fmt: skip
+    assert recipe.load_model_and_tokenizer(recipe.ModelArguments(model_name_or_path=str(folder)), 0)[0].dtype == (
+        torch.float32
+    )
+
+    _, data = fact_data(num_facts=4, copies=4)
+    base = tiny_llama()
+    base.config.gguf_file = "model.Q4_1.gguf"  # what recipe.load_model_and_tokenizer sets on a GGUF base
+    trainer = trainer_for(tmp_path, ExampleWeights(16), data, model=base, max_steps=1, num_directions=2)
+    trainer.train()
+    trainer.save_model()
+    run = Path(trainer.args.output_dir)
+    assert json.loads((run / "base_model.json").read_text())["gguf_file"] == "model.Q4_1.gguf"
+    seen = {}
+
+    def fake_from_pretrained(name, **kwargs):
+        seen.update(kwargs)
+        return tiny_llama()
+
+    monkeypatch.setattr(hub_module.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
+    adapter = json.loads((run / "adapter_config.json").read_text())  # as a GGUF folder would name it
+    (run / "adapter_config.json").write_text(json.dumps(adapter | {"base_model_name_or_path": str(folder)}))
+    load_run(run)
+    assert seen == {"gguf_file": "model.Q4_1.gguf"}

@@ -31,7 +31,7 @@ def saved_run(tmp_path_factory):
 def test_card_parses_with_validated_metadata(saved_run, hub):
     trainer, folder, base = saved_run
     card = ModelCard.load(folder / "README.md")
-    assert card.data.base_model == str(base) and card.data.library_name == "peft"
+    assert card.data.base_model is None and card.data.library_name == "peft"  # a local path is no Hub metadata
     assert card.data.pipeline_tag == "text-generation"
     assert {"hf_fg2u", "bilevel", "fg2u", "exampleweights"} <= set(card.data.tags)
     card.validate()  # the Hub's validate-yaml endpoint (here the stand-in) receives the parsed metadata
@@ -60,3 +60,26 @@ def test_card_shows_the_weights_plot_saved_beside_it(saved_run, tmp_path):
     assert "![learned weights]" not in build_model_card(trainer, tmp_path).text
     (tmp_path / PLOT_NAME).write_bytes(b"\x89PNG")
     assert f"![learned weights]({PLOT_NAME})" in build_model_card(trainer, tmp_path).text
+
+
+def test_card_metadata_metrics_and_options_are_the_runs_own(saved_run, tmp_path):
+    """Issue 23 item 7: Hub names only in metadata, datasets and license when known, result metrics only (no
+    timings, FLOPs or the loss copy), and only the options of the method that ran."""
+    trainer, _, base = saved_run
+    assert trainer.args.method == "fg2u"
+    card = build_model_card(trainer, tmp_path, dataset="my-org/noisy", license="apache-2.0")
+    assert card.data.datasets == ["my-org/noisy"] and card.data.license == "apache-2.0"
+    assert build_model_card(trainer, tmp_path, dataset=str(base)).data.datasets is None
+    trainer.model_name = "HuggingFaceTB/SmolLM2-135M"
+    try:
+        assert build_model_card(trainer, tmp_path).data.base_model == "HuggingFaceTB/SmolLM2-135M"
+    finally:
+        trainer.model_name = str(base)
+    metrics = card.text[card.text.index("## Final metrics") : card.text.index("## Bilevel configuration")]
+    assert "| meta_loss |" in metrics and "| train_loss |" in metrics
+    for noise in ("runtime", "flos", "per_second", "| loss |", "learning_rate"):
+        assert noise not in metrics, noise
+    config = card.text[card.text.index("## Bilevel configuration") : card.text.index("## Versions")]
+    assert '"num_directions"' in config and '"directions"' in config  # fg2u's own options
+    for other in ('"zo_epsilon"', '"cg_damping"', '"truncation"'):
+        assert other not in config, other

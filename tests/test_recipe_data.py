@@ -5,9 +5,10 @@ import json
 
 import pytest
 import torch
-from datasets import Dataset, load_from_disk
+from datasets import Dataset
 
 from hf_fg2u import cli, recipe
+from hf_fg2u.report import load_weighted_dataset
 
 
 def pairs(count: int, start: int = 0, wrong: bool = False) -> list[dict]:
@@ -93,7 +94,7 @@ def test_own_jsonl_end_to_end_short_run_writes_results_in_the_users_terms(tmp_pa
     assert json.loads((out / "results.json").read_text()) == results
     assert (out / "meta_loss.png").is_file()
     assert results["bilevel_eval_loss"] > 0 and results["bilevel_eval_loss"] != results["bilevel_meta_loss"]
-    weighted = load_from_disk(str(out / "weighted_dataset"))
+    weighted = load_weighted_dataset(out)
     assert weighted.column_names == ["prompt", "completion", "is_corrupted", "weight"]
     assert 0.0 <= results["auroc_corrupted"] <= 1.0
     text = cli.run_weights([str(out), "--top", "2"])
@@ -111,7 +112,7 @@ def test_built_in_recipe_shorter_than_logging_steps_finishes_and_writes_results(
     ])  # fmt: skip
     assert (out / "results.json").is_file() and (out / "meta_loss.png").is_file()
     assert "bilevel_eval_loss" not in results  # the built-in data has no held-out split beyond its meta set
-    weighted = load_from_disk(str(out / "weighted_dataset"))
+    weighted = load_weighted_dataset(out)
     assert weighted.column_names == ["example_id", "is_corrupted", "domain", "text", "weight"]
 
 
@@ -121,7 +122,7 @@ def test_time_budget_stops_the_run_after_the_step_that_passes_it_and_still_repor
         "--recipe", "noisy_reweighting", "--max_steps", "50", "--logging_steps", "10", "--time_budget_s", "1e-6",
         "--num_directions", "2", "--directions", "rademacher", "--output_dir", str(out),
     ])  # fmt: skip
-    assert capsys.readouterr().out.count("time budget of 1e-06 s reached after 1 outer steps") == 2  # both runs
+    assert capsys.readouterr().out.count("time budget of 1e-06 s reached after 1 outer steps") == 1  # no uniform run
     assert (out / "results.json").is_file() and (out / "meta_loss.png").is_file()  # the step was logged
     assert results["bilevel_meta_loss"] > 0
 
@@ -175,3 +176,40 @@ def test_final_stage_scores_learned_and_uniform_weights_on_the_eval_split_and_wa
     assert results["final_adapter_eval_loss"] != results["final_adapter_meta_loss"]
     assert (out / "final_adapter" / "adapter_model.safetensors").is_file()
     assert not (out / "final_adapter" / "uniform_adapter" / "adapter_model.safetensors").exists()  # only scored
+
+
+@pytest.mark.parametrize("order", ["meta_first", "train_first", "folder"])
+def test_splits_may_have_different_columns_in_any_file_order(tmp_path, order):
+    """Issue 23 item 4: train rows carry is_corrupted, meta rows do not; one load_dataset call per split."""
+    train = write(tmp_path / "train.jsonl", pairs(6) + pairs(2, wrong=True))
+    meta = write(tmp_path / "meta.jsonl", [{"prompt": r["prompt"], "completion": r["completion"]} for r in pairs(3)])
+    files = [f"meta={meta}", f"train={train}"] if order == "meta_first" else [f"train={train}", f"meta={meta}"]
+    s = args_for(dataset_name=str(tmp_path)) if order == "folder" else args_for(data_files=files)
+    splits = recipe.user_splits(s)
+    assert splits["train"].column_names == ["prompt", "completion", "is_corrupted"]
+    assert splits["meta"].column_names == ["prompt", "completion"]
+    assert sum(splits["train"]["is_corrupted"]) == 2 and len(splits["meta"]) == 3
+
+
+def test_toy_max_length_applies_to_the_builtin_data_only(tmp_path):
+    """Issue 23 item 3: the packaged recipe's max_length 10 is for its toy rows; the user's data gets the
+    documented default (512) unless the user sets one."""
+    from hf_fg2u.config import BilevelConfig
+
+    train = write(tmp_path / "train.jsonl", pairs(4))
+    meta = write(tmp_path / "meta.jsonl", pairs(2))
+    own = ["--data_files", f"train={train}", f"meta={meta}"]
+    documented = BilevelConfig.__dataclass_fields__["max_length"].default
+    assert documented == 512
+    for name in ("noisy_reweighting", "domain_mixture", "soft_prompt"):
+        script, training, _ = recipe.parse_args(["--recipe", name])
+        assert training.max_length == 10 and script.num_facts in (8, 12)
+        assert recipe.parse_args(["--recipe", name, *own])[1].max_length == documented
+        assert recipe.parse_args(["--recipe", name, *own, "--max_length", "64"])[1].max_length == 64
+        assert recipe.parse_args(["--recipe", name, "--max_length", "12"])[1].max_length == 12
+    config = tmp_path / "mine.yaml"  # the user's own YAML naming their data: its toy section is not applied
+    config.write_text(f"data_files: [train={train}, meta={meta}]\nbuiltin_data:\n  max_length: 9\n")
+    assert recipe.parse_args(["--config", str(config)])[1].max_length == documented
+    config.write_text("builtin_data:\n  max_length: 9\n  num_facts: 3\n")
+    script, training, _ = recipe.parse_args(["--config", str(config)])
+    assert training.max_length == 9 and script.num_facts == 3
