@@ -602,7 +602,10 @@ class BilevelTrainer(Trainer):
         for start in range(0, len(view), 64):
             rows = [view[i] for i in range(start, min(start + 64, len(view)))]
             batch = self._prepare_inputs(self.data_collator(rows))
-            losses = per_example_losses(params, outer, batch)
+            if self.outer.reads_losses:
+                losses = per_example_losses(params, outer, batch)
+            else:  # weights of ids or domains: no forward pass over the dataset
+                losses = torch.zeros(len(rows), device=batch["input_ids"].device)
             weights = self.outer.row_weights(outer, batch, losses)
             chunks.append(torch.ones_like(losses) if weights is None else weights)
         weights = torch.cat(chunks).double().cpu()

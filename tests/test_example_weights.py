@@ -26,7 +26,7 @@ def weights_with(parametrization: str, logits: torch.Tensor = LOGITS) -> Example
 def test_batch_and_exported_weights_are_each_rows_share(parametrization, share):
     outer = weights_with(parametrization)
     batch = {"example_id": torch.tensor([3, 0, 4])}
-    expected = share(LOGITS[[3, 0, 4]]) / share(LOGITS[[3, 0, 4]]).sum()
+    expected = share(LOGITS[[3, 0, 4]]) / share(LOGITS).mean() / 3  # w_i / B, w_i = s_i / mean over the dataset
     torch.testing.assert_close(outer.example_weights(outer.outer_dict(), batch, None), expected, rtol=1e-12, atol=0)
     everyone = share(LOGITS) / share(LOGITS).sum()
     torch.testing.assert_close(outer.row_weights(outer.outer_dict(), batch, None), everyone[[3, 0, 4]])
@@ -58,16 +58,31 @@ def test_regularizers_of_the_sigmoid_weights():
 
 
 def test_hypergradient_through_the_sigmoid_weights_matches_the_chain_rule():
-    """d(Σ w_i ℓ_i)/dz_j for w = σ(z)/Σσ(z): autograd through example_weights against the formula
-    σ'(z_j)/S · (ℓ_j − Σ w_i ℓ_i)."""
+    """d(Σ_i w_i ℓ_i / B)/dz_j for w_i = σ(z_i)/m, m = mean_k σ(z_k) held fixed: autograd through example_weights
+    against the formula σ'(z_j) ℓ_j / (m B), and 0 for the rows outside the batch."""
     outer = weights_with("sigmoid")
-    losses = torch.tensor([0.3, 2.0, 1.1, 0.7, 4.0], dtype=torch.float64)
+    losses = torch.tensor([0.3, 2.0, 4.0], dtype=torch.float64)
+    rows = torch.tensor([1, 2, 4])
     logits = LOGITS.clone().requires_grad_(True)
-    weights = outer.example_weights({"logits": logits}, {"example_id": torch.arange(5)}, None)
+    weights = outer.example_weights({"logits": logits}, {"example_id": rows}, None)
     (weights * losses).sum().backward()
     s = torch.sigmoid(LOGITS)
-    expected = s * (1 - s) / s.sum() * (losses - (s / s.sum() * losses).sum())
+    expected = torch.zeros_like(LOGITS)
+    expected[rows] = (s * (1 - s))[rows] * losses / (s.mean() * len(rows))
     torch.testing.assert_close(logits.grad, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_a_rows_weight_does_not_depend_on_its_batch_mates():
+    """The same row weighs the same in any batch, and an all-clean batch's equal losses push every logit the same
+    way (a per-batch normaliser would give hypergradients summing to zero: some row always pushed down)."""
+    outer = weights_with("sigmoid")
+    one = outer.example_weights(outer.outer_dict(), {"example_id": torch.tensor([3, 0])}, None)
+    other = outer.example_weights(outer.outer_dict(), {"example_id": torch.tensor([3, 4])}, None)
+    assert one[0].item() == pytest.approx(other[0].item(), rel=1e-12)
+    logits = LOGITS.clone().requires_grad_(True)
+    weights = outer.example_weights({"logits": logits}, {"example_id": torch.tensor([0, 2, 3])}, None)
+    (weights * torch.ones(3, dtype=torch.float64)).sum().backward()
+    assert (logits.grad[[0, 2, 3]] > 0).all()
 
 
 def test_parametrization_survives_save_and_load(tmp_path):

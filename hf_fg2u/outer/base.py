@@ -32,6 +32,7 @@ class OuterModule(torch.nn.Module):
     """
 
     required_columns: tuple[str, ...] = ()
+    reads_losses = True  # whether the weights read the rows' losses (a weighting network); else ids or domains
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -43,7 +44,8 @@ class OuterModule(torch.nn.Module):
 
     # -- pure functions of φ (a dict like ``outer_dict()``) ---------------------------------------------------
     def example_weights(self, outer: dict, batch: dict, losses: torch.Tensor) -> torch.Tensor | None:
-        """Weights [B] of the inner loss's examples (summing to 1), or None for the plain mean.
+        """Weights [B] of the inner loss's examples (the loss is Σ_i w_i ℓ_i; summing to 1 on average), or None for
+        the plain mean.
         ``losses`` are the detached per-example losses, a feature for weighting networks."""
         return None
 

@@ -13,6 +13,8 @@ class DomainWeights(OuterModule):
     The dataset's domain column holds names; ``prepare_dataset`` adds ``<column>_index`` with their indices.
     """
 
+    reads_losses = False
+
     def __init__(self, domains: list[str], domain_column: str = "domain", init: list[float] | None = None):
         domains = list(domains)
         super().__init__(domains=domains, domain_column=domain_column, init=init)

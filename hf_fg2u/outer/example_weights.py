@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .base import OuterModule, normalized_entropy, require_columns, softmax_regularizer
@@ -10,9 +12,15 @@ PARAMETRIZATIONS = ("softmax", "sigmoid")
 
 
 class ExampleWeights(OuterModule):
-    """A logit per training example, read through an id column; a batch's weights are its rows' shares.
+    """A logit per training example, read through an id column.
 
-    ``parametrization`` says how a logit z becomes a row's share before the batch normalises them to sum to 1:
+    A row's weight is its share s(z_i) over the mean share of the whole dataset, w_i = s(z_i) / mean_j s(z_j): how
+    much its loss counts against the average row (mean weight 1). The dataset-wide mean is held fixed while
+    differentiating, so a row's weight and its hypergradient depend on its own logit only, never on the rows it
+    was batched with (a per-batch normaliser would push some row of every all-clean batch down). The inner loss
+    of a batch of B rows is Σ_i w_i ℓ_i / B.
+
+    ``parametrization`` says how a logit z becomes a row's share:
     ``"softmax"`` (exp z, unbounded) or ``"sigmoid"`` (σ(z) in (0, 1), a soft keep-probability). With sigmoid a
     row can be dropped but never weighs more than a row kept in full, so the weights cannot pile onto the few rows
     that best fit a small meta set (docs/real_demo.md measures that case). ``max_logit`` caps the logits after
@@ -21,6 +29,8 @@ class ExampleWeights(OuterModule):
     can affect h, so they alone get random directions: the estimator's dimension is T·batch, not the dataset size.
     ``weights()`` reports every row's share of the whole dataset, times num_examples (mean 1).
     """
+
+    reads_losses = False
 
     def __init__(
         self,
@@ -51,7 +61,11 @@ class ExampleWeights(OuterModule):
         return logits if self.parametrization == "softmax" else torch.nn.functional.logsigmoid(logits)
 
     def example_weights(self, outer, batch, losses):
-        return torch.softmax(self.log_shares(outer["logits"][batch[self.id_column]]), dim=0)
+        """w_i / B for the batch's rows: each row's share over the dataset's mean share (held fixed), over B."""
+        log_shares = self.log_shares(outer["logits"])
+        log_mean_share = torch.logsumexp(log_shares.detach(), dim=0) - math.log(log_shares.numel())
+        rows = batch[self.id_column]
+        return torch.exp(log_shares[rows] - log_mean_share) / rows.numel()
 
     def row_weights(self, outer, batch, losses):
         return torch.softmax(self.log_shares(outer["logits"]), dim=0)[batch[self.id_column]]

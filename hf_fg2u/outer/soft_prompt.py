@@ -16,6 +16,8 @@ class SoftPrompt(OuterModule):
     (``hf_fg2u.problem.per_example_lm_loss``), so the prompt is trained only through its effect on θ_T and
     on the meta loss."""
 
+    reads_losses = False
+
     def __init__(self, num_virtual_tokens: int, hidden_size: int, init_std: float = 0.02):
         super().__init__(num_virtual_tokens=num_virtual_tokens, hidden_size=hidden_size, init_std=init_std)
         if num_virtual_tokens < 1:
