@@ -1,9 +1,10 @@
-"""The hf-fg2u command: train, demo and weights.
+"""The hf-fg2u command: train, demo, weights and finetune.
 
 hf-fg2u train --recipe noisy_reweighting [--config FILE] [--key value ...]   (hf-fg2u train --help)
 hf-fg2u train --recipe noisy_reweighting --num_processes 2                  (ranks through accelerate)
 hf-fg2u demo [--output_dir outputs/demo]
 hf-fg2u weights outputs/demo [--top 10] [--push_to_hub user/dataset] [--export filtered|resampled]
+hf-fg2u finetune outputs/demo --model_name_or_path MODEL [--eval_file F] [--test_file F]   (finetune --help)
 """
 
 from __future__ import annotations
@@ -135,7 +136,20 @@ def run_weights(argv: list[str]) -> str:
     return text
 
 
-COMMANDS = {"train": run_train, "demo": run_demo, "weights": run_weights}
+def run_finetune(argv: list[str]) -> dict:
+    """Fine-tune a fresh model on a run's (or a file's) weighted rows and print where it went and its scores."""
+    from .finetune import finetune, parse_finetune_args
+
+    results = finetune(*parse_finetune_args(argv))
+    print(f"\nhf_fg2u finetune: done. Model in {results['output_dir']}")
+    for key in ("rows", "effective_rows", "steps", "best_epoch", "eval_loss", "test_loss", "test_accuracy"):
+        if results.get(key) is not None:
+            value = results[key]
+            print(f"  {key:<16}: {value:.4f}" if isinstance(value, float) else f"  {key:<16}: {value}")
+    return results
+
+
+COMMANDS = {"train": run_train, "demo": run_demo, "weights": run_weights, "finetune": run_finetune}
 
 
 def main(argv: list[str] | None = None) -> None:

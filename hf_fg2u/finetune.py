@@ -1,0 +1,208 @@
+"""``hf-fg2u finetune``: from learned weights to a fine-tuned model.
+
+The source is a finished run's folder (its ``weighted_dataset.parquet``) or any data file whose rows carry a
+weight column (a filter's 0/1 weights, someone else's scores). A fresh LoRA adapter (or, with ``--full_finetune``,
+every parameter) is trained with the loss Σ w_i ℓ_i / Σ w_i over each batch (:class:`WeightedLossTrainer`); rows
+of weight 0 are left out. ``--eval_file`` rows are scored every epoch and the best epoch's model is kept (the
+Trainer's ``load_best_model_at_end``); ``--test_file`` rows are scored at the end by loss and, when their
+completions are a few answers, by forced-choice accuracy. The model, a card naming the weights' source, and
+``finetune_results.json`` go to ``--output_dir``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from huggingface_hub import ModelCard, ModelCardData
+from transformers import HfArgumentParser, TrainingArguments, set_seed
+
+from .evaluation import MAX_CHOICES, answer_choices, choice_accuracy
+from .final_stage import WeightedLossTrainer, check_weight_column
+from .formats import prepare_split
+from .trainer import BASE_MODEL_FILE, wrap_with_peft
+
+RESULTS_FILE = "finetune_results.json"
+
+
+@dataclass
+class FinetuneArguments:
+    source: str = field(
+        metadata={"help": "A finished run's folder (its weighted_dataset.parquet), or a .parquet/.jsonl/.json/.csv "
+                  "file whose rows carry a weight column."}
+    )  # fmt: skip
+    weight_column: str = field(default="weight", metadata={"help": "The column that holds each row's weight."})
+    uniform: bool = field(default=False, metadata={"help": "Ignore the weights: every row counts 1 (the baseline)."})
+    eval_file: str | None = field(
+        default=None,
+        metadata={"help": "Rows scored every epoch; the best epoch's model is kept (early stopping)."},
+    )
+    test_file: str | None = field(
+        default=None,
+        metadata={"help": "Rows scored at the end: loss, and forced-choice accuracy when the completions are at "
+                  f"most {MAX_CHOICES} distinct answers."},
+    )  # fmt: skip
+    max_length: int = field(default=128, metadata={"help": "Rows are cut at this many tokens."})
+    full_finetune: bool = field(default=False, metadata={"help": "Train every parameter instead of a LoRA adapter."})
+
+
+def _read_rows(path: str):
+    from .recipe import builder_of, load_files
+
+    return load_files({"train": [path]}, builder_of({"train": [path]}))["train"]
+
+
+def load_weighted_rows(source: str, weight_column: str = "weight", uniform: bool = False):
+    """The rows of ``source`` with their weights in ``weight_column`` (all 1 with ``uniform``), rows of weight 0
+    left out; ``ValueError`` for missing, negative or non-finite weights."""
+    from .report import load_weighted_dataset
+
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"No run folder or data file at {source}.")
+    rows = load_weighted_dataset(path) if path.is_dir() else _read_rows(source)
+    if uniform:
+        rows = rows.remove_columns([c for c in (weight_column,) if c in rows.column_names])
+        return rows.add_column(weight_column, [1.0] * len(rows))
+    check_weight_column(rows, weight_column)
+    return rows.filter(lambda row: row[weight_column] > 0)
+
+
+def base_model_of(source: str) -> dict:
+    """What a run folder records about its base model (``base_model_name_or_path``, a GGUF file), else ``{}``."""
+    for name in (BASE_MODEL_FILE, "adapter_config.json"):
+        record = Path(source) / name
+        if record.is_file():
+            return json.loads(record.read_text())
+    return {}
+
+
+class FinetuneTrainer(WeightedLossTrainer):
+    """The weighted-loss trainer whose model card says where the weights came from and what the model scored."""
+
+    card_text = ""
+
+    def create_model_card(self, *args, **kwargs):
+        if self.is_world_process_zero():
+            path = Path(self.args.output_dir) / "README.md"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(self.card_text)
+
+
+def effective_rows(weights: torch.Tensor) -> float:
+    """(Σw)² / Σw²: how many equally weighted rows carry the same information (n for uniform weights)."""
+    return float(weights.sum() ** 2 / weights.pow(2).sum())
+
+
+def finetune(args: FinetuneArguments, model_args, training_args: TrainingArguments) -> dict:
+    """Train, score and save the fine-tuned model; returns (and writes) the numbers of ``RESULTS_FILE``."""
+    from .recipe import load_model_and_tokenizer, lora_config
+
+    recorded = base_model_of(args.source)
+    if model_args.model_name_or_path is None:
+        if not recorded.get("base_model_name_or_path"):
+            raise ValueError("Pass --model_name_or_path: the model to fine-tune (the source records no base model).")
+        model_args.model_name_or_path = recorded["base_model_name_or_path"]
+        model_args.gguf_file = model_args.gguf_file or recorded.get("gguf_file")
+    rows = load_weighted_rows(args.source, args.weight_column, args.uniform)
+    model, tokenizer = load_model_and_tokenizer(model_args, training_args.seed)
+    train = prepare_split(rows, "train", tokenizer, args.max_length)
+    splits = {
+        name: prepare_split(_read_rows(path), name, tokenizer, args.max_length)
+        for name, path in (("eval", args.eval_file), ("test", args.test_file))
+        if path
+    }
+    if "eval" in splits:  # early stopping on the eval rows, by the Trainer's own best-checkpoint logic
+        training_args = dataclasses.replace(
+            training_args, eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True,
+            metric_for_best_model="eval_loss", greater_is_better=False, save_total_limit=1,
+        )  # fmt: skip
+    set_seed(training_args.seed)  # the adapter's initial weights: fresh models compared are alike
+    if not args.full_finetune:
+        model = wrap_with_peft(model, lora_config(model_args))
+    trainer = FinetuneTrainer(
+        model=model, args=training_args, train_dataset=train, eval_dataset=splits.get("eval"),
+        processing_class=tokenizer, weight_column=args.weight_column,
+    )  # fmt: skip
+    trained = trainer.train()
+    if not math.isfinite(trained.training_loss):
+        raise RuntimeError(f"The training loss is {trained.training_loss}; lower --learning_rate.")
+    weights = torch.tensor(rows[args.weight_column], dtype=torch.float64)
+    results = {
+        "source": str(args.source), "output_dir": training_args.output_dir, "model": model_args.model_name_or_path,
+        "rows": len(rows),
+        "effective_rows": effective_rows(weights), "uniform": args.uniform, "steps": trainer.state.global_step,
+        "train_loss": trained.training_loss,
+    }  # fmt: skip
+    if "eval" in splits:
+        best = trainer.state.best_model_checkpoint
+        results["best_epoch"] = _epoch_of(trainer.state.log_history, best)
+        results["eval_loss"] = trainer.evaluate(splits["eval"])["eval_loss"]
+    if "test" in splits:
+        results["test_loss"] = trainer.evaluate(splits["test"], metric_key_prefix="test")["test_loss"]
+        raw = _read_rows(args.test_file)
+        if _few_answers(raw):
+            results["test_accuracy"] = choice_accuracy(trainer.model, tokenizer, raw)
+    trainer.card_text = card_text(args, model_args, results)
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        Path(training_args.output_dir, RESULTS_FILE).write_text(json.dumps(results, indent=2))
+        trainer.create_model_card()
+    if training_args.push_to_hub:
+        trainer.push_to_hub()
+    return results
+
+
+def _few_answers(raw) -> bool:
+    try:
+        answer_choices(raw)
+    except ValueError:
+        return False
+    return True
+
+
+def _epoch_of(log_history: list[dict], checkpoint: str | None) -> float | None:
+    """The epoch at which the kept checkpoint was saved (its step, looked up in the evaluation logs)."""
+    if not checkpoint:
+        return None
+    step = int(Path(checkpoint).name.rsplit("-", 1)[-1])
+    return next((log["epoch"] for log in log_history if log.get("step") == step and "eval_loss" in log), None)
+
+
+def card_text(args: FinetuneArguments, model_args, results: dict) -> str:
+    """A model card: base model, the weights' source, the numbers; never a local path as Hub metadata."""
+    name = model_args.model_name_or_path
+    hub_base = name if name and not Path(name).exists() else None
+    data = ModelCardData(base_model=hub_base, library_name="transformers" if args.full_finetune else "peft",
+                         tags=["hf_fg2u", "weighted-loss", "data-reweighting"])  # fmt: skip
+    what = "every parameter" if args.full_finetune else "a fresh LoRA adapter"
+    weights = "uniform weights (every row counts 1)" if args.uniform else f"the weights in `{args.weight_column}`"
+    lines = [f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |"
+             for key, value in results.items() if key not in ("source", "output_dir", "model")]  # fmt: skip
+    body = "\n".join([
+        "# Fine-tuned on learned data weights",
+        "",
+        f"{what} of `{name}`, trained by `hf-fg2u finetune` on the rows of `{Path(args.source).name}` with "
+        f"{weights}: loss Σ w_i ℓ_i / Σ w_i over each batch, rows of weight 0 left out.",
+        "",
+        "| result | value |",
+        "|---|---|",
+        *lines,
+    ])  # fmt: skip
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n").content
+
+
+def parse_finetune_args(argv: list[str]):
+    """(FinetuneArguments, ModelArguments, TrainingArguments); the first bare word is the source."""
+    from .recipe import ModelArguments
+
+    if argv and not argv[0].startswith("-"):
+        argv = ["--source", argv[0], *argv[1:]]
+    parser = HfArgumentParser((FinetuneArguments, ModelArguments, TrainingArguments), prog="hf-fg2u finetune")
+    defaults = {"output_dir": "outputs/finetune", "report_to": "none", "save_strategy": "no", "logging_steps": 10}
+    parser.set_defaults(**defaults)
+    return parser.parse_args_into_dataclasses(argv)
