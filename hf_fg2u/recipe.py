@@ -518,6 +518,8 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
             trainer.add_callback(TimeBudget(script_args.time_budget_s))
         for callback in callbacks if name == "bilevel" else ():
             trainer.add_callback(callback)
+        if name == "bilevel" and RECIPES[script_args.recipe].weights_rows:
+            trainer.add_callback(EpochWeights(trainer))
         if trainer.is_world_process_zero():
             print(run_banner(script_args, args, name, trainer))
         trainer.train()
@@ -574,6 +576,37 @@ def run_banner(script_args, args: BilevelConfig, name: str, trainer) -> str:
             else "; no uniform-weights baseline (--compare_uniform true adds one)"
         )
     return "\n".join(lines + [line])
+
+
+class EpochWeights(TrainerCallback):
+    """What every epoch of a run that weights rows did, in ``epochs.json``: the mean meta loss of its outer steps,
+    the eval loss after it (with ``eval_strategy="epoch"``), and, when the train rows carry ``is_corrupted``, the
+    weights' AUROC (also logged as ``auroc_corrupted``). The weights after epoch k go to
+    ``weighted_dataset_epoch{k}.parquet``: a fine-tune can start from any epoch's."""
+
+    def __init__(self, trainer: BilevelTrainer):
+        self.trainer, self.epochs = trainer, []
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        epoch = round(state.epoch)
+        start = self.epochs[-1]["step"] if self.epochs else 0
+        meta = [log["meta_loss"] for log in state.log_history if "meta_loss" in log and log["step"] > start]
+        record = {"epoch": epoch, "step": state.global_step, "meta_loss": sum(meta) / len(meta) if meta else None}
+        weighted = self.trainer.export_weights()
+        if args.should_save:
+            weighted.to_parquet(str(Path(args.output_dir) / f"weighted_dataset_epoch{epoch}.parquet"))
+        if "is_corrupted" in weighted.column_names:
+            record["auroc_corrupted"] = auroc(-torch.tensor(weighted["weight"]), torch.tensor(weighted["is_corrupted"]))
+            self.trainer.log({"auroc_corrupted": record["auroc_corrupted"]})
+        self.epochs.append(record)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.epochs and self.epochs[-1]["step"] == state.global_step and "eval_loss" in (metrics or {}):
+            self.epochs[-1]["eval_loss"] = metrics["eval_loss"]
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if args.should_save and self.epochs:
+            (Path(args.output_dir) / "epochs.json").write_text(json.dumps(self.epochs, indent=2))
 
 
 class TimeBudget(TrainerCallback):

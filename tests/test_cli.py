@@ -415,3 +415,28 @@ def test_only_the_first_rank_prints_warnings_and_progress_bars():
             assert len(seen) == expected and datasets.is_progress_bar_enabled() == (rank == 0), rank
     finally:
         datasets.enable_progress_bars()
+
+
+def test_every_epoch_records_auroc_meta_and_eval_losses_and_its_weights(tmp_path):
+    """The online mode's epoch-by-epoch record: epochs.json holds each epoch's AUROC (equal to that epoch's saved
+    weights' AUROC), mean meta loss and eval loss; the last epoch's weights are the run's final weights."""
+    import pandas
+    import torch
+
+    from hf_fg2u.trainer import auroc
+
+    out = tmp_path / "epochs"
+    argv = ["--recipe", "noisy_reweighting", "--num_train_epochs", "2", "--inner_reset_every", "0", "--output_dir",
+            str(out), "--plot", "false", "--eval_strategy", "epoch", "--num_facts", "4", "--copies", "4",
+            "--max_steps", "-1", "--logging_steps", "1"]  # fmt: skip
+    cli.run_train(argv)
+    epochs = json.loads((out / "epochs.json").read_text())
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    for record in epochs:
+        weighted = pandas.read_parquet(out / f"weighted_dataset_epoch{record['epoch']}.parquet")
+        expected = auroc(-torch.tensor(weighted["weight"].values), torch.tensor(weighted["is_corrupted"].values))
+        assert record["auroc_corrupted"] == pytest.approx(expected, abs=1e-12)
+        assert record["meta_loss"] > 0 and record["eval_loss"] > 0
+    last = pandas.read_parquet(out / "weighted_dataset_epoch2.parquet")["weight"]
+    final = pandas.read_parquet(out / "weighted_dataset.parquet")["weight"]
+    assert (last.values == final.values).all()
