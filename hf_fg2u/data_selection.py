@@ -5,8 +5,9 @@ Heuristic scores of each train row:
 - ``base_model_losses``: the row's mean next-token loss under the base model; the loss filter drops the
   highest-loss rows;
 - ``gradient_alignment_scores``: the cosine of the row's LoRA gradient with the meta set's (one-step gradient
-  alignment, as TracIn and LESS score data), after ``warm_up`` trained the adapter a few steps as LESS does; the
-  rows least aligned with the meta data are dropped.
+  alignment, as TracIn scores data), after ``warm_up`` trained the adapter a few steps; with the warm-up's Adam
+  optimizer as ``preconditioner`` the row's gradient is first turned into the Adam update it would cause, as LESS
+  (arXiv 2402.04333) scores data; the rows least aligned with the meta data are dropped.
 
 ``compare_selections`` then trains a fresh adapter for the same steps on each selection — uniform weights, the
 learned weights, the rows each heuristic keeps — and evaluates each on held-out data the selection never saw.
@@ -69,9 +70,28 @@ def last_token_losses(model, dataset, collator: BilevelDataCollator, batch_size:
     return {key: torch.cat(parts) for key, parts in found.items()}
 
 
-def gradient_alignment_scores(model, dataset, meta_dataset, collator: BilevelDataCollator) -> torch.Tensor:
+def adam_direction(gradient: torch.Tensor, optimizer: torch.optim.Adam, params: list) -> torch.Tensor:
+    """The (flat) update direction Adam would take for ``gradient`` from ``optimizer``'s moments of ``params``:
+    m̂ / (√v̂ + eps) after one more step, LESS's gradient feature of a training row."""
+    group = optimizer.param_groups[0]
+    (beta1, beta2), eps = group["betas"], group["eps"]
+    states = [optimizer.state[p] for p in params]
+    if not all(states):
+        raise ValueError("The preconditioner has no Adam state: warm the adapter up first (warm_up's optimizer).")
+    m = torch.cat([state["exp_avg"].flatten() for state in states])
+    v = torch.cat([state["exp_avg_sq"].flatten() for state in states])
+    step = float(states[0]["step"]) + 1
+    m = (beta1 * m + (1 - beta1) * gradient) / (1 - beta1**step)
+    v = (beta2 * v + (1 - beta2) * gradient.square()) / (1 - beta2**step)
+    return m / (v.sqrt() + eps)
+
+
+def gradient_alignment_scores(
+    model, dataset, meta_dataset, collator: BilevelDataCollator, preconditioner: torch.optim.Adam | None = None
+) -> torch.Tensor:
     """cos(∇θ ℓ_i, ∇θ mean meta loss) of every row of ``dataset`` [num_rows], θ the trainable (LoRA) parameters
-    of ``model`` where they are now. With peft's lora_B = 0 only the B matrices have a gradient; they carry it."""
+    of ``model`` where they are now; with an Adam ``preconditioner`` the row's side is its Adam update direction
+    (LESS). With peft's lora_B = 0 only the B matrices have a gradient; they carry it."""
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -89,6 +109,8 @@ def gradient_alignment_scores(model, dataset, meta_dataset, collator: BilevelDat
     scores = []
     for batch in _batches(model, dataset, collator, 1):
         row_gradient = flat_gradient(_row_losses(model, batch).sum())
+        if preconditioner is not None:
+            row_gradient = adam_direction(row_gradient, preconditioner, params)
         scores.append(torch.nn.functional.cosine_similarity(row_gradient, meta_gradient, dim=0).item())
     return torch.tensor(scores)
 
@@ -98,7 +120,8 @@ def warm_up(
 ):
     """Train ``model``'s trainable (LoRA) parameters in place for ``steps`` plain Adam steps on uniformly drawn
     rows of a tokenized ``dataset``: the warm-up LESS runs before scoring, so that the scores see a trained
-    adapter (at peft's initial lora_B = 0 only the B matrices have a gradient, and every row looks alike)."""
+    adapter (at peft's initial lora_B = 0 only the B matrices have a gradient, and every row looks alike).
+    Returns the Adam optimizer, whose moments precondition LESS's gradient features."""
     if steps < 0 or batch_size < 1:
         raise ValueError(f"warm_up needs steps >= 0 and batch_size >= 1, got steps={steps}, batch_size={batch_size}.")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -112,7 +135,7 @@ def warm_up(
         _row_losses(model, batch).mean().backward()
         optimizer.step()
     model.eval()
-    return model
+    return optimizer
 
 
 def keep_top(scores: torch.Tensor, keep_fraction: float) -> torch.Tensor:

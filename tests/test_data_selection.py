@@ -10,6 +10,7 @@ from peft import get_peft_model
 from transformers import TrainingArguments
 
 from hf_fg2u.data_selection import (
+    adam_direction,
     auroc_by_kind,
     base_model_losses,
     compare_selections,
@@ -146,3 +147,23 @@ def test_plots_are_written(tmp_path):
     kinds = ["clean", "clean", "garbled"]
     assert plot_weights_by_kind([1.4, 1.2, 0.4], kinds, tmp_path / "w.png").stat().st_size > 1000
     assert plot_heldout_losses({"uniform": 2.0, "learned": 1.5}, tmp_path / "l.png").stat().st_size > 1000
+
+
+def test_adam_direction_is_the_step_torch_adam_would_take():
+    """LESS's feature of a row: Adam's next update for the row's gradient, from the warm-up's moments. Checked
+    against torch.optim.Adam taking that step (update = -lr · direction, no weight decay)."""
+    model, data = get_peft_model(tiny_llama(), lora()), rows(["the cat sat on the mat", "a dog ran in the park"] * 2)
+    optimizer = warm_up(model, data, COLLATOR, steps=3, learning_rate=1e-2, batch_size=2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    gradient = torch.randn(sum(p.numel() for p in params), generator=torch.Generator().manual_seed(0))
+    direction = adam_direction(gradient, optimizer, params)
+    before = torch.cat([p.detach().flatten() for p in params])
+    offset = 0
+    for p in params:
+        p.grad = gradient[offset : offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+    optimizer.step()
+    after = torch.cat([p.detach().flatten() for p in params])
+    torch.testing.assert_close(before - after, 1e-2 * direction, rtol=1e-4, atol=1e-8)
+    with pytest.raises(ValueError, match="no Adam state"):
+        adam_direction(gradient, torch.optim.Adam(params), params)
