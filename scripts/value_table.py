@@ -35,12 +35,19 @@ LORA = ["--lora_r", "8", "--lora_alpha", "16", "--lora_target_modules", "q_proj"
 # One fine-tune recipe for every selection: 3 epochs of constant-lr Adam, the best epoch on the stop rows kept.
 FINETUNE = ["--num_train_epochs", "3", "--learning_rate", "3e-4", "--lr_scheduler_type", "constant",
             "--per_device_train_batch_size", "16", "--max_length", "32", "--disable_tqdm", "true", *LORA]  # fmt: skip
+SELECTIONS = ["uniform", "train_and_meta", "meta_only", "loss_filter", "less", "meta_model_filter",
+              "learned_one_shot", "learned_online", "oracle_clean_only"]  # fmt: skip
 MODES = {
-    "online": ["--inner_reset_every", "0", "--num_train_epochs", "3"],
-    "one_shot": ["--inner_reset_every", "1", "--num_train_epochs", "1"],
+    "online": [],  # the recipe's default
+    "one_shot": ["--inner_reset_every", "1", "--num_train_epochs", "1", "--inner_lr", "0.003", "--learning_rate", "8"],
 }
 # What a selection is told about the wrong rows: the oracle which ones, the filters how many (they keep that fraction).
-TOLD = {"oracle_clean_only": "which rows", "loss_filter": "how many", "less": "how many"}
+TOLD = {
+    "oracle_clean_only": "which rows",
+    "loss_filter": "how many",
+    "less": "how many",
+    "meta_model_filter": "how many",
+}
 
 
 def run(command: list[str], log: Path) -> float:
@@ -51,6 +58,19 @@ def run(command: list[str], log: Path) -> float:
     if done.returncode:
         sys.exit(f"failed ({done.returncode}): {' '.join(command)}\n{log.read_text()[-3000:]}")
     return time.perf_counter() - start
+
+
+def timed_once(command: list[str], out: Path) -> float:
+    """Run a command whose output folder is ``out``; its seconds, kept beside it so that a rerun of the table
+    resumes after the last finished run instead of repeating it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    seconds = run(command, out.with_suffix(".log"))
+    out.with_suffix(".seconds").write_text(f"{seconds}\n")
+    return seconds
+
+
+def resumed(path: Path) -> float:
+    return float(path.read_text())
 
 
 def write_rows(path: Path, rows: list[dict]) -> str:
@@ -102,6 +122,35 @@ def heuristic_weights(model_path: str, data: Path, out: Path) -> dict:
     return summary
 
 
+def meta_model_filter(model_path: str, adapter: Path, data: Path, out: Path) -> dict:
+    """The filter a strong engineer tries first with a clean meta set: fine-tune on the meta rows alone (the
+    meta_only selection's adapter), then drop the train rows that model finds least likely (keeping the clean
+    fraction). Its weight file and its scores' AUROC."""
+    import torch
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_fg2u.data_selection import base_model_losses, keep_top
+    from hf_fg2u.formats import prepare_split
+    from hf_fg2u.trainer import BilevelDataCollator, auroc
+
+    train_rows = read_rows(data / "train.jsonl")
+    corrupted = torch.tensor([row["is_corrupted"] for row in train_rows])
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="eager")
+    model = PeftModel.from_pretrained(base, str(adapter))
+    train = prepare_split(Dataset.from_list(train_rows).remove_columns("is_corrupted"), "train", tokenizer, 32)
+    start = time.perf_counter()
+    with torch.no_grad():
+        scores = -base_model_losses(model, train, BilevelDataCollator(pad_token_id=tokenizer.pad_token_id))
+    weights = keep_top(scores, 1.0 - corrupted.double().mean().item())
+    write_rows(
+        out / "meta_model_filter.jsonl", [{**r, "weight": float(w)} for r, w in zip(train_rows, weights, strict=True)]
+    )
+    return {"auroc": auroc(-scores, corrupted), "seconds": time.perf_counter() - start}
+
+
 def selections(data: Path, runs: Path, work: Path) -> dict[str, list[str]]:
     """Name -> (source, extra finetune options) of every fine-tune of one data seed."""
     train = read_rows(data / "train.jsonl")
@@ -115,6 +164,7 @@ def selections(data: Path, runs: Path, work: Path) -> dict[str, list[str]]:
         "meta_only": [str(data / "meta.jsonl"), "--uniform", "true"],
         "loss_filter": [str(work / "loss_filter.jsonl")],
         "less": [str(work / "less.jsonl")],
+        "meta_model_filter": [str(work / "meta_model_filter.jsonl")],
         "learned_one_shot": [str(runs / "one_shot" / "weighted_dataset.parquet")],
         "learned_online_epoch1": [str(runs / "online" / "weighted_dataset_epoch1.parquet")],
         f"learned_online_epoch{online_epochs}": [str(runs / "online" / "weighted_dataset.parquet")],
@@ -135,23 +185,31 @@ def one_data_seed(args, seed: int) -> dict:
                    "--data_files", f"train={data / 'train.jsonl'}", f"meta={data / 'meta.jsonl'}",
                    f"eval={data / 'stop.jsonl'}", "--max_length", "32", "--eval_strategy", "epoch",
                    "--output_dir", str(runs / mode), "--disable_tqdm", "true", *MODES[mode]]  # fmt: skip
-        seconds = run(command, runs / f"{mode}.log")
-        epochs = json.loads((runs / mode / "epochs.json").read_text())
+        record = runs / mode / "epochs.json"
+        seconds = resumed(runs / f"{mode}.seconds") if record.is_file() else timed_once(command, runs / mode)
+        epochs = json.loads(record.read_text())
         result["bilevel"][mode] = {"seconds": seconds, "epochs": epochs}
         print(f"seed {seed} {mode}: {seconds:.0f} s, AUROC by epoch {[round(e['auroc_corrupted'], 3) for e in epochs]}",
               flush=True)  # fmt: skip
-    result["heuristics"] = heuristic_weights(args.model, data, work)
+    cached = work / "heuristics.json"
+    if not cached.is_file():
+        cached.write_text(json.dumps(heuristic_weights(args.model, data, work)))
+    result["heuristics"] = json.loads(cached.read_text())
     chosen = {name: value for name, value in selections(data, runs, work).items() if name in args.selections
               or (name.startswith("learned_online_epoch") and "learned_online" in args.selections)}  # fmt: skip
     for name, (source, *extra) in chosen.items():
+        if name == "meta_model_filter":  # scored by the meta_only selection's first adapter (it runs before)
+            adapter = work / "finetune" / f"meta_only_a{args.adapter_seeds[0]}"
+            result["heuristics"][name] = meta_model_filter(args.model, adapter, data, work)
         scores = []
         for adapter_seed in args.adapter_seeds:
             out = work / "finetune" / f"{name}_a{adapter_seed}"
             command = [*CLI, "finetune", source, "--model_name_or_path", args.model, "--output_dir", str(out),
                        "--eval_file", str(data / "stop.jsonl"), "--test_file", str(data / "test.jsonl"),
                        "--seed", str(adapter_seed), *FINETUNE, *extra]  # fmt: skip
-            seconds = run(command, work / f"finetune_{name}_a{adapter_seed}.log")
-            found = json.loads((out / "finetune_results.json").read_text())
+            done = out / "finetune_results.json"
+            seconds = resumed(out.with_suffix(".seconds")) if done.is_file() else timed_once(command, out)
+            found = json.loads(done.read_text())
             scores.append({"adapter_seed": adapter_seed, "seconds": seconds, **found})
             print(f"seed {seed} {name} adapter {adapter_seed}: accuracy {found['test_accuracy']:.3f} "
                   f"(best epoch {found.get('best_epoch')}, {seconds:.0f} s)", flush=True)  # fmt: skip
@@ -226,8 +284,7 @@ def main() -> None:
     parser.add_argument("--data_seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--adapter_seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    parser.add_argument("--selections", nargs="+", default=["uniform", "train_and_meta", "meta_only", "loss_filter",
-                        "less", "learned_one_shot", "learned_online", "oracle_clean_only"])  # fmt: skip
+    parser.add_argument("--selections", nargs="+", default=SELECTIONS)
     parser.add_argument("--test_rows", type=int, default=300)
     parser.add_argument("--report", type=Path, help="Also write the markdown table here (e.g. docs/value.md).")
     args = parser.parse_args()
