@@ -1,7 +1,5 @@
 """The functional bridge and its preflight: clear errors instead of crashes deep inside torch."""
 
-import os
-import socket
 
 import pytest
 import torch
@@ -71,12 +69,9 @@ def test_gradient_checkpointing_is_refused():
 
 
 @pytest.fixture
-def process_group():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+def process_group(tmp_path):
+    # A file rendezvous: no port to find free, close and then race another test run for.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 

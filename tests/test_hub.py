@@ -45,7 +45,8 @@ def test_push_to_hub_lands_adapter_outer_variables_and_card_without_the_token(hu
     captured = capsys.readouterr()
     assert TOKEN not in captured.out + captured.err
     assert TOKEN not in json.dumps(trainer.state.log_history)
-    assert isinstance(io.BytesIO(files["training_args.bin"]), io.BytesIO)
+    pushed_args = torch.load(io.BytesIO(files["training_args.bin"]), weights_only=False)  # the Trainer's pickle
+    assert pushed_args.hub_model_id == "tester/weights" and pushed_args.hub_token != TOKEN
 
 
 def test_outer_module_pushes_and_loads_by_repo_id_and_revision(hub, tmp_path):
