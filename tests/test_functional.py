@@ -1,6 +1,5 @@
 """The functional bridge and its preflight: clear errors instead of crashes deep inside torch."""
 
-
 import pytest
 import torch
 import torch.distributed as dist

@@ -101,7 +101,10 @@ def test_other_direction_kinds_are_unbiased(kind):
     exact = problem.unrolled_sgd_gradient(3, LR)
     seeds = 600
     samples = torch.stack(
-        [estimate(problem, "fg2u", steps=3, num_directions=8, directions=kind, seed=s).grad["phi"] for s in range(seeds)]
+        [
+            estimate(problem, "fg2u", steps=3, num_directions=8, directions=kind, seed=i).grad["phi"]
+            for i in range(seeds)
+        ]
     )
     # Unbiased: the mean's error within 4 of its own standard errors (measured over the samples). A scale bias
     # hides in the vector's noise, so the component along the exact gradient, E<ĝ, g>/|g|² = 1, is checked too:
