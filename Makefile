@@ -45,15 +45,18 @@ demo-real-data: install
 # positive or negative: VADER lexicon words (the vaderSentiment wheel, MIT), 600 train rows with 40% wrong answers;
 # the learned weights (both modes) against uniform, train+meta, meta only, the loss filter, LESS and the clean-rows
 # oracle, each by `hf-fg2u finetune` of a fresh adapter, forced-choice accuracy on 300 held-out words.
-# `make value`: 3 data seeds x 2 adapter seeds (~90 min on 2 idle cores); `make value-quick`: one seed (~10 min).
+# `make value`: 3 data seeds x 2 adapter seeds (~2 h on 2 idle cores); `make value-quick`: one data seed, one epoch of
+# the online mode, uniform / learned / oracle only (~10 min).
 LEXICON := .cache/vader/vaderSentiment/vader_lexicon.txt
 VALUE_MODEL := .cache/smollm2-hf
 value: value-data
-	$(PY) scripts/value_table.py --lexicon $(LEXICON) --model $(VALUE_MODEL) --out outputs/value --report docs/value.md
+	$(PY) scripts/value_table.py --lexicon $(LEXICON) --model $(VALUE_MODEL) --out outputs/value --report docs/value.md \
+	  --readme README.md
 
 value-quick: value-data
 	$(PY) scripts/value_table.py --lexicon $(LEXICON) --model $(VALUE_MODEL) --out outputs/value_quick \
-	  --data_seeds 0 --adapter_seeds 0 --modes online --selections uniform learned_online oracle_clean_only
+	  --data_seeds 0 --adapter_seeds 0 --modes online --online_epochs 1 --test_rows 200 \
+	  --selections uniform learned_online oracle_clean_only
 
 # The cost of learning weights as rows grow (~25 min alone): docs/bench/rows.json, a table in docs/benchmarks.md.
 bench-rows: value-data

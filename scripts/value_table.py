@@ -185,16 +185,19 @@ def one_data_seed(args, seed: int) -> dict:
                    "--data_files", f"train={data / 'train.jsonl'}", f"meta={data / 'meta.jsonl'}",
                    f"eval={data / 'stop.jsonl'}", "--max_length", "32", "--eval_strategy", "epoch",
                    "--output_dir", str(runs / mode), "--disable_tqdm", "true", *MODES[mode]]  # fmt: skip
+        if mode == "online" and args.online_epochs:
+            command += ["--num_train_epochs", str(args.online_epochs)]
         record = runs / mode / "epochs.json"
         seconds = resumed(runs / f"{mode}.seconds") if record.is_file() else timed_once(command, runs / mode)
         epochs = json.loads(record.read_text())
         result["bilevel"][mode] = {"seconds": seconds, "epochs": epochs}
         print(f"seed {seed} {mode}: {seconds:.0f} s, AUROC by epoch {[round(e['auroc_corrupted'], 3) for e in epochs]}",
               flush=True)  # fmt: skip
-    cached = work / "heuristics.json"
-    if not cached.is_file():
-        cached.write_text(json.dumps(heuristic_weights(args.model, data, work)))
-    result["heuristics"] = json.loads(cached.read_text())
+    cached, result["heuristics"] = work / "heuristics.json", {}
+    if {"loss_filter", "less"} & set(args.selections):
+        if not cached.is_file():
+            cached.write_text(json.dumps(heuristic_weights(args.model, data, work)))
+        result["heuristics"] = json.loads(cached.read_text())
     chosen = {name: value for name, value in selections(data, runs, work).items() if name in args.selections
               or (name.startswith("learned_online_epoch") and "learned_online" in args.selections)}  # fmt: skip
     for name, (source, *extra) in chosen.items():
@@ -260,7 +263,7 @@ def report(table: dict) -> str:
     lines += ["", "## The weights themselves", "", "AUROC of the scores, wrong rows against right ones (1 = perfectly "
               "apart), and the seconds each took:", "", "| scores | " + " | ".join(f"data seed {s}" for s in seeds)
               + " |", "|---|" + "---|" * len(seeds)]  # fmt: skip
-    for name in table["seeds"][seeds[0]]["heuristics"]:
+    for name in table["seeds"][seeds[0]].get("heuristics", {}):
         cells = [table["seeds"][s]["heuristics"][name] for s in seeds]
         lines.append(f"| {name} | " + " | ".join(f"{c['auroc']:.3f} ({c['seconds']:.0f} s)" for c in cells) + " |")
     for mode in table["seeds"][seeds[0]]["bilevel"]:
@@ -286,7 +289,9 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--selections", nargs="+", default=SELECTIONS)
     parser.add_argument("--test_rows", type=int, default=300)
+    parser.add_argument("--online_epochs", type=int, help="Epochs of the online mode (default: the recipe's).")
     parser.add_argument("--report", type=Path, help="Also write the markdown table here (e.g. docs/value.md).")
+    parser.add_argument("--readme", type=Path, help="Also write the accuracy table into this README's markers.")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     table_path = args.out / "table.json"
@@ -302,6 +307,18 @@ def main() -> None:
     print(text)
     if args.report:
         args.report.write_text(text)
+    if args.readme:
+        write_between_markers(args.readme, text.split("\n## ")[0].split("\n\n", 1)[1].strip())
+
+
+def write_between_markers(readme: Path, block: str, name: str = "value") -> None:
+    """Put ``block`` between the README's ``<!-- name:begin -->`` and ``<!-- name:end -->`` lines."""
+    text = readme.read_text()
+    begin, end = f"<!-- {name}:begin (written by scripts/value_table.py) -->", f"<!-- {name}:end -->"
+    if begin not in text or end not in text:
+        sys.exit(f"{readme} has no {begin} ... {end} markers.")
+    head, rest = text.split(begin, 1)
+    readme.write_text(f"{head}{begin}\n{block}\n{end}{rest.split(end, 1)[1]}")
 
 
 if __name__ == "__main__":
