@@ -198,8 +198,11 @@ def one_data_seed(args, seed: int) -> dict:
         if not cached.is_file():
             cached.write_text(json.dumps(heuristic_weights(args.model, data, work)))
         result["heuristics"] = json.loads(cached.read_text())
-    chosen = {name: value for name, value in selections(data, runs, work).items() if name in args.selections
-              or (name.startswith("learned_online_epoch") and "learned_online" in args.selections)}  # fmt: skip
+    every = selections(data, runs, work)
+    last_online = [name for name in every if name.startswith("learned_online_epoch")][-1:]
+    chosen = {name: value for name, value in every.items() if name in args.selections
+              or (name.startswith("learned_online_epoch") and "learned_online" in args.selections)
+              or (name in last_online and "learned_online_last" in args.selections)}  # fmt: skip
     for name, (source, *extra) in chosen.items():
         if name == "meta_model_filter":  # scored by the meta_only selection's first adapter (it runs before)
             adapter = work / "finetune" / f"meta_only_a{args.adapter_seeds[0]}"
@@ -228,7 +231,7 @@ def mean_accuracy(result: dict, name: str) -> float | None:
 def report(table: dict) -> str:
     """The markdown of docs/value.md, generated from table.json."""
     seeds = sorted(table["seeds"], key=int)
-    names = list(table["seeds"][seeds[0]]["finetune"])
+    names = list(dict.fromkeys(name for s in seeds for name in table["seeds"][s]["finetune"]))  # every seed's, in order
     lines = [
         "# Learned weights on a task where wrong answers do harm",
         "",
@@ -236,7 +239,8 @@ def report(table: dict) -> str:
         "negative (VADER lexicon words), 600 train rows of which 40% have the wrong answer, 64 clean meta rows, 100",
         "clean stop rows, 300 held-out test words; SmolLM2-135M-Instruct, a fresh LoRA adapter (r=8, q/v) per",
         "selection, 3 epochs, best epoch on the stop rows. Forced-choice accuracy on the test words, mean over",
-        f"adapter seeds {table['adapter_seeds']}; gap recovered = (selection − uniform) / (oracle − uniform).",
+        f"adapter seeds {table['adapter_seeds']}; gap recovered = (selection − uniform) / (oracle − uniform), mean",
+        "over the data seeds; – = not run on that seed (the mean is then over the seeds that ran it).",
         "",
         "| selection | told about the wrong rows | "
         + " | ".join(f"data seed {s}" for s in seeds)
@@ -253,7 +257,7 @@ def report(table: dict) -> str:
                 recovered.append((accuracy - uniform) / (oracle - uniform))
         gaps[name] = statistics.mean(recovered) if recovered else None
         cells = " | ".join("–" if a is None else f"{a:.3f}" for a in accuracies)
-        mean = statistics.mean(a for a in accuracies if a is not None)
+        mean = statistics.mean(a for a in accuracies if a is not None)  # over the seeds that ran it
         gap = "–" if gaps[name] is None else f"{gaps[name]:.0%}"
         lines.append(f"| {name} | {TOLD.get(name, 'nothing')} | {cells} | {mean:.3f} | {gap} |")
     harm = [mean_accuracy(table["seeds"][s], "oracle_clean_only") - mean_accuracy(table["seeds"][s], "uniform")
@@ -263,13 +267,22 @@ def report(table: dict) -> str:
     lines += ["", "## The weights themselves", "", "AUROC of the scores, wrong rows against right ones (1 = perfectly "
               "apart), and the seconds each took:", "", "| scores | " + " | ".join(f"data seed {s}" for s in seeds)
               + " |", "|---|" + "---|" * len(seeds)]  # fmt: skip
-    for name in table["seeds"][seeds[0]].get("heuristics", {}):
-        cells = [table["seeds"][s]["heuristics"][name] for s in seeds]
-        lines.append(f"| {name} | " + " | ".join(f"{c['auroc']:.3f} ({c['seconds']:.0f} s)" for c in cells) + " |")
-    for mode in table["seeds"][seeds[0]]["bilevel"]:
-        cells = [table["seeds"][s]["bilevel"][mode] for s in seeds]
-        lines.append(f"| learned, {mode} | " + " | ".join(
-            f"{c['epochs'][-1]['auroc_corrupted']:.3f} ({c['seconds']:.0f} s)" for c in cells) + " |")  # fmt: skip
+    scored = {kind: list(dict.fromkeys(n for s in seeds for n in table["seeds"][s].get(kind, {})))
+              for kind in ("heuristics", "bilevel")}  # fmt: skip
+    for kind, name in [("heuristics", n) for n in scored["heuristics"]] + [("bilevel", n) for n in scored["bilevel"]]:
+        cells = []
+        for s in seeds:
+            found = table["seeds"][s].get(kind, {}).get(name)
+            score = (
+                None
+                if found is None
+                else found["auroc"]
+                if kind == "heuristics"
+                else found["epochs"][-1]["auroc_corrupted"]
+            )
+            cells.append("–" if found is None else f"{score:.3f} ({found['seconds']:.0f} s)")
+        label = name if kind == "heuristics" else f"learned, {name}"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "## The online mode, epoch by epoch", ""]
     lines += ["| data seed | epoch | AUROC | mean meta loss | eval (stop rows) loss |", "|---|---|---|---|---|"]
     for s in seeds:
