@@ -54,8 +54,9 @@ def prepare_dataset(dataset, role: str, outer: OuterModule, tokenizer, args: Bil
 def check_model_columns(dataset, role: str) -> None:
     if "input_ids" not in dataset.column_names:
         raise ValueError(
-            f"The {role} dataset has no 'input_ids' column (columns: {dataset.column_names}). Tokenize it first, "
-            "e.g. with hf_fg2u.data.tokenize_for_causal_lm(dataset, tokenizer)."
+            f"The {role} dataset has no 'input_ids' column (columns: {dataset.column_names}). Pass raw "
+            "rows (text, prompt/completion or messages) with a tokenizer, or tokenize them first with "
+            "hf_fg2u.formats.tokenize_dataset(dataset, tokenizer, max_length, role)."
         )
 
 

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
 
 from .data_checks import check_model_columns
+from .formats import prepare_split
 from .problem import per_example_token_loss, token_labels
 from .trainer import BilevelDataCollator, wrap_with_peft
 
@@ -122,10 +123,12 @@ def train_final_adapter(
     processing_class=None,
     eval_dataset=None,
     weight_column: str = "weight",
+    max_length: int | None = 512,
 ) -> WeightedLossTrainer:
     """Wrap ``model`` (a model, or a name/path for ``AutoModelForCausalLM``) in a fresh ``peft_config`` adapter,
     train it on ``weighted_dataset`` with :class:`WeightedLossTrainer`, and return the trainer (its ``model`` is
-    the trained adapter; ``trainer.save_model()`` writes it)."""
+    the trained adapter; ``trainer.save_model()`` writes it). Raw rows (text, prompt/completion, messages) are
+    tokenized with ``processing_class`` as the bilevel run tokenizes them, cut at ``max_length``."""
     if isinstance(model, str):
         model = AutoModelForCausalLM.from_pretrained(model)
     if hasattr(model, "peft_config"):
@@ -135,6 +138,12 @@ def train_final_adapter(
         )
     if peft_config is None:
         raise ValueError("peft_config is required: the final stage trains a fresh adapter (e.g. a LoraConfig).")
+    weighted_dataset = prepare_split(weighted_dataset, "train", processing_class, max_length)
+    eval_dataset = (
+        {name: prepare_split(split, name, processing_class, max_length) for name, split in eval_dataset.items()}
+        if isinstance(eval_dataset, dict)
+        else prepare_split(eval_dataset, "eval", processing_class, max_length)
+    )
     set_seed(args.seed)  # the adapter's initial weights, whatever ran before: fresh adapters compared are alike
     model = wrap_with_peft(model, peft_config)
     pad = getattr(processing_class, "pad_token_id", None)

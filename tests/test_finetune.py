@@ -120,3 +120,26 @@ def test_forced_choice_accuracy_matches_log_likelihoods_by_hand(tiny_model):
 def test_effective_rows():
     assert effective_rows(torch.ones(5, dtype=torch.float64)) == pytest.approx(5.0)
     assert effective_rows(torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=torch.float64)) == pytest.approx(2.0)
+
+
+def test_train_final_adapter_takes_raw_rows_like_tokenized_ones(tiny_model, tmp_path):
+    """Raw prompt/completion rows are tokenized as the bilevel run tokenizes them: the same adapter as from rows
+    tokenized by hand with the product's tokenize_dataset."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainingArguments
+
+    from hf_fg2u import train_final_adapter
+    from hf_fg2u.formats import tokenize_dataset
+
+    tokenizer = make_char_tokenizer()
+    raw = Dataset.from_list(rows(WORDS, lambda i: 1.0 + i % 2))
+    adapters = []
+    for name, data in (("raw", raw), ("tokenized", tokenize_dataset(raw, tokenizer, 512, "train"))):
+        args = TrainingArguments(output_dir=str(tmp_path / name), max_steps=3, per_device_train_batch_size=4,
+                                 learning_rate=1e-2, report_to=[], save_strategy="no", disable_tqdm=True)  # fmt: skip
+        trainer = train_final_adapter(LlamaForCausalLM.from_pretrained(tiny_model), data,
+                                      LoraConfig(target_modules=["q_proj", "v_proj"]), args, tokenizer)  # fmt: skip
+        adapters.append({n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad})
+    for name, tensor in adapters[0].items():
+        torch.testing.assert_close(tensor, adapters[1][name], rtol=0, atol=0)
