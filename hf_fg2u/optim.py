@@ -58,6 +58,12 @@ def momentum(lr: float, beta: float = 0.9, nesterov: bool = False, weight_decay:
     return InnerOptimizer("momentum", init, update)
 
 
+def state_dtype(param: torch.Tensor) -> torch.dtype:
+    """Adam's counter and moments in fp32 when θ is bf16/fp16: in bf16 0.999**1 rounds to 1 (the bias correction
+    divides by 0), the counter stops at 256 (2048 in fp16) and eps_root underflows in fp16."""
+    return torch.float32 if param.dtype in (torch.bfloat16, torch.float16) else param.dtype
+
+
 def adam(
     lr: float,
     betas: tuple[float, float] = (0.9, 0.999),
@@ -73,9 +79,9 @@ def adam(
     beta1, beta2 = betas
 
     def init(params: Params) -> State:
-        zeros = {k: torch.zeros_like(p) for k, p in params.items()}
+        zeros = {k: torch.zeros_like(p, dtype=state_dtype(p)) for k, p in params.items()}
         first = next(iter(params.values()))
-        step = torch.zeros((), dtype=first.dtype, device=first.device)
+        step = torch.zeros((), dtype=state_dtype(first), device=first.device)
         return {"exp_avg": zeros, "exp_avg_sq": dict(zeros), "step": step}
 
     def update(grads: Params, state: State, params: Params) -> tuple[Params, State]:
@@ -84,11 +90,12 @@ def adam(
         bias2 = 1 - beta2**step
         new_params, new_m, new_v = {}, {}, {}
         for k, p in params.items():
-            g = grads[k]
+            dtype = state_dtype(p)  # the step in the state's precision, the result back in θ's
+            g = grads[k].to(dtype)
             m = beta1 * state["exp_avg"][k] + (1 - beta1) * g
             v = beta2 * state["exp_avg_sq"][k] + (1 - beta2) * g * g
             denom = torch.sqrt(v / bias2 + eps_root) + eps
-            new_params[k] = p * (1 - lr * weight_decay) - lr * (m / bias1) / denom
+            new_params[k] = (p.to(dtype) * (1 - lr * weight_decay) - lr * (m / bias1) / denom).to(p.dtype)
             new_m[k], new_v[k] = m, v
         return new_params, {"exp_avg": new_m, "exp_avg_sq": new_v, "step": step}
 
