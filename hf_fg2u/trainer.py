@@ -17,13 +17,13 @@ import os
 import shutil
 import time
 import warnings
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
-from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 
@@ -145,6 +145,7 @@ class BilevelTrainer(Trainer):
                     "The model already has a peft adapter and peft_config was given too. Drop peft_config to train "
                     "the existing adapter (load it with is_trainable=True), or pass the base model."
                 )
+            set_seed(args.seed)  # the adapter's initial weights: the same command gives the same run
             model = wrap_with_peft(model, peft_config)
         if args.inner_parameters:
             select_inner_parameters(model, args.inner_parameters)
@@ -646,16 +647,21 @@ class BilevelTrainer(Trainer):
 
     def _warm_up(self, model) -> tuple[dict, dict]:
         """θ and the inner optimizer state after ``inner_warmup_steps`` plain inner steps (nothing differentiated)
-        on train batches at the initial φ: where the outer steps start, and where resets return."""
-        steps, batches = self.args.inner_warmup_steps, []
-        while len(batches) < steps:
-            before = len(batches)
+        on train batches at the initial φ: where the outer steps start, and where resets return.
+
+        The batches are the *last* ones of the first epoch's order: the first outer steps score rows the warm-up
+        has not just fitted (a row θ was trained on looks helpful to its own hypergradient)."""
+        steps, seen = self.args.inner_warmup_steps, 0
+        batches = deque(maxlen=steps)
+        while seen < steps:
+            before = seen
             for unroll in self.get_train_dataloader():
-                batches += self._inner_batches(self._prepare_inputs(unroll))
-                if len(batches) >= steps:
-                    break
-            if len(batches) == before:
+                inner = self._inner_batches(self._prepare_inputs(unroll))
+                batches.extend(inner)
+                seen += len(inner)
+            if seen == before:
                 raise ValueError("inner_warmup_steps needs train batches, but the train dataloader is empty.")
+        batches = list(batches)
         params = trainable_parameters(model)
         inner_loss = self._problem(model, self.args.method_at(0))[0]
         seeds = [self.args.seed * 1_000_003 - 1 - i for i in range(steps)]  # disjoint from the outer steps' seeds

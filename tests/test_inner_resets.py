@@ -76,6 +76,30 @@ def test_warm_up_trains_theta_before_the_first_outer_step_and_resets_return_ther
     assert math.isfinite(trainer.state.log_history[0]["warmup_inner_loss"])  # logged with the first step
 
 
+def test_warm_up_trains_on_the_rows_the_first_outer_steps_do_not_score(tmp_path, data, monkeypatch):
+    """Issue 22 item 4: the warm-up takes the last batches of the first epoch's order, not the first outer steps'."""
+    scored, warmed = [], []
+    real_estimate, real_inner_loop = trainer_module.estimate_hypergradient, trainer_module.run_inner_loop
+
+    def ids(batches):
+        return {int(i) for batch in batches for i in batch["example_id"]}
+
+    def estimate(inner_loss, outer_loss, params, outer, inner_batches, *args, **kwargs):
+        scored.append(ids(inner_batches))
+        return real_estimate(inner_loss, outer_loss, params, outer, inner_batches, *args, **kwargs)
+
+    def inner_loop(inner_loss, optimizer, params, state, outer, batches, *args, **kwargs):
+        warmed.append(ids(batches))
+        return real_inner_loop(inner_loss, optimizer, params, state, outer, batches, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "estimate_hypergradient", estimate)
+    monkeypatch.setattr(trainer_module, "run_inner_loop", inner_loop)
+    trainer = trainer_for(tmp_path, ExampleWeights(16), data, max_steps=2, inner_warmup_steps=2, **FAST)
+    trainer.train()  # 16 rows = two unrolls of 2 x 4 rows: the warm-up's 8 rows are outer step 1's
+    assert len(warmed) == 1 and len(warmed[0]) == 8
+    assert warmed[0].isdisjoint(scored[0]) and warmed[0] == scored[1]
+
+
 def test_no_warm_up_starts_at_the_model_and_never_resets_by_default(tmp_path, data, monkeypatch):
     calls = recording_estimate(monkeypatch)
     trainer = trainer_for(tmp_path, ExampleWeights(16), data, max_steps=3, **FAST)
