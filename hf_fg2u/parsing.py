@@ -4,10 +4,11 @@ The YAML's values become the parser's defaults, so CLI flags override them and a
 CLI's errors. YAML values keep their types (``max_steps: 10`` is an int, never the string "10"), are checked
 against each option's type and choices here, with errors naming the file and the key, and are read as YAML 1.2
 (only ``true``/``false`` are booleans: ``save_strategy: no`` means "no", not ``False``). An ``env:`` mapping is
-exported to ``os.environ`` before anything is built; a ``builtin_data:`` mapping is kept apart for the script
-(``builtin_data_defaults``: options of the built-in toy data, e.g. a short ``max_length``). A
-``TrainingArguments`` subclass gets two help groups: its own fields right after ``--config``, the Trainer's own
-fields last.
+exported to ``os.environ`` before anything is built, for the variables of ``YAML_ENV_ALLOWED`` only (a shared
+YAML must not carry credentials, library paths or preloads), never over a value the user set. A
+``builtin_data:`` mapping is kept apart for the script (``builtin_data_defaults``: options of the built-in toy
+data, e.g. a short ``max_length``). A ``TrainingArguments`` subclass gets two help groups: its own fields right
+after ``--config``, the Trainer's own fields last.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import dataclasses
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import get_type_hints
 
@@ -138,8 +140,38 @@ class ConfigParser(HfArgumentParser):
         self.builtin_data_defaults = {
             key: typed_value(f"{path}: {BUILTIN_DATA}: {key}", value, actions[key]) for key, value in section.items()
         }
-        os.environ.update({str(name): str(value) for name, value in env.items()})
+        export_yaml_env(path, env)
         return typed
+
+
+# What a YAML's env: block may set: threads, offline switches, allocator and collective diagnostics, logging
+# names. Not tokens (HF_TOKEN…), paths or loaders (PYTHONPATH, LD_PRELOAD, NCCL_NET_PLUGIN…): a recipe someone
+# shared would otherwise push with their token or run their code.
+YAML_ENV_ALLOWED = frozenset({
+    "OMP_NUM_THREADS", "MKL_NUM_THREADS", "TOKENIZERS_PARALLELISM", "CUDA_VISIBLE_DEVICES",
+    "PYTORCH_CUDA_ALLOC_CONF", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE",
+    "HF_HUB_DISABLE_TELEMETRY", "HF_HUB_DISABLE_PROGRESS_BARS", "NCCL_DEBUG", "NCCL_P2P_DISABLE", "NCCL_IB_DISABLE",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_DISTRIBUTED_DEBUG", "WANDB_PROJECT", "WANDB_MODE", "WANDB_RUN_GROUP",
+})  # fmt: skip
+YAML_ENV_PREFIX = "HF_FG2U_"
+
+
+def export_yaml_env(path: str | Path, env: dict) -> None:
+    """Set the YAML's ``env:`` variables that are allowed and unset; refuse the rest before anything is set."""
+    refused = sorted(str(name) for name in env if str(name) not in YAML_ENV_ALLOWED
+                     and not str(name).startswith(YAML_ENV_PREFIX))  # fmt: skip
+    if refused:
+        raise ValueError(
+            f"{path}: env may not set {refused}: a YAML's env: block sets only {sorted(YAML_ENV_ALLOWED)} and "
+            f"{YAML_ENV_PREFIX}* (no tokens, paths or loaders). Set the others in your shell if you mean them."
+        )
+    for name, value in env.items():
+        name, value = str(name), str(value)
+        if os.environ.get(name, value) != value:
+            warnings.warn(f"{path}: env sets {name}={value!r}, but your environment has {name}={os.environ[name]!r}: "
+                          "yours is kept.", stacklevel=3)  # fmt: skip
+            continue
+        os.environ[name] = value
 
 
 def typed_value(where: str, value, action: argparse.Action):

@@ -136,6 +136,25 @@ def test_yaml_values_are_typed_yaml_12_and_cli_flags_override_them(tmp_path, mon
     assert training.max_steps == 2 and model.lora_target_modules == ["a", "b"]
 
 
+@pytest.mark.parametrize("name", ["HF_TOKEN", "PYTHONPATH", "LD_PRELOAD", "NCCL_NET_PLUGIN", "HUGGING_FACE_HUB_TOKEN"])
+def test_yaml_env_may_not_set_credentials_paths_or_loaders(tmp_path, monkeypatch, name):
+    """Issue 25 item 1: a shared YAML's env: block is refused for a token, a path or a preload, and sets nothing."""
+    monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("HF_FG2U_TEST_VAR", raising=False)
+    config = write_yaml(tmp_path, f"max_steps: 2\nenv:\n  HF_FG2U_TEST_VAR: 1\n  {name}: planted\n")
+    with pytest.raises(ValueError, match=rf"env may not set \['{name}'\]"):
+        recipe.parse_args(["--config", config])
+    assert name not in os.environ and "HF_FG2U_TEST_VAR" not in os.environ
+
+
+def test_yaml_env_keeps_what_the_user_set_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    config = write_yaml(tmp_path, "max_steps: 2\nenv:\n  OMP_NUM_THREADS: 1\n")
+    with pytest.warns(UserWarning, match=r"env sets OMP_NUM_THREADS='1', but your environment has .*'7'.*kept"):
+        recipe.parse_args(["--config", config])
+    assert os.environ["OMP_NUM_THREADS"] == "7"
+
+
 def test_recipe_name_loads_the_packaged_yaml_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     script, training, _ = recipe.parse_args(["--recipe", "domain_mixture", "--max_steps", "2"])
