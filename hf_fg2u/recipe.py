@@ -506,6 +506,7 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
     (``TrainerCallback``s) are added to the bilevel run's trainer."""
     output_dir = Path(training_args.output_dir)
     quiet_replicas(training_args.process_index)
+    resume = resume_target(training_args.resume_from_checkpoint)
     raw = user_splits(script_args) if uses_own_data(script_args) else builtin_splits(script_args)
     results, runs = {}, {}
     for name in ("bilevel", "uniform") if script_args.compare_uniform else ("bilevel",):
@@ -522,7 +523,7 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
             trainer.add_callback(EpochWeights(trainer))
         if trainer.is_world_process_zero():
             print(run_banner(script_args, args, name, trainer))
-        trainer.train()
+        trainer.train(resume_from_checkpoint=resume if name == "bilevel" else None)
         # "final_meta": the per-step train logs already use meta_loss; one tag per meaning
         final = trainer.evaluate(trainer.meta_dataset, metric_key_prefix="final_meta")
         results[f"{name}_meta_loss"] = final["final_meta_loss"]
@@ -545,6 +546,19 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     trainer.accelerator.end_training()  # under several processes: destroy the process group before exit
     return results
+
+
+def resume_target(value: str | None) -> str | bool | None:
+    """``--resume_from_checkpoint``: ``true`` for the output_dir's latest checkpoint, or a checkpoint folder that
+    must exist (checked before the model loads); the Trainer reads every file of it before resuming."""
+    if value is None or str(value).lower() == "false":
+        return None
+    if str(value).lower() == "true":
+        return True
+    if not Path(value).is_dir():
+        raise ValueError(f"--resume_from_checkpoint {value!r} is not a folder. Pass a checkpoint-N folder of the "
+                         "run, or true for the output_dir's latest one.")  # fmt: skip
+    return str(value)
 
 
 def quiet_replicas(process_index: int) -> None:

@@ -254,6 +254,13 @@ class BilevelTrainer(Trainer):
                 raise ValueError(f"No checkpoint-N folder to resume from in output_dir={self.args.output_dir!r}.")
         if resume_from_checkpoint:
             verify_checkpoint(Path(resume_from_checkpoint))
+        elif not self.args.overwrite_output_dir and (Path(self.args.output_dir) / STATE_CONFIG_NAME).is_file():
+            raise ValueError(
+                f"output_dir={self.args.output_dir!r} holds a finished run; a new run would replace its model and "
+                "results and mix them with its checkpoints. Resume it (resume_from_checkpoint, or "
+                "--resume_from_checkpoint true for the latest checkpoint), pass overwrite_output_dir=True to replace "
+                "it, or choose another output_dir."
+            )
         self._steps_run, self._steps_skipped, self._meta_loss_sum = 0, 0, 0.0
         with contextlib.ExitStack() as held:
             refused = None

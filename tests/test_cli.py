@@ -351,6 +351,38 @@ def test_weights_push_to_hub_uploads_the_weighted_dataset(tmp_path, hub, monkeyp
     assert table.column("weight").to_pylist() == pytest.approx([0.1, 1.2, 1.1, 1.3, 0.2, 0.9, 1.0, 1.4])
 
 
+def test_resume_from_checkpoint_on_the_command_line_continues_and_a_finished_run_is_not_replaced(tmp_path, capsys):
+    """Issue 25 items 4 and 5: --resume_from_checkpoint was accepted and ignored (the run started at step 0), and a
+    second run into a finished run's folder replaced its results silently."""
+    out = tmp_path / "run"
+    base = ["--recipe", "noisy_reweighting", "--output_dir", str(out), "--plot", "false", "--logging_steps", "1",
+            "--save_strategy", "steps", "--save_steps", "2"]  # fmt: skip
+    cli.run_train([*base, "--max_steps", "4"])
+    first = json.loads((out / "results.json").read_text())
+    with pytest.raises(ValueError, match="holds a finished run"):
+        cli.run_train([*base, "--max_steps", "4", "--seed", "1"])
+    assert json.loads((out / "results.json").read_text()) == first  # nothing replaced
+    with pytest.raises(ValueError, match="is not a folder"):
+        cli.run_train([*base, "--max_steps", "6", "--resume_from_checkpoint", str(out / "checkpoint-9")])
+    from transformers import TrainerCallback
+
+    class Keep(TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            self.history = state.log_history
+
+    keep, monkey_main = Keep(), recipe.main
+    try:
+        recipe.main = lambda *args: monkey_main(*args, callbacks=[keep])
+        cli.run_train([*base, "--max_steps", "6", "--resume_from_checkpoint", "true"])
+    finally:
+        recipe.main = monkey_main
+    ran = [entry["outer_steps_run"] for entry in keep.history if "outer_steps_run" in entry]
+    assert ran == [2]  # 2 more steps from checkpoint-4, not 6 from the start
+    assert [entry["step"] for entry in keep.history if "meta_loss" in entry] == [1, 2, 3, 4, 5, 6]
+    cli.run_train([*base, "--max_steps", "2", "--overwrite_output_dir", "true"])  # replacing it is asked for
+    assert json.loads((out / "results.json").read_text())["bilevel_outer_steps"] == 2
+
+
 def test_train_ends_with_a_summary_states_the_baseline_and_logs_each_tag_once(tmp_path, capsys, recwarn):
     """Issue 23 items 8 and 9: a summary with the folder, numbers and next command; no uniform run unless asked
     (said in the first lines); the final meta evaluation under its own tag; no known third-party warning."""
