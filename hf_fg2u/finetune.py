@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,12 @@ class FinetuneArguments:
         metadata={"help": "Rows scored at the end: loss, and forced-choice accuracy when the completions are at "
                   f"most {MAX_CHOICES} distinct answers."},
     )  # fmt: skip
+    balance_column: str | None = field(
+        default=None,
+        metadata={"help": "Keep each value's share of this column (e.g. completion, where the answers are a few "
+                  "labels): the weights are rescaled within each value so its share of the total weight is its "
+                  "share of the rows; the ranking within a value is kept."},
+    )  # fmt: skip
     max_length: int = field(default=128, metadata={"help": "Rows are cut at this many tokens."})
     full_finetune: bool = field(default=False, metadata={"help": "Train every parameter instead of a LoRA adapter."})
 
@@ -56,9 +63,26 @@ def _read_rows(path: str):
     return load_files({"train": [path]}, builder_of({"train": [path]}))["train"]
 
 
-def load_weighted_rows(source: str, weight_column: str = "weight", uniform: bool = False):
-    """The rows of ``source`` with their weights in ``weight_column`` (all 1 with ``uniform``), rows of weight 0
-    left out; ``ValueError`` for missing, negative or non-finite weights."""
+def balance_weights(weights: list[float], groups: list) -> list[float]:
+    """``weights`` rescaled within each group so that a group's share of Σw is its share of the rows.
+
+    Why: learned weights carry, besides which rows help, which answer the meta set needed more of at the θ where
+    they were learned — a skew that a fresh fine-tune would inherit as a bias towards that answer."""
+    total, rows, weight_of = sum(weights), Counter(groups), defaultdict(float)
+    for group, weight in zip(groups, weights, strict=True):
+        weight_of[group] += weight
+    empty = sorted(str(group) for group in rows if weight_of[group] <= 0)
+    if empty:
+        raise ValueError(f"Every row of {empty} has weight 0: their share cannot be kept. Drop the balance column "
+                         "or give those rows weight.")  # fmt: skip
+    scale = {group: total * count / len(groups) / weight_of[group] for group, count in rows.items()}
+    return [weight * scale[group] for weight, group in zip(weights, groups, strict=True)]
+
+
+def load_weighted_rows(source: str, weight_column: str = "weight", uniform: bool = False, balance_column=None):
+    """The rows of ``source`` with their weights in ``weight_column`` (all 1 with ``uniform``), balanced over
+    ``balance_column`` when given, rows of weight 0 left out; ``ValueError`` for missing, negative or non-finite
+    weights."""
     from .report import load_weighted_dataset
 
     path = Path(source)
@@ -69,6 +93,11 @@ def load_weighted_rows(source: str, weight_column: str = "weight", uniform: bool
         rows = rows.remove_columns([c for c in (weight_column,) if c in rows.column_names])
         return rows.add_column(weight_column, [1.0] * len(rows))
     check_weight_column(rows, weight_column)
+    if balance_column is not None:
+        if balance_column not in rows.column_names:
+            raise ValueError(f"--balance_column {balance_column!r} is not a column of {source}: {rows.column_names}.")
+        balanced = balance_weights(rows[weight_column], rows[balance_column])
+        rows = rows.remove_columns(weight_column).add_column(weight_column, balanced)
     return rows.filter(lambda row: row[weight_column] > 0)
 
 
@@ -108,7 +137,7 @@ def finetune(args: FinetuneArguments, model_args, training_args: TrainingArgumen
             raise ValueError("Pass --model_name_or_path: the model to fine-tune (the source records no base model).")
         model_args.model_name_or_path = recorded["base_model_name_or_path"]
         model_args.gguf_file = model_args.gguf_file or recorded.get("gguf_file")
-    rows = load_weighted_rows(args.source, args.weight_column, args.uniform)
+    rows = load_weighted_rows(args.source, args.weight_column, args.uniform, args.balance_column)
     model, tokenizer = load_model_and_tokenizer(model_args, training_args.seed)
     train = prepare_split(rows, "train", tokenizer, args.max_length)
     splits = {
@@ -134,7 +163,7 @@ def finetune(args: FinetuneArguments, model_args, training_args: TrainingArgumen
     weights = torch.tensor(rows[args.weight_column], dtype=torch.float64)
     results = {
         "source": str(args.source), "output_dir": training_args.output_dir, "model": model_args.model_name_or_path,
-        "rows": len(rows),
+        "rows": len(rows), "balance_column": args.balance_column,
         "effective_rows": effective_rows(weights), "uniform": args.uniform, "steps": trainer.state.global_step,
         "train_loss": trained.training_loss,
     }  # fmt: skip

@@ -168,6 +168,12 @@ def selections(data: Path, runs: Path, work: Path) -> dict[str, list[str]]:
         "learned_one_shot": [str(runs / "one_shot" / "weighted_dataset.parquet")],
         "learned_online_epoch1": [str(runs / "online" / "weighted_dataset_epoch1.parquet")],
         f"learned_online_epoch{online_epochs}": [str(runs / "online" / "weighted_dataset.parquet")],
+        # the same weights, each answer keeping its share of the rows (hf-fg2u finetune --balance_column)
+        f"learned_online_epoch{online_epochs}_balanced": [
+            str(runs / "online" / "weighted_dataset.parquet"),
+            "--balance_column",
+            "completion",
+        ],
         "oracle_clean_only": [clean, "--uniform", "true"],
     }
 
@@ -199,10 +205,11 @@ def one_data_seed(args, seed: int) -> dict:
             cached.write_text(json.dumps(heuristic_weights(args.model, data, work)))
         result["heuristics"] = json.loads(cached.read_text())
     every = selections(data, runs, work)
-    last_online = [name for name in every if name.startswith("learned_online_epoch")][-1:]
+    last_online = [name for name in every if name.startswith("learned_online_epoch") and "balanced" not in name][-1:]
     chosen = {name: value for name, value in every.items() if name in args.selections
               or (name.startswith("learned_online_epoch") and "learned_online" in args.selections)
-              or (name in last_online and "learned_online_last" in args.selections)}  # fmt: skip
+              or (name in last_online and "learned_online_last" in args.selections)
+              or (name.endswith("_balanced") and "learned_online_balanced" in args.selections)}  # fmt: skip
     for name, (source, *extra) in chosen.items():
         if name == "meta_model_filter":  # scored by the meta_only selection's first adapter (it runs before)
             adapter = work / "finetune" / f"meta_only_a{args.adapter_seeds[0]}"

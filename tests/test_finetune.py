@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from hf_fg2u.cli import main
 from hf_fg2u.data import make_char_tokenizer
 from hf_fg2u.evaluation import answer_choices, choice_accuracy
-from hf_fg2u.finetune import effective_rows
+from hf_fg2u.finetune import balance_weights, effective_rows
 
 WORDS = ["good", "bad", "nice", "sad", "glad", "mad", "kind", "mean", "fine", "poor", "fair", "foul"]
 
@@ -70,6 +70,26 @@ def test_weights_scale_rows_and_zero_weight_rows_are_left_out(tiny_model, tmp_pa
     assert third["train_loss"] == pytest.approx(first["train_loss"], rel=1e-5)
     uniform = finetune(tiny_model, weighted, tmp_path / "u", "--uniform", "true")
     assert uniform["rows"] == len(WORDS) and uniform["effective_rows"] == pytest.approx(len(WORDS))
+
+
+def test_balance_column_keeps_each_answers_share_and_the_ranking_within_it(tiny_model, tmp_path):
+    """Weights that favour the " no" rows 3:1 keep, balanced over completion, the data's 50/50 answer mix and each
+    answer's own ratios; the fine-tune on them is the fine-tune on those weights written by hand."""
+    weights = [3.0 * (1 + i % 4) if i % 2 else 1.0 + i % 3 for i in range(len(WORDS))]
+    assert balance_weights([2.0, 6.0, 1.0, 1.0], ["a", "b", "b", "b"]) == pytest.approx([2.5, 5.625, 0.9375, 0.9375])
+    balanced = balance_weights(weights, [r["completion"] for r in rows(WORDS)])
+    yes, no = sum(balanced[0::2]), sum(balanced[1::2])
+    assert yes == pytest.approx(no) and yes + no == pytest.approx(sum(weights))
+    assert balanced[1] / balanced[3] == pytest.approx(weights[1] / weights[3])  # the ranking within an answer
+    source = write(tmp_path / "w.jsonl", rows(WORDS, lambda i: weights[i]))
+    by_hand = write(tmp_path / "b.jsonl", rows(WORDS, lambda i: balanced[i]))
+    first = finetune(tiny_model, source, tmp_path / "a", "--balance_column", "completion")
+    second = finetune(tiny_model, by_hand, tmp_path / "b")
+    assert first["balance_column"] == "completion" and first["train_loss"] == pytest.approx(second["train_loss"])
+    with pytest.raises(SystemExit, match="'answer' is not a column"):
+        finetune(tiny_model, source, tmp_path / "c", "--balance_column", "answer")
+    with pytest.raises(ValueError, match=r"Every row of \[' no'\] has weight 0"):
+        balance_weights([1.0, 0.0], [" yes", " no"])
 
 
 def test_eval_file_keeps_the_best_epoch_and_test_file_is_scored(tiny_model, tmp_path):
