@@ -47,9 +47,8 @@ def _answer_row(tokenizer, prompt: str, completion: str) -> dict[str, list[int]]
     """The row as training tokenizes it, without the end-of-sequence token training appends: the answer alone is
     scored."""
     row = encode_example({"prompt": prompt, "completion": completion}, tokenizer, "prompt_completion")
-    if tokenizer.eos_token_id is not None and row["input_ids"][-1] == tokenizer.eos_token_id:
-        row = {key: value[:-1] for key, value in row.items()}
-    return row
+    cut = tokenizer.eos_token_id is not None and row["input_ids"][-1] == tokenizer.eos_token_id
+    return {key: row[key][:-1] if cut else row[key] for key in ("input_ids", "attention_mask", "labels")}
 
 
 @torch.no_grad()

@@ -84,21 +84,39 @@ def _segments(example: dict, tokenizer, kind: str, text_field: str) -> tuple[lis
     return [(example[text_field], True)], True
 
 
-def encode_example(example: dict, tokenizer, kind: str, text_field: str = "text") -> dict[str, list[int]]:
-    """One example -> unpadded ``input_ids``, ``attention_mask``, ``labels`` (-100 where no loss is taken).
+def shared_prefix_length(a: list[int], b: list[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
-    Pieces are tokenized separately so that the prompt/answer boundary is exact for any tokenizer.
+
+def encode_example(example: dict, tokenizer, kind: str, text_field: str = "text") -> dict[str, list[int]]:
+    """One example -> unpadded ``input_ids``, ``attention_mask``, ``labels`` (-100 where no loss is taken), and
+    ``boundary_merged``: whether the tokenizer joined text across a prompt/answer boundary.
+
+    The whole text is tokenized at once, as the model reads it at inference ("Answer: " + "Paris" is
+    ``ĠParis``, not ``Ġ`` + ``Paris``). A piece ends after the tokens that the text up to its end shares with
+    the whole; a token that straddles the boundary goes to the piece it ends in, so an answer keeps it.
     """
     segments, plain = _segments(example, tokenizer, kind, text_field)
-    input_ids, labels = [], []
+    whole = "".join(text for text, _ in segments)
+    input_ids = tokenizer(whole, add_special_tokens=plain)["input_ids"]
+    labels, start, prefix, merged = [], 0, "", False
     for index, (text, trained) in enumerate(segments):
-        ids = tokenizer(text, add_special_tokens=plain and index == 0)["input_ids"]
-        input_ids += ids
-        labels += ids if trained else [IGNORE_INDEX] * len(ids)
+        prefix += text
+        if index == len(segments) - 1:
+            end = len(input_ids)
+        else:
+            head = tokenizer(prefix, add_special_tokens=plain)["input_ids"]
+            end = shared_prefix_length(head, input_ids)
+            merged = merged or end < len(head)
+            end = max(end, start)
+        labels += input_ids[start:end] if trained else [IGNORE_INDEX] * (end - start)
+        start = end
     eos = tokenizer.eos_token_id
     if plain and eos is not None and input_ids[-1:] != [eos]:
         input_ids, labels = input_ids + [eos], labels + [eos]
-    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels,
+            "boundary_merged": merged}  # fmt: skip
 
 
 def tokenize_dataset(dataset, tokenizer, max_length: int | None, role: str, text_field: str = "text"):
@@ -119,11 +137,19 @@ def tokenize_dataset(dataset, tokenizer, max_length: int | None, role: str, text
     def encode(example):
         row = encode_example(example, tokenizer, kind, text_field)
         length = len(row["input_ids"])
-        cut = max_length is not None and length > max_length
-        row = {key: value[:max_length] for key, value in row.items()} if cut else row
+        if max_length is not None and length > max_length:
+            row.update({key: row[key][:max_length] for key in MODEL_INPUT_COLUMNS})
         return {**row, "num_tokens": length}
 
     tokenized = dataset.map(encode, remove_columns=list(source), desc=f"Tokenizing the {role} dataset")
+    merged = sum(tokenized["boundary_merged"])
+    if merged:
+        warnings.warn(
+            f"{merged} of {len(tokenized)} rows of the {role} dataset have a token that spans the end of the prompt "
+            "(e.g. a prompt ending in a space before the answer): it is trained as part of the answer, as the "
+            "model reads the joined text. End prompts without a trailing space to keep the boundary exact.",
+            stacklevel=3,
+        )
     lengths = tokenized["num_tokens"]
     cut = sum(length > max_length for length in lengths) if max_length is not None else 0
     if cut:
@@ -132,7 +158,7 @@ def tokenize_dataset(dataset, tokenizer, max_length: int | None, role: str, text
             f"(longest: {max(lengths)}) and were cut at the end. Raise max_length if the cut part matters.",
             stacklevel=3,
         )
-    return tokenized.remove_columns("num_tokens")
+    return tokenized.remove_columns(["num_tokens", "boundary_merged"])
 
 
 def prepare_split(dataset, role: str, tokenizer, max_length: int | None, text_field: str = "text"):

@@ -90,6 +90,39 @@ def test_conversational_prompt_completion_trains_on_the_completion_turn(tokenize
     assert trained_text(tokenizer, row) == "yo\n"
 
 
+@pytest.fixture(scope="module")
+def bpe_tokenizer():
+    """A byte-level BPE like SmolLM2's (trained here, offline): "Answer: " is [Answer, :, Ġ], and the joined
+    "Answer: Paris" is [Answer, :, ĠParis]."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>", "<pad>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    bpe.train_from_iterator(["Answer: Paris", "Answer: Rome"] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", pad_token="<pad>")
+
+
+def test_prompt_and_completion_are_tokenized_as_the_joined_text(bpe_tokenizer, tmp_path):
+    """Issue 24 item 5: the pieces were tokenized apart ([Ġ] + [Paris]), a sequence the model never reads at
+    inference; now the joined text's tokens, the straddling ĠParis trained as the answer, and a counted warning."""
+    tokens = bpe_tokenizer.convert_ids_to_tokens
+    row = encode_example({"prompt": "Answer: ", "completion": "Paris"}, bpe_tokenizer, "prompt_completion")
+    assert tokens(row["input_ids"]) == ["Answer", ":", "ĠParis", "<eos>"]
+    assert tokens([t for t in row["labels"] if t != -100]) == ["ĠParis", "<eos>"] and row["boundary_merged"]
+    clean = encode_example({"prompt": "Answer:", "completion": " Paris"}, bpe_tokenizer, "prompt_completion")
+    assert clean["input_ids"] == row["input_ids"] and clean["labels"] == row["labels"]
+    assert not clean["boundary_merged"]
+    from hf_fg2u.formats import tokenize_dataset
+
+    rows = Dataset.from_dict({"prompt": ["Answer: ", "Answer:"], "completion": ["Rome", " Rome"]})
+    with pytest.warns(UserWarning, match=r"1 of 2 rows of the train dataset have a token that spans the end"):
+        tokenized = tokenize_dataset(rows, bpe_tokenizer, 16, "train")
+    assert tokenized["input_ids"][0] == tokenized["input_ids"][1] and "boundary_merged" not in tokenized.column_names
+
+
 @pytest.mark.parametrize("kind", ["text", "prompt_completion", "messages"])
 def test_trainer_tokenizes_each_raw_format_and_trains(tmp_path, tokenizer, kind):
     pairs = facts()
