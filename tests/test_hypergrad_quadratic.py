@@ -194,3 +194,38 @@ def test_divergence_raises_a_clear_error(quadratic):
 def test_bad_arguments_name_the_fix(quadratic, kwargs, message):
     with pytest.raises(ValueError, match=message):
         estimate(quadratic, **kwargs)
+
+
+class DropoutQuadratic(Quadratic):
+    """The quadratic seen through dropout masks on θ, drawn inside the losses as a model's dropout layers are:
+    every pair of evaluations a method differences must see the same masks."""
+
+    def inner_loss(self, params, outer, batch):
+        return super().inner_loss({"theta": torch.nn.functional.dropout(params["theta"], 0.5)}, outer, batch)
+
+    def outer_loss(self, params, outer, batch):
+        return super().outer_loss({"theta": torch.nn.functional.dropout(params["theta"], 0.5)}, outer, batch)
+
+
+def test_finite_differences_see_the_same_dropout_masks_on_both_sides():
+    """Issue 24 item 2: the plus and minus gradients of a central difference (fg2u's finite_difference tangent,
+    hessian_free) and fg2u_zo's meta losses drew different masks: errors of order 1/eps. Now each matches the
+    exact method on the masked function (the step's seed fixes its masks in every method)."""
+    problem = DropoutQuadratic(n=6, m=5)
+    basis = dict(directions="basis", num_directions=5, seed=3)
+    exact = estimate(problem, "fg2u", jvp="forward", **basis).grad["phi"]
+    differenced = estimate(problem, "fg2u", jvp="finite_difference", fd_epsilon=1e-6, **basis).grad["phi"]
+    assert relative_error(differenced, exact) < 1e-6
+    one_step = estimate(problem, "fg2u", steps=1, jvp="forward", **basis).grad["phi"]
+    hessian_free = estimate(problem, "hessian_free", steps=1, fd_epsilon=1e-6, seed=3).grad["phi"]
+    assert relative_error(hessian_free, one_step) < 1e-6  # exact at T = 1 with SGD
+    zo = [
+        estimate(problem, "fg2u_zo", zo_epsilon=eps, zo_scheme="central", **basis).grad["phi"] for eps in (1e-4, 1e-6)
+    ]
+    assert relative_error(zo[0], zo[1]) < 1e-4  # the same function differentiated at two step sizes
+
+
+def test_finite_differences_are_refused_for_a_half_precision_theta():
+    problem = Quadratic(dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="need θ in float32 or float64, and θ is torch.bfloat16"):
+        estimate(problem, "hessian_free", steps=1)

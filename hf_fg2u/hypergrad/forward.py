@@ -13,7 +13,15 @@ from functools import partial
 import torch
 from torch.utils._pytree import tree_map
 
-from .unroll import Unroll, detach_tree, make_grad_tangent, step_rng, tree_dot, tree_zeros_like
+from .unroll import (
+    Unroll,
+    detach_tree,
+    make_grad_tangent,
+    meta_gradient_and_value,
+    step_rng,
+    tree_dot,
+    tree_zeros_like,
+)
 
 
 def forward_directional_derivatives(
@@ -76,9 +84,7 @@ def forward_directional_derivatives(
         if unroll.progress is not None:
             unroll.progress.update(1)
 
-    (meta_grad_params, meta_grad_outer), meta_value = torch.func.grad_and_value(unroll.outer_loss, argnums=(0, 1))(
-        params, outer, unroll.meta_batch
-    )
+    (meta_grad_params, meta_grad_outer), meta_value = meta_gradient_and_value(unroll, params)
     pair = torch.func.vmap(lambda d: tree_dot(meta_grad_params, d))
     # A process whose share of the directions is empty contributes no derivative (and zeros to the sum).
     directional = torch.cat([pair(d_params) for d_params, _, _ in chunks]) if chunks else meta_value.new_zeros(0)

@@ -17,7 +17,18 @@ import warnings
 import torch
 from torch.utils._pytree import tree_map
 
-from .unroll import Unroll, detach_tree, make_grad_tangent, run_inner_loop, step_rng, tree_axpy, tree_dot
+from .unroll import (
+    Unroll,
+    detach_tree,
+    finite_difference_epsilon,
+    make_grad_tangent,
+    meta_gradient_and_value,
+    run_inner_loop,
+    same_randomness,
+    step_rng,
+    tree_axpy,
+    tree_dot,
+)
 
 
 def implicit_hypergradient(unroll: Unroll, method: str, options):
@@ -26,7 +37,7 @@ def implicit_hypergradient(unroll: Unroll, method: str, options):
     if method == "hessian_free":
         return hessian_free_hypergradient(unroll, options.fd_epsilon)
     u, o = unroll, options
-    inner_loss, outer_loss, optimizer, outer = u.inner_loss, u.outer_loss, u.optimizer, u.outer
+    inner_loss, optimizer, outer = u.inner_loss, u.optimizer, u.outer
     inner_batches, seeds, implicit_batches = u.inner_batches, u.seeds, o.implicit_batches
     params, state, losses = run_inner_loop(
         inner_loss, optimizer, u.params, u.state, outer, inner_batches, seeds, u.progress
@@ -34,9 +45,7 @@ def implicit_hypergradient(unroll: Unroll, method: str, options):
     if implicit_batches == "last":  # "all" or "last": ImplicitOptions validated it
         inner_batches, seeds = inner_batches[-1:], seeds[-1:]
     pairs = list(zip(inner_batches, seeds, strict=True))
-    (meta_params, meta_outer), value = torch.func.grad_and_value(outer_loss, argnums=(0, 1))(
-        params, outer, u.meta_batch
-    )
+    (meta_params, meta_outer), value = meta_gradient_and_value(u, params)
     zero_outer = tree_map(torch.zeros_like, outer)
     grad_tangent = make_grad_tangent(inner_loss, o.jvp, o.fd_epsilon)
 
@@ -79,9 +88,7 @@ def hessian_free_hypergradient(unroll: Unroll, fd_epsilon: float | None):
             inner_loss, u.optimizer, params, state, outer, [batch], [seed], u.progress
         )
         losses += step_losses
-    (meta_params, meta_outer), value = torch.func.grad_and_value(u.outer_loss, argnums=(0, 1))(
-        params, outer, u.meta_batch
-    )
+    (meta_params, meta_outer), value = meta_gradient_and_value(u, params)
     grad = tree_map(torch.Tensor.detach, meta_outer)
     for iterate, batch, seed in zip(iterates, u.inner_batches, u.seeds, strict=True):
         with step_rng(seed):
@@ -124,11 +131,11 @@ def mixed_product(inner_loss, params, outer, batch, vector, jvp: str, fd_epsilon
     ``vector`` when only first-order derivatives are allowed."""
     if first_order or jvp == "finite_difference":
         grad_outer = torch.func.grad(inner_loss, argnums=1)
-        first = next(iter(params.values()))
-        eps = fd_epsilon if fd_epsilon is not None else (1e-5 if first.dtype == torch.float64 else 1e-2)
-        step = eps / torch.sqrt(tree_dot(vector, vector)).clamp_min(1e-30)
-        plus = grad_outer(tree_axpy(step, vector, params), outer, batch)
-        minus = grad_outer(tree_axpy(-step, vector, params), outer, batch)
+        step = finite_difference_epsilon(params, fd_epsilon) / torch.sqrt(tree_dot(vector, vector)).clamp_min(1e-30)
+        plus, minus = same_randomness(
+            lambda: grad_outer(tree_axpy(step, vector, params), outer, batch),
+            lambda: grad_outer(tree_axpy(-step, vector, params), outer, batch),
+        )
         return tree_map(lambda a, b: (a - b) / (2 * step), plus, minus)
     grad_params = torch.func.grad(inner_loss, argnums=0)
     return torch.func.grad(lambda o: tree_dot(grad_params(params, o, batch), vector))(outer)

@@ -26,8 +26,10 @@ def graph_reverse_hypergradient(
     inner_batches: Sequence,
     meta_batch,
     seeds: Sequence[int | None],
+    meta_seed: int | None = 0,
 ):
-    """Return (∇h, h, θ_T) by ``torch.func.grad`` of the whole unrolled map φ ↦ f(θ_T(φ), φ)."""
+    """Return (∇h, h, θ_T) by ``torch.func.grad`` of the whole unrolled map φ ↦ f(θ_T(φ), φ); the meta loss's
+    dropout masks from ``meta_seed``, as the methods draw them from their call's ``seed``."""
 
     def unrolled(phi):
         p, s = params, state
@@ -35,7 +37,8 @@ def graph_reverse_hypergradient(
             with step_rng(seed):
                 grads = torch.func.grad(inner_loss)(p, phi, batch)
             p, s = optimizer.update(grads, s, p)
-        return outer_loss(p, phi, meta_batch), p
+        with step_rng(meta_seed):
+            return outer_loss(p, phi, meta_batch), p
 
     grad, (value, final_params) = torch.func.grad_and_value(unrolled, has_aux=True)(outer)
     return detach_tree(grad), float(value), detach_tree(final_params)

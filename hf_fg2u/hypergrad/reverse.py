@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch.utils._pytree import tree_map
 
-from .unroll import Unroll, detach_tree, primal_step, run_inner_loop, step_rng
+from .unroll import Unroll, detach_tree, meta_gradient_and_value, primal_step, run_inner_loop, step_rng
 
 
 def reverse_hypergradient(
@@ -31,7 +31,7 @@ def reverse_hypergradient(
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every={checkpoint_every} must be >= 1 (1 = keep every inner step's state).")
     u = unroll
-    inner_loss, outer_loss, optimizer, outer, seeds = u.inner_loss, u.outer_loss, u.optimizer, u.outer, u.seeds
+    inner_loss, optimizer, outer, seeds = u.inner_loss, u.optimizer, u.outer, u.seeds
     inner_batches, reduce_gradients, progress = u.inner_batches, u.reduce_gradients, u.progress
     reduce = reduce_gradients or (lambda tree: tree)
     total = len(inner_batches)
@@ -55,9 +55,7 @@ def reverse_hypergradient(
         if progress is not None:
             progress.update(1)
 
-    (adjoint_params, grad_outer), value = torch.func.grad_and_value(outer_loss, argnums=(0, 1))(
-        params, outer, u.meta_batch
-    )
+    (adjoint_params, grad_outer), value = meta_gradient_and_value(u, params)
     adjoint_params, grad_outer = detach_tree(adjoint_params), detach_tree(grad_outer)
     losses += torch.stack(differentiated_losses).tolist() if differentiated_losses else []
     adjoint_state = tree_map(torch.zeros_like, state)

@@ -73,6 +73,43 @@ def step_rng(seed: int | None):
         yield
 
 
+def same_randomness(*calls: Callable) -> list:
+    """Run each call from the same RNG state: evaluations that must differ only in their inputs (the two sides of
+    a finite difference) see the same dropout masks, or the difference measures the masks, not the function."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    cpu, accelerator = torch.get_rng_state(), [torch.cuda.get_rng_state(device) for device in devices]
+    results = []
+    for call in calls:
+        torch.set_rng_state(cpu)
+        for device, state in zip(devices, accelerator, strict=True):
+            torch.cuda.set_rng_state(state, device)
+        results.append(call())
+    return results
+
+
+def finite_difference_epsilon(params: dict, fd_epsilon: float | None) -> float:
+    """The step of a central difference in θ: ``fd_epsilon``, else 1e-5 in float64 and 1e-2 in float32. Refused in
+    bf16/fp16, where a step spread over θ's coordinates is below the format's resolution (relative error 6.5
+    measured in bf16): use an exact method (jvp='forward', method='rgu' or 'fg2u') or a float32 θ."""
+    dtype = next(iter(tree_leaves(params))).dtype
+    if dtype in (torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"Finite differences of the inner gradient need θ in float32 or float64, and θ is {dtype}: the step is "
+            "below its resolution. Use jvp='forward' (or method='rgu'/'fg2u') for a half-precision θ, or keep the "
+            "trained parameters in float32 (LoRA adapters are, by default)."
+        )
+    if fd_epsilon is not None:
+        return fd_epsilon
+    return 1e-5 if dtype == torch.float64 else 1e-2
+
+
+def meta_gradient_and_value(u: Unroll, params):
+    """((∇_θ f, ∇_φ f), f) at θ = ``params``, under the call's seed: every method and every evaluation of the meta
+    loss sees the same dropout masks."""
+    with step_rng(u.seed):
+        return torch.func.grad_and_value(u.outer_loss, argnums=(0, 1))(params, u.outer, u.meta_batch)
+
+
 def primal_step(inner_loss: LossFn, optimizer: InnerOptimizer, params, state, outer, batch, seed, reduce=None):
     """One inner step with nothing differentiated: (θ, s) -> (θ', s'), plus the inner loss before the step.
 
@@ -141,12 +178,13 @@ def make_grad_tangent(inner_loss: LossFn, mode: str, fd_epsilon: float | None) -
     elif mode == "finite_difference":
 
         def tangent(params, outer, batch, d_params, d_outer):
-            first = next(iter(tree_leaves(params)))
-            eps = fd_epsilon if fd_epsilon is not None else (1e-5 if first.dtype == torch.float64 else 1e-2)
+            eps = finite_difference_epsilon(params, fd_epsilon)
             norm = torch.sqrt(tree_dot(d_params, d_params) + tree_dot(d_outer, d_outer))
             step = eps / norm.clamp_min(1e-30)
-            plus = grad_params(tree_axpy(step, d_params, params), tree_axpy(step, d_outer, outer), batch)
-            minus = grad_params(tree_axpy(-step, d_params, params), tree_axpy(-step, d_outer, outer), batch)
+            plus, minus = same_randomness(
+                lambda: grad_params(tree_axpy(step, d_params, params), tree_axpy(step, d_outer, outer), batch),
+                lambda: grad_params(tree_axpy(-step, d_params, params), tree_axpy(-step, d_outer, outer), batch),
+            )
             return tree_map(lambda a, b: (a - b) / (2 * step), plus, minus), None, None
 
     else:

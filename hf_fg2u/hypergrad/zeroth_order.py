@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .unroll import Unroll, primal_step, run_inner_loop
+from .unroll import Unroll, primal_step, run_inner_loop, step_rng
 
 ZO_SCHEMES = ("central", "forward")
 
@@ -30,13 +30,15 @@ def zeroth_order_directional_derivatives(
         p, s = u.params, u.state
         for batch, seed in zip(u.inner_batches, u.seeds, strict=True):
             p, s, _ = primal_step(inner_loss, optimizer, p, s, phi, batch, seed)
-        return outer_loss(p, phi, meta_batch)
+        with step_rng(u.seed):  # every evaluation of h sees the same dropout masks in the meta loss
+            return outer_loss(p, phi, meta_batch)
 
     batched_value = torch.func.vmap(unrolled_value, randomness="same")
     final_params, final_state, losses = run_inner_loop(
         inner_loss, optimizer, u.params, u.state, outer, u.inner_batches, u.seeds, u.progress
     )
-    base = outer_loss(final_params, outer, meta_batch).detach()
+    with step_rng(u.seed):
+        base = outer_loss(final_params, outer, meta_batch).detach()
     estimates = []
     for chunk in direction_dicts:
         shifted_up = {k: outer[k] + zo_epsilon * chunk[k] for k in outer}
