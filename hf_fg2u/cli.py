@@ -27,16 +27,25 @@ def run_train(argv: list[str]) -> dict:
     """Run a recipe here, or with ``--num_processes N`` on N ranks started through ``accelerate launch``."""
     launch_args, argv = launch.split_launch_args(argv)
     if launch.launched():  # one rank of a launched group: the launching process prints the summary
-        return recipe.main(*recipe.parse_args(argv))
+        secret = json.loads(os.environ.pop(launch.SECRET_ARGS_ENV, "[]"))
+        return recipe.main(*recipe.parse_args([*argv, *secret]))
     if launch_args.num_processes == 1:
         results = recipe.main(*recipe.parse_args(argv))
         print_train_summary(results)
         return results
     _, training_args, _ = recipe.parse_args(argv)  # bad options fail here, before any rank starts
-    command = launch.launch_command(launch_args.num_processes, launch_args.accelerate_config, argv)
+    public, secret = launch.split_secret_args(argv)
+    command = launch.launch_command(launch_args.num_processes, launch_args.accelerate_config, public)
     env = launch.launch_env(launch_args.accelerate_config)
-    print("[hf_fg2u] " + launch.echo_command(command, env))
-    done = subprocess.run(command, check=False, env={**os.environ, **env})
+    line = launch.echo_command(command, env)
+    if secret:
+        names = [arg for arg in secret if arg.startswith("--")]
+        line += (
+            f"   # {', '.join(n.partition('=')[0] for n in names)}: passed to the ranks in ${launch.SECRET_ARGS_ENV}"
+        )
+    print("[hf_fg2u] " + line)
+    hidden = {launch.SECRET_ARGS_ENV: json.dumps(secret)} if secret else {}
+    done = subprocess.run(command, check=False, env={**os.environ, **env, **hidden})
     if done.returncode != 0:
         raise RuntimeError(f"accelerate launch exited with status {done.returncode} (command above).")
     results = json.loads((Path(training_args.output_dir) / "results.json").read_text())

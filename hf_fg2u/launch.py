@@ -4,6 +4,7 @@ does), with a packaged accelerate config (``--accelerate_config cpu_2proc``) or 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -60,6 +61,38 @@ def launch_command(num_processes: int, accelerate_config: str | None, argv: list
     else:
         command += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     return [*command, "-m", "hf_fg2u.cli", "train", *argv]
+
+
+SECRET_ARGS_ENV = "HF_FG2U_SECRET_ARGS"
+
+
+def split_secret_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(public, secret) options of ``argv``: ``--hub_token`` and any option named like a token, secret, key or
+    password, and a ``--model_init_kwargs`` that holds a credential, go to the ranks through the environment —
+    argv is printed and visible to every user of the machine in ``ps``."""
+    from .config import CREDENTIAL, redact
+
+    def secret(name: str, value: str | None) -> bool:
+        if name == "--model_init_kwargs" and value is not None:
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                return False
+            return redact(parsed) != parsed
+        return bool(CREDENTIAL.search(name.lstrip("-")))
+
+    public, hidden, index = [], [], 0
+    while index < len(argv):
+        name, inline, value = argv[index].partition("=")
+        takes_next = not inline and index + 1 < len(argv) and not argv[index + 1].startswith("--")
+        value = value if inline else (argv[index + 1] if takes_next else None)
+        width = 2 if takes_next else 1
+        if name.startswith("--") and secret(name, value):
+            hidden += argv[index : index + width]
+        else:
+            public += argv[index : index + width]
+        index += width
+    return public, hidden
 
 
 def launch_env(accelerate_config: str | None) -> dict[str, str]:

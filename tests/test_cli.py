@@ -452,6 +452,41 @@ def test_cpu_launch_echoes_the_environment_that_makes_cpu_ranks(tmp_path, monkey
     assert seen["env"]["ACCELERATE_USE_CPU"] == "1"
 
 
+def test_launch_keeps_secrets_out_of_the_echo_and_argv_and_the_ranks_get_them(tmp_path, monkeypatch, capsys):
+    """Issue 25 item 3: the echoed accelerate command (CI and cluster logs) and the ranks' argv (``ps``) carried
+    --hub_token and the token inside --model_init_kwargs; now they travel in the ranks' environment."""
+    seen, token, inner = {}, "hf_" + "S" * 30, "hf_" + "T" * 30
+
+    def fake_run(command, check, env=None):
+        seen.update(env=env, command=command)
+        (tmp_path / "results.json").write_text(json.dumps({"output_dir": str(tmp_path), "bilevel_meta_loss": 1.5}))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(cli.subprocess, "run", fake_run)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    kwargs = json.dumps({"token": inner, "revision": "main"})
+    argv = ["--recipe", "soft_prompt", "--output_dir", str(tmp_path), "--num_processes", "2", "--hub_token", token,
+            f"--model_init_kwargs={kwargs}", "--max_steps", "3"]  # fmt: skip
+    cli.run_train(argv)
+    printed = capsys.readouterr().out
+    assert token not in printed and inner not in printed and "HF_FG2U_SECRET_ARGS" in printed
+    assert not [arg for arg in seen["command"] if token in arg or inner in arg]
+    assert seen["command"][-2:] == ["--max_steps", "3"]
+    secret = json.loads(seen["env"]["HF_FG2U_SECRET_ARGS"])
+    assert secret == ["--hub_token", token, f"--model_init_kwargs={kwargs}"]
+    # one rank: the secrets come back from the environment into its options
+    rank_argv = seen["command"][seen["command"].index("train") + 1 :]
+    _, training, _ = recipe.parse_args([*rank_argv, *secret])  # what the rank parses
+    assert training.hub_token == token and training.model_init_kwargs["token"] == inner and training.max_steps == 3
+    parsed = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("HF_FG2U_SECRET_ARGS", seen["env"]["HF_FG2U_SECRET_ARGS"])
+    monkeypatch.setattr(recipe, "parse_args", lambda argv: parsed.append(argv) or (None, None, None))
+    monkeypatch.setattr(recipe, "main", lambda *args: {})
+    cli.run_train(rank_argv)
+    assert parsed == [[*rank_argv, *secret]] and "HF_FG2U_SECRET_ARGS" not in os.environ
+
+
 def test_only_the_first_rank_prints_warnings_and_progress_bars():
     import warnings
 

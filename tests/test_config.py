@@ -58,6 +58,30 @@ def test_edges_of_the_ranges_are_accepted(tmp_path):
     assert (args.inner_beta1, args.cg_damping, args.zo_epsilon) == (0.0, 0.0, 1e-8)
 
 
+@pytest.mark.parametrize(
+    "kwargs, kept",
+    [  # issue 25 item 2: credentials under other key names, found by key and by shape
+        ({"proxies": {"https": "http://bob:PASS@proxy:3128"}}, None),
+        ({"headers": {"Authorization": "Bearer abc.def"}}, None),
+        ({"auth": "ghp_" + "b" * 36}, None),
+        ({"endpoint": "https://bob:PASS@mirror.example/models"}, None),
+        ({"note": "Basic Ym9iOlBBU1M="}, None),
+        ({"extra": ["sk-" + "c" * 40, "xoxb-1-2-3"]}, None),
+        ({"aws": {"id": "AKIA" + "D" * 16}}, None),
+        ({"revision": "main", "cache_dir": "/data/hf", "mirror": "https://mirror.example/models"}, "all"),
+    ],
+)
+def test_credentials_are_redacted_by_key_and_by_shape(tmp_path, kwargs, kept):
+    import json
+
+    args = make(tmp_path, model_init_kwargs=json.dumps(kwargs))
+    written = json.dumps(args.bilevel_fields()) + args.to_json_string() + json.dumps(vars(args.redacted()), default=str)
+    secrets = ["PASS", "abc.def", "b" * 36, "Ym9iOlBBU1M=", "c" * 40, "xoxb-1-2-3", "D" * 16]
+    assert not [secret for secret in secrets if secret in written]
+    if kept:
+        assert args.redacted().model_init_kwargs == kwargs  # nothing that is not a credential is touched
+
+
 def test_credentials_are_redacted_from_what_is_written(tmp_path):
     secret = "hf_" + "A" * 30
     args = make(
@@ -68,7 +92,7 @@ def test_credentials_are_redacted_from_what_is_written(tmp_path):
     fields = args.bilevel_fields()["model_init_kwargs"]
     assert fields == {
         "token": REDACTED, "revision": "main", "quantization_config": {"api_key": REDACTED},
-        "headers": ["x", REDACTED], "use_auth_token": True,
+        "headers": REDACTED, "use_auth_token": True,
     }  # fmt: skip
     clean = args.redacted()
     assert clean.hub_token is None and clean.model_init_kwargs == fields
