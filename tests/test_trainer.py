@@ -9,6 +9,7 @@ import torch
 from datasets import DatasetDict, concatenate_datasets
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
+from torch.utils._pytree import tree_leaves
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_fg2u import BilevelConfig, BilevelTrainer, DomainWeights, ExampleWeights, OuterModule, SoftPrompt, WeightNet
@@ -161,7 +162,7 @@ def test_weight_net_separates_corrupted_from_clean(tmp_path):
 def test_resume_continues_exactly(tmp_path):
     _, data = fact_data(num_facts=8, copies=4)
     common = dict(max_steps=6, save_strategy="steps", save_steps=3, inner_optimizer="adam", num_directions=4,
-                  directions="rademacher")  # fmt: skip
+                  logging_steps=1, directions="rademacher")  # fmt: skip
     straight = trainer_for(tmp_path / "straight", ExampleWeights(32), data, **common)
     straight.train()
     first = trainer_for(tmp_path / "resumed", ExampleWeights(32), data, **{**common, "max_steps": 3})
@@ -170,9 +171,24 @@ def test_resume_continues_exactly(tmp_path):
     assert (checkpoint / "bilevel_state.safetensors").is_file() and (checkpoint / "optimizer.pt").is_file()
     second = trainer_for(tmp_path / "resumed", ExampleWeights(32), data, **common)
     second.train(resume_from_checkpoint=str(checkpoint))
-    torch.testing.assert_close(second.outer.logits, straight.outer.logits, rtol=0, atol=1e-7)
+    # "Continues exactly" (README), bitwise (issue 26 item 2): φ, θ, the inner and outer optimizer states, and
+    # the logged numbers of the steps after the checkpoint.
+    assert torch.equal(second.outer.logits, straight.outer.logits)
     for name, value in second._inner_params.items():
-        torch.testing.assert_close(value, straight._inner_params[name], rtol=0, atol=1e-6)
+        assert torch.equal(value, straight._inner_params[name]), name
+    for name, value in second._inner_state.items():
+        assert all(torch.equal(a, b) for a, b in zip(tree_leaves(value), tree_leaves(straight._inner_state[name]),
+                                                      strict=True)), name  # fmt: skip
+    outer_states = [trainer.optimizer.state_dict()["state"] for trainer in (second, straight)]
+    assert all(torch.equal(a, b) for a, b in zip(tree_leaves(outer_states[0]), tree_leaves(outer_states[1]),
+                                                  strict=True))  # fmt: skip
+
+    def logged(trainer):
+        timing = ("seconds", "per_second", "runtime")
+        after = [entry for entry in trainer.state.log_history if entry.get("step", 0) > 3 and "meta_loss" in entry]
+        return [{k: v for k, v in entry.items() if not any(t in k for t in timing)} for entry in after]
+
+    assert logged(second) == logged(straight) and len(logged(second)) == 3
 
 
 def test_resume_refuses_an_incompatible_or_corrupt_checkpoint(tmp_path):
