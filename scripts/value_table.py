@@ -36,7 +36,7 @@ LORA = ["--lora_r", "8", "--lora_alpha", "16", "--lora_target_modules", "q_proj"
 FINETUNE = ["--num_train_epochs", "3", "--learning_rate", "3e-4", "--lr_scheduler_type", "constant",
             "--per_device_train_batch_size", "16", "--max_length", "32", "--disable_tqdm", "true", *LORA]  # fmt: skip
 SELECTIONS = ["uniform", "train_and_meta", "meta_only", "loss_filter", "less", "meta_model_filter",
-              "learned_one_shot", "learned_online", "oracle_clean_only"]  # fmt: skip
+              "meta_model_filter_balanced", "learned_one_shot", "learned_online", "oracle_clean_only"]  # fmt: skip
 MODES = {
     "online": [],  # the recipe's default
     "one_shot": ["--inner_reset_every", "1", "--num_train_epochs", "1", "--inner_lr", "0.003", "--learning_rate", "8"],
@@ -47,6 +47,7 @@ TOLD = {
     "loss_filter": "how many",
     "less": "how many",
     "meta_model_filter": "how many",
+    "meta_model_filter_balanced": "how many",
 }
 
 
@@ -165,6 +166,7 @@ def selections(data: Path, runs: Path, work: Path) -> dict[str, list[str]]:
         "loss_filter": [str(work / "loss_filter.jsonl")],
         "less": [str(work / "less.jsonl")],
         "meta_model_filter": [str(work / "meta_model_filter.jsonl")],
+        "meta_model_filter_balanced": [str(work / "meta_model_filter.jsonl"), "--balance_column", "completion"],
         "learned_one_shot": [str(runs / "one_shot" / "weighted_dataset.parquet")],
         "learned_online_epoch1": [str(runs / "online" / "weighted_dataset_epoch1.parquet")],
         f"learned_online_epoch{online_epochs}": [str(runs / "online" / "weighted_dataset.parquet")],
