@@ -36,7 +36,8 @@ LORA = ["--lora_r", "8", "--lora_alpha", "16", "--lora_target_modules", "q_proj"
 FINETUNE = ["--num_train_epochs", "3", "--learning_rate", "3e-4", "--lr_scheduler_type", "constant",
             "--per_device_train_batch_size", "16", "--max_length", "32", "--disable_tqdm", "true", *LORA]  # fmt: skip
 SELECTIONS = ["uniform", "train_and_meta", "meta_only", "loss_filter", "less", "meta_model_filter",
-              "meta_model_filter_balanced", "learned_one_shot", "learned_online", "oracle_clean_only"]  # fmt: skip
+              "meta_model_filter_balanced", "learned_one_shot", "learned_online", "learned_balanced_and_meta",
+              "oracle_clean_only"]  # fmt: skip
 MODES = {
     "online": [],  # the recipe's default
     "one_shot": ["--inner_reset_every", "1", "--num_train_epochs", "1", "--inner_lr", "0.003", "--learning_rate", "8"],
@@ -154,11 +155,18 @@ def meta_model_filter(model_path: str, adapter: Path, data: Path, out: Path) -> 
 
 def selections(data: Path, runs: Path, work: Path) -> dict[str, list[str]]:
     """Name -> (source, extra finetune options) of every fine-tune of one data seed."""
+    from datasets import Dataset
+
     train = read_rows(data / "train.jsonl")
     meta = read_rows(data / "meta.jsonl")
     clean = write_rows(work / "clean.jsonl", [row for row in train if not row["is_corrupted"]])
     both = write_rows(work / "train_and_meta.jsonl", train + [{**row, "is_corrupted": False} for row in meta])
     online_epochs = len(list((runs / "online").glob("weighted_dataset_epoch*.parquet")))
+    learned = runs / "online" / "weighted_dataset.parquet"
+    if learned.is_file():  # what a user with the meta rows in hand fine-tunes on: the weighted rows and the meta rows
+        weighted = Dataset.from_parquet(str(learned)).to_list()
+        meta_rows = [{**row, "is_corrupted": False, "weight": 1.0} for row in meta]  # 1 = the mean learned weight
+        write_rows(work / "learned_and_meta.jsonl", [{k: row[k] for k in meta_rows[0]} for row in weighted] + meta_rows)
     return {
         "uniform": [str(data / "train.jsonl"), "--uniform", "true"],
         "train_and_meta": [both, "--uniform", "true"],
@@ -176,6 +184,7 @@ def selections(data: Path, runs: Path, work: Path) -> dict[str, list[str]]:
             "--balance_column",
             "completion",
         ],
+        "learned_balanced_and_meta": [str(work / "learned_and_meta.jsonl"), "--balance_column", "completion"],
         "oracle_clean_only": [clean, "--uniform", "true"],
     }
 
