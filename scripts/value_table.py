@@ -241,6 +241,16 @@ def one_data_seed(args, seed: int) -> dict:
     return result
 
 
+LEGEND = """The selections: `uniform` every train row; `train_and_meta` the train and meta rows; `meta_only` the 64 meta
+rows; `loss_filter`, `less`, `meta_model_filter` keep the train rows their scores rank cleanest (the base model's
+loss; LESS's Adam-preconditioned gradient alignment with the meta rows; the loss under an adapter fine-tuned on
+the meta rows); `learned_online_epoch{k}` the weights of `hf-fg2u train --recipe noisy_reweighting_real` after
+epoch k; `_balanced`: fine-tuned with `--balance_column completion` (each answer keeps its share of the weight);
+`learned_balanced_and_meta` the learned weights with the meta rows added at the mean weight, balanced;
+`oracle_clean_only` the right rows only. Seconds are wall-clock as each job ran: compare them only from a table
+made with nothing else running."""
+
+
 def mean_accuracy(result: dict, name: str) -> float | None:
     scores = result["finetune"].get(name)
     return statistics.mean(s["test_accuracy"] for s in scores) if scores else None
@@ -282,6 +292,7 @@ def report(table: dict) -> str:
             for s in seeds]  # fmt: skip
     lines += ["", "Harm (oracle − uniform accuracy) by data seed: " + ", ".join(
         f"{s}: {h:+.3f}" for s, h in zip(seeds, harm, strict=True))]  # fmt: skip
+    lines += ["", LEGEND]
     lines += ["", "## The weights themselves", "", "AUROC of the scores, wrong rows against right ones (1 = perfectly "
               "apart), and the seconds each took:", "", "| scores | " + " | ".join(f"data seed {s}" for s in seeds)
               + " |", "|---|" + "---|" * len(seeds)]  # fmt: skip
