@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .formats import encode_example
+from .formats import MODEL_INPUT_COLUMNS, encode_example
 
 MAX_CHOICES = 20
 
@@ -48,7 +48,7 @@ def _answer_row(tokenizer, prompt: str, completion: str) -> dict[str, list[int]]
     scored."""
     row = encode_example({"prompt": prompt, "completion": completion}, tokenizer, "prompt_completion")
     cut = tokenizer.eos_token_id is not None and row["input_ids"][-1] == tokenizer.eos_token_id
-    return {key: row[key][:-1] if cut else row[key] for key in ("input_ids", "attention_mask", "labels")}
+    return {key: row[key][:-1] if cut else row[key] for key in MODEL_INPUT_COLUMNS}
 
 
 @torch.no_grad()

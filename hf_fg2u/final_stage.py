@@ -11,7 +11,7 @@ import math
 import warnings
 
 import torch
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from .data_checks import check_model_columns
 from .formats import prepare_split
@@ -144,8 +144,7 @@ def train_final_adapter(
         if isinstance(eval_dataset, dict)
         else prepare_split(eval_dataset, "eval", processing_class, max_length)
     )
-    set_seed(args.seed)  # the adapter's initial weights, whatever ran before: fresh adapters compared are alike
-    model = wrap_with_peft(model, peft_config)
+    model = wrap_with_peft(model, peft_config, args.seed)
     pad = getattr(processing_class, "pad_token_id", None)
     if pad is None:
         pad = getattr(model.config, "pad_token_id", None)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import ModelCard, ModelCardData
-from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers import HfArgumentParser, TrainingArguments
 
 from .evaluation import MAX_CHOICES, answer_choices, choice_accuracy
 from .final_stage import WeightedLossTrainer, check_weight_column
@@ -150,9 +150,8 @@ def finetune(args: FinetuneArguments, model_args, training_args: TrainingArgumen
             training_args, eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True,
             metric_for_best_model="eval_loss", greater_is_better=False, save_total_limit=1,
         )  # fmt: skip
-    set_seed(training_args.seed)  # the adapter's initial weights: fresh models compared are alike
     if not args.full_finetune:
-        model = wrap_with_peft(model, lora_config(model_args))
+        model = wrap_with_peft(model, lora_config(model_args), training_args.seed)
     trainer = FinetuneTrainer(
         model=model, args=training_args, train_dataset=train, eval_dataset=splits.get("eval"),
         processing_class=tokenizer, weight_column=args.weight_column,

@@ -145,8 +145,7 @@ class BilevelTrainer(Trainer):
                     "The model already has a peft adapter and peft_config was given too. Drop peft_config to train "
                     "the existing adapter (load it with is_trainable=True), or pass the base model."
                 )
-            set_seed(args.seed)  # the adapter's initial weights: the same command gives the same run
-            model = wrap_with_peft(model, peft_config)
+            model = wrap_with_peft(model, peft_config, args.seed)
         if args.inner_parameters:
             select_inner_parameters(model, args.inner_parameters)
         trainable_parameters(model)  # raises a clear error when nothing is trainable
@@ -737,10 +736,14 @@ def write_base_model_file(output_dir: Path, model, name: str | None) -> None:
         (Path(output_dir) / BASE_MODEL_FILE).write_text(json.dumps(record, indent=2))
 
 
-def wrap_with_peft(model, peft_config):
-    """Wrap ``model`` in a peft adapter; a config that matches no module is an error that names the modules."""
+def wrap_with_peft(model, peft_config, seed: int | None = None):
+    """Wrap ``model`` in a peft adapter; a config that matches no module is an error that names the modules. With
+    ``seed`` the adapter's random initial weights come from it, not from whatever ran before in the process: the
+    same command gives the same run, and fresh adapters compared start alike."""
     from peft import get_peft_model
 
+    if seed is not None:
+        set_seed(seed)
     try:
         with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated is_gradient_checkpointing
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)

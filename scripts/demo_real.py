@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import torch
 from datasets import DatasetDict
-from transformers import TrainerCallback, TrainingArguments, set_seed
+from transformers import TrainerCallback, TrainingArguments
 
 from hf_fg2u import recipe
 from hf_fg2u.data_selection import (
@@ -303,8 +303,7 @@ def heuristic_scores(base, tokenizer, tokenized, model_args, options, training_a
     ``options.alignment_warmup_steps`` Adam steps of the adapter on uniform rows (LESS-style)."""
     collator = BilevelDataCollator(pad_token_id=tokenizer.pad_token_id or 0)
     losses = base_model_losses(base, tokenized["train"], collator)
-    set_seed(training_args.seed)  # the adapter's random LoRA init, whatever ran before in the process
-    adapter = wrap_with_peft(copy.deepcopy(base), recipe.lora_config(model_args))
+    adapter = wrap_with_peft(copy.deepcopy(base), recipe.lora_config(model_args), training_args.seed)
     warm_up(
         adapter, tokenized["train"], collator, options.alignment_warmup_steps, options.final_lr,
         training_args.per_device_train_batch_size, training_args.seed,

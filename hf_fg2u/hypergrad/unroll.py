@@ -60,6 +60,11 @@ def clone_tree(tree):
     return None if tree is None else tree_map(lambda t: t.detach().clone(), tree)
 
 
+def _rng_devices() -> list[int]:
+    """The accelerator whose RNG a step's dropout draws from, beside the CPU's."""
+    return [torch.cuda.current_device()] if torch.cuda.is_available() else []
+
+
 @contextlib.contextmanager
 def step_rng(seed: int | None):
     """Fix the global RNG for one inner step, so every pass over it (primal, each tangent chunk) sees the
@@ -67,8 +72,7 @@ def step_rng(seed: int | None):
     if seed is None:
         yield
         return
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=_rng_devices()):
         torch.manual_seed(seed)
         yield
 
@@ -76,14 +80,10 @@ def step_rng(seed: int | None):
 def same_randomness(*calls: Callable) -> list:
     """Run each call from the same RNG state: evaluations that must differ only in their inputs (the two sides of
     a finite difference) see the same dropout masks, or the difference measures the masks, not the function."""
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    cpu, accelerator = torch.get_rng_state(), [torch.cuda.get_rng_state(device) for device in devices]
     results = []
-    for call in calls:
-        torch.set_rng_state(cpu)
-        for device, state in zip(devices, accelerator, strict=True):
-            torch.cuda.set_rng_state(state, device)
-        results.append(call())
+    for call in calls:  # fork_rng puts the state back after each call: the next starts where this one did
+        with torch.random.fork_rng(devices=_rng_devices()):
+            results.append(call())
     return results
 
 
