@@ -119,6 +119,12 @@ class ScriptArguments:
         metadata={"help": "outer=example_weights: cap the logits here after every outer step (they start at 0): "
                   "0 lets a row be pushed down but never above where every row started."},
     )  # fmt: skip
+    balance_column: str | None = field(
+        default=None,
+        metadata={"help": "outer=example_weights: measure each row's weight against the mean of the rows with its "
+                  "value in this column (e.g. completion, where the answers are a few labels), so every value keeps "
+                  "its share of the loss and the weights rank rows within it (docs/value.md measures why)."},
+    )  # fmt: skip
     domain_column: str = field(default="domain", metadata={"help": "domain_mixture: column naming the domain."})
     target_domain: str = field(default="facts_a", metadata={"help": "domain_mixture: domain of the meta data."})
     answer_only: bool = field(
@@ -478,11 +484,43 @@ def make_outer(script_args: ScriptArguments, splits: DatasetDict, model):
 
 
 def _row_weights(s: ScriptArguments, splits: DatasetDict, model):
-    if s.outer == "weight_net":
-        return WeightNet(hidden_size=s.weight_net_hidden_size)
-    if s.outer != "example_weights":
+    if s.outer not in ("example_weights", "weight_net"):
         raise ValueError(f"outer={s.outer!r} is not known for {s.recipe}; use example_weights or weight_net.")
-    return ExampleWeights(len(splits["train"]), parametrization=s.weight_parametrization, max_logit=s.weight_max_logit)
+    if s.outer == "weight_net" or s.balance_column is None:
+        if s.outer == "weight_net" and s.balance_column is not None:
+            raise ValueError("--balance_column applies to outer=example_weights only (a weight per row).")
+        if s.outer == "weight_net":
+            return WeightNet(hidden_size=s.weight_net_hidden_size)
+        return ExampleWeights(
+            len(splits["train"]), parametrization=s.weight_parametrization, max_logit=s.weight_max_logit
+        )
+    return _grouped_weights(s, splits["train"])
+
+
+def _grouped_weights(s: ScriptArguments, train) -> ExampleWeights:
+    """ExampleWeights measured within the groups of ``--balance_column``; refused where the groups are too small
+    to rank rows in (a free-text column would put every row alone, and every weight would stay 1)."""
+    if s.balance_column not in train.column_names:
+        raise ValueError(f"--balance_column {s.balance_column!r} is not a column of the train data: "
+                         f"{train.column_names}.")  # fmt: skip
+    values = [str(value) for value in train[s.balance_column]]
+    names = sorted(set(values))
+    smallest = min(values.count(name) for name in names)
+    if smallest < 2:
+        raise ValueError(
+            f"--balance_column {s.balance_column!r} has {len(names)} values over {len(values)} rows, some held by a "
+            "single row, whose weight could then never move: balance on a column of a few labels, or drop it."
+        )
+    outer = ExampleWeights(
+        len(train), parametrization=s.weight_parametrization, max_logit=s.weight_max_logit, num_groups=len(names)
+    )
+    index = {name: i for i, name in enumerate(names)}
+    ids = train["example_id"] if "example_id" in train.column_names else range(len(train))
+    groups = [0] * len(train)
+    for row_id, value in zip(ids, values, strict=True):
+        groups[row_id] = index[value]
+    outer.set_groups(groups)
+    return outer
 
 
 def _domain_weights(s: ScriptArguments, splits: DatasetDict, model):

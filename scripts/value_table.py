@@ -38,9 +38,12 @@ FINETUNE = ["--num_train_epochs", "3", "--learning_rate", "3e-4", "--lr_schedule
 SELECTIONS = ["uniform", "train_and_meta", "meta_only", "loss_filter", "less", "meta_model_filter",
               "meta_model_filter_balanced", "learned_one_shot", "learned_online", "learned_balanced_and_meta",
               "oracle_clean_only"]  # fmt: skip
+# The answers are two labels, so the weights are measured within each answer (--balance_column completion): each
+# answer keeps its share of the loss, as a user with label-like completions is told to do.
+BALANCE = ["--balance_column", "completion"]
 MODES = {
-    "online": [],  # the recipe's default
-    "one_shot": ["--inner_reset_every", "1", "--num_train_epochs", "1", "--inner_lr", "0.003", "--learning_rate", "8"],
+    "online": [*BALANCE],  # the recipe's default mode
+    "one_shot": [*BALANCE, "--inner_reset_every", "1", "--num_train_epochs", "1", "--inner_lr", "0.003", "--learning_rate", "8"],
 }
 # What a selection is told about the wrong rows: the oracle which ones, the filters how many (they keep that fraction).
 TOLD = {

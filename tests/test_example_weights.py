@@ -29,7 +29,7 @@ def test_batch_and_exported_weights_are_each_rows_share(parametrization, share):
     expected = share(LOGITS[[3, 0, 4]]) / share(LOGITS).mean() / 3  # w_i / B, w_i = s_i / mean over the dataset
     torch.testing.assert_close(outer.example_weights(outer.outer_dict(), batch, None), expected, rtol=1e-12, atol=0)
     everyone = share(LOGITS) / share(LOGITS).sum()
-    torch.testing.assert_close(outer.row_weights(outer.outer_dict(), batch, None), everyone[[3, 0, 4]])
+    torch.testing.assert_close(outer.row_weights(outer.outer_dict(), batch, None), len(LOGITS) * everyone[[3, 0, 4]])
     torch.testing.assert_close(outer.weights(), len(LOGITS) * everyone, rtol=1e-12, atol=0)
     assert outer.weights().mean().item() == pytest.approx(1.0, abs=1e-12)
 
@@ -125,3 +125,73 @@ def test_max_logit_below_the_start_is_refused_and_is_saved(tmp_path):
         ExampleWeights(4, max_logit=-1.0)
     ExampleWeights(4, max_logit=0.5).save_pretrained(tmp_path)
     assert OuterModule.from_pretrained(tmp_path).max_logit == 0.5
+
+
+GROUPS = torch.tensor([0, 1, 0, 1, 1])
+
+
+def grouped(parametrization: str = "sigmoid") -> ExampleWeights:
+    outer = ExampleWeights(len(LOGITS), parametrization=parametrization, num_groups=2).double()
+    with torch.no_grad():
+        outer.logits.copy_(LOGITS)
+    outer.set_groups(GROUPS)
+    return outer
+
+
+def test_grouped_weights_are_each_rows_share_over_its_groups_mean():
+    """w_i = σ(z_i) / mean_{j in g(i)} σ(z_j): every group has mean weight 1, the same in batches and exported,
+    and the hypergradient is the chain rule with the group's mean held fixed."""
+    outer = grouped()
+    s = torch.sigmoid(LOGITS)
+    expected = torch.stack([s[i] / s[GROUPS == GROUPS[i]].mean() for i in range(len(LOGITS))])
+    torch.testing.assert_close(outer.weights(), expected, rtol=1e-12, atol=0)
+    for group in (0, 1):
+        assert outer.weights()[GROUPS == group].mean().item() == pytest.approx(1.0, abs=1e-12)
+    batch = {"example_id": torch.tensor([4, 1, 2])}
+    torch.testing.assert_close(outer.example_weights(outer.outer_dict(), batch, None), expected[[4, 1, 2]] / 3)
+    torch.testing.assert_close(outer.row_weights(outer.outer_dict(), batch, None), expected[[4, 1, 2]])
+    logits = LOGITS.clone().requires_grad_(True)
+    losses = torch.tensor([0.3, 2.0, 4.0], dtype=torch.float64)
+    (outer.example_weights({"logits": logits}, batch, None) * losses).sum().backward()
+    means = torch.stack([s[GROUPS == GROUPS[i]].mean() for i in range(len(LOGITS))])
+    chain = torch.zeros_like(LOGITS)
+    chain[[4, 1, 2]] = (s * (1 - s) / means)[[4, 1, 2]] * losses / 3
+    torch.testing.assert_close(logits.grad, chain, rtol=1e-12, atol=1e-15)
+
+
+def test_grouped_weights_ignore_a_shift_shared_by_a_whole_group():
+    """Raising every logit of one group (what a meta set short of that answer asks for) leaves the softmax weights
+    unchanged: a group's share of the loss is fixed, only the ranking within it is learned."""
+    outer = grouped("softmax")
+    before = outer.weights().clone()
+    with torch.no_grad():
+        outer.logits[GROUPS == 1] += 3.0
+    torch.testing.assert_close(outer.weights(), before, rtol=1e-12, atol=0)
+    ungrouped = weights_with("softmax", outer.logits.detach())
+    assert not torch.allclose(ungrouped.weights(), before)
+
+
+def test_groups_survive_save_and_load_and_bad_groups_are_refused(tmp_path):
+    grouped().save_pretrained(tmp_path)
+    loaded = OuterModule.from_pretrained(tmp_path)
+    assert loaded.num_groups == 2 and loaded.groups.tolist() == GROUPS.tolist()
+    torch.testing.assert_close(loaded.weights().double(), grouped().weights(), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match=r"Groups must lie in \[0, 2\) and each have a row; counts \[5, 0\]"):
+        ExampleWeights(5, num_groups=2).set_groups([0] * 5)
+    with pytest.raises(ValueError, match="one group per example"):
+        ExampleWeights(5, num_groups=2).set_groups([0, 1])
+
+
+def test_recipe_balance_column_groups_the_rows_by_its_values():
+    from datasets import Dataset
+
+    train = Dataset.from_dict({"completion": [" no", " yes", " no", " yes", " yes"], "example_id": [4, 3, 2, 1, 0]})
+    outer = make_outer(ScriptArguments(weight_parametrization="sigmoid", balance_column="completion"),
+                       {"train": train}, model=None)  # fmt: skip
+    assert outer.num_groups == 2 and outer.groups.tolist() == [1, 1, 0, 1, 0]  # by example_id; " no" < " yes"
+    with pytest.raises(ValueError, match="some held by a single row"):
+        make_outer(ScriptArguments(balance_column="example_id"), {"train": train}, model=None)
+    with pytest.raises(ValueError, match="'answer' is not a column of the train data"):
+        make_outer(ScriptArguments(balance_column="answer"), {"train": train}, model=None)
+    with pytest.raises(ValueError, match="outer=example_weights only"):
+        make_outer(ScriptArguments(outer="weight_net", balance_column="completion"), {"train": train}, model=None)

@@ -28,6 +28,12 @@ class ExampleWeights(OuterModule):
     row started, the same bound on softmax's dynamics. Only the examples of the current unroll
     can affect h, so they alone get random directions: the estimator's dimension is T·batch, not the dataset size.
     ``weights()`` reports every row's share of the whole dataset, times num_examples (mean 1).
+
+    With ``num_groups`` > 1 and a group per row (``set_groups``, e.g. one per answer) the mean is taken within each
+    group instead: w_i = s(z_i) / mean_{j in g(i)} s(z_j). Every group keeps its share of the loss, and the weights
+    rank rows only within their group. Why: where the answers are a few labels, weights learned against one
+    dataset-wide mean also carry which answer the meta set needed more of at the current θ, and θ trained on them
+    (and a fine-tune after) inherits that as a bias towards the answer (docs/value.md).
     """
 
     reads_losses = False
@@ -39,10 +45,11 @@ class ExampleWeights(OuterModule):
         init: float = 0.0,
         parametrization: str = "softmax",
         max_logit: float | None = None,
+        num_groups: int = 1,
     ):
         super().__init__(
             num_examples=num_examples, id_column=id_column, init=init, parametrization=parametrization,
-            max_logit=max_logit,
+            max_logit=max_logit, **({"num_groups": num_groups} if num_groups > 1 else {}),
         )  # fmt: skip
         if num_examples < 1:
             raise ValueError(f"ExampleWeights needs num_examples >= 1, got {num_examples}.")
@@ -54,21 +61,49 @@ class ExampleWeights(OuterModule):
         self.parametrization = parametrization
         self.max_logit = max_logit
         self.required_columns = (id_column,)
+        if num_groups < 1:
+            raise ValueError(f"ExampleWeights needs num_groups >= 1, got {num_groups}.")
         self.logits = torch.nn.Parameter(torch.full((num_examples,), float(init)))
+        self.num_groups = num_groups
+        # saved with the logits only when there are groups, so files from before groups existed still load
+        self.register_buffer("groups", torch.zeros(num_examples, dtype=torch.long), persistent=num_groups > 1)
+
+    def set_groups(self, groups) -> None:
+        """Each row's group, an int in [0, num_groups) per example id; every group must have a row."""
+        groups = torch.as_tensor(groups, dtype=torch.long, device=self.groups.device)
+        if groups.shape != self.groups.shape:
+            raise ValueError(f"set_groups needs one group per example ({self.groups.numel()}), got {tuple(groups.shape)}.")
+        counts = torch.bincount(groups.clamp_min(0), minlength=self.num_groups)
+        if int(groups.min()) < 0 or int(groups.max()) >= self.num_groups or bool((counts == 0).any()):
+            raise ValueError(f"Groups must lie in [0, {self.num_groups}) and each have a row; counts {counts.tolist()}.")
+        self.groups.copy_(groups)
 
     def log_shares(self, logits: torch.Tensor) -> torch.Tensor:
         """log of each row's unnormalised share: z (softmax) or log σ(z) (sigmoid); weights are their softmax."""
         return logits if self.parametrization == "softmax" else torch.nn.functional.logsigmoid(logits)
 
+    def log_mean_shares(self, log_shares: torch.Tensor) -> torch.Tensor:
+        """log of the mean share each row is measured against (held fixed): the dataset's, or its group's."""
+        log_shares = log_shares.detach()
+        if self.num_groups == 1:
+            return torch.logsumexp(log_shares, dim=0) - math.log(log_shares.numel())
+        members = torch.nn.functional.one_hot(self.groups, self.num_groups).to(log_shares.dtype)  # [N, G]
+        top = log_shares.max()
+        log_group_means = torch.log((log_shares - top).exp() @ members / members.sum(0)) + top
+        return log_group_means[self.groups]
+
+    def log_weights(self, logits: torch.Tensor) -> torch.Tensor:
+        """log w_i of every row (the mean share held fixed)."""
+        log_shares = self.log_shares(logits)
+        return log_shares - self.log_mean_shares(log_shares)
+
     def example_weights(self, outer, batch, losses):
-        """w_i / B for the batch's rows: each row's share over the dataset's mean share (held fixed), over B."""
-        log_shares = self.log_shares(outer["logits"])
-        log_mean_share = torch.logsumexp(log_shares.detach(), dim=0) - math.log(log_shares.numel())
+        """w_i / B for the batch's rows: each row's share over the mean share (held fixed), over B."""
         rows = batch[self.id_column]
-        return torch.exp(log_shares[rows] - log_mean_share) / rows.numel()
+        return torch.exp(self.log_weights(outer["logits"])[rows]) / rows.numel()
 
     def row_weights(self, outer, batch, losses):
-        return torch.softmax(self.log_shares(outer["logits"]), dim=0)[batch[self.id_column]]
+        return torch.exp(self.log_weights(outer["logits"]))[batch[self.id_column]]
 
     def regularizer(self, outer, kind):
         """KL of the dataset-wide weights from uniform, or ½‖z‖² on the logits themselves."""
@@ -101,8 +136,8 @@ class ExampleWeights(OuterModule):
                 self.logits.clamp_(max=self.max_logit)
 
     def weights(self) -> torch.Tensor:
-        """Per-example weights with mean 1: num_examples times each row's share of the dataset."""
-        return self.logits.numel() * torch.softmax(self.log_shares(self.logits.detach()), dim=0)
+        """Per-example weights with mean 1 (within each group, when there are groups)."""
+        return torch.exp(self.log_weights(self.logits.detach()))
 
     def summary(self):
         weights = self.weights()
