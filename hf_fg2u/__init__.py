@@ -2,11 +2,11 @@
 
 __version__ = "0.1.0"
 
-from .config import BilevelConfig  # noqa: E402
-from .evaluation import choice_accuracy  # noqa: E402
-from .final_stage import WeightedLossTrainer, train_final_adapter  # noqa: E402
-from .outer import DomainWeights, ExampleWeights, OuterModule, SoftPrompt, WeightNet  # noqa: E402
-from .trainer import BilevelTrainer  # noqa: E402
+from hf_fg2u.lm.evaluation import choice_accuracy  # noqa: E402
+from hf_fg2u.outer import DomainWeights, ExampleWeights, OuterModule, SoftPrompt, WeightNet  # noqa: E402
+from hf_fg2u.trainer.bilevel import BilevelTrainer  # noqa: E402
+from hf_fg2u.trainer.config import BilevelConfig  # noqa: E402
+from hf_fg2u.trainer.weighted_loss import WeightedLossTrainer, train_final_adapter  # noqa: E402
 
 __all__ = [
     "BilevelConfig",

@@ -50,9 +50,9 @@ from pathlib import Path
 import torch
 from _bench_common import ModelSizes, build_llama, cosine, measure_peak, random_token_batches, run_worker_process
 
-from hf_fg2u.functional import trainable_parameters
 from hf_fg2u.hypergrad import estimate_hypergradient
-from hf_fg2u.problem import batch_softmax_weights, make_lm_problem
+from hf_fg2u.lm.losses import batch_softmax_weights, make_lm_problem
+from hf_fg2u.lm.params import trainable_parameters
 
 KEY = "example_logits"
 INNER_LR = 1.0

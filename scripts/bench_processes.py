@@ -35,7 +35,7 @@ def worker(args) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from hf_fg2u import ExampleWeights
-    from hf_fg2u.data import make_fact_splits, tokenize_for_causal_lm
+    from hf_fg2u.lm.toy_data import make_fact_splits, tokenize_for_causal_lm
     from tests.test_trainer import TOKENIZER, trainer_for
 
     if not args.gpu:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import demo_real
 
-from hf_fg2u import recipe
-from hf_fg2u.data_selection import auroc_by_kind
+from hf_fg2u.baselines import auroc_by_kind
+from hf_fg2u.cli import arguments
 
 REPO = Path(__file__).resolve().parents[1]
 # (label, recipe arguments): fg2u with 4 directions is what fits a few outer steps of this budget on 2 cores.
@@ -65,7 +65,7 @@ def heuristics(passthrough: list[str]) -> dict:
     """AUROC per kind of the loss filter (base model) and of gradient alignment (after the demo's warm-up)."""
     demo_options, recipe_argv = demo_real.make_parser().parse_known_args(passthrough)
     task = demo_real.make_task(demo_options)
-    _, training_args, model_args = recipe.parse_args(["--config", str(demo_real.CONFIG), *recipe_argv])
+    _, training_args, model_args = arguments.parse_args(["--config", str(demo_real.CONFIG), *recipe_argv])
     base, tokenizer, tokenized = demo_real.load_and_tokenize(task, training_args, model_args)
     kinds = task["train"]["corruption"]
     scores = demo_real.heuristic_scores(base, tokenizer, tokenized, model_args, demo_options, training_args)

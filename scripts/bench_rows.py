@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sentiment_task import make_splits, read_lexicon  # noqa: E402
 
-CLI = [sys.executable, "-m", "hf_fg2u.cli"]
+CLI = [sys.executable, "-m", "hf_fg2u.cli.main"]
 LORA = ["--lora_r", "8", "--lora_alpha", "16", "--lora_target_modules", "q_proj", "v_proj", "--max_length", "32"]
 
 

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from hf_fg2u import recipe
-from hf_fg2u.cli import DEMO_ARGS
-from hf_fg2u.trainer import auroc
+from hf_fg2u.cli import arguments, recipe_run, registry
+from hf_fg2u.cli.main import DEMO_ARGS
+from hf_fg2u.lm.evaluation import auroc
 
 REPO = Path(__file__).resolve().parents[1]
 METHOD_RUNS = {
@@ -80,9 +80,9 @@ def run(name: str, extra: list[str], args: argparse.Namespace) -> dict:
     argv += ["--output_dir", str(Path(args.scratch) / name.replace(" ", "_")), "--compare_uniform", "false"]
     if "--phase1_method" in extra:
         argv += ["--phase1_steps", str(args.phase1_steps)]
-    script_args, training_args, model_args = recipe.parse_args(argv)
-    raw = recipe.builtin_splits(script_args)
-    trainer = recipe.build_trainer(script_args, training_args, model_args, raw)
+    script_args, training_args, model_args = arguments.parse_args(argv)
+    raw = registry.builtin_splits(script_args)
+    trainer = recipe_run.build_trainer(script_args, training_args, model_args, raw)
     recorder = WallClockRecorder(trainer, torch.tensor(raw["train"]["is_corrupted"]), args.budget)
     trainer.add_callback(recorder)
     trainer.train()

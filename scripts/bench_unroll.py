@@ -52,12 +52,12 @@ from pathlib import Path
 import torch
 from _bench_common import ModelSizes, build_llama, measure_peak, random_token_batches, run_worker_process
 
-from hf_fg2u.functional import trainable_parameters
 from hf_fg2u.hypergrad import DEFAULT_JVP, JVP_MODES, estimate_hypergradient
+from hf_fg2u.hypergrad.inner_optimizers import make_inner_optimizer
 from hf_fg2u.hypergrad.reference import graph_reverse_hypergradient
 from hf_fg2u.hypergrad.unroll import run_inner_loop
-from hf_fg2u.optim import make_inner_optimizer
-from hf_fg2u.problem import batch_softmax_weights, make_lm_problem
+from hf_fg2u.lm.losses import batch_softmax_weights, make_lm_problem
+from hf_fg2u.lm.params import trainable_parameters
 
 METHODS = ("plain", "fg2u", "rgu", "graph_rgu", "trgu", "neumann", "cg", "hessian_free")
 DEFAULT_STEPS = [1, 2, 4, 8, 16, 32]

@@ -1,4 +1,4 @@
-"""Check ``method="auto"``'s memory model (hf_fg2u/method_choice.py) against measured peaks on CPU.
+"""Check ``method="auto"``'s memory model (hf_fg2u/hypergrad/auto.py) against measured peaks on CPU.
 
 Each measurement runs in a fresh process and reads its peak resident memory (``ru_maxrss``). The method's own
 memory is the peak of ``estimate_hypergradient`` minus the peak of the same process running one plain inner
@@ -31,11 +31,11 @@ def measure(theta: str, method: str, steps: int, per_pass: int) -> float:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hf_fg2u.functional import trainable_parameters
     from hf_fg2u.hypergrad import estimate_hypergradient
+    from hf_fg2u.hypergrad.inner_optimizers import make_inner_optimizer
     from hf_fg2u.hypergrad.unroll import run_inner_loop
-    from hf_fg2u.optim import make_inner_optimizer
-    from hf_fg2u.problem import batch_softmax_weights, make_lm_problem
+    from hf_fg2u.lm.losses import batch_softmax_weights, make_lm_problem
+    from hf_fg2u.lm.params import trainable_parameters
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
@@ -73,7 +73,7 @@ def run(theta: str, method: str, steps: int, per_pass: int) -> dict:
 def main() -> None:
     import torch
 
-    from hf_fg2u.method_choice import MemoryModel
+    from hf_fg2u.hypergrad.auto import MemoryModel
 
     header = f"{'θ':16} {'method':6} {'T':>3} {'per pass':>8} {'|θ| (M)':>8} {'model MB':>9} {'measured MB':>12}"
     print(f"{header} {'ratio':>6}")

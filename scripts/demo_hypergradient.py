@@ -21,9 +21,9 @@ sys.path.insert(0, str(SCRIPTS))
 
 from _bench_common import ModelSizes, build_llama, measure_peak, random_token_batches  # noqa: E402
 
-from hf_fg2u.functional import trainable_parameters  # noqa: E402
 from hf_fg2u.hypergrad import estimate_hypergradient  # noqa: E402
-from hf_fg2u.problem import batch_softmax_weights, make_lm_problem  # noqa: E402
+from hf_fg2u.lm.losses import batch_softmax_weights, make_lm_problem  # noqa: E402
+from hf_fg2u.lm.params import trainable_parameters  # noqa: E402
 
 SIZES = ModelSizes(hidden=128, layers=2, vocab=512, batch_size=4, seq_len=64)
 

@@ -4,7 +4,7 @@
     .venv/bin/python scripts/demo_real.py --method hessian_free --max_steps 10   # recipe flags pass through
     .venv/bin/python scripts/demo_real.py --data_files train=t.jsonl meta=m.jsonl eval=e.jsonl   # your own task
 
-1. Builds the task (``hf_fg2u.real_text``): clean Shakespeare passages as train/meta/held-out eval splits, plus
+1. Builds the task (``scripts/real_text.py``): clean Shakespeare passages as train/meta/held-out eval splits, plus
    corrupted train rows of several kinds, written as JSONL files under ``--out_dir``/data (or reads yours, whose
    train rows say their kind in ``corruption`` or ``is_corrupted``).
 2. Runs the noisy-data recipe on those files exactly as a user would on theirs (``hf-fg2u train --config
@@ -33,10 +33,18 @@ from typing import NamedTuple
 
 import torch
 from datasets import DatasetDict
+from real_text import (
+    CLEAN,
+    CORRUPTIONS,
+    MISMATCHED,
+    SOURCE_KINDS,
+    build_corrupted_text_task,
+    code_passages,
+    passages,
+)
 from transformers import TrainerCallback, TrainingArguments
 
-from hf_fg2u import recipe
-from hf_fg2u.data_selection import (
+from hf_fg2u.baselines import (
     auroc_by_kind,
     base_model_losses,
     compare_selections,
@@ -46,20 +54,13 @@ from hf_fg2u.data_selection import (
     plot_weights_by_kind,
     warm_up,
 )
-from hf_fg2u.formats import prepare_split
-from hf_fg2u.real_text import (
-    CLEAN,
-    CORRUPTIONS,
-    MISMATCHED,
-    SOURCE_KINDS,
-    build_corrupted_text_task,
-    code_passages,
-    passages,
-)
-from hf_fg2u.report import load_weighted_dataset
-from hf_fg2u.trainer import BilevelDataCollator, wrap_with_peft
+from hf_fg2u.cli import arguments, data_loading, models, recipe_run, registry
+from hf_fg2u.hub.report import load_weighted_dataset
+from hf_fg2u.lm.collator import PaddingCollator
+from hf_fg2u.lm.formats import prepare_split
+from hf_fg2u.trainer.model_setup import wrap_with_peft
 
-CONFIG = Path(recipe.RECIPES_DIR) / "noisy_reweighting_real.yaml"
+CONFIG = Path(registry.RECIPES_DIR) / "noisy_reweighting_real.yaml"
 # The recipe's one-shot mode, which this demo measured (docs/real_demo.md): on its 80 rows θ memorises the train
 # rows within a few epochs, and the online default's later epochs rank them worse.
 ONE_SHOT = ["--inner_reset_every", "1", "--num_train_epochs", "1", "--inner_lr", "0.003", "--learning_rate", "8"]
@@ -202,7 +203,7 @@ def load_task(data_files: list[str]) -> DatasetDict:
     """The user's train/meta/eval (and optional stop) files as the demo's task: every train row gets both
     ``corruption`` (its kind, ``"clean"`` for clean rows) and ``is_corrupted``, from whichever of the two it has.
     Without a stop split the fresh adapters early-stop on the meta split."""
-    task = recipe.load_data(None, None, data_files)
+    task = data_loading.load_data(None, None, data_files)
     missing = [split for split in ("train", "meta", "eval") if split not in task]
     if missing:
         raise ValueError(f"--data_files has no {missing} split (splits: {list(task)}); pass train=, meta= and eval=.")
@@ -257,13 +258,13 @@ def main(argv: list[str] | None = None) -> dict:
         dataset.to_json(out / "data" / f"{split}.jsonl")
         if split != "stop":  # the bilevel run never sees the stopping split
             files.append(f"{split}={out / 'data' / f'{split}.jsonl'}")
-    script_args, training_args, model_args = recipe.parse_args(
+    script_args, training_args, model_args = arguments.parse_args(
         ["--config", str(CONFIG), "--data_files", *files, "--output_dir", str(out / "bilevel"),
          "--overwrite_output_dir", "true", *ONE_SHOT, *recipe_argv]
     )  # fmt: skip
     trace = HypergradientTrace(task["train"]["corruption"]) if options.trace else None
     start = time.perf_counter()
-    bilevel = recipe.main(script_args, training_args, model_args, callbacks=[trace] if trace else [])
+    bilevel = recipe_run.main(script_args, training_args, model_args, callbacks=[trace] if trace else [])
     bilevel_seconds = time.perf_counter() - start
     weighted = load_weighted_dataset(out / "bilevel")
     weights, kinds = torch.tensor(weighted["weight"]), list(weighted["corruption"])
@@ -301,9 +302,9 @@ def heuristic_scores(base, tokenizer, tokenized, model_args, options, training_a
     """Each heuristic's suspicion of every train row (higher = more likely corrupted): its loss under the base
     model (the loss filter drops the highest), and minus the cosine of its LoRA gradient with the meta set's after
     ``options.alignment_warmup_steps`` Adam steps of the adapter on uniform rows (LESS-style)."""
-    collator = BilevelDataCollator(pad_token_id=tokenizer.pad_token_id or 0)
+    collator = PaddingCollator(pad_token_id=tokenizer.pad_token_id or 0)
     losses = base_model_losses(base, tokenized["train"], collator)
-    adapter = wrap_with_peft(copy.deepcopy(base), recipe.lora_config(model_args), training_args.seed)
+    adapter = wrap_with_peft(copy.deepcopy(base), models.lora_config(model_args), training_args.seed)
     warm_up(
         adapter, tokenized["train"], collator, options.alignment_warmup_steps, options.final_lr,
         training_args.per_device_train_batch_size, training_args.seed,
@@ -314,7 +315,7 @@ def heuristic_scores(base, tokenizer, tokenized, model_args, options, training_a
 
 def load_and_tokenize(task, training_args, model_args):
     """The base model, its tokenizer, and the task's splits tokenized as the bilevel run tokenized them."""
-    base, tokenizer = recipe.load_model_and_tokenizer(model_args, training_args.seed)
+    base, tokenizer = models.load_model_and_tokenizer(model_args, training_args.seed)
     tokenized = {split: prepare_split(task[split], split, tokenizer, training_args.max_length) for split in task}
     return base, tokenizer, tokenized
 
@@ -362,7 +363,7 @@ def fresh_adapter_losses(
     (``tokenized["meta"]`` without one) and scored on ``tokenized["eval"]``."""
     args = fresh_adapter_args(budget, training_args, seed)
     return compare_selections(
-        lambda: copy.deepcopy(base), train, tokenized["eval"], selections, recipe.lora_config(model_args), args,
+        lambda: copy.deepcopy(base), train, tokenized["eval"], selections, models.lora_config(model_args), args,
         tokenizer, stop_on=tokenized.get("stop", tokenized["meta"]),
     )  # fmt: skip
 

@@ -48,11 +48,11 @@ from _bench_common import ModelSizes, perturb_lora_b, random_token_batches
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hf_fg2u.functional import attention_implementation, preflight, trainable_parameters
 from hf_fg2u.hypergrad import DEFAULT_JVP, estimate_hypergradient
+from hf_fg2u.hypergrad.inner_optimizers import make_inner_optimizer
 from hf_fg2u.hypergrad.unroll import run_inner_loop
-from hf_fg2u.optim import make_inner_optimizer
-from hf_fg2u.problem import batch_softmax_weights, make_lm_problem
+from hf_fg2u.lm.losses import batch_softmax_weights, make_lm_problem
+from hf_fg2u.lm.params import attention_implementation, preflight, trainable_parameters
 
 GPU_DEFAULTS = {"hidden": 1024, "intermediate": 4864, "layers": 24, "heads": 16, "kv_heads": 8, "vocab": 32000}
 GPU_DEFAULTS |= {"rank": 8, "batch_size": 4, "seq_len": 512, "steps": [1, 2, 4, 8, 16, 32]}

@@ -95,7 +95,7 @@ main() {
         echo "pip install -e . failed; using PYTHONPATH=$PWD instead"
         export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
     fi
-    "$PY" -c 'import hf_fg2u.hypergrad, hf_fg2u.problem; print("== hf_fg2u from", hf_fg2u.__file__)'
+    "$PY" -c 'import hf_fg2u.hypergrad, hf_fg2u.lm.losses; print("== hf_fg2u from", hf_fg2u.__file__)'
 
     # 4. The measurements. gpu_check.py keeps to its own --budget (420 s by default); the timeout is a
     #    backstop inside the runner's 10-minute limit. The JSON and table are rewritten after every cell.

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from hf_fg2u.recipe import ModelArguments, load_model_and_tokenizer
+from hf_fg2u.cli.arguments import ModelArguments
+from hf_fg2u.cli.models import load_model_and_tokenizer
 
 
 def main() -> None:

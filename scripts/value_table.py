@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-CLI = [sys.executable, "-m", "hf_fg2u.cli"]
+CLI = [sys.executable, "-m", "hf_fg2u.cli.main"]
 LORA = ["--lora_r", "8", "--lora_alpha", "16", "--lora_target_modules", "q_proj", "v_proj"]
 # One fine-tune recipe for every selection: 3 epochs of constant-lr Adam, the best epoch on the stop rows kept.
 FINETUNE = ["--num_train_epochs", "3", "--learning_rate", "3e-4", "--lr_scheduler_type", "constant",
@@ -43,7 +43,17 @@ SELECTIONS = ["uniform", "train_and_meta", "meta_only", "loss_filter", "less", "
 BALANCE = ["--balance_column", "completion"]
 MODES = {
     "online": [*BALANCE],  # the recipe's default mode
-    "one_shot": [*BALANCE, "--inner_reset_every", "1", "--num_train_epochs", "1", "--inner_lr", "0.003", "--learning_rate", "8"],
+    "one_shot": [
+        *BALANCE,
+        "--inner_reset_every",
+        "1",
+        "--num_train_epochs",
+        "1",
+        "--inner_lr",
+        "0.003",
+        "--learning_rate",
+        "8",
+    ],
 }
 # What a selection is told about the wrong rows: the oracle which ones, the filters how many (they keep that fraction).
 TOLD = {
@@ -94,9 +104,11 @@ def heuristic_weights(model_path: str, data: Path, out: Path) -> dict:
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_fg2u.data_selection import base_model_losses, gradient_alignment_scores, keep_top, warm_up
-    from hf_fg2u.formats import prepare_split
-    from hf_fg2u.trainer import BilevelDataCollator, auroc, wrap_with_peft
+    from hf_fg2u.baselines import base_model_losses, gradient_alignment_scores, keep_top, warm_up
+    from hf_fg2u.lm.collator import PaddingCollator
+    from hf_fg2u.lm.evaluation import auroc
+    from hf_fg2u.lm.formats import prepare_split
+    from hf_fg2u.trainer.model_setup import wrap_with_peft
 
     train_rows = read_rows(data / "train.jsonl")
     corrupted = torch.tensor([row["is_corrupted"] for row in train_rows])
@@ -105,7 +117,7 @@ def heuristic_weights(model_path: str, data: Path, out: Path) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="eager")
     train = prepare_split(Dataset.from_list(train_rows).remove_columns("is_corrupted"), "train", tokenizer, 32)
     meta = prepare_split(Dataset.from_list(read_rows(data / "meta.jsonl")), "meta", tokenizer, 32)
-    collator = BilevelDataCollator(pad_token_id=tokenizer.pad_token_id)
+    collator = PaddingCollator(pad_token_id=tokenizer.pad_token_id)
     start = time.perf_counter()
     with torch.no_grad():
         losses = base_model_losses(model, train, collator)
@@ -136,9 +148,10 @@ def meta_model_filter(model_path: str, adapter: Path, data: Path, out: Path) -> 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_fg2u.data_selection import base_model_losses, keep_top
-    from hf_fg2u.formats import prepare_split
-    from hf_fg2u.trainer import BilevelDataCollator, auroc
+    from hf_fg2u.baselines import base_model_losses, keep_top
+    from hf_fg2u.lm.collator import PaddingCollator
+    from hf_fg2u.lm.evaluation import auroc
+    from hf_fg2u.lm.formats import prepare_split
 
     train_rows = read_rows(data / "train.jsonl")
     corrupted = torch.tensor([row["is_corrupted"] for row in train_rows])
@@ -148,7 +161,7 @@ def meta_model_filter(model_path: str, adapter: Path, data: Path, out: Path) -> 
     train = prepare_split(Dataset.from_list(train_rows).remove_columns("is_corrupted"), "train", tokenizer, 32)
     start = time.perf_counter()
     with torch.no_grad():
-        scores = -base_model_losses(model, train, BilevelDataCollator(pad_token_id=tokenizer.pad_token_id))
+        scores = -base_model_losses(model, train, PaddingCollator(pad_token_id=tokenizer.pad_token_id))
     weights = keep_top(scores, 1.0 - corrupted.double().mean().item())
     write_rows(
         out / "meta_model_filter.jsonl", [{**r, "weight": float(w)} for r, w in zip(train_rows, weights, strict=True)]

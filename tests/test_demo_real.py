@@ -132,12 +132,12 @@ def test_demo_real_says_how_to_get_missing_texts(tmp_path):
 
 
 def test_lora_layers_puts_adapters_on_the_named_decoder_layers_only():
-    from hf_fg2u import recipe
-    from hf_fg2u.trainer import wrap_with_peft
+    from hf_fg2u.cli import arguments, models
+    from hf_fg2u.trainer.model_setup import wrap_with_peft
 
-    _, training_args, model_args = recipe.parse_args(["--lora_layers", "1", "--lora_target_modules", "q_proj"])
-    model, _ = recipe.load_model_and_tokenizer(model_args, training_args.seed)
-    adapted = wrap_with_peft(model, recipe.lora_config(model_args))
+    _, training_args, model_args = arguments.parse_args(["--lora_layers", "1", "--lora_target_modules", "q_proj"])
+    model, _ = models.load_model_and_tokenizer(model_args, training_args.seed)
+    adapted = wrap_with_peft(model, models.lora_config(model_args))
     names = [name for name, parameter in adapted.named_parameters() if parameter.requires_grad]
     assert len(names) == 2 and all(".layers.1.self_attn.q_proj.lora_" in name for name in names)
 
@@ -147,8 +147,8 @@ def load_real_report():
 
 
 def load_sibling(name: str):
-    """scripts/<name>.py, which imports demo_real from its own folder."""
-    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
+    """scripts/study/<name>.py, which imports demo_real from scripts/."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / "study" / f"{name}.py")
     sys.path.insert(0, str(SCRIPT.parent))
     try:
         module = importlib.util.module_from_spec(spec)
@@ -274,7 +274,7 @@ def test_heuristic_scores_do_not_depend_on_what_ran_before(tmp_path):
     they changed with the bilevel run's length, since both draw from the global generator)."""
     import torch
 
-    from hf_fg2u import recipe
+    from hf_fg2u.cli import arguments
 
     write_text(tmp_path / "texts" / "clean.txt", "the king and queen speak to their son of his father", 90, 0)
     demo = load_script()
@@ -284,7 +284,7 @@ def test_heuristic_scores_do_not_depend_on_what_ran_before(tmp_path):
         "--alignment_warmup_steps", "2", "--per_device_train_batch_size", "4",
     ])  # fmt: skip
     task = demo.make_task(options)
-    _, training_args, model_args = recipe.parse_args(
+    _, training_args, model_args = arguments.parse_args(
         ["--config", str(demo.CONFIG), "--output_dir", str(tmp_path / "out"), *recipe_argv]
     )
     base, tokenizer, tokenized = demo.load_and_tokenize(task, training_args, model_args)

@@ -34,7 +34,7 @@ def test_wheel_ships_recipes_and_accelerate_configs(wheel):
     assert recipes | configs <= names
     assert not any(name.startswith("tests/") for name in names)
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert "hf-fg2u = hf_fg2u.cli:main" in entry_points
+    assert "hf-fg2u = hf_fg2u.cli.main:main" in entry_points
 
 
 @pytest.mark.slow

@@ -1,10 +1,13 @@
 """The real-text task builder: passages from Gutenberg-like text, corruptions of known kind, disjoint splits."""
 
 import random
+import sys
+from pathlib import Path
 
 import pytest
 
-from hf_fg2u.real_text import build_corrupted_text_task, char_noise, code_passages, passages, shuffle_words
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # scripts/real_text.py, not in the wheel
+from real_text import build_corrupted_text_task, char_noise, code_passages, passages, shuffle_words  # noqa: E402
 
 PLAY = """The Project Gutenberg eBook of a play
 *** START OF THE PROJECT GUTENBERG EBOOK A PLAY ***

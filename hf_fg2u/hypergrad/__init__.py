@@ -6,9 +6,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..optim import InnerOptimizer, make_inner_optimizer
-from .directions import DIRECTIONS
-from .methods import (
+from hf_fg2u.hypergrad.directions import DIRECTIONS
+from hf_fg2u.hypergrad.inner_optimizers import InnerOptimizer, make_inner_optimizer
+from hf_fg2u.hypergrad.methods import (
     DEFAULT_JVP,
     METHOD_SPECS,
     METHODS,
@@ -18,8 +18,8 @@ from .methods import (
     method_from_config,
     needs_second_order,
 )
-from .result import HypergradientResult, NonFiniteHypergradientError, check_finite
-from .unroll import JVP_MODES, detach_tree
+from hf_fg2u.hypergrad.result import HypergradientResult, NonFiniteHypergradientError, check_finite
+from hf_fg2u.hypergrad.unroll import JVP_MODES, detach_tree
 
 __all__ = [
     "DEFAULT_JVP",

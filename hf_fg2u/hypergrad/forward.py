@@ -13,7 +13,7 @@ from functools import partial
 import torch
 from torch.utils._pytree import tree_map
 
-from .unroll import (
+from hf_fg2u.hypergrad.unroll import (
     Unroll,
     detach_tree,
     make_grad_tangent,

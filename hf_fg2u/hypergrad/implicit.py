@@ -17,7 +17,7 @@ import warnings
 import torch
 from torch.utils._pytree import tree_map
 
-from .unroll import (
+from hf_fg2u.hypergrad.unroll import (
     Unroll,
     detach_tree,
     finite_difference_epsilon,

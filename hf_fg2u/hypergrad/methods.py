@@ -15,13 +15,13 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .directions import DIRECTIONS, OuterSpace, sample_directions
-from .forward import forward_directional_derivatives, split_directions
-from .implicit import implicit_hypergradient
-from .result import HypergradientResult
-from .reverse import reverse_hypergradient
-from .unroll import JVP_MODES, Unroll
-from .zeroth_order import ZO_SCHEMES, zeroth_order_directional_derivatives
+from hf_fg2u.hypergrad.directions import DIRECTIONS, OuterSpace, sample_directions
+from hf_fg2u.hypergrad.forward import forward_directional_derivatives, split_directions
+from hf_fg2u.hypergrad.implicit import implicit_hypergradient
+from hf_fg2u.hypergrad.result import HypergradientResult
+from hf_fg2u.hypergrad.reverse import reverse_hypergradient
+from hf_fg2u.hypergrad.unroll import JVP_MODES, Unroll
+from hf_fg2u.hypergrad.zeroth_order import ZO_SCHEMES, zeroth_order_directional_derivatives
 
 DEFAULT_JVP = "double_backward"
 

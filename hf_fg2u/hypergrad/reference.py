@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..optim import InnerOptimizer
-from .unroll import LossFn, detach_tree, step_rng
+from hf_fg2u.hypergrad.inner_optimizers import InnerOptimizer
+from hf_fg2u.hypergrad.unroll import LossFn, detach_tree, step_rng
 
 
 def graph_reverse_hypergradient(

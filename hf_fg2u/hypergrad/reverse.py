@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch.utils._pytree import tree_map
 
-from .unroll import Unroll, detach_tree, meta_gradient_and_value, primal_step, run_inner_loop, step_rng
+from hf_fg2u.hypergrad.unroll import Unroll, detach_tree, meta_gradient_and_value, primal_step, run_inner_loop, step_rng
 
 
 def reverse_hypergradient(

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
-from ..optim import InnerOptimizer
+from hf_fg2u.hypergrad.inner_optimizers import InnerOptimizer
 
 LossFn = Callable[[dict, dict, object], torch.Tensor]
 JVP_MODES = ("forward", "double_backward", "finite_difference")

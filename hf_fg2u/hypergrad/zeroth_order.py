@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .unroll import Unroll, primal_step, run_inner_loop, step_rng
+from hf_fg2u.hypergrad.unroll import Unroll, primal_step, run_inner_loop, step_rng
 
 ZO_SCHEMES = ("central", "forward")
 

@@ -1,9 +1,9 @@
 """Outer variables φ of the bilevel problem, one module each (peft-style layout)."""
 
-from .base import OuterModule
-from .domain_weights import DomainWeights
-from .example_weights import ExampleWeights
-from .soft_prompt import SoftPrompt
-from .weight_net import WeightNet
+from hf_fg2u.outer.base import OuterModule
+from hf_fg2u.outer.domain_weights import DomainWeights
+from hf_fg2u.outer.example_weights import ExampleWeights
+from hf_fg2u.outer.soft_prompt import SoftPrompt
+from hf_fg2u.outer.weight_net import WeightNet
 
 __all__ = ["DomainWeights", "ExampleWeights", "OuterModule", "SoftPrompt", "WeightNet"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import OuterModule, normalized_entropy, require_columns, softmax_regularizer
+from hf_fg2u.outer.base import OuterModule, normalized_entropy, require_columns, softmax_regularizer
 
 
 class DomainWeights(OuterModule):

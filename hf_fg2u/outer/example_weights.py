@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .base import OuterModule, normalized_entropy, require_columns, softmax_regularizer
+from hf_fg2u.outer.base import OuterModule, normalized_entropy, require_columns, softmax_regularizer
 
 PARAMETRIZATIONS = ("softmax", "sigmoid")
 
@@ -72,10 +72,14 @@ class ExampleWeights(OuterModule):
         """Each row's group, an int in [0, num_groups) per example id; every group must have a row."""
         groups = torch.as_tensor(groups, dtype=torch.long, device=self.groups.device)
         if groups.shape != self.groups.shape:
-            raise ValueError(f"set_groups needs one group per example ({self.groups.numel()}), got {tuple(groups.shape)}.")
+            raise ValueError(
+                f"set_groups needs one group per example ({self.groups.numel()}), got {tuple(groups.shape)}."
+            )
         counts = torch.bincount(groups.clamp_min(0), minlength=self.num_groups)
         if int(groups.min()) < 0 or int(groups.max()) >= self.num_groups or bool((counts == 0).any()):
-            raise ValueError(f"Groups must lie in [0, {self.num_groups}) and each have a row; counts {counts.tolist()}.")
+            raise ValueError(
+                f"Groups must lie in [0, {self.num_groups}) and each have a row; counts {counts.tolist()}."
+            )
         self.groups.copy_(groups)
 
     def log_shares(self, logits: torch.Tensor) -> torch.Tensor:

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import torch
 
-from .base import OuterModule
+from hf_fg2u.outer.base import OuterModule
 
 WEIGHTS = "adapter_model.safetensors"
 
 
 class SoftPrompt(OuterModule):
     """P virtual tokens of size H. The attention mask and labels are extended by the loss functions
-    (``hf_fg2u.problem.per_example_lm_loss``), so the prompt is trained only through its effect on θ_T and
+    (``hf_fg2u.lm.losses.per_example_lm_loss``), so the prompt is trained only through its effect on θ_T and
     on the meta loss."""
 
     reads_losses = False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import OuterModule, require_columns
+from hf_fg2u.outer.base import OuterModule, require_columns
 
 
 class WeightNet(OuterModule):

@@ -1,0 +1,126 @@
+"""Loading the user's data: Hub datasets, local folders and files by split (``--data_files train=a.jsonl ...``),
+and the train/meta/eval splits a run needs, distinct from each other."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hf_fg2u.cli.arguments import ScriptArguments
+
+import re
+from pathlib import Path
+
+from datasets import DatasetDict, load_dataset
+
+DATA_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+def uses_own_data(script_args: ScriptArguments) -> bool:
+    return bool(script_args.dataset_name or script_args.data_files)
+
+
+def parse_data_files(entries: list[str]) -> dict[str, list[str]]:
+    """``["train=a.jsonl", "meta=b.jsonl", "c.jsonl"]`` -> ``{"train": ["a.jsonl", "c.jsonl"], "meta": [...]}``."""
+    files: dict[str, list[str]] = {}
+    for entry in entries:
+        split, sep, path = entry.partition("=")
+        if not sep:
+            split, path = "train", entry
+        if not re.fullmatch(r"\w+", split) or not path:
+            raise ValueError(f"--data_files entry {entry!r} is not SPLIT=PATH (e.g. meta=meta.jsonl) or a path.")
+        files.setdefault(split, []).append(path)
+    return files
+
+
+def folder_data_files(folder: Path) -> dict[str, list[str]]:
+    """The data files of a folder by split, the split being the file name's first word (``meta.jsonl``,
+    ``train-00000-of-00002.parquet``)."""
+    files: dict[str, list[str]] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() in DATA_BUILDERS:
+            files.setdefault(re.match(r"[A-Za-z0-9_]*", path.name).group() or "train", []).append(str(path))
+    if not files:
+        raise ValueError(f"{folder} holds no data file ({', '.join(DATA_BUILDERS)}).")
+    return files
+
+
+def builder_of(files: dict[str, list[str]]) -> str:
+    builders = {DATA_BUILDERS.get(Path(f).suffix.lower()) for paths in files.values() for f in paths}
+    if len(builders) != 1 or None in builders:
+        raise ValueError(
+            f"Cannot tell how to read {files}: use files of one kind ({', '.join(DATA_BUILDERS)}), or name the "
+            "builder with --dataset_name json|csv|parquet."
+        )
+    return builders.pop()
+
+
+def load_data(name: str | None, config: str | None, data_files: list[str] | None) -> DatasetDict:
+    """A Hub dataset, a local folder (its files by split), a local file (split "train"), or files by split
+    (``--data_files``). Local files are read one split at a time, so the splits' columns may differ (a train file
+    with ``is_corrupted``, a meta file without)."""
+    files = parse_data_files(data_files) if data_files else None
+    if name is not None and Path(name).is_dir():
+        folder = Path(name)
+        if files:
+            files = {k: [p if Path(p).exists() else str(folder / p) for p in v] for k, v in files.items()}
+        else:
+            files = folder_data_files(folder)
+        return load_files(files)
+    if name is not None and Path(name).is_file():  # one local file: its rows are the "train" split
+        return load_files({"train": [name]})
+    if name is None:
+        if not files:
+            raise ValueError("No data: pass --dataset_name or --data_files train=FILE meta=FILE.")
+        return load_files(files)
+    if files and name in DATA_BUILDERS.values():  # --dataset_name json --data_files ...
+        return load_files(files, builder=name)
+    return load_dataset(name, config, data_files=files)
+
+
+def load_files(files: dict[str, list[str]], builder: str | None = None) -> DatasetDict:
+    """Local files by split, one ``load_dataset`` call per split (one call for all would cast every split to the
+    first one's columns)."""
+    return DatasetDict(
+        {
+            split: load_dataset(builder or builder_of({split: paths}), data_files={split: paths}, split=split)
+            for split, paths in files.items()
+        }
+    )
+
+
+def _split(loaded: DatasetDict, name: str, source: str, flag: str):
+    if name not in loaded:
+        raise ValueError(f"{source} has no split {name!r} (splits: {list(loaded)}). Set {flag}.")
+    return loaded[name]
+
+
+def user_splits(script_args: ScriptArguments) -> DatasetDict:
+    """The user's train, meta and (optional) held-out eval data, raw: ``BilevelTrainer`` tokenizes them."""
+    s = script_args
+    source = s.dataset_name or f"--data_files {' '.join(s.data_files)}"
+    loaded = load_data(s.dataset_name, s.dataset_config, s.data_files)
+    splits = {"train": _split(loaded, s.dataset_train_split, source, "--dataset_train_split")}
+    meta_name = None
+    if s.meta_dataset_name:
+        meta = load_data(s.meta_dataset_name, s.meta_dataset_config, None)
+        splits["meta"] = _split(meta, s.meta_dataset_split, s.meta_dataset_name, "--meta_dataset_split")
+    else:
+        meta_name = s.dataset_meta_split or next((n for n in ("meta", "validation") if n in loaded), None)
+        if meta_name is None:
+            raise ValueError(
+                f"{source} has no meta data (splits: {list(loaded)}). Add a meta split (--data_files meta=FILE, a "
+                "meta.jsonl in the folder), name one with --dataset_meta_split, or pass --meta_dataset_name."
+            )
+        splits["meta"] = _split(loaded, meta_name, source, "--dataset_meta_split")
+    eval_name = s.dataset_eval_split or next((n for n in ("eval", "test") if n in loaded and n != meta_name), None)
+    used = {s.dataset_train_split: "train", meta_name: "meta"}
+    for role, name in (("meta", meta_name), ("eval", eval_name)):
+        if name is not None and (name == s.dataset_train_split or (role == "eval" and name == meta_name)):
+            raise ValueError(
+                f"The {role} split {name!r} is also the {used[name]} split; held-out data must be distinct. Name "
+                f"another split (--dataset_{role}_split) or pass its own file (--data_files {role}=FILE)."
+            )
+    if eval_name is not None:
+        splits["eval"] = _split(loaded, eval_name, source, "--dataset_eval_split")
+    return DatasetDict(splits)

@@ -1,0 +1,178 @@
+"""The hf-fg2u command: train, demo, weights and finetune.
+
+hf-fg2u train --recipe noisy_reweighting [--config FILE] [--key value ...]   (hf-fg2u train --help)
+hf-fg2u train --recipe noisy_reweighting --num_processes 2                  (ranks through accelerate)
+hf-fg2u demo [--output_dir outputs/demo]
+hf-fg2u weights outputs/demo [--top 10] [--push_to_hub user/dataset] [--export filtered|resampled]
+hf-fg2u finetune outputs/demo --model_name_or_path MODEL [--eval_file F] [--test_file F]   (finetune --help)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hf_fg2u.cli import arguments, launch, recipe_run
+from hf_fg2u.hub.report import EXPORTS
+
+# The demo is the noisy-data recipe on its packaged offline default (hf_fg2u/recipes/noisy_reweighting.yaml).
+DEMO_ARGS = ["--recipe", "noisy_reweighting", "--output_dir", "outputs/demo", "--compare_uniform", "true"]
+
+
+def run_train(argv: list[str]) -> dict:
+    """Run a recipe here, or with ``--num_processes N`` on N ranks started through ``accelerate launch``."""
+    launch_args, argv = launch.split_launch_args(argv)
+    if launch.launched():  # one rank of a launched group: the launching process prints the summary
+        secret = json.loads(os.environ.pop(launch.SECRET_ARGS_ENV, "[]"))
+        return recipe_run.main(*arguments.parse_args([*argv, *secret]))
+    if launch_args.num_processes == 1:
+        results = recipe_run.main(*arguments.parse_args(argv))
+        print_train_summary(results)
+        return results
+    _, training_args, _ = arguments.parse_args(argv)  # bad options fail here, before any rank starts
+    public, secret = launch.split_secret_args(argv)
+    command = launch.launch_command(launch_args.num_processes, launch_args.accelerate_config, public)
+    env = launch.launch_env(launch_args.accelerate_config)
+    line = launch.echo_command(command, env)
+    if secret:
+        names = [arg for arg in secret if arg.startswith("--")]
+        line += (
+            f"   # {', '.join(n.partition('=')[0] for n in names)}: passed to the ranks in ${launch.SECRET_ARGS_ENV}"
+        )
+    print("[hf_fg2u] " + line)
+    hidden = {launch.SECRET_ARGS_ENV: json.dumps(secret)} if secret else {}
+    done = subprocess.run(command, check=False, env={**os.environ, **env, **hidden})
+    if done.returncode != 0:
+        raise RuntimeError(f"accelerate launch exited with status {done.returncode} (command above).")
+    results = json.loads((Path(training_args.output_dir) / "results.json").read_text())
+    print_train_summary(results)
+    return results
+
+
+SUMMARY_NUMBERS = {  # results key -> what the summary calls it
+    "bilevel_meta_loss": "meta loss, learned outer variables",
+    "uniform_meta_loss": "meta loss, uniform (same budget)",
+    "meta_loss_reduction": "meta loss reduction",
+    "bilevel_eval_loss": "held-out eval loss",
+    "uniform_eval_loss": "held-out eval loss, uniform",
+    "auroc_corrupted": "AUROC of the weights, corrupted vs clean",
+    "bilevel_outer_steps": "outer steps",
+}
+
+
+def train_summary(results: dict) -> str:
+    """The lines `hf-fg2u train` ends with: where the run is, its key numbers, and the next command."""
+    folder = results.get("output_dir", "(not recorded)")
+    lines = ["", f"hf_fg2u train: done. Output folder: {folder}"]
+    for key, name in SUMMARY_NUMBERS.items():
+        if key in results:
+            value = results[key]
+            shown = f"{100 * value:.1f}%" if key == "meta_loss_reduction" else f"{value:.4g}"
+            lines.append(f"  {name:<42}: {shown}")
+    if "domain_weights" in results:
+        weights = ", ".join(f"{k} {v:.3f}" for k, v in results["domain_weights"].items())
+        lines.append(f"  {'domain weights':<42}: {weights}")
+    if any((Path(folder) / name).exists() for name in ("weighted_dataset.parquet", "weighted_dataset")):
+        lines.append(f"  next: hf-fg2u weights {folder}   (then --export filtered for trl sft)")
+    else:
+        lines.append(f"  next: python -c \"from hf_fg2u.hub.load import load_run; print(load_run('{folder}'))\"")
+    return "\n".join(lines)
+
+
+def print_train_summary(results: dict) -> None:
+    print(train_summary(results))
+
+
+def run_demo(argv: list[str]) -> dict:
+    results = recipe_run.main(*arguments.parse_args(DEMO_ARGS + argv))
+    print_demo_summary(results)
+    return results
+
+
+def print_demo_summary(results: dict) -> None:
+    lines = [
+        "",
+        "hf_fg2u demo: learned per-example weights on data with 40% corrupted rows",
+        f"  AUROC of the weights, corrupted vs clean : {results['auroc_corrupted']:.3f}   (target >= 0.9)",
+        f"  meta loss, learned weights              : {results['bilevel_meta_loss']:.4f}",
+        f"  meta loss, uniform weights (same budget): {results['uniform_meta_loss']:.4f}",
+        f"  meta loss reduction                     : {100 * results['meta_loss_reduction']:.1f}%   (target >= 5%)",
+        f"  weight histogram                        : {results.get('histogram', '(matplotlib missing)')}",
+        f"  Hub-ready output folder                 : {results['output_dir']}",
+        "  next: hf-fg2u weights " + results["output_dir"],
+    ]
+    print("\n".join(lines))
+
+
+def run_weights(argv: list[str]) -> str:
+    parser = argparse.ArgumentParser(prog="hf-fg2u weights", description="Summarise the weights of a finished run.")
+    parser.add_argument("run", type=Path, metavar="RUN", help="The run's output folder.")
+    parser.add_argument("--top", type=int, default=10, help="Rows shown at each end of the weights.")
+    parser.add_argument("--push_to_hub", metavar="REPO_ID", help="Push the weighted dataset as a Hub dataset.")
+    export = parser.add_argument_group(
+        "export for a trainer without weights (trl sft)",
+        "Plain rows, no weight column: `trl sft --dataset_name DIR` then trains on what the weights say.",
+    )
+    export.add_argument(
+        "--export", choices=EXPORTS, help="filtered: drop low-weight rows; resampled: draw rows ∝ weight."
+    )
+    export.add_argument("--output_dir", metavar="DIR", help="Where DIR/train.jsonl goes (default RUN/export_KIND).")
+    export.add_argument("--threshold", type=float, help="filtered: keep rows with weight >= this (default: the mean).")
+    export.add_argument("--keep_fraction", type=float, help="filtered: keep this fraction of the rows, by weight.")
+    export.add_argument("--num_rows", type=int, help="resampled: rows to draw (default: as many as the data has).")
+    export.add_argument("--seed", type=int, default=0, help="resampled: the draw's seed.")
+    args = parser.parse_args(argv)
+    from hf_fg2u.hub.report import export_weighted, load_weighted_dataset, report_weights
+
+    text = report_weights(args.run, k=args.top)
+    print(text)
+    weighted = None
+    if args.push_to_hub or args.export:
+        weighted = load_weighted_dataset(args.run)
+    if args.export:
+        rows = export_weighted(weighted, args.export, args.threshold, args.keep_fraction, args.num_rows, args.seed)
+        path = Path(args.output_dir or args.run / f"export_{args.export}") / "train.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows.to_json(str(path))
+        print(f"{args.export}: {len(rows)} of {len(weighted)} rows, without weights, in {path}")
+    if args.push_to_hub:
+        weighted.push_to_hub(args.push_to_hub)
+        print(f"pushed the weighted dataset to {args.push_to_hub}")
+    return text
+
+
+def run_finetune(argv: list[str]) -> dict:
+    """Fine-tune a fresh model on a run's (or a file's) weighted rows and print where it went and its scores."""
+    from hf_fg2u.cli.finetune import finetune, parse_finetune_args
+
+    results = finetune(*parse_finetune_args(argv))
+    print(f"\nhf_fg2u finetune: done. Model in {results['output_dir']}")
+    for key in ("rows", "effective_rows", "steps", "best_epoch", "eval_loss", "test_loss", "test_accuracy"):
+        if results.get(key) is not None:
+            value = results[key]
+            print(f"  {key:<16}: {value:.4f}" if isinstance(value, float) else f"  {key:<16}: {value}")
+    return results
+
+
+COMMANDS = {"train": run_train, "demo": run_demo, "weights": run_weights, "finetune": run_finetune}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:  # the docstring is plain text
+        print(__doc__.strip())
+        if argv and argv[0] not in ("-h", "--help"):
+            sys.exit(f"hf-fg2u: unknown command {argv[0]!r}; use one of {sorted(COMMANDS)}.")
+        return
+    try:
+        COMMANDS[argv[0]](argv[1:])
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        sys.exit(f"hf-fg2u {argv[0]}: {error}")
+
+
+if __name__ == "__main__":
+    main()

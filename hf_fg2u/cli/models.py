@@ -1,0 +1,74 @@
+"""Loading the model and tokenizer a recipe runs on (a Hub name, a folder, a GGUF file, or a tiny model from
+config), and the LoRA adapter's config."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hf_fg2u.cli.arguments import ModelArguments
+
+import torch
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from hf_fg2u.lm import toy_data as builtin_data
+
+
+# -- model and data ---------------------------------------------------------------------------------------------
+def load_model_and_tokenizer(model_args: ModelArguments, seed: int, init_kwargs: dict | None = None):
+    """The model and tokenizer of ``model_args`` (``init_kwargs``: BilevelConfig.model_init_kwargs), or the
+    built-in tiny Llama and character tokenizer without ``model_name_or_path``."""
+    if model_args.model_name_or_path is None:
+        tokenizer = builtin_data.make_char_tokenizer()
+        torch.manual_seed(seed)
+        # initializer_range 0.2: behind RMSNorm a frozen lm_head drawn with 0.02 caps a 32-wide model's logits
+        # near ±0.6, and no adapter could fit anything.
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=model_args.tiny_hidden_size,
+            intermediate_size=2 * model_args.tiny_hidden_size, num_hidden_layers=model_args.tiny_num_layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            attn_implementation=model_args.attn_implementation, initializer_range=0.2,
+            pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+        return LlamaForCausalLM(config), tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, **tokenizer_kwargs(model_args))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    kwargs = from_pretrained_kwargs(model_args, init_kwargs)
+    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+    if model_args.gguf_file:
+        model = dequantized_copy(model, kwargs["dtype"])
+        model.config.gguf_file = model_args.gguf_file  # saved with the run, so that load_run finds the base again
+    return model, tokenizer
+
+
+def tokenizer_kwargs(model_args: ModelArguments) -> dict:
+    kwargs = {"revision": model_args.model_revision, "trust_remote_code": model_args.trust_remote_code}
+    return kwargs | ({"gguf_file": model_args.gguf_file} if model_args.gguf_file else {})
+
+
+def from_pretrained_kwargs(model_args: ModelArguments, init_kwargs: dict | None = None) -> dict:
+    """``from_pretrained``'s keyword arguments from TRL's ``ModelConfig`` names; ``--model_init_kwargs`` win."""
+    dtype = model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
+    kwargs = tokenizer_kwargs(model_args) | {"attn_implementation": model_args.attn_implementation, "dtype": dtype}
+    return kwargs | dict(init_kwargs or {})
+
+
+def dequantized_copy(model, dtype=torch.float32):
+    """A GGUF-loaded model is already dequantised to fp32 but still marked quantized, which the Trainer refuses
+    to train and save; rebuild the architecture from its config without the mark and load the weights."""
+    config = model.config
+    config.quantization_config = None
+    delattr(config, "quantization_config")
+    fresh = AutoModelForCausalLM.from_config(config, attn_implementation=config._attn_implementation)
+    fresh.load_state_dict(model.state_dict())
+    return fresh.to(torch.float32 if dtype == "auto" else dtype)
+
+
+def lora_config(model_args: ModelArguments) -> LoraConfig:
+    """The LoRA adapter of the model arguments (the bilevel run's and the final stage's)."""
+    return LoraConfig(
+        r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_target_modules, layers_to_transform=model_args.lora_layers,
+    )  # fmt: skip

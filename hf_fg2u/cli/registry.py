@@ -1,0 +1,142 @@
+"""The recipe registry: every packaged YAML (``hf_fg2u/recipes/NAME.yaml``) is a recipe, registered here with how
+it builds its built-in data and its outer module."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hf_fg2u.cli.arguments import ScriptArguments
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from datasets import DatasetDict
+
+from hf_fg2u.lm import toy_data as builtin_data
+from hf_fg2u.outer import DomainWeights, ExampleWeights, SoftPrompt, WeightNet
+
+RECIPES_DIR = Path(__file__).parents[1] / "recipes"  # the YAML configs and accelerate configs, shipped as package data
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A registered recipe: its packaged YAML (``hf_fg2u/recipes/NAME.yaml``), the built-in data it generates
+    when the user gives none, the outer module it learns, and whether that is one weight per train row (then the
+    run writes the weighted dataset and may train a final adapter on it)."""
+
+    builtin_data: Callable[[ScriptArguments], DatasetDict]
+    make_outer: Callable
+    weights_rows: bool = False
+
+    @staticmethod
+    def yaml(name: str) -> Path:
+        return RECIPES_DIR / f"{name}.yaml"
+
+
+RECIPES: dict[str, Recipe] = {}  # filled by register_recipe below; every packaged YAML is one of them
+
+
+def register_recipe(name: str, recipe: Recipe) -> None:
+    """Make ``--recipe name`` load ``hf_fg2u/recipes/name.yaml`` and build its data and outer module with
+    ``recipe``."""
+    if not Recipe.yaml(name).is_file():
+        raise ValueError(f"recipe {name!r} has no packaged YAML {Recipe.yaml(name)}; add it beside the others.")
+    RECIPES[name] = recipe
+
+
+def recipe_config(name: str) -> Path:
+    """The packaged YAML of recipe ``name`` (shipped inside the package, so it works from any directory)."""
+    check_recipe(name)
+    return Recipe.yaml(name)
+
+
+def check_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"recipe={name!r} is not known; use one of {sorted(RECIPES)}.")
+    return RECIPES[name]
+
+
+def builtin_splits(script_args: ScriptArguments) -> DatasetDict:
+    splits = RECIPES[script_args.recipe].builtin_data(script_args)
+    return DatasetDict({"train": splits["train"], "meta": splits["meta"]})  # their "eval" is the meta set again
+
+
+def _facts(s: ScriptArguments) -> DatasetDict:
+    return builtin_data.make_fact_splits(s.num_facts, s.copies, s.generation_seed, s.corrupted_fraction)
+
+
+def _clean_facts(s: ScriptArguments) -> DatasetDict:
+    return builtin_data.make_fact_splits(s.num_facts, s.copies, s.generation_seed, 0.0)
+
+
+def _domain_facts(s: ScriptArguments) -> DatasetDict:
+    return builtin_data.make_fact_domain_splits(
+        s.num_domains, s.num_facts, s.copies, s.generation_seed, s.target_domain
+    )
+
+
+def make_outer(script_args: ScriptArguments, splits: DatasetDict, model):
+    return RECIPES[script_args.recipe].make_outer(script_args, splits, model)
+
+
+def _row_weights(s: ScriptArguments, splits: DatasetDict, model):
+    if s.outer not in ("example_weights", "weight_net"):
+        raise ValueError(f"outer={s.outer!r} is not known for {s.recipe}; use example_weights or weight_net.")
+    if s.outer == "weight_net" or s.balance_column is None:
+        if s.outer == "weight_net" and s.balance_column is not None:
+            raise ValueError("--balance_column applies to outer=example_weights only (a weight per row).")
+        if s.outer == "weight_net":
+            return WeightNet(hidden_size=s.weight_net_hidden_size)
+        return ExampleWeights(
+            len(splits["train"]), parametrization=s.weight_parametrization, max_logit=s.weight_max_logit
+        )
+    return _grouped_weights(s, splits["train"])
+
+
+def _grouped_weights(s: ScriptArguments, train) -> ExampleWeights:
+    """ExampleWeights measured within the groups of ``--balance_column``; refused where the groups are too small
+    to rank rows in (a free-text column would put every row alone, and every weight would stay 1)."""
+    if s.balance_column not in train.column_names:
+        raise ValueError(f"--balance_column {s.balance_column!r} is not a column of the train data: "
+                         f"{train.column_names}.")  # fmt: skip
+    values = [str(value) for value in train[s.balance_column]]
+    names = sorted(set(values))
+    smallest = min(values.count(name) for name in names)
+    if smallest < 2:
+        raise ValueError(
+            f"--balance_column {s.balance_column!r} has {len(names)} values over {len(values)} rows, some held by a "
+            "single row, whose weight could then never move: balance on a column of a few labels, or drop it."
+        )
+    outer = ExampleWeights(
+        len(train), parametrization=s.weight_parametrization, max_logit=s.weight_max_logit, num_groups=len(names)
+    )
+    index = {name: i for i, name in enumerate(names)}
+    ids = train["example_id"] if "example_id" in train.column_names else range(len(train))
+    groups = [0] * len(train)
+    for row_id, value in zip(ids, values, strict=True):
+        groups[row_id] = index[value]
+    outer.set_groups(groups)
+    return outer
+
+
+def _domain_weights(s: ScriptArguments, splits: DatasetDict, model):
+    return DomainWeights(sorted(splits["train"].unique(s.domain_column)), domain_column=s.domain_column)
+
+
+def _soft_prompt(s: ScriptArguments, splits: DatasetDict, model):
+    hidden = model.get_input_embeddings().weight.shape[1]
+    return SoftPrompt(s.num_virtual_tokens, hidden, init_std=0.5)
+
+
+register_recipe("noisy_reweighting", Recipe(_facts, _row_weights, weights_rows=True))
+
+
+register_recipe("noisy_reweighting_real", Recipe(_facts, _row_weights, weights_rows=True))
+
+
+register_recipe("domain_mixture", Recipe(_domain_facts, _domain_weights))
+
+
+register_recipe("soft_prompt", Recipe(_clean_facts, _soft_prompt))

@@ -1,0 +1,1 @@
+"""What leaves a run: the model card, loading a run back (``load_run``), and the weights report."""

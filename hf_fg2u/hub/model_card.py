@@ -1,0 +1,172 @@
+"""The model card (README.md) of a saved bilevel run, built with ``huggingface_hub.ModelCard``/``ModelCardData``
+(which render and check the metadata, as TRL's cards do): what was learned, how, with which versions, and a
+quick start that loads the run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import accelerate
+import datasets
+import peft
+import torch
+import transformers
+from huggingface_hub import ModelCard, ModelCardData
+
+import hf_fg2u
+
+PLOT_NAME = "weights_histogram.png"  # written by the noisy_reweighting recipe (hf_fg2u.hub.report) beside the card
+WEIGHTED_DATASET_FILE = "weighted_dataset.parquet"  # written by BilevelTrainer.push_to_hub
+
+BODY = """
+# {model_name}
+
+Outer variables **{outer_type}** learned by bilevel meta-tuning with [hf_fg2u](https://github.com/hf-fg2u/hf_fg2u),
+method **{method}**{phase}, inner variables: the LoRA adapter of this run{base}.
+
+## Quick start
+
+```python
+{snippet}
+```
+
+## Files
+
+- `adapter_config.json`, `adapter_model.safetensors`: the inner LoRA adapter (plain peft).
+- `outer_config.json`, `outer_model.safetensors`: the outer variables (`OuterModule.from_pretrained`).
+{weighted_dataset}
+## Learned outer variables
+
+{summary}{plot}
+
+## Final metrics
+
+{metrics}
+
+## Bilevel configuration
+
+```json
+{config}
+```
+
+## Versions
+
+hf_fg2u {hf_fg2u}, transformers {transformers}, peft {peft}, torch {torch}, accelerate {accelerate},
+datasets {datasets}.
+
+## Citation
+
+(FG)²U — {paper_title}, arXiv [{paper_id}](https://arxiv.org/abs/{paper_id}):
+
+```bibtex
+{citation}
+```
+"""
+
+SNIPPET = """from hf_fg2u.hub.load import load_run
+
+run = load_run("{location}")  # base model + LoRA adapter + outer variables + tokenizer, from the Hub or a folder
+print(type(run.outer).__name__, run.outer.summary())
+
+# or piece by piece, the adapter with plain peft:
+from peft import AutoPeftModelForCausalLM
+from hf_fg2u.outer import OuterModule
+
+model = AutoPeftModelForCausalLM.from_pretrained("{location}")
+outer = OuterModule.from_pretrained("{location}")"""
+
+
+def quick_start(location: str, base: str | None) -> str:
+    """The snippet that loads the run; where the adapter names no base model it says what to pass."""
+    snippet = SNIPPET.format(location=location)
+    if not base:
+        return "# This adapter names no base model: pass load_run(..., base_model=your_model).\n" + snippet
+    return snippet
+
+
+# Logged numbers that describe the machine or the schedule, not the run's result: left off the card.
+NOT_RESULTS = ("step", "epoch", "loss", "learning_rate", "total_flos")
+NOT_RESULT_SUFFIXES = ("_runtime", "_per_second", "_seconds")
+
+
+def final_metrics(log_history: list[dict]) -> dict[str, float]:
+    """The last logged value of every numeric metric that says how the run did (train and eval): no timings,
+    FLOPs or learning rate, and not ``loss`` (the Trainer's copy of ``meta_loss``)."""
+    metrics = {}
+    for entry in log_history:
+        for key, value in entry.items():
+            if isinstance(value, int | float) and key not in NOT_RESULTS and not key.endswith(NOT_RESULT_SUFFIXES):
+                metrics[key] = value
+    return metrics
+
+
+def hub_name(name: str | None) -> str | None:
+    """``name`` when it can be a Hub repo id (``org/model``), else None: a local path means nothing to a reader of
+    the card and the Hub rejects it as metadata (TRL leaves it out too)."""
+    if not name or Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return None
+    return name
+
+
+def method_config(args) -> dict:
+    """The bilevel configuration without the options of hypergradient methods that did not run (an rgu run shows
+    no zo_epsilon or cg_damping)."""
+    import dataclasses
+
+    from hf_fg2u.hypergrad.methods import METHOD_SPECS
+
+    def options(name):
+        return {f.name for f in dataclasses.fields(METHOD_SPECS[name].options_type)} if name in METHOD_SPECS else set()
+
+    ran = set().union(*(options(name) for name in (args.method, args.phase1_method)))
+    others = set().union(*(options(name) for name in METHOD_SPECS)) - ran
+    return {key: value for key, value in args.bilevel_fields().items() if key not in others}
+
+
+def table(values: dict[str, float], empty: str) -> str:
+    rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in sorted(values.items())) or f"| ({empty}) | |"
+    return "| name | value |\n|---|---|\n" + rows
+
+
+def build_model_card(trainer, directory: Path, model_name: str | None = None, **kwargs) -> ModelCard:
+    """The card of ``trainer``'s run saved in ``directory``. The config holds only bilevel fields, never a token.
+    The quick start names the Hub repo when the run is pushed, else the folder."""
+    args = trainer.args
+    base = trainer.model_name
+    dataset = kwargs.get("dataset") or kwargs.get("dataset_name") or getattr(trainer, "card_datasets", None)
+    datasets_meta = [d for d in ([dataset] if isinstance(dataset, str) else dataset or []) if hub_name(d)]
+    data = ModelCardData(
+        base_model=hub_name(base), library_name="peft", pipeline_tag="text-generation",
+        datasets=datasets_meta or None, license=kwargs.get("license") or getattr(trainer, "card_license", None),
+        tags=sorted({*trainer._tag_names, *(kwargs.get("tags") or []), type(trainer.outer).__name__.lower()}),
+    )  # fmt: skip
+    location = args.hub_model_id if args.push_to_hub and args.hub_model_id else str(Path(directory).resolve())
+    has_weighted = (Path(directory) / WEIGHTED_DATASET_FILE).is_file()
+    body = BODY.format(
+        model_name=model_name or Path(args.output_dir).name,
+        outer_type=type(trainer.outer).__name__,
+        method=args.method,
+        phase=f" (after {args.phase1_steps} steps of {args.phase1_method})" if args.phase1_method else "",
+        base=f" on top of `{base}`" if base else "",
+        snippet=quick_start(location, base),
+        weighted_dataset=f"- `{WEIGHTED_DATASET_FILE}`: the training rows with their learned `weight` column "
+        '(`datasets.load_dataset("parquet", data_files=...)`).\n' if has_weighted else "",
+        summary=table(trainer.outer.summary(), "no summary for this outer module"),
+        plot=f"\n\n![learned weights]({PLOT_NAME})" if (Path(directory) / PLOT_NAME).is_file() else "",
+        metrics=table(final_metrics(trainer.state.log_history), "none yet"),
+        config=json.dumps(method_config(args), indent=2, default=str),
+        hf_fg2u=hf_fg2u.__version__, transformers=transformers.__version__, peft=peft.__version__,
+        torch=torch.__version__, accelerate=accelerate.__version__, datasets=datasets.__version__,
+        paper_title=trainer._paper["title"], paper_id=trainer._paper["id"], citation=trainer._paper["citation"],
+    )  # fmt: skip
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def write_model_card(trainer, directory: Path, model_name: str | None = None, **kwargs) -> Path:
+    """Write ``directory/README.md`` for ``trainer``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "README.md"
+    build_model_card(trainer, directory, model_name, **kwargs).save(path)
+    return path

@@ -1,0 +1,168 @@
+"""Tokenize the dataset formats users already have, as TRL's ``SFTTrainer`` names them, for the bilevel losses.
+
+A dataset's format is read from its columns:
+
+- language modelling: a text column (``dataset_text_field``, default ``"text"``); loss on every token;
+- prompt-completion: ``prompt`` and ``completion``; loss on the completion only. Both may also be lists of
+  chat messages (conversational prompt-completion), rendered with the tokenizer's chat template;
+- conversational: ``messages`` (``{"role", "content"}`` dicts), rendered with the chat template; loss on the
+  assistant turns.
+
+Rows keep their own length (the collator pads each batch) and are cut at ``max_length`` tokens; a warning
+counts the rows that were cut, since cutting can remove exactly the tokens that carry the loss. The ``=``/``>``
+answer separator of ``hf_fg2u.lm.toy_data`` belongs to the built-in toy data only and plays no part here.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from hf_fg2u.lm.toy_data import IGNORE_INDEX
+
+FORMAT_COLUMNS = {"conversational": ("messages",), "prompt_completion": ("prompt", "completion")}
+MODEL_INPUT_COLUMNS = ("input_ids", "attention_mask", "labels")
+
+
+def dataset_format(column_names, text_field: str = "text") -> str:
+    """``"conversational"``, ``"prompt_completion"`` or ``"language_modeling"``, from the column names."""
+    for name, columns in FORMAT_COLUMNS.items():
+        if all(c in column_names for c in columns):
+            return name
+    if text_field in column_names:
+        return "language_modeling"
+    raise ValueError(
+        f"has no 'input_ids' column and no column to tokenize (columns: {list(column_names)}). Give it a "
+        f"{text_field!r} column (plain text; or set dataset_text_field=), 'prompt' + 'completion', or 'messages' "
+        "(chat), or tokenize it yourself (input_ids, attention_mask, labels)."
+    )
+
+
+def _render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            "Conversational data needs a tokenizer with a chat template, and this tokenizer has none. Set "
+            "tokenizer.chat_template, or give the data as 'text' or 'prompt' + 'completion' strings."
+        )
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _chat_segments(tokenizer, messages: list[dict], trained_roles=("assistant",)) -> list[tuple[str, bool]]:
+    """The rendered conversation as (text, trained) pieces: each assistant turn is the text its message adds
+    after the rendering of the turns before it with the generation prompt."""
+    segments, done = [], ""
+    for index, message in enumerate(messages):
+        if message.get("role") not in trained_roles:
+            continue
+        prompt = _render_chat(tokenizer, messages[:index], add_generation_prompt=True)
+        turn = _render_chat(tokenizer, messages[: index + 1], add_generation_prompt=False)
+        if not prompt.startswith(done) or not turn.startswith(prompt):
+            raise ValueError(
+                "The tokenizer's chat template does not render a conversation as a prefix of its continuation, "
+                "so the assistant turns cannot be located. Use a template that does, or pass prompt + completion."
+            )
+        segments += [(prompt[len(done) :], False), (turn[len(prompt) :], True)]
+        done = turn
+    whole = _render_chat(tokenizer, messages, add_generation_prompt=False)
+    segments.append((whole[len(done) :], False))
+    return [(text, trained) for text, trained in segments if text]
+
+
+def _segments(example: dict, tokenizer, kind: str, text_field: str) -> tuple[list[tuple[str, bool]], bool]:
+    """(text, trained) pieces of one example, and whether they are plain text (so the tokenizer adds its own
+    special tokens and an end-of-sequence token is trained at the end)."""
+    if kind == "conversational":
+        return _chat_segments(tokenizer, example["messages"]), False
+    if kind == "prompt_completion":
+        prompt, completion = example["prompt"], example["completion"]
+        if isinstance(prompt, list):
+            head = _render_chat(tokenizer, prompt, add_generation_prompt=True)
+            whole = _render_chat(tokenizer, prompt + completion, add_generation_prompt=False)
+            if not whole.startswith(head):
+                raise ValueError("The chat template does not render the prompt as a prefix of prompt + completion.")
+            return [(head, False), (whole[len(head) :], True)], False
+        return [(prompt, False), (completion, True)], True
+    return [(example[text_field], True)], True
+
+
+def shared_prefix_length(a: list[int], b: list[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def encode_example(example: dict, tokenizer, kind: str, text_field: str = "text") -> dict[str, list[int]]:
+    """One example -> unpadded ``input_ids``, ``attention_mask``, ``labels`` (-100 where no loss is taken), and
+    ``boundary_merged``: whether the tokenizer joined text across a prompt/answer boundary.
+
+    The whole text is tokenized at once, as the model reads it at inference ("Answer: " + "Paris" is
+    ``ĠParis``, not ``Ġ`` + ``Paris``). A piece ends after the tokens that the text up to its end shares with
+    the whole; a token that straddles the boundary goes to the piece it ends in, so an answer keeps it.
+    """
+    segments, plain = _segments(example, tokenizer, kind, text_field)
+    whole = "".join(text for text, _ in segments)
+    input_ids = tokenizer(whole, add_special_tokens=plain)["input_ids"]
+    labels, start, prefix, merged = [], 0, "", False
+    for index, (text, trained) in enumerate(segments):
+        prefix += text
+        if index == len(segments) - 1:
+            end = len(input_ids)
+        else:
+            head = tokenizer(prefix, add_special_tokens=plain)["input_ids"]
+            end = shared_prefix_length(head, input_ids)
+            merged = merged or end < len(head)
+            end = max(end, start)
+        labels += input_ids[start:end] if trained else [IGNORE_INDEX] * (end - start)
+        start = end
+    eos = tokenizer.eos_token_id
+    if plain and eos is not None and input_ids[-1:] != [eos]:
+        input_ids, labels = input_ids + [eos], labels + [eos]
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels,
+            "boundary_merged": merged}  # fmt: skip
+
+
+def tokenize_dataset(dataset, tokenizer, max_length: int | None, role: str, text_field: str = "text"):
+    """Tokenize a raw ``dataset`` of any supported format (see the module docstring), cutting rows at
+    ``max_length`` tokens with a warning that counts them. The format's own columns are replaced by
+    ``input_ids``/``attention_mask``/``labels``; every other column is kept."""
+    try:
+        kind = dataset_format(dataset.column_names, text_field)
+    except ValueError as error:
+        raise ValueError(f"The {role} dataset {error}") from None
+    if tokenizer is None:
+        raise ValueError(
+            f"The {role} dataset is raw {kind} data, and no tokenizer was given: pass processing_class=tokenizer "
+            "to BilevelTrainer, or tokenize the data yourself."
+        )
+    source = FORMAT_COLUMNS.get(kind, (text_field,))
+
+    def encode(example):
+        row = encode_example(example, tokenizer, kind, text_field)
+        length = len(row["input_ids"])
+        if max_length is not None and length > max_length:
+            row.update({key: row[key][:max_length] for key in MODEL_INPUT_COLUMNS})
+        return {**row, "num_tokens": length}
+
+    tokenized = dataset.map(encode, remove_columns=list(source), desc=f"Tokenizing the {role} dataset")
+    merged = sum(tokenized["boundary_merged"])
+    if merged:
+        warnings.warn(
+            f"{merged} of {len(tokenized)} rows of the {role} dataset have a token that spans the end of the prompt "
+            "(e.g. a prompt ending in a space before the answer): it is trained as part of the answer, as the "
+            "model reads the joined text. End prompts without a trailing space to keep the boundary exact.",
+            stacklevel=3,
+        )
+    lengths = tokenized["num_tokens"]
+    cut = sum(length > max_length for length in lengths) if max_length is not None else 0
+    if cut:
+        warnings.warn(
+            f"{cut} of {len(lengths)} rows of the {role} dataset are longer than max_length={max_length} tokens "
+            f"(longest: {max(lengths)}) and were cut at the end. Raise max_length if the cut part matters.",
+            stacklevel=3,
+        )
+    return tokenized.remove_columns(["num_tokens", "boundary_merged"])
+
+
+def prepare_split(dataset, role: str, tokenizer, max_length: int | None, text_field: str = "text"):
+    """``dataset`` unchanged when it is already tokenized (has ``input_ids``), else tokenized."""
+    if dataset is None or "input_ids" in dataset.column_names:
+        return dataset
+    return tokenize_dataset(dataset, tokenizer, max_length, role, text_field)

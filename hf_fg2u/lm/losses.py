@@ -1,0 +1,134 @@
+"""Pure loss functions of a causal LM for the bilevel problem: per-example token losses, the weighted inner
+loss and the meta loss, as ``(params, outer, batch) -> scalar`` functions that ``estimate_hypergradient``
+takes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from hf_fg2u.lm.params import functional_forward, preflight, unwrap_model
+
+WeightFn = Callable[[dict[str, torch.Tensor], dict, torch.Tensor], torch.Tensor | None]
+PrefixFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+MODEL_INPUTS = ("input_ids", "attention_mask")
+
+
+def token_labels(batch: dict) -> torch.Tensor:
+    """The batch's ``labels``, or its ``input_ids`` with padding (attention_mask 0) marked as -100."""
+    if "labels" in batch:
+        return batch["labels"]
+    labels = batch["input_ids"]
+    if "attention_mask" in batch:
+        labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
+    return labels
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy at every position [B, L-1] (0 where unlabelled) and the mask of labelled positions
+    [B, L-1], from logits [B, L, V] and labels [B, L].
+
+    Positions labelled -100 are excluded by an explicit mask (``ignore_index`` misbehaves under vmap), and
+    ``torch.where`` keeps NaN in a padded position's logits from reaching the loss.
+    """
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != -100
+    safe_labels = torch.where(mask, labels, torch.zeros_like(labels))
+    log_probs = torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
+    token_nll = -log_probs.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    return torch.where(mask, token_nll, torch.zeros_like(token_nll)), mask
+
+
+def per_example_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy per example [B], from logits [B, L, V] and labels [B, L] (see
+    :func:`token_losses`)."""
+    token_nll, mask = token_losses(logits, labels)
+    return token_nll.sum(-1) / mask.sum(-1).clamp_min(1)
+
+
+def input_embedding_name(model: torch.nn.Module) -> str:
+    embedding = model.get_input_embeddings()
+    for name, parameter in model.named_parameters():
+        if parameter is embedding.weight:
+            return name
+    raise ValueError("Could not find the input embedding weight among the model's parameters.")
+
+
+def per_example_lm_loss(
+    model: torch.nn.Module, params: dict[str, torch.Tensor], batch: dict, prefix: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-example loss [B] of ``model`` with parameters ``params`` substituted.
+
+    ``prefix`` [P, H] (a soft prompt) is prepended to every example's input embeddings; the attention mask
+    grows by P ones and the labels by P ignored positions.
+    """
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    labels = token_labels(batch)
+    if prefix is None:
+        logits = functional_forward(model, params, **inputs).logits
+        return per_example_token_loss(logits, labels)
+    input_ids = inputs.pop("input_ids")
+    name = input_embedding_name(model)
+    weight = params.get(name, dict(model.named_parameters())[name])
+    embeds = torch.nn.functional.embedding(input_ids, weight)
+    size = input_ids.shape[0]
+    embeds = torch.cat([prefix.to(embeds.dtype).unsqueeze(0).expand(size, -1, -1), embeds], dim=1)
+    ones = torch.ones(size, prefix.shape[0], dtype=torch.long, device=input_ids.device)
+    mask = inputs.get("attention_mask", torch.ones_like(input_ids))
+    inputs["attention_mask"] = torch.cat([ones, mask], dim=1)
+    labels = torch.cat([torch.full_like(ones, -100), labels], dim=1)
+    logits = functional_forward(model, params, inputs_embeds=embeds, **inputs).logits
+    return per_example_token_loss(logits, labels)
+
+
+def make_lm_losses(model: torch.nn.Module, prefix: PrefixFn | None = None, second_order: bool = True) -> Callable:
+    """Build ``losses(params, outer, batch) -> [B]``, the per-example loss with ``prefix(φ)`` prepended, run
+    under the attention context the preflight chose. ``second_order`` says whether the chosen method
+    differentiates through inner gradients."""
+    model = unwrap_model(model)
+    attention_context = preflight(model, second_order)
+
+    def losses(params, outer, batch):
+        with attention_context():
+            return per_example_lm_loss(model, params, batch, None if prefix is None else prefix(outer))
+
+    return losses
+
+
+def losses_to_problem(losses: Callable, example_weights: WeightFn | None = None) -> tuple[Callable, Callable]:
+    """(inner_loss, outer_loss) from per-example ``losses``: inner_loss = Σ_i w_i(φ, batch, ℓ.detach()) ℓ_i(θ)
+    with ``example_weights`` (None, or weights None: the mean); outer_loss = mean_i ℓ_i(θ) on the meta batch."""
+
+    def inner_loss(params, outer, batch):
+        per_example = losses(params, outer, batch)
+        weights = None if example_weights is None else example_weights(outer, batch, per_example.detach())
+        if weights is None:
+            return per_example.mean()
+        return (weights.to(per_example.dtype) * per_example).sum()
+
+    def outer_loss(params, outer, batch):
+        return losses(params, outer, batch).mean()
+
+    return inner_loss, outer_loss
+
+
+def make_lm_problem(
+    model: torch.nn.Module,
+    example_weights: WeightFn | None = None,
+    prefix: PrefixFn | None = None,
+    second_order: bool = True,
+) -> tuple[Callable, Callable]:
+    """Build (inner_loss, outer_loss) for a causal LM (see :func:`losses_to_problem`); ``prefix(φ)`` is a soft
+    prompt used by both. ``second_order`` says whether the chosen method differentiates through inner
+    gradients (preflight)."""
+    return losses_to_problem(make_lm_losses(model, prefix, second_order), example_weights)
+
+
+def batch_softmax_weights(key: str = "example_logits", id_column: str = "example_id") -> WeightFn:
+    """Per-example weights: a logit per training example, softmax-normalised within the batch."""
+
+    def weights(outer, batch, losses=None):
+        return torch.softmax(outer[key][batch[id_column]], dim=0)
+
+    return weights

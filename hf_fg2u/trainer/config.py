@@ -1,0 +1,350 @@
+"""``BilevelConfig``: every knob of bilevel meta-tuning, on top of ``transformers.TrainingArguments``.
+
+The Trainer's own fields keep their meaning for the *outer* problem: ``learning_rate``, ``optim``,
+``lr_scheduler_type`` and ``max_steps`` drive the outer optimizer over φ, and one Trainer step is one outer step
+(``unroll_steps`` inner batches + one meta batch). ``per_device_train_batch_size`` is the inner batch size.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TrainingArguments
+
+from hf_fg2u.hypergrad import DEFAULT_JVP, DIRECTIONS, JVP_MODES, METHOD_SPECS, METHODS, make_method
+from hf_fg2u.hypergrad.inner_optimizers import INNER_OPTIMIZERS
+from hf_fg2u.hypergrad.methods import data_parallel_methods
+from hf_fg2u.hypergrad.zeroth_order import ZO_SCHEMES
+
+NONFINITE_POLICIES = ("skip", "stop")
+PROCESS_SPLITS = ("directions", "data")
+CONFIG_METHODS = (*METHODS, "auto")
+REGULARIZERS = ("none", "kl_uniform", "l2")
+CREDENTIAL = re.compile(r"token|secret|key|password|credential", re.IGNORECASE)
+# Keys whose whole value is a credential or carries one (a proxy URL with a password, an Authorization header).
+CREDENTIAL_CONTAINER = re.compile(r"^(auth|authorization|headers|proxies|proxy|cookies?)$", re.IGNORECASE)
+# Values shaped like a credential under any key: URL userinfo, HTTP auth schemes, well-known token prefixes.
+SECRET_SHAPES = re.compile(
+    r"[a-z][a-z0-9+.-]*://[^/@\s]+@"  # scheme://user:password@host
+    r"|\b(Bearer|Basic|Token)\s+\S+"
+    r"|\b(hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_\w{20,}|sk-[A-Za-z0-9_-]{20,}|xox[abprs]-[\w-]+"
+    r"|AKIA[0-9A-Z]{16})",
+    re.IGNORECASE,
+)
+REDACTED = "<redacted>"
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _has_accelerator() -> bool:
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not known; use one of {list(choices)}.")
+
+
+def _check_range(name: str, value, low: float, high: float, low_open: bool = False, high_open: bool = True):
+    """A finite number in [low, high) (by default): NaN and inf fail every comparison or the bound."""
+    ok = isinstance(value, int | float) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name}={value!r} must be a finite number in {interval}.")
+
+
+def redact(value):
+    """``value`` with every credential replaced, at any depth of dicts and lists: what may be written to disk or
+    pushed. A credential is a string under a key naming a token, secret, key or password; anything under ``auth``,
+    ``headers``, ``proxies`` or ``cookies``; or a string shaped like one under any key (a URL with a user and
+    password, a ``Bearer``/``Basic`` value, a Hub, GitHub, OpenAI, Slack or AWS key)."""
+    if isinstance(value, dict):
+        return {k: _redact_item(str(k), v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(redact(v) for v in value)
+    if isinstance(value, str) and SECRET_SHAPES.search(value):
+        return REDACTED
+    return value
+
+
+def _redact_item(key: str, value):
+    if CREDENTIAL_CONTAINER.match(key) and value is not None:
+        return REDACTED
+    if CREDENTIAL.search(key) and isinstance(value, str):
+        return REDACTED
+    return redact(value)
+
+
+@dataclass
+class BilevelConfig(TrainingArguments):
+    # -- hypergradient method ----------------------------------------------------------------------------------
+    method: str = field(
+        default="fg2u",
+        metadata={"help": "Hypergradient method. fg2u: forward gradient unrolling (unbiased, memory constant in T "
+                  "and |θ|). rgu: exact, stores T copies of θ and the inner optimizer state (cheap for LoRA). auto: "
+                  "rgu when that fits memory_budget_mb, else fg2u.",
+                  "choices": list(CONFIG_METHODS)},
+    )  # fmt: skip
+    jvp: str = field(
+        default=DEFAULT_JVP,
+        metadata={"help": f"How each inner step's tangent is computed, one of {JVP_MODES}. 'finite_difference' "
+                  "works with kernels that have no forward AD or double backward (flash attention)."},
+    )  # fmt: skip
+    num_directions: int = field(default=8, metadata={"help": "b, random directions per outer step (fg2u, fg2u_zo)."})
+    directions: str = field(default="rademacher", metadata={"help": f"Kind of directions, one of {DIRECTIONS}."})
+    directions_per_pass: int = field(
+        default=8, metadata={"help": "Directions batched in one vmap pass; lower it to save memory."}
+    )
+    truncation: int = field(default=4, metadata={"help": "K, the differentiated last inner steps of 'trgu'."})
+    implicit_steps: int = field(default=10, metadata={"help": "Neumann terms or CG iterations ('neumann', 'cg')."})
+    neumann_lr: float | None = field(default=None, metadata={"help": "Neumann step size; default inner_lr."})
+    cg_damping: float = field(default=0.0, metadata={"help": "λ of (H + λI) in 'cg'."})
+    zo_epsilon: float = field(default=1e-3, metadata={"help": "Step μ of the finite differences of 'fg2u_zo'."})
+    zo_scheme: str = field(default="central", metadata={"help": f"'fg2u_zo' differences, one of {ZO_SCHEMES}."})
+
+    # -- unroll -----------------------------------------------------------------------------------------------
+    unroll_steps: int = field(default=4, metadata={"help": "T, inner optimizer steps per outer step."})
+    meta_batch_size: int = field(default=8, metadata={"help": "Examples of the meta (outer) batch per outer step."})
+    process_split: str = field(
+        default="directions",
+        metadata={"help": f"How several processes share an outer step, one of {PROCESS_SPLITS}. 'directions': every "
+                  "process runs the same unroll on all ranks' rows and takes b/P of the directions (one all-reduce "
+                  "per outer step). 'data': every process keeps its own rows and all b directions; the inner "
+                  "gradient and its tangents are averaged across processes at every inner step (for batches that "
+                  "do not fit one device; fg2u only)."},
+    )  # fmt: skip
+
+    # -- inner optimizer ---------------------------------------------------------------------------------------
+    inner_optimizer: str = field(
+        default="adam", metadata={"help": f"Inner optimizer, one of {sorted(INNER_OPTIMIZERS)} (differentiable)."}
+    )
+    inner_lr: float = field(default=1e-3, metadata={"help": "Inner learning rate."})
+    inner_momentum: float = field(default=0.9, metadata={"help": "β of 'momentum'."})
+    inner_beta1: float = field(default=0.9, metadata={"help": "β₁ of 'adam'."})
+    inner_beta2: float = field(default=0.999, metadata={"help": "β₂ of 'adam'."})
+    inner_weight_decay: float = field(default=0.0, metadata={"help": "Inner weight decay (decoupled for 'adam')."})
+
+    # -- inner warm-up and resets -------------------------------------------------------------------------------
+    inner_reset_every: int = field(
+        default=0,
+        metadata={"help": "Reset θ and the inner optimizer state to their start once they have run k outer steps "
+                  "since the start or the last reset: 0 = never (warm start, online bilevel), 1 = every outer step."},
+    )  # fmt: skip
+    inner_reset_patience: int = field(
+        default=0,
+        metadata={"help": "Reset θ and the inner optimizer state to their start when the meta loss has not improved "
+                  "on its best since the last reset for this many outer steps: 0 = never. Once θ overfits the "
+                  "train rows, the hypergradient stops telling good rows from bad; a reset keeps it informative."},
+    )  # fmt: skip
+    inner_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "Plain inner steps on the initial (uniform) weights before the first outer step; resets "
+                  "return to this warmed-up θ. At the base model every row looks helpful (all teach the domain's "
+                  "vocabulary), so the first hypergradients carry no signal; a few cheap steps skip them."},
+    )  # fmt: skip
+
+    # -- memory of trajectory reverse (rgu, trgu, auto) ---------------------------------------------------------
+    checkpoint_every: int = field(
+        default=1,
+        metadata={"help": "rgu/trgu: keep every k-th inner state and recompute the others in the backward sweep "
+                  "(memory ≈ (T/k + k)·|θ, s| instead of T·|θ, s|, one more primal step per step)."},
+    )  # fmt: skip
+    offload_trajectory: bool = field(
+        default=False, metadata={"help": "rgu/trgu: keep the stored inner states in CPU memory (accelerator runs)."}
+    )
+    memory_budget_mb: float | None = field(
+        default=None,
+        metadata={"help": "method='auto': the memory (MB) the chosen method may use beyond the model and activations; "
+                  "default: half of what is free on the accelerator after the model, or on CPU half of the available "
+                  "system memory divided among this machine's processes (the least over all processes)."},
+    )  # fmt: skip
+
+    # -- inner variables ------------------------------------------------------------------------------------------
+    inner_parameters: list[str] | None = field(
+        default=None,
+        metadata={"help": "Without a peft config: regular expressions (re.search) over parameter names selecting θ, "
+                  "e.g. 'lm_head' 'layers\\.1[01]\\.'; the rest is frozen. Default: every parameter that requires "
+                  "grad (all of them for a plain model: full fine-tuning). With a peft config: a subset of the "
+                  "adapter's parameters."},
+    )  # fmt: skip
+
+    # -- two-phase schedule ------------------------------------------------------------------------------------
+    phase1_method: str | None = field(
+        default=None, metadata={"help": "A cheap method for the first phase1_steps outer steps (e.g. hessian_free)."}
+    )
+    phase1_steps: int = field(default=0, metadata={"help": "Outer steps of phase 1 before switching to method."})
+
+    # -- outer variables ---------------------------------------------------------------------------------------
+    normalize_hypergradient: bool = field(
+        default=False,
+        metadata={"help": "Divide the outer gradient by its norm before the outer optimizer: with optim='sgd' "
+                  "every outer step moves φ by learning_rate, whatever the hypergradient's scale, and the weights "
+                  "keep their relative magnitudes (Adam's per-coordinate scaling reduces a row seen a few times to "
+                  "the signs of its hypergradients)."},
+    )  # fmt: skip
+    weight_regularization: str = field(
+        default="none", metadata={"help": f"Penalty on learned weights, one of {REGULARIZERS}."}
+    )
+    weight_regularization_coef: float = field(default=0.0, metadata={"help": "Coefficient of the penalty."})
+    nonfinite_policy: str = field(
+        default="skip",
+        metadata={"help": "On a NaN/inf loss or hypergradient: 'skip' the outer update with a warning (θ is "
+                  "kept from before the step), or 'stop' with an error."},
+    )  # fmt: skip
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Allow an output_dir that holds files of something other than an hf_fg2u run (they may "
+                  "be replaced). Without it such a folder is refused."},
+    )  # fmt: skip
+    model_init_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments (JSON) for from_pretrained when the model is given by name."},
+    )
+
+    # -- data -------------------------------------------------------------------------------------------------
+    max_length: int | None = field(
+        default=512,
+        metadata={"help": "Raw datasets (text, prompt + completion, messages) are tokenized by the trainer and cut "
+                  "at this many tokens (a warning counts the rows cut); None keeps every token."},
+    )  # fmt: skip
+    dataset_text_field: str = field(
+        default="text", metadata={"help": "Column of plain-text rows in a raw dataset (language-modelling format)."}
+    )
+
+    # -- Trainer defaults that suit outer steps ------------------------------------------------------------------
+    learning_rate: float = field(default=0.1, metadata={"help": "Outer learning rate (of φ)."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every N outer steps."})
+
+    def __post_init__(self):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
+            # `accelerate launch` with a multi-GPU config on a machine without GPUs: run the ranks on CPU (gloo).
+            self.use_cpu = True
+        super().__post_init__()
+        if self.use_cpu or not _has_accelerator():
+            self.dataloader_pin_memory = False  # torch warns that pinning needs an accelerator, once per loader
+        _check_choice("method", self.method, CONFIG_METHODS)
+        _check_choice("jvp", self.jvp, JVP_MODES)
+        _check_choice("directions", self.directions, DIRECTIONS)
+        _check_choice("zo_scheme", self.zo_scheme, ZO_SCHEMES)
+        _check_choice("inner_optimizer", self.inner_optimizer, sorted(INNER_OPTIMIZERS))
+        _check_choice("nonfinite_policy", self.nonfinite_policy, NONFINITE_POLICIES)
+        _check_choice("weight_regularization", self.weight_regularization, REGULARIZERS)
+        _check_choice("process_split", self.process_split, PROCESS_SPLITS)
+        unsupported = [
+            m for m in (self.method, self.phase1_method) if m in METHODS and not METHOD_SPECS[m].data_parallel
+        ]
+        if self.process_split == "data" and unsupported:
+            raise ValueError(
+                f"process_split='data' averages inner gradients (and their tangents or VJPs) across processes, which "
+                f"{data_parallel_methods()} do; got {unsupported}. Use process_split='directions' (every method), "
+                "or one of those methods."
+            )
+        names = ("num_directions", "directions_per_pass", "unroll_steps", "meta_batch_size", "truncation")
+        for name in (*names, "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
+        for name in ("inner_reset_every", "inner_reset_patience", "inner_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0 = off).")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"max_length={self.max_length} must be >= 2 (a token and the one it predicts) or None.")
+        self._check_numbers()
+        if (self.fp16 or self.bf16) and (self.use_cpu or not _has_accelerator()):
+            raise ValueError(
+                f"fp16={self.fp16}, bf16={self.bf16} on CPU: the bilevel step computes in the model's own dtype, "
+                "so mixed precision would silently do nothing. Set fp16=False and bf16=False, or load the model "
+                'in the dtype you want (model_init_kwargs=\'{"dtype": "bfloat16"}\').'
+            )
+        if self.phase1_method is not None:
+            _check_choice("phase1_method", self.phase1_method, METHODS)
+        if self.phase1_steps < 0 or (self.phase1_steps > 0 and self.phase1_method is None):
+            raise ValueError(
+                f"phase1_steps={self.phase1_steps} needs phase1_method (e.g. 'hessian_free') and must be >= 0."
+            )
+        if self.gradient_accumulation_steps != 1:
+            raise ValueError(
+                f"gradient_accumulation_steps={self.gradient_accumulation_steps}: one Trainer step is one outer "
+                "step here. Raise meta_batch_size, num_directions or unroll_steps instead, and keep it at 1."
+            )
+        if self.auto_find_batch_size:
+            raise ValueError("auto_find_batch_size is not supported; set per_device_train_batch_size yourself.")
+        if self.memory_budget_mb is not None and not self.memory_budget_mb > 0:
+            raise ValueError(f"memory_budget_mb={self.memory_budget_mb} must be > 0 (MB), or None to measure it.")
+        second_order = {self.method_is_second_order(m) for m in (self.method, self.phase1_method) if m}
+        if self.gradient_checkpointing:
+            # Every method calls the model through torch.func (grad, jvp or vmap), which checkpointing breaks.
+            raise ValueError(
+                "gradient_checkpointing=True does not compose with the torch.func transforms every method uses "
+                "(the Trainer would turn it on after the checks, and step 1 would fail). Set it to False: fg2u's "
+                "memory does not grow with the unroll; lower directions_per_pass or the batch to save memory."
+            )
+        if (self.fsdp or self.deepspeed) and True in second_order:
+            raise ValueError(
+                "FSDP / DeepSpeed shard parameters, which forward-mode and double-backward passes cannot call "
+                "functionally. Use plain data parallelism (accelerate multi-GPU without FSDP/ZeRO-3), or "
+                "jvp='finite_difference', or a first-order method ('hessian_free', 'fg2u_zo')."
+            )
+        if isinstance(self.model_init_kwargs, str):
+            try:
+                self.model_init_kwargs = json.loads(self.model_init_kwargs)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"model_init_kwargs is not valid JSON: {error}") from error
+
+    def method_is_second_order(self, method: str) -> bool:
+        """Whether ``method`` needs forward AD or double backward; 'auto' may pick rgu, so it does."""
+        return method == "auto" or make_method(method, jvp=self.jvp).second_order
+
+    def _check_numbers(self) -> None:
+        """Ranges of the numeric knobs: a NaN or inf here turns φ or θ into NaN with no other warning."""
+        _check_range("inner_lr", self.inner_lr, 0.0, math.inf, low_open=True)
+        _check_range("learning_rate", self.learning_rate, 0.0, math.inf)  # 0: φ frozen (a uniform baseline)
+        if self.neumann_lr is not None:
+            _check_range("neumann_lr", self.neumann_lr, 0.0, math.inf, low_open=True)
+        _check_range("zo_epsilon", self.zo_epsilon, 0.0, math.inf, low_open=True)
+        _check_range("cg_damping", self.cg_damping, 0.0, math.inf)
+        for name in ("inner_momentum", "inner_beta1", "inner_beta2", "adam_beta1", "adam_beta2"):
+            _check_range(name, getattr(self, name), 0.0, 1.0)
+        for name in ("inner_weight_decay", "weight_decay", "max_grad_norm"):
+            _check_range(name, getattr(self, name), 0.0, math.inf)
+        _check_range("adam_epsilon", self.adam_epsilon, 0.0, math.inf, low_open=True)
+        # Above float32's range the penalty's gradient is inf for every φ.
+        _check_range("weight_regularization_coef", self.weight_regularization_coef, 0.0, FLOAT32_MAX, high_open=False)
+
+    def redacted(self) -> BilevelConfig:
+        """A copy without credentials (hub_token, tokens inside model_init_kwargs): what may be written or pushed."""
+        clean = copy.copy(self)
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if CREDENTIAL.search(name) and isinstance(value, str):
+                setattr(clean, name, None)
+            elif isinstance(value, dict):
+                setattr(clean, name, redact(value))
+        return clean
+
+    def to_dict(self) -> dict:
+        """The Trainer's dict of the args (what report_to integrations log), credentials redacted."""
+        return redact(super().to_dict())
+
+    def method_at(self, outer_step: int) -> str:
+        """The method of outer step ``outer_step`` under the two-phase schedule."""
+        if self.phase1_method is not None and outer_step < self.phase1_steps:
+            return self.phase1_method
+        return self.method
+
+    def inner_optimizer_kwargs(self) -> dict:
+        if self.inner_optimizer == "momentum":
+            return {"beta": self.inner_momentum, "weight_decay": self.inner_weight_decay}
+        if self.inner_optimizer == "adam":
+            return {"betas": (self.inner_beta1, self.inner_beta2), "weight_decay": self.inner_weight_decay}
+        return {"weight_decay": self.inner_weight_decay}
+
+    def bilevel_fields(self) -> dict:
+        """The bilevel part of the config (for checkpoints and the model card), credentials redacted."""
+        names = [f for f in BilevelConfig.__dataclass_fields__ if f not in TrainingArguments.__dataclass_fields__]
+        return redact({name: getattr(self, name) for name in names})

@@ -1,0 +1,94 @@
+"""Turning a base model into the inner problem's model: a peft adapter seeded apart from loading, and a
+record of how to load the base back."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, set_seed
+from transformers.utils import logging
+
+from hf_fg2u.lm.params import select_inner_parameters, trainable_parameters
+from hf_fg2u.outer import OuterModule
+from hf_fg2u.trainer.run_folder import check_output_dir
+
+logger = logging.get_logger(__name__)
+
+
+BASE_MODEL_FILE = "base_model.json"  # how load_run loads the base when the name alone is not enough (GGUF)
+
+
+def write_base_model_file(output_dir: Path, model, name: str | None) -> None:
+    """Record the GGUF file a base model was loaded from (``config.gguf_file``, set by the recipe's loader): the
+    adapter config names only the folder, from which ``from_pretrained`` alone cannot load it."""
+    gguf_file = getattr(getattr(model, "config", None), "gguf_file", None)
+    if gguf_file:
+        record = {"base_model_name_or_path": name, "gguf_file": gguf_file}
+        (Path(output_dir) / BASE_MODEL_FILE).write_text(json.dumps(record, indent=2))
+
+
+def wrap_with_peft(model, peft_config, seed: int | None = None):
+    """Wrap ``model`` in a peft adapter; a config that matches no module is an error that names the modules. With
+    ``seed`` the adapter's random initial weights come from it, not from whatever ran before in the process: the
+    same command gives the same run, and fresh adapters compared start alike."""
+    from peft import get_peft_model
+
+    if seed is not None:
+        set_seed(seed)
+    try:
+        with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            return get_peft_model(model, peft_config)
+    except ValueError as error:
+        names = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name})
+        raise ValueError(
+            f"The peft config targets nothing in this model ({error}). target_modules="
+            f"{getattr(peft_config, 'target_modules', None)}; module names here include {names[:20]}."
+        ) from error
+
+
+def check_trainer_inputs(args, outer) -> None:
+    """The config and outer module ``BilevelTrainer`` was given, before anything is loaded."""
+    from hf_fg2u.trainer.config import BilevelConfig
+
+    if not isinstance(args, BilevelConfig):
+        raise TypeError(f"args must be a BilevelConfig, got {type(args).__name__}.")
+    check_output_dir(args.output_dir, args.overwrite_output_dir)
+    if outer is None or not isinstance(outer, OuterModule):
+        raise TypeError(
+            "outer must be an OuterModule (ExampleWeights, DomainWeights, WeightNet or SoftPrompt), got "
+            f"{type(outer).__name__}."
+        )
+
+
+def prepare_model(model, args, peft_config):
+    """(model, its name): loaded when given by name, wrapped in a fresh adapter when ``peft_config`` is given,
+    with the inner parameters selected; a clear error when nothing is left to train."""
+    if isinstance(model, str):
+        name = model
+        model = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
+    else:
+        name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    if peft_config is not None:
+        if hasattr(model, "peft_config"):
+            raise ValueError(
+                "The model already has a peft adapter and peft_config was given too. Drop peft_config to train "
+                "the existing adapter (load it with is_trainable=True), or pass the base model."
+            )
+        model = wrap_with_peft(model, peft_config, args.seed)
+    if args.inner_parameters:
+        select_inner_parameters(model, args.inner_parameters)
+    trainable_parameters(model)  # raises a clear error when nothing is trainable
+    return model, name
+
+
+def check_datasets(train_dataset, meta_dataset) -> None:
+    if meta_dataset is None or len(meta_dataset) == 0:
+        raise ValueError(
+            "meta_dataset is missing or empty: the outer objective needs held-out examples (e.g. clean or "
+            "target-domain data), tokenized like the train dataset."
+        )
+    if train_dataset is None or len(train_dataset) == 0:
+        raise ValueError("train_dataset is missing or empty: the inner loop needs training examples.")

@@ -1,0 +1,164 @@
+"""The final stage: train a fresh LoRA adapter on the learned weights as a plain weighted loss (no bilevel).
+
+Bilevel meta-tuning ends with weights (``BilevelTrainer.export_weights()``) and an adapter trained along the way
+under weights that kept changing. To end with a model, train a new adapter once more with the final weights
+fixed: loss = Σ_i w_i ℓ_i / Σ_i w_i over each batch, ℓ_i the mean next-token loss of example i.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+from hf_fg2u.lm.collator import PaddingCollator
+from hf_fg2u.lm.data_checks import check_model_columns
+from hf_fg2u.lm.formats import prepare_split
+from hf_fg2u.lm.losses import per_example_token_loss, token_labels
+from hf_fg2u.trainer.model_setup import wrap_with_peft
+
+WEIGHT_HINT = (
+    "Add the learned weights with BilevelTrainer.export_weights(), or pass weight_column= the column that holds them."
+)
+
+
+class WeightedLossTrainer(Trainer):
+    """A ``Trainer`` whose loss is the per-example-weighted mean Σ w_i ℓ_i / Σ w_i of a causal LM.
+
+    Args beyond ``Trainer``'s: ``weight_column`` (default ``"weight"``), a column of non-negative per-example
+    weights in the train dataset; it survives ``remove_unused_columns`` and is never passed to the model.
+    Evaluation batches without it get the plain mean. The default collator is :class:`PaddingCollator`.
+    With gradient accumulation each micro-batch is normalised by its own Σ w_i.
+    """
+
+    _tag_names = ["hf_fg2u", "weighted-loss", "data-reweighting"]
+
+    def __init__(
+        self,
+        model=None,
+        args: TrainingArguments | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        weight_column: str = "weight",
+        **kwargs,
+    ):
+        if not isinstance(weight_column, str) or not weight_column:
+            raise ValueError(f"weight_column must be a non-empty column name, got {weight_column!r}.")
+        self.weight_column = weight_column
+        if train_dataset is not None and hasattr(train_dataset, "column_names"):
+            check_model_columns(train_dataset, "train")
+            check_weight_column(train_dataset, weight_column)
+        if data_collator is None:
+            pad = getattr(processing_class, "pad_token_id", None)
+            if pad is None:
+                pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+            data_collator = PaddingCollator(pad_token_id=pad if pad is not None else 0)
+        super().__init__(
+            model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+            eval_dataset=eval_dataset, processing_class=processing_class, **kwargs,
+        )  # fmt: skip
+        # compute_loss returns a per-batch mean, so the Trainer must divide it by the accumulation steps itself.
+        self.model_accepts_loss_kwargs = False
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(self._tag_names)
+
+    def _set_signature_columns_if_needed(self):
+        # Keep the weight column through remove_unused_columns; compute_loss pops it before the forward pass.
+        super()._set_signature_columns_if_needed()
+        if self.weight_column not in self._signature_columns:
+            self._signature_columns.append(self.weight_column)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Σ w_i ℓ_i / Σ w_i over the batch; the plain mean for an evaluation batch without weights."""
+        weights = inputs.pop(self.weight_column, None)
+        if weights is None and model.training:
+            raise ValueError(
+                f"The training batch has no {self.weight_column!r} column (keys: {sorted(inputs)}). {WEIGHT_HINT}"
+            )
+        self._set_signature_columns_if_needed()
+        labels = token_labels(inputs)
+        accepted = set(self._signature_columns) - {"labels", "label", "label_ids", self.weight_column}
+        outputs = model(**{key: value for key, value in inputs.items() if key in accepted})
+        losses = per_example_token_loss(outputs.logits, labels)
+        if weights is None:
+            loss = losses.mean()
+        else:
+            weights = weights.to(losses.dtype)
+            # A batch whose weights are all zero contributes zero loss and zero gradient, not 0/0.
+            loss = (weights * losses).sum() / weights.sum().clamp_min(torch.finfo(losses.dtype).tiny)
+        return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation reports the (weighted) loss only; logits of a causal LM are not gathered."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+
+def check_weight_column(dataset, weight_column: str = "weight") -> None:
+    """Raise ``ValueError`` unless ``dataset[weight_column]`` holds finite, non-negative weights, not all zero."""
+    if weight_column not in dataset.column_names:
+        raise ValueError(
+            f"The train dataset has no {weight_column!r} column (columns: {dataset.column_names}). {WEIGHT_HINT}"
+        )
+    weights = torch.as_tensor(list(dataset[weight_column]), dtype=torch.float64)
+    if weights.numel() and not torch.isfinite(weights).all():
+        raise ValueError(f"Column {weight_column!r} holds NaN or infinite weights; export the weights again.")
+    if weights.numel() and (weights.min() < 0 or weights.sum() <= 0):
+        raise ValueError(
+            f"Column {weight_column!r} must hold non-negative weights, not all zero; got min {float(weights.min())}, "
+            f"sum {float(weights.sum())}."
+        )
+
+
+def train_final_adapter(
+    model,
+    weighted_dataset,
+    peft_config,
+    args: TrainingArguments,
+    processing_class=None,
+    eval_dataset=None,
+    weight_column: str = "weight",
+    max_length: int | None = 512,
+) -> WeightedLossTrainer:
+    """Wrap ``model`` (a model, or a name/path for ``AutoModelForCausalLM``) in a fresh ``peft_config`` adapter,
+    train it on ``weighted_dataset`` with :class:`WeightedLossTrainer`, and return the trainer (its ``model`` is
+    the trained adapter; ``trainer.save_model()`` writes it). Raw rows (text, prompt/completion, messages) are
+    tokenized with ``processing_class`` as the bilevel run tokenizes them, cut at ``max_length``."""
+    if isinstance(model, str):
+        model = AutoModelForCausalLM.from_pretrained(model)
+    if hasattr(model, "peft_config"):
+        raise ValueError(
+            "The model already has a peft adapter; the final stage trains a fresh one. Pass the base model "
+            "(e.g. peft_model.get_base_model() of a fresh load, or the model name)."
+        )
+    if peft_config is None:
+        raise ValueError("peft_config is required: the final stage trains a fresh adapter (e.g. a LoraConfig).")
+    weighted_dataset = prepare_split(weighted_dataset, "train", processing_class, max_length)
+    eval_dataset = (
+        {name: prepare_split(split, name, processing_class, max_length) for name, split in eval_dataset.items()}
+        if isinstance(eval_dataset, dict)
+        else prepare_split(eval_dataset, "eval", processing_class, max_length)
+    )
+    model = wrap_with_peft(model, peft_config, args.seed)
+    pad = getattr(processing_class, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(model.config, "pad_token_id", None)
+    trainer = WeightedLossTrainer(
+        model=model, args=args, data_collator=PaddingCollator(pad_token_id=pad if pad is not None else 0),
+        train_dataset=weighted_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
+        weight_column=weight_column,
+    )  # fmt: skip
+    result = trainer.train()
+    if not math.isfinite(result.training_loss):
+        warnings.warn(
+            f"The final adapter's training loss is {result.training_loss}; lower args.learning_rate "
+            f"({args.learning_rate}) or check the weights.",
+            stacklevel=2,
+        )
+    return trainer

@@ -1,0 +1,51 @@
+"""The learned weights of a dataset's rows, as a column beside the user's own."""
+
+from __future__ import annotations
+
+import torch
+from transformers.utils import logging
+
+from hf_fg2u.lm.data_checks import prepare_dataset
+from hf_fg2u.lm.formats import MODEL_INPUT_COLUMNS
+from hf_fg2u.lm.params import unwrap_model
+
+logger = logging.get_logger(__name__)
+
+
+class WeightExportMixin:
+    """The learned weights of a dataset's rows, a part of ``BilevelTrainer``."""
+
+    def export_weights(self, dataset=None, column: str = "weight"):
+        """``dataset`` (default: the train dataset as given to the trainer) with every column it has except
+        token ids, plus a ``weight`` column from the learned outer variables (mean 1), ready for
+        ``push_to_hub``. A raw dataset is tokenized like the train dataset; rows without an id column are
+        numbered 0..n-1 in order."""
+        if dataset is None:
+            dataset, tokenized = self.user_train_dataset, self.train_dataset
+        else:
+            vocab_size = unwrap_model(self.model).get_input_embeddings().weight.shape[0]
+            tokenized = prepare_dataset(dataset, "exported", self.outer, self.processing_class, self.args, vocab_size)
+        weights = self.dataset_weights(tokenized)
+        keep = [c for c in dataset.column_names if c not in MODEL_INPUT_COLUMNS]
+        return dataset.select_columns(keep).add_column(column, weights.tolist())
+
+    @torch.no_grad()
+    def dataset_weights(self, dataset) -> torch.Tensor:
+        """Per-example weight of every row of ``dataset`` (mean 1), from the current θ and φ."""
+        model = unwrap_model(self.model)
+        outer = self.outer.outer_dict()
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        columns = [c for c in (*MODEL_INPUT_COLUMNS, *self.outer.required_columns) if c in dataset.column_names]
+        view, chunks = dataset.select_columns(columns), []
+        _, _, per_example_losses = self._problem(model, self.args.method)
+        for start in range(0, len(view), 64):
+            rows = [view[i] for i in range(start, min(start + 64, len(view)))]
+            batch = self._prepare_inputs(self.data_collator(rows))
+            if self.outer.reads_losses:
+                losses = per_example_losses(params, outer, batch)
+            else:  # weights of ids or domains: no forward pass over the dataset
+                losses = torch.zeros(len(rows), device=batch["input_ids"].device)
+            weights = self.outer.row_weights(outer, batch, losses)
+            chunks.append(torch.ones_like(losses) if weights is None else weights)
+        weights = torch.cat(chunks).double().cpu()
+        return (weights / weights.mean()).float()

@@ -1,0 +1,538 @@
+"""The hf-fg2u CLI and recipes: YAML + CLI overrides, clear errors, each recipe's offline default runs."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hf_fg2u.cli import arguments, parsing, recipe_run, registry
+from hf_fg2u.cli import main as cli
+
+RECIPES = registry.RECIPES_DIR
+
+
+def test_cli_flags_override_yaml_values(tmp_path):
+    script, training, model = arguments.parse_args(
+        ["--config", str(RECIPES / "noisy_reweighting.yaml"), "--max_steps", "3", "--lora_r", "2"]
+    )
+    assert training.max_steps == 3 and model.lora_r == 2
+    assert script.recipe == "noisy_reweighting" and training.unroll_steps == 2 and training.directions == "orthogonal"
+    assert training.inner_lr == pytest.approx(0.005)
+
+
+def test_demo_arguments_match_the_noisy_recipe_yaml():
+    parsed_demo = arguments.parse_args(cli.DEMO_ARGS)
+    parsed_yaml = arguments.parse_args(
+        [
+            "--config",
+            str(RECIPES / "noisy_reweighting.yaml"),
+            "--output_dir",
+            "outputs/demo",
+            "--compare_uniform",
+            "true",
+        ]
+    )
+    for demo, from_yaml in zip(parsed_demo, parsed_yaml, strict=True):
+        assert demo == from_yaml
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("recipe: noisy_reweighting\nlearning_rat: 0.1\n", "unknown key"),
+        ("- just\n- a list\n", "mapping"),
+        ("max_steps: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_bad_yaml_is_a_clear_error(tmp_path, content, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        arguments.parse_args(["--config", str(path)])
+
+
+def test_missing_file_unknown_recipe_and_wrong_type(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        arguments.parse_args(["--config", str(tmp_path / "missing.yaml")])
+    with pytest.raises(ValueError, match="recipe='magic'"):
+        arguments.parse_args(["--recipe", "magic"])
+    with pytest.raises(SystemExit):
+        arguments.parse_args(["--max_steps", "many"])
+    assert "invalid int value: 'many'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="unknown command 'fly'"):
+        cli.main(["fly"])
+    with pytest.raises(SystemExit, match="does not exist"):
+        cli.main(["train", "--config", str(tmp_path / "missing.yaml")])
+
+
+@pytest.mark.parametrize("name", ["noisy_reweighting", "domain_mixture", "soft_prompt"])
+def test_each_recipe_runs_its_offline_default(tmp_path, name):
+    out = tmp_path / name
+    args = ["--config", str(RECIPES / f"{name}.yaml"), "--max_steps", "2", "--output_dir", str(out)]
+    args += ["--num_directions", "2", "--directions", "rademacher", "--plot", "false", "--compare_uniform", "true"]
+    results = cli.run_train(args)
+    assert json.loads((out / "results.json").read_text()) == results
+    assert results["bilevel_meta_loss"] > 0 and results["uniform_meta_loss"] > 0
+    assert (out / "adapter_model.safetensors").is_file() and (out / "outer_model.safetensors").is_file()
+    if name == "noisy_reweighting":
+        assert 0.0 <= results["auroc_corrupted"] <= 1.0
+        final = cli.run_train(args + ["--final_stage_steps", "2", "--output_dir", str(tmp_path / "final")])
+        assert final["final_adapter_meta_loss"] > 0
+        assert (tmp_path / "final" / "final_adapter" / "adapter_model.safetensors").is_file()
+        text = cli.run_weights([str(out), "--top", "3"])
+        assert "auroc" in text.lower() and (out / "weights_histogram.png").is_file()
+    if name == "domain_mixture":
+        assert set(results["domain_weights"]) == {"facts_a", "facts_b", "facts_c"}
+
+
+def test_recipe_yaml_files_parse():
+    for path in RECIPES.glob("*.yaml"):
+        values = yaml.safe_load(path.read_text())
+        assert values["recipe"] in registry.RECIPES
+        arguments.parse_args(["--config", str(path)])
+
+
+def write_yaml(tmp_path, text: str) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text("recipe: noisy_reweighting\n" + text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [  # issue 13: each error names the file, the key and the expected type
+        ('max_steps: "ten"', r"config.yaml: max_steps expects an int, got str 'ten'"),
+        ("max_steps: [1, 2]", r"config.yaml: max_steps takes a single value \(an int\), got the list \[1, 2\]"),
+        ("inner_lr: fast", r"inner_lr expects a float, got str 'fast'"),
+        ("plot: maybe", r"plot expects a boolean \(true/false\), got str 'maybe'"),
+        ("directions: [rademacher]", r"directions takes a single value \(a string\)"),
+        ("save_strategy: sometimes", r"save_strategy is 'sometimes'; use one of \['no', 'steps', 'epoch', 'best'\]"),
+        ("env: [A, B]", r"env must be a mapping of NAME: value, got list"),
+    ],
+)
+def test_yaml_value_of_the_wrong_type_names_the_key(tmp_path, line, message):
+    with pytest.raises(ValueError, match=message):
+        arguments.parse_args(["--config", write_yaml(tmp_path, line + "\n")])
+
+
+def test_yaml_values_are_typed_yaml_12_and_cli_flags_override_them(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_FG2U_TEST_VAR", raising=False)
+    config = write_yaml(
+        tmp_path,
+        "save_strategy: no\nplot: no\nmax_steps: 7\ninner_lr: 1e-3\nlora_target_modules: q_proj\n"
+        "env:\n  HF_FG2U_TEST_VAR: 3\n",
+    )
+    script, training, model = arguments.parse_args(["--config", config])
+    assert training.save_strategy == "no" and script.plot is False  # `no` is the string "no", read per field
+    assert training.max_steps == 7 and training.inner_lr == pytest.approx(1e-3)
+    assert model.lora_target_modules == ["q_proj"]
+    assert os.environ["HF_FG2U_TEST_VAR"] == "3"
+    overrides = ["--max_steps", "2", "--lora_target_modules", "a", "b"]
+    _, training, model = arguments.parse_args([f"--config={config}", *overrides])
+    assert training.max_steps == 2 and model.lora_target_modules == ["a", "b"]
+
+
+@pytest.mark.parametrize("name", ["HF_TOKEN", "PYTHONPATH", "LD_PRELOAD", "NCCL_NET_PLUGIN", "HUGGING_FACE_HUB_TOKEN"])
+def test_yaml_env_may_not_set_credentials_paths_or_loaders(tmp_path, monkeypatch, name):
+    """Issue 25 item 1: a shared YAML's env: block is refused for a token, a path or a preload, and sets nothing."""
+    monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("HF_FG2U_TEST_VAR", raising=False)
+    config = write_yaml(tmp_path, f"max_steps: 2\nenv:\n  HF_FG2U_TEST_VAR: 1\n  {name}: planted\n")
+    with pytest.raises(ValueError, match=rf"env may not set \['{name}'\]"):
+        arguments.parse_args(["--config", config])
+    assert name not in os.environ and "HF_FG2U_TEST_VAR" not in os.environ
+
+
+def test_yaml_env_keeps_what_the_user_set_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    config = write_yaml(tmp_path, "max_steps: 2\nenv:\n  OMP_NUM_THREADS: 1\n")
+    with pytest.warns(UserWarning, match=r"env sets OMP_NUM_THREADS='1', but your environment has .*'7'.*kept"):
+        arguments.parse_args(["--config", config])
+    assert os.environ["OMP_NUM_THREADS"] == "7"
+
+
+def test_recipe_name_loads_the_packaged_yaml_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    script, training, _ = arguments.parse_args(["--recipe", "domain_mixture", "--max_steps", "2"])
+    packaged = yaml.safe_load((RECIPES / "domain_mixture.yaml").read_text())
+    assert script.recipe == "domain_mixture" and training.max_steps == 2
+    assert training.learning_rate == pytest.approx(packaged["learning_rate"])
+    assert training.output_dir == packaged["output_dir"]
+    assert sorted(p.name for p in (RECIPES / "accelerate_configs").glob("*.yaml")) == [
+        "cpu_2proc.yaml", "multi_gpu.yaml", "multi_node.yaml", "single_gpu.yaml",
+    ]  # fmt: skip
+
+
+def test_help_is_grouped_with_bilevel_options_first(capsys):
+    with pytest.raises(SystemExit):
+        arguments.parse_args(["--help"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("usage: hf-fg2u train ")
+    titles = [line for line in lines if line and not line.startswith(" ") and line.endswith(":")]
+    assert titles == [
+        "options:", "run:", "BilevelConfig: bilevel meta-tuning:", "recipe: what to learn and on which data:",
+        "model and its LoRA adapter:", f"{parsing.TRAINER_GROUP}:", f"{arguments.BUILTIN_GROUP}:",
+    ]  # fmt: skip
+    assert len(lines) < 400 and "--ignore_data_skip" not in "\n".join(lines)  # issue 23 item 10: was 771 lines
+    with pytest.raises(SystemExit):
+        arguments.parse_args(["--help_all"])
+    assert "--ignore_data_skip" in capsys.readouterr().out
+    first80 = "\n".join(lines[:80])
+    assert "--config FILE" in first80 and "--num_processes N" in first80
+    assert (
+        "--method {fg2u,fg2u_zo,rgu,trgu,neumann,cg,hessian_free,auto}" in first80
+        and "--num_directions" in first80
+        and "--inner_optimizer" in first80
+    )
+    assert "--learning_rate" not in first80
+
+
+def test_num_processes_launches_the_cli_through_accelerate(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake_run(command, check, env=None):
+        calls.append(command)
+        (tmp_path / "results.json").write_text('{"bilevel_meta_loss": 1.5}')
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(cli.subprocess, "run", fake_run)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv = ["--recipe", "soft_prompt", "--max_steps", "2", "--output_dir", str(tmp_path)]
+    results = cli.run_train([*argv, "--num_processes", "2", "--accelerate_config", "cpu_2proc"])
+    assert results == {"bilevel_meta_loss": 1.5}
+    config = str(RECIPES / "accelerate_configs" / "cpu_2proc.yaml")
+    assert calls == [
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file", config,
+         "-m", "hf_fg2u.cli.main", "train", *argv],
+    ]  # fmt: skip
+    cli.run_train([*argv, "--num_processes=3"])
+    assert calls[-1][4:7] == ["3", "--multi_gpu", "--num_machines"]
+    with pytest.raises(SystemExit, match="--accelerate_config 'nope' is neither a file nor one of"):
+        cli.main(["train", *argv, "--num_processes", "2", "--accelerate_config", "nope"])
+    with pytest.raises(SystemExit):  # checked before any rank starts
+        cli.main(["train", "--num_processes", "2", "--max_steps", "x"])
+    assert "argument --max_steps/--max-steps: invalid int value: 'x'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"\['num_processes'\] start processes under `hf-fg2u train` only"):
+        arguments.parse_args([*argv, "--num_processes", "2"])
+    assert len(calls) == 2
+
+
+def test_recipe_push_uploads_the_bilevel_run_without_its_uniform_baseline(tmp_path, hub):
+    """compare_uniform trains the same budget with frozen weights in output_dir/uniform, for the results table;
+    the repo gets the bilevel run (adapter, outer variables, tokenizer, weighted data), not that baseline."""
+    out = tmp_path / "run"
+    args = ["--config", str(RECIPES / "noisy_reweighting.yaml"), "--max_steps", "1", "--output_dir", str(out)]
+    args += ["--num_directions", "2", "--plot", "false", "--push_to_hub", "true", "--hub_model_id", "tester/run"]
+    args += ["--hub_token", "hf_fake", "--hub_strategy", "end", "--compare_uniform", "true"]
+    results = cli.run_train(args)
+    assert results["uniform_meta_loss"] > 0 and (out / "uniform").is_dir()
+    pushed = set(hub.repos["tester/run"])
+    assert {
+        "adapter_model.safetensors",
+        "outer_model.safetensors",
+        "tokenizer.json",
+        "weighted_dataset.parquet",
+    } <= pushed
+    assert not [path for path in pushed if "uniform" in path], sorted(pushed)
+    assert not [path for path in pushed if path.startswith("weighted_dataset/")]  # one copy: the parquet file
+
+
+def test_only_the_main_process_writes_the_run_summary_files(tmp_path):
+    """Ranks share output_dir: every rank gets the headline numbers, only the one that saves writes the weighted
+    dataset and the histogram (two ranks writing one Arrow file at once can leave it broken)."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    weighted = Dataset.from_dict(
+        {"text": ["a", "b", "c"], "is_corrupted": [False, True, False], "weight": [1.5, 0.1, 1.4]}
+    )
+    script = arguments.ScriptArguments(recipe="noisy_reweighting", plot=True)
+    for rank, saves in ((1, False), (0, True)):
+        trainer = SimpleNamespace(args=SimpleNamespace(should_save=saves), export_weights=lambda: weighted, outer=None)
+        out = recipe_run.summarize(script, None, trainer, {}, tmp_path / str(rank))
+        assert out["auroc_corrupted"] == 1.0
+        assert (tmp_path / str(rank) / "weighted_dataset.parquet").is_file() == saves
+        assert (tmp_path / str(rank) / "weights_histogram.png").is_file() == saves
+
+
+def test_every_packaged_yaml_is_a_recipe_name_and_a_config_name(tmp_path, monkeypatch):
+    """Issue 23 item 2: --recipe NAME and --config NAME reach every packaged YAML from any directory, and a
+    missing config's error does not send the user to --recipe for a name that --recipe refuses."""
+    monkeypatch.chdir(tmp_path)
+    names = sorted(path.stem for path in RECIPES.glob("*.yaml"))
+    assert "noisy_reweighting_real" in names and sorted(registry.RECIPES) == names
+    for name in names:
+        packaged = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
+        for argv in (["--recipe", name], ["--config", name], ["--config", f"hf_fg2u/recipes/{name}.yaml"]):
+            script, training, _ = arguments.parse_args(argv)
+            assert script.recipe == name and training.output_dir == packaged["output_dir"], argv
+    script, training, model = arguments.parse_args(["--recipe", "noisy_reweighting_real"])
+    assert script.weight_parametrization == "sigmoid" and training.method == "rgu" and model.lora_r == 8
+    with pytest.raises(FileNotFoundError) as error:
+        arguments.parse_args(["--config", "nope.yaml"])
+    assert "--recipe" not in str(error.value) and "noisy_reweighting_real" in str(error.value)
+    with pytest.raises(ValueError, match=r"recipe='nope' is not known; use one of \['domain_mixture', 'noisy"):
+        arguments.parse_args(["--recipe", "nope"])
+
+
+def test_noisy_reweighting_real_runs_by_name_on_the_builtin_data(tmp_path):
+    out = tmp_path / "real"
+    argv = ["--recipe", "noisy_reweighting_real", "--max_steps", "1", "--output_dir", str(out), "--plot", "false"]
+    results = cli.run_train([*argv, "--max_length", "10"])
+    assert results["bilevel_meta_loss"] > 0 and (out / "weighted_dataset.parquet").is_file()
+    assert 0.0 <= results["auroc_corrupted"] <= 1.0
+
+
+def test_toy_options_sit_in_their_own_help_group_last(capsys):
+    with pytest.raises(SystemExit):
+        arguments.parse_args(["--help"])
+    text = capsys.readouterr().out
+    last = text.split(f"\n{arguments.BUILTIN_GROUP}:\n")
+    assert len(last) == 2, "the toy group is missing"
+    for option in ("--num_facts", "--copies", "--tiny_hidden_size", "--corrupted_fraction"):
+        assert option in last[1] and option not in last[0], option
+    assert not [line for line in last[1].splitlines() if line.endswith(":") and not line.startswith(" ")]
+
+
+def weighted_run(folder: Path) -> Path:
+    """A run folder holding only what `hf-fg2u weights` reads: the weighted dataset."""
+    from datasets import Dataset
+
+    rows = {"text": [f"row {i}" for i in range(8)], "is_corrupted": [i % 4 == 0 for i in range(8)]}
+    rows["weight"] = [0.1, 1.2, 1.1, 1.3, 0.2, 0.9, 1.0, 1.4]
+    folder.mkdir(parents=True)
+    Dataset.from_dict(rows).to_parquet(str(folder / "weighted_dataset.parquet"))
+    return folder
+
+
+def test_weights_export_filtered_and_resampled_rows_without_weights(tmp_path):
+    """Issue 23 item 1 (export): plain rows that `trl sft --dataset_name DIR` trains on as the weights say."""
+    from datasets import load_dataset
+
+    run = weighted_run(tmp_path / "run")
+    cli.run_weights([str(run), "--export", "filtered", "--output_dir", str(tmp_path / "f")])
+    kept = load_dataset(str(tmp_path / "f"), split="train")
+    assert kept.column_names == ["text", "is_corrupted"]  # no weight column
+    assert kept["text"] == ["row 1", "row 2", "row 3", "row 5", "row 6", "row 7"]  # weight >= mean (0.9)
+    cli.run_weights([str(run), "--export", "filtered", "--keep_fraction", "0.25", "--output_dir", str(tmp_path / "q")])
+    assert load_dataset(str(tmp_path / "q"), split="train")["text"] == ["row 3", "row 7"]  # the top 2 of 8
+    cli.run_weights([str(run), "--export", "filtered", "--threshold", "1.15", "--output_dir", str(tmp_path / "t")])
+    assert load_dataset(str(tmp_path / "t"), split="train")["text"] == ["row 1", "row 3", "row 7"]
+    argv = [str(run), "--export", "resampled", "--num_rows", "4000", "--seed", "3"]
+    cli.run_weights([*argv, "--output_dir", str(tmp_path / "r")])
+    drawn = load_dataset(str(tmp_path / "r"), split="train")
+    assert drawn.column_names == ["text", "is_corrupted"] and len(drawn) == 4000
+    share = drawn["text"].count("row 7") / 4000  # probability 1.4 / 7.2 = 0.194; 3 sigma of 4000 draws is 0.019
+    assert share == pytest.approx(1.4 / 7.2, abs=0.019)
+    cli.run_weights([*argv, "--output_dir", str(tmp_path / "r2")])  # seeded: the same draw again
+    assert load_dataset(str(tmp_path / "r2"), split="train")["text"] == drawn["text"]
+    with pytest.raises(ValueError, match="lower --threshold"):
+        cli.run_weights([str(run), "--export", "filtered", "--threshold", "9"])
+
+
+def test_weights_push_to_hub_uploads_the_weighted_dataset(tmp_path, hub, monkeypatch):
+    """Issue 23 item 10: `hf-fg2u weights RUN --push_to_hub` against the stand-in Hub."""
+    monkeypatch.setenv("HF_TOKEN", "hf_fake")
+    run = weighted_run(tmp_path / "run")
+    cli.run_weights([str(run), "--push_to_hub", "tester/weights"])
+    files = hub.repos["tester/weights"]
+    parquet = [path for path in files if path.endswith(".parquet")]
+    assert len(parquet) == 1, sorted(files)
+    import io
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(files[parquet[0]]))
+    assert table.column("weight").to_pylist() == pytest.approx([0.1, 1.2, 1.1, 1.3, 0.2, 0.9, 1.0, 1.4])
+
+
+def test_resume_from_checkpoint_on_the_command_line_continues_and_a_finished_run_is_not_replaced(tmp_path, capsys):
+    """Issue 25 items 4 and 5: --resume_from_checkpoint was accepted and ignored (the run started at step 0), and a
+    second run into a finished run's folder replaced its results silently."""
+    out = tmp_path / "run"
+    base = ["--recipe", "noisy_reweighting", "--output_dir", str(out), "--plot", "false", "--logging_steps", "1",
+            "--save_strategy", "steps", "--save_steps", "2"]  # fmt: skip
+    cli.run_train([*base, "--max_steps", "4"])
+    first = json.loads((out / "results.json").read_text())
+    with pytest.raises(ValueError, match="holds a finished run"):
+        cli.run_train([*base, "--max_steps", "4", "--seed", "1"])
+    assert json.loads((out / "results.json").read_text()) == first  # nothing replaced
+    with pytest.raises(ValueError, match="is not a folder"):
+        cli.run_train([*base, "--max_steps", "6", "--resume_from_checkpoint", str(out / "checkpoint-9")])
+    from transformers import TrainerCallback
+
+    class Keep(TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            self.history = state.log_history
+
+    keep, monkey_main = Keep(), recipe_run.main
+    try:
+        recipe_run.main = lambda *args: monkey_main(*args, callbacks=[keep])
+        cli.run_train([*base, "--max_steps", "6", "--resume_from_checkpoint", "true"])
+    finally:
+        recipe_run.main = monkey_main
+    ran = [entry["outer_steps_run"] for entry in keep.history if "outer_steps_run" in entry]
+    assert ran == [2]  # 2 more steps from checkpoint-4, not 6 from the start
+    assert [entry["step"] for entry in keep.history if "meta_loss" in entry] == [1, 2, 3, 4, 5, 6]
+    cli.run_train([*base, "--max_steps", "2", "--overwrite_output_dir", "true"])  # replacing it is asked for
+    assert json.loads((out / "results.json").read_text())["bilevel_outer_steps"] == 2
+
+
+def test_train_ends_with_a_summary_states_the_baseline_and_logs_each_tag_once(tmp_path, capsys, recwarn):
+    """Issue 23 items 8 and 9: a summary with the folder, numbers and next command; no uniform run unless asked
+    (said in the first lines); the final meta evaluation under its own tag; no known third-party warning."""
+    from transformers import TrainerCallback
+
+    class Keep(TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            self.state = state
+
+    keep, out = Keep(), tmp_path / "run"
+    argv = ["--recipe", "noisy_reweighting", "--max_steps", "2", "--logging_steps", "1", "--output_dir", str(out)]
+    monkey_main = recipe_run.main
+    try:
+        recipe_run.main = lambda *args: monkey_main(*args, callbacks=[keep])
+        results = cli.run_train([*argv, "--plot", "false"])
+    finally:
+        recipe_run.main = monkey_main
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "[hf_fg2u] 1 process, backend none, device cpu"
+    assert "no uniform-weights baseline (--compare_uniform true adds one)" in lines[1]
+    assert "uniform_meta_loss" not in results and not (out / "uniform").exists()
+    summary = "\n".join(lines[lines.index("") :])
+    assert f"Output folder: {out.resolve()}" in summary and f"next: hf-fg2u weights {out.resolve()}" in summary
+    assert f"{results['bilevel_meta_loss']:.4g}" in summary and "AUROC" in summary
+    history = keep.state.log_history
+    steps_of = [entry["step"] for entry in history if "meta_loss" in entry]
+    assert steps_of == [1, 2]  # one meta_loss per step; the final evaluation is final_meta_loss
+    assert [entry["final_meta_loss"] for entry in history if "final_meta_loss" in entry] == [
+        pytest.approx(results["bilevel_meta_loss"])
+    ]
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    documented = set(re.findall(r"`([a-z_*]+)`", readme[readme.index("| name | what it is |") :].split("\n\n")[0]))
+    logged = {key for entry in history for key in entry if key != "step"}
+    undocumented = {key for key in logged - documented if not any(key.endswith(t.lstrip("*")) for t in documented)}
+    assert undocumented == set()
+    noisy = [
+        str(w.message)
+        for w in recwarn
+        if "is_gradient_checkpointing" in str(w.message) or "pin_memory" in str(w.message)
+    ]
+    assert noisy == []
+
+
+def test_bare_command_prints_plain_text(capsys):
+    cli.main([])
+    text = capsys.readouterr().out
+    assert text.startswith("The hf-fg2u command") and "``" not in text and "hf-fg2u weights" in text
+
+
+def test_cpu_launch_echoes_the_environment_that_makes_cpu_ranks(tmp_path, monkeypatch, capsys):
+    """Issue 23 item 9: on a machine without a GPU, --multi_gpu starts CPU ranks only with ACCELERATE_USE_CPU=1
+    (DESIGN.md section 5); the echoed line shows it, and the launcher sets it."""
+    seen = {}
+
+    def fake_run(command, check, env=None):
+        seen.update(env=env, command=command)
+        (tmp_path / "results.json").write_text(json.dumps({"output_dir": str(tmp_path), "bilevel_meta_loss": 1.5}))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(cli.subprocess, "run", fake_run)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cli.run_train(["--recipe", "soft_prompt", "--output_dir", str(tmp_path), "--num_processes", "2"])
+    echoed = capsys.readouterr().out.splitlines()[0]
+    assert echoed.startswith(f"[hf_fg2u] ACCELERATE_USE_CPU=1 {sys.executable} -m accelerate.commands.launch")
+    assert "--multi_gpu" in echoed and "# CPU ranks (gloo)" in echoed
+    assert seen["env"]["ACCELERATE_USE_CPU"] == "1"
+
+
+def test_launch_keeps_secrets_out_of_the_echo_and_argv_and_the_ranks_get_them(tmp_path, monkeypatch, capsys):
+    """Issue 25 item 3: the echoed accelerate command (CI and cluster logs) and the ranks' argv (``ps``) carried
+    --hub_token and the token inside --model_init_kwargs; now they travel in the ranks' environment."""
+    seen, token, inner = {}, "hf_" + "S" * 30, "hf_" + "T" * 30
+
+    def fake_run(command, check, env=None):
+        seen.update(env=env, command=command)
+        (tmp_path / "results.json").write_text(json.dumps({"output_dir": str(tmp_path), "bilevel_meta_loss": 1.5}))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(cli.subprocess, "run", fake_run)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    kwargs = json.dumps({"token": inner, "revision": "main"})
+    argv = ["--recipe", "soft_prompt", "--output_dir", str(tmp_path), "--num_processes", "2", "--hub_token", token,
+            f"--model_init_kwargs={kwargs}", "--max_steps", "3"]  # fmt: skip
+    cli.run_train(argv)
+    printed = capsys.readouterr().out
+    assert token not in printed and inner not in printed and "HF_FG2U_SECRET_ARGS" in printed
+    assert not [arg for arg in seen["command"] if token in arg or inner in arg]
+    assert seen["command"][-2:] == ["--max_steps", "3"]
+    secret = json.loads(seen["env"]["HF_FG2U_SECRET_ARGS"])
+    assert secret == ["--hub_token", token, f"--model_init_kwargs={kwargs}"]
+    # one rank: the secrets come back from the environment into its options
+    rank_argv = seen["command"][seen["command"].index("train") + 1 :]
+    _, training, _ = arguments.parse_args([*rank_argv, *secret])  # what the rank parses
+    assert training.hub_token == token and training.model_init_kwargs["token"] == inner and training.max_steps == 3
+    parsed = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("HF_FG2U_SECRET_ARGS", seen["env"]["HF_FG2U_SECRET_ARGS"])
+    monkeypatch.setattr(arguments, "parse_args", lambda argv: parsed.append(argv) or (None, None, None))
+    monkeypatch.setattr(recipe_run, "main", lambda *args: {})
+    cli.run_train(rank_argv)
+    assert parsed == [[*rank_argv, *secret]] and "HF_FG2U_SECRET_ARGS" not in os.environ
+
+
+def test_only_the_first_rank_prints_warnings_and_progress_bars():
+    import warnings
+
+    import datasets
+
+    try:
+        for rank, expected in ((0, 1), (1, 0)):
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                recipe_run.quiet_replicas(rank)
+                warnings.warn("rows were cut at max_length", UserWarning, stacklevel=1)
+            assert len(seen) == expected and datasets.is_progress_bar_enabled() == (rank == 0), rank
+    finally:
+        datasets.enable_progress_bars()
+
+
+def test_every_epoch_records_auroc_meta_and_eval_losses_and_its_weights(tmp_path):
+    """The online mode's epoch-by-epoch record: epochs.json holds each epoch's AUROC (equal to that epoch's saved
+    weights' AUROC), mean meta loss and eval loss; the last epoch's weights are the run's final weights."""
+    import pandas
+    import torch
+
+    from hf_fg2u.lm.evaluation import auroc
+
+    out = tmp_path / "epochs"
+    argv = ["--recipe", "noisy_reweighting", "--num_train_epochs", "2", "--inner_reset_every", "0", "--output_dir",
+            str(out), "--plot", "false", "--eval_strategy", "epoch", "--num_facts", "4", "--copies", "4",
+            "--max_steps", "-1", "--logging_steps", "1"]  # fmt: skip
+    cli.run_train(argv)
+    epochs = json.loads((out / "epochs.json").read_text())
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    for record in epochs:
+        weighted = pandas.read_parquet(out / f"weighted_dataset_epoch{record['epoch']}.parquet")
+        expected = auroc(-torch.tensor(weighted["weight"].values), torch.tensor(weighted["is_corrupted"].values))
+        assert record["auroc_corrupted"] == pytest.approx(expected, abs=1e-12)
+        assert record["meta_loss"] > 0 and record["eval_loss"] > 0
+    last = pandas.read_parquet(out / "weighted_dataset_epoch2.parquet")["weight"]
+    final = pandas.read_parquet(out / "weighted_dataset.parquet")["weight"]
+    assert (last.values == final.values).all()
+
+
+def test_the_demo_meets_the_targets_it_prints(tmp_path):
+    """`make demo` is the README's first command: its learned weights must separate the corrupted rows (AUROC ≥ 0.9)
+    and lower the meta loss by ≥ 5% against the same budget at uniform weights. A weight parametrization that let the
+    weights collapse onto a few rows once printed -113% here with no test failing."""
+    results = cli.run_demo(["--output_dir", str(tmp_path / "demo"), "--disable_tqdm", "true"])
+    assert results["auroc_corrupted"] >= 0.9
+    assert results["bilevel_meta_loss"] <= 0.95 * results["uniform_meta_loss"]

@@ -1,0 +1,165 @@
+"""`hf-fg2u finetune`: weighted rows in, a fine-tuned model, its scores and card out; forced-choice accuracy checked
+against log-likelihoods computed by hand."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_fg2u.cli.finetune import balance_weights, effective_rows
+from hf_fg2u.cli.main import main
+from hf_fg2u.lm.evaluation import answer_choices, choice_accuracy
+from hf_fg2u.lm.toy_data import make_char_tokenizer
+
+WORDS = ["good", "bad", "nice", "sad", "glad", "mad", "kind", "mean", "fine", "poor", "fair", "foul"]
+
+
+def rows(words, weight=None):
+    out = []
+    for index, word in enumerate(words):
+        row = {"prompt": f"is {word}:", "completion": " yes" if index % 2 == 0 else " no"}
+        out.append(row if weight is None else {**row, "weight": weight(index)})
+    return out
+
+
+def write(path, items):
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny Llama and its character tokenizer saved as a user's model folder."""
+    folder = tmp_path_factory.mktemp("tiny")
+    tokenizer = make_char_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         initializer_range=0.2, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def finetune(tiny_model, source, out, *extra):
+    main(["finetune", source, "--model_name_or_path", tiny_model, "--output_dir", str(out), "--num_train_epochs",
+          "2", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--lora_target_modules", "q_proj",
+          "v_proj", "--disable_tqdm", "true", "--seed", "3", *extra])  # fmt: skip
+    return json.loads((out / "finetune_results.json").read_text())
+
+
+def adapter(out):
+    return load_file(str(out / "adapter_model.safetensors"))
+
+
+def test_weights_scale_rows_and_zero_weight_rows_are_left_out(tiny_model, tmp_path):
+    """Weight 0 is the same as the row being absent, and scaling every weight changes nothing (Σw normalises)."""
+    weighted = write(tmp_path / "w.jsonl", rows(WORDS, lambda i: 0.0 if i % 3 == 0 else 1.0))
+    kept = write(tmp_path / "k.jsonl", rows([w for i, w in enumerate(WORDS) if i % 3], lambda i: 3.0))
+    first = finetune(tiny_model, weighted, tmp_path / "a")
+    second = finetune(tiny_model, kept, tmp_path / "b")
+    assert first["rows"] == second["rows"] == 8
+    assert first["effective_rows"] == pytest.approx(8.0)
+    # the kept file's rows alternate yes/no differently, so compare against the same rows in the same order
+    same = write(tmp_path / "s.jsonl", [r for i, r in enumerate(rows(WORDS, lambda i: 5.0)) if i % 3])
+    third = finetune(tiny_model, same, tmp_path / "c")
+    for name, tensor in adapter(tmp_path / "a").items():
+        torch.testing.assert_close(tensor, adapter(tmp_path / "c")[name], rtol=1e-5, atol=1e-7)
+    assert third["train_loss"] == pytest.approx(first["train_loss"], rel=1e-5)
+    uniform = finetune(tiny_model, weighted, tmp_path / "u", "--uniform", "true")
+    assert uniform["rows"] == len(WORDS) and uniform["effective_rows"] == pytest.approx(len(WORDS))
+
+
+def test_balance_column_keeps_each_answers_share_and_the_ranking_within_it(tiny_model, tmp_path):
+    """Weights that favour the " no" rows 3:1 keep, balanced over completion, the data's 50/50 answer mix and each
+    answer's own ratios; the fine-tune on them is the fine-tune on those weights written by hand."""
+    weights = [3.0 * (1 + i % 4) if i % 2 else 1.0 + i % 3 for i in range(len(WORDS))]
+    assert balance_weights([2.0, 6.0, 1.0, 1.0], ["a", "b", "b", "b"]) == pytest.approx([2.5, 5.625, 0.9375, 0.9375])
+    balanced = balance_weights(weights, [r["completion"] for r in rows(WORDS)])
+    yes, no = sum(balanced[0::2]), sum(balanced[1::2])
+    assert yes == pytest.approx(no) and yes + no == pytest.approx(sum(weights))
+    assert balanced[1] / balanced[3] == pytest.approx(weights[1] / weights[3])  # the ranking within an answer
+    source = write(tmp_path / "w.jsonl", rows(WORDS, lambda i: weights[i]))
+    by_hand = write(tmp_path / "b.jsonl", rows(WORDS, lambda i: balanced[i]))
+    first = finetune(tiny_model, source, tmp_path / "a", "--balance_column", "completion")
+    second = finetune(tiny_model, by_hand, tmp_path / "b")
+    assert first["balance_column"] == "completion" and first["train_loss"] == pytest.approx(second["train_loss"])
+    with pytest.raises(SystemExit, match="'answer' is not a column"):
+        finetune(tiny_model, source, tmp_path / "c", "--balance_column", "answer")
+    with pytest.raises(ValueError, match=r"Every row of \[' no'\] has weight 0"):
+        balance_weights([1.0, 0.0], [" yes", " no"])
+
+
+def test_eval_file_keeps_the_best_epoch_and_test_file_is_scored(tiny_model, tmp_path):
+    source = write(tmp_path / "train.jsonl", rows(WORDS, lambda i: 1.0))
+    held = write(tmp_path / "held.jsonl", rows(["warm", "cold", "calm", "wild"]))
+    results = finetune(tiny_model, source, tmp_path / "out", "--eval_file", held, "--test_file", held)
+    assert results["best_epoch"] in (1.0, 2.0)
+    assert 0.0 <= results["test_accuracy"] <= 1.0 and results["test_loss"] > 0
+    assert results["eval_loss"] == pytest.approx(results["test_loss"], rel=1e-6)  # the same rows, the kept model
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "hf-fg2u finetune" in card and "test_accuracy" in card
+    assert "base_model:" not in card  # a local folder is not Hub metadata
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [([{"prompt": "is a:", "completion": " no", "weight": -1.0}], "non-negative"),
+     ([{"prompt": "is a:", "completion": " no"}], "no 'weight' column")],
+    ids=["negative", "missing"],
+)  # fmt: skip
+def test_bad_weights_are_refused_before_training(tiny_model, tmp_path, content, message):
+    source = write(tmp_path / "bad.jsonl", content)
+    with pytest.raises(SystemExit, match=message):
+        finetune(tiny_model, source, tmp_path / "out")
+    assert not (tmp_path / "out" / "finetune_results.json").exists()
+
+
+def test_forced_choice_accuracy_matches_log_likelihoods_by_hand(tiny_model):
+    from datasets import Dataset
+
+    tokenizer = make_char_tokenizer()
+    model = LlamaForCausalLM.from_pretrained(tiny_model)
+    data = Dataset.from_list(rows(WORDS[:6]))
+    assert answer_choices(data) == [" no", " yes"]
+
+    def log_likelihood(prompt, answer):  # the answer's characters after the prompt's, summed
+        ids = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
+        start = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        logits = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+        return sum(logits[i - 1, ids[i]].item() for i in range(start, len(ids)))
+
+    right = [max([" no", " yes"], key=lambda a: log_likelihood(row["prompt"], a)) == row["completion"] for row in data]
+    assert choice_accuracy(model, tokenizer, data, batch_size=4) == pytest.approx(sum(right) / len(right), abs=1e-12)
+    with pytest.raises(ValueError, match="2 to 20 distinct"):
+        choice_accuracy(model, tokenizer, Dataset.from_list([{"prompt": "a", "completion": " b"}]))
+
+
+def test_effective_rows():
+    assert effective_rows(torch.ones(5, dtype=torch.float64)) == pytest.approx(5.0)
+    assert effective_rows(torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=torch.float64)) == pytest.approx(2.0)
+
+
+def test_train_final_adapter_takes_raw_rows_like_tokenized_ones(tiny_model, tmp_path):
+    """Raw prompt/completion rows are tokenized as the bilevel run tokenizes them: the same adapter as from rows
+    tokenized by hand with the product's tokenize_dataset."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainingArguments
+
+    from hf_fg2u import train_final_adapter
+    from hf_fg2u.lm.formats import tokenize_dataset
+
+    tokenizer = make_char_tokenizer()
+    raw = Dataset.from_list(rows(WORDS, lambda i: 1.0 + i % 2))
+    adapters = []
+    for name, data in (("raw", raw), ("tokenized", tokenize_dataset(raw, tokenizer, 512, "train"))):
+        args = TrainingArguments(output_dir=str(tmp_path / name), max_steps=3, per_device_train_batch_size=4,
+                                 learning_rate=1e-2, report_to=[], save_strategy="no", disable_tqdm=True)  # fmt: skip
+        trainer = train_final_adapter(LlamaForCausalLM.from_pretrained(tiny_model), data,
+                                      LoraConfig(target_modules=["q_proj", "v_proj"]), args, tokenizer)  # fmt: skip
+        adapters.append({n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad})
+    for name, tensor in adapters[0].items():
+        torch.testing.assert_close(tensor, adapters[1][name], rtol=0, atol=0)
