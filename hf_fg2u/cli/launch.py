@@ -70,7 +70,7 @@ def split_secret_args(argv: list[str]) -> tuple[list[str], list[str]]:
     """(public, secret) options of ``argv``: ``--hub_token`` and any option named like a token, secret, key or
     password, and a ``--model_init_kwargs`` that holds a credential, go to the ranks through the environment —
     argv is printed and visible to every user of the machine in ``ps``."""
-    from hf_fg2u.trainer.config import CREDENTIAL, redact
+    from hf_fg2u.trainer.redaction import CREDENTIAL, redact
 
     def secret(name: str, value: str | None) -> bool:
         if name == "--model_init_kwargs" and value is not None:

@@ -10,7 +10,7 @@ from collections import Counter
 
 from hf_fg2u.lm.formats import prepare_split
 from hf_fg2u.lm.toy_data import IGNORE_INDEX
-from hf_fg2u.outer import ExampleWeights, OuterModule
+from hf_fg2u.outer import OuterModule
 from hf_fg2u.trainer.config import BilevelConfig
 
 SHOWN = 5  # row indices quoted in an error
@@ -43,7 +43,7 @@ def prepare_dataset(dataset, role: str, outer: OuterModule, tokenizer, args: Bil
     dataset = prepare_split(dataset, role, tokenizer, args.max_length, args.dataset_text_field)
     check_model_columns(dataset, role)
     train = role in ("train", "exported")
-    if train and isinstance(outer, ExampleWeights):
+    if train and outer.id_column is not None:
         if outer.id_column not in dataset.column_names:
             dataset = dataset.map(lambda _, i: {outer.id_column: i}, with_indices=True)
         check_unique_ids(dataset, outer.id_column, role)

@@ -14,6 +14,7 @@ class DomainWeights(OuterModule):
     """
 
     reads_losses = False
+    weighs_rows = True
 
     def __init__(self, domains: list[str], domain_column: str = "domain", init: list[float] | None = None):
         domains = list(domains)

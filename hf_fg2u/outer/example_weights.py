@@ -37,6 +37,8 @@ class ExampleWeights(OuterModule):
     """
 
     reads_losses = False
+    weighs_rows = True
+    per_row_coordinates = True
 
     def __init__(
         self,

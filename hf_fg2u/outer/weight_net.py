@@ -14,6 +14,8 @@ class WeightNet(OuterModule):
     the example's current (detached) loss under θ.
     """
 
+    weighs_rows = True
+
     def __init__(self, hidden_size: int = 32, domains: list[str] | None = None, domain_column: str = "domain"):
         domains = list(domains) if domains else None
         super().__init__(hidden_size=hidden_size, domains=domains, domain_column=domain_column)

@@ -162,7 +162,7 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
         """trgu differentiates only the last K steps: outer variables tied to rows (per-example weights) of the
         earlier steps get exactly zero hypergradient, every outer step."""
         args = self.args
-        per_row = type(self.outer).active_coordinates is not OuterModule.active_coordinates
+        per_row = self.outer.per_row_coordinates
         hidden_steps = args.unroll_steps - args.truncation
         partial = [name for name in self._methods if not METHOD_SPECS[name].reaches_every_step]
         if partial and per_row and hidden_steps > 0:

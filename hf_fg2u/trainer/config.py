@@ -11,7 +11,6 @@ import copy
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -21,23 +20,12 @@ from hf_fg2u.hypergrad import DEFAULT_JVP, DIRECTIONS, JVP_MODES, METHOD_SPECS, 
 from hf_fg2u.hypergrad.inner_optimizers import INNER_OPTIMIZERS
 from hf_fg2u.hypergrad.methods import data_parallel_methods
 from hf_fg2u.hypergrad.zeroth_order import ZO_SCHEMES
+from hf_fg2u.trainer.redaction import CREDENTIAL, redact
 
 NONFINITE_POLICIES = ("skip", "stop")
 PROCESS_SPLITS = ("directions", "data")
 CONFIG_METHODS = (*METHODS, "auto")
 REGULARIZERS = ("none", "kl_uniform", "l2")
-CREDENTIAL = re.compile(r"token|secret|key|password|credential", re.IGNORECASE)
-# Keys whose whole value is a credential or carries one (a proxy URL with a password, an Authorization header).
-CREDENTIAL_CONTAINER = re.compile(r"^(auth|authorization|headers|proxies|proxy|cookies?)$", re.IGNORECASE)
-# Values shaped like a credential under any key: URL userinfo, HTTP auth schemes, well-known token prefixes.
-SECRET_SHAPES = re.compile(
-    r"[a-z][a-z0-9+.-]*://[^/@\s]+@"  # scheme://user:password@host
-    r"|\b(Bearer|Basic|Token)\s+\S+"
-    r"|\b(hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_\w{20,}|sk-[A-Za-z0-9_-]{20,}|xox[abprs]-[\w-]+"
-    r"|AKIA[0-9A-Z]{16})",
-    re.IGNORECASE,
-)
-REDACTED = "<redacted>"
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
@@ -59,30 +47,15 @@ def _check_range(name: str, value, low: float, high: float, low_open: bool = Fal
         raise ValueError(f"{name}={value!r} must be a finite number in {interval}.")
 
 
-def redact(value):
-    """``value`` with every credential replaced, at any depth of dicts and lists: what may be written to disk or
-    pushed. A credential is a string under a key naming a token, secret, key or password; anything under ``auth``,
-    ``headers``, ``proxies`` or ``cookies``; or a string shaped like one under any key (a URL with a user and
-    password, a ``Bearer``/``Basic`` value, a Hub, GitHub, OpenAI, Slack or AWS key)."""
-    if isinstance(value, dict):
-        return {k: _redact_item(str(k), v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(redact(v) for v in value)
-    if isinstance(value, str) and SECRET_SHAPES.search(value):
-        return REDACTED
-    return value
-
-
-def _redact_item(key: str, value):
-    if CREDENTIAL_CONTAINER.match(key) and value is not None:
-        return REDACTED
-    if CREDENTIAL.search(key) and isinstance(value, str):
-        return REDACTED
-    return redact(value)
-
-
 @dataclass
 class BilevelConfig(TrainingArguments):
+    """Configuration of :class:`~hf_fg2u.BilevelTrainer`: ``TrainingArguments`` plus the bilevel options.
+
+    The Trainer's own fields drive the *outer* problem (φ: the weights, the soft prompt): ``learning_rate``,
+    ``optim``, ``lr_scheduler_type``, ``max_steps``; one Trainer step is one outer step. The options below are listed
+    with their types and defaults, generated from the same field metadata that ``hf-fg2u train --help`` prints.
+    """
+
     # -- hypergradient method ----------------------------------------------------------------------------------
     method: str = field(
         default="fg2u",
@@ -228,6 +201,18 @@ class BilevelConfig(TrainingArguments):
         super().__post_init__()
         if self.use_cpu or not _has_accelerator():
             self.dataloader_pin_memory = False  # torch warns that pinning needs an accelerator, once per loader
+        self._check_choices()
+        self._check_counts()
+        self._check_numbers()
+        self._check_combinations()
+        if isinstance(self.model_init_kwargs, str):
+            try:
+                self.model_init_kwargs = json.loads(self.model_init_kwargs)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"model_init_kwargs is not valid JSON: {error}") from error
+
+    def _check_choices(self) -> None:
+        """Every named option is one of its choices, and the process split suits the methods."""
         _check_choice("method", self.method, CONFIG_METHODS)
         _check_choice("jvp", self.jvp, JVP_MODES)
         _check_choice("directions", self.directions, DIRECTIONS)
@@ -245,6 +230,11 @@ class BilevelConfig(TrainingArguments):
                 f"{data_parallel_methods()} do; got {unsupported}. Use process_split='directions' (every method), "
                 "or one of those methods."
             )
+        if self.phase1_method is not None:
+            _check_choice("phase1_method", self.phase1_method, METHODS)
+
+    def _check_counts(self) -> None:
+        """Counts are positive (or zero where 0 means off)."""
         names = ("num_directions", "directions_per_pass", "unroll_steps", "meta_batch_size", "truncation")
         for name in (*names, "checkpoint_every"):
             if getattr(self, name) < 1:
@@ -254,15 +244,15 @@ class BilevelConfig(TrainingArguments):
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0 = off).")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length={self.max_length} must be >= 2 (a token and the one it predicts) or None.")
-        self._check_numbers()
+
+    def _check_combinations(self) -> None:
+        """Trainer options that the bilevel step cannot honour: refused here, not silently ignored."""
         if (self.fp16 or self.bf16) and (self.use_cpu or not _has_accelerator()):
             raise ValueError(
                 f"fp16={self.fp16}, bf16={self.bf16} on CPU: the bilevel step computes in the model's own dtype, "
                 "so mixed precision would silently do nothing. Set fp16=False and bf16=False, or load the model "
                 'in the dtype you want (model_init_kwargs=\'{"dtype": "bfloat16"}\').'
             )
-        if self.phase1_method is not None:
-            _check_choice("phase1_method", self.phase1_method, METHODS)
         if self.phase1_steps < 0 or (self.phase1_steps > 0 and self.phase1_method is None):
             raise ValueError(
                 f"phase1_steps={self.phase1_steps} needs phase1_method (e.g. 'hessian_free') and must be >= 0."
@@ -290,11 +280,6 @@ class BilevelConfig(TrainingArguments):
                 "functionally. Use plain data parallelism (accelerate multi-GPU without FSDP/ZeRO-3), or "
                 "jvp='finite_difference', or a first-order method ('hessian_free', 'fg2u_zo')."
             )
-        if isinstance(self.model_init_kwargs, str):
-            try:
-                self.model_init_kwargs = json.loads(self.model_init_kwargs)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"model_init_kwargs is not valid JSON: {error}") from error
 
     def method_is_second_order(self, method: str) -> bool:
         """Whether ``method`` needs forward AD or double backward; 'auto' may pick rgu, so it does."""
@@ -348,3 +333,25 @@ class BilevelConfig(TrainingArguments):
         """The bilevel part of the config (for checkpoints and the model card), credentials redacted."""
         names = [f for f in BilevelConfig.__dataclass_fields__ if f not in TrainingArguments.__dataclass_fields__]
         return redact({name: getattr(self, name) for name in names})
+
+
+def _document_fields(cls: type[BilevelConfig]) -> None:
+    """Append every bilevel field (type, default, help) and the Trainer defaults it changes to the docstring, as
+    TRL's configs document theirs, from one source: the fields' metadata."""
+    base = TrainingArguments.__dataclass_fields__
+    lines = ["", "    Parameters:"]
+    for name, spec in cls.__dataclass_fields__.items():
+        if name in base:
+            continue
+        kind = spec.type if isinstance(spec.type, str) else getattr(spec.type, "__name__", str(spec.type))
+        lines.append(f"        {name} (``{kind}``, defaults to ``{spec.default!r}``):")
+        lines.append(f"            {spec.metadata.get('help', '')}")
+    changed = [(name, base[name].default, spec.default) for name, spec in cls.__dataclass_fields__.items()
+               if name in base and spec.default != base[name].default]  # fmt: skip
+    lines += ["", "    Trainer defaults changed here:"]
+    lines += [f"        {name}: ``{old!r}`` -> ``{new!r}`` ({cls.__dataclass_fields__[name].metadata.get('help', '')})"
+              for name, old, new in changed]  # fmt: skip
+    cls.__doc__ = (cls.__doc__ or "") + "\n".join(lines) + "\n"
+
+
+_document_fields(BilevelConfig)

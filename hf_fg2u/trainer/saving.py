@@ -156,11 +156,7 @@ class SavingMixin:
         weights as ``weighted_dataset.parquet`` in that commit when the outer variables weight rows. The upload is
         one commit, so a failure leaves nothing partial on the Hub; it is re-raised saying where the run is saved
         and that calling push_to_hub again is enough."""
-        if (
-            self.args.should_save
-            and self.train_dataset is not None
-            and type(self.outer).row_weights is not OuterModule.row_weights
-        ):
+        if self.args.should_save and self.train_dataset is not None and self.outer.weighs_rows:
             self.export_weights().to_parquet(str(Path(self.args.output_dir) / WEIGHTED_DATASET_FILE))
         try:
             return super().push_to_hub(commit_message, blocking, token, revision, **kwargs)

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from hf_fg2u import BilevelConfig
-from hf_fg2u.trainer.config import REDACTED
+from hf_fg2u.trainer.redaction import REDACTED
 
 
 def make(tmp_path, **overrides):
@@ -99,3 +99,21 @@ def test_credentials_are_redacted_from_what_is_written(tmp_path):
     assert args.hub_token == "hf_hub_secret" and args.model_init_kwargs["token"] == secret  # the run keeps them
     logged = args.to_json_string()  # what report_to integrations (tensorboard, wandb, mlflow) record
     assert secret not in logged and "k1" not in logged and "hf_hub_secret" not in logged
+
+
+def test_every_bilevel_field_is_documented_with_its_type_default_and_help():
+    """The class docstring (help(BilevelConfig), API docs) lists every bilevel field and the Trainer defaults it
+    changes, from the same metadata the CLI prints: a field added without help fails here."""
+    from transformers import TrainingArguments
+
+    from hf_fg2u import BilevelConfig
+
+    doc = BilevelConfig.__doc__
+    own = [
+        (n, f) for n, f in BilevelConfig.__dataclass_fields__.items() if n not in TrainingArguments.__dataclass_fields__
+    ]
+    assert len(own) > 30
+    for name, spec in own:
+        assert spec.metadata.get("help"), name
+        assert f"{name} (``" in doc and f"defaults to ``{spec.default!r}``" in doc, name
+    assert "learning_rate: ``5e-05`` -> ``0.1``" in doc and "logging_steps: ``500`` -> ``1``" in doc

@@ -1,0 +1,41 @@
+"""Credentials out of everything a run writes or pushes: by key (``hub_token``, ``auth``, ``headers``...) and by
+shape (URL userinfo, HTTP auth schemes, well-known token prefixes) under any key."""
+
+from __future__ import annotations
+
+import re
+
+CREDENTIAL = re.compile(r"token|secret|key|password|credential", re.IGNORECASE)
+# Keys whose whole value is a credential or carries one (a proxy URL with a password, an Authorization header).
+CREDENTIAL_CONTAINER = re.compile(r"^(auth|authorization|headers|proxies|proxy|cookies?)$", re.IGNORECASE)
+# Values shaped like a credential under any key: URL userinfo, HTTP auth schemes, well-known token prefixes.
+SECRET_SHAPES = re.compile(
+    r"[a-z][a-z0-9+.-]*://[^/@\s]+@"  # scheme://user:password@host
+    r"|\b(Bearer|Basic|Token)\s+\S+"
+    r"|\b(hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_\w{20,}|sk-[A-Za-z0-9_-]{20,}|xox[abprs]-[\w-]+"
+    r"|AKIA[0-9A-Z]{16})",
+    re.IGNORECASE,
+)
+REDACTED = "<redacted>"
+
+
+def redact(value):
+    """``value`` with every credential replaced, at any depth of dicts and lists: what may be written to disk or
+    pushed. A credential is a string under a key naming a token, secret, key or password; anything under ``auth``,
+    ``headers``, ``proxies`` or ``cookies``; or a string shaped like one under any key (a URL with a user and
+    password, a ``Bearer``/``Basic`` value, a Hub, GitHub, OpenAI, Slack or AWS key)."""
+    if isinstance(value, dict):
+        return {k: _redact_item(str(k), v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(redact(v) for v in value)
+    if isinstance(value, str) and SECRET_SHAPES.search(value):
+        return REDACTED
+    return value
+
+
+def _redact_item(key: str, value):
+    if CREDENTIAL_CONTAINER.match(key) and value is not None:
+        return REDACTED
+    if CREDENTIAL.search(key) and isinstance(value, str):
+        return REDACTED
+    return redact(value)
