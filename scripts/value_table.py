@@ -260,8 +260,10 @@ def one_data_seed(args, seed: int) -> dict:
 LEGEND = """The selections: `uniform` every train row; `train_and_meta` the train and meta rows; `meta_only` the 64 meta
 rows; `loss_filter`, `less`, `meta_model_filter` keep the train rows their scores rank cleanest (the base model's
 loss; LESS's Adam-preconditioned gradient alignment with the meta rows; the loss under an adapter fine-tuned on
-the meta rows); `learned_online_epoch{k}` the weights of `hf-fg2u train --recipe noisy_reweighting_real` after
-epoch k; `_balanced`: fine-tuned with `--balance_column completion` (each answer keeps its share of the weight);
+the meta rows); `learned_online_epoch{k}` the weights of `hf-fg2u train --recipe noisy_reweighting_real
+--balance_column completion` after epoch k (each row weighed against the mean of the rows with its answer, so
+each answer keeps its share of the loss while θ trains on the weights); `_balanced`: fine-tuned with
+`--balance_column completion` (each answer keeps its share of the weight: a check, the learned weights are so already);
 `learned_balanced_and_meta` the learned weights with the meta rows added at the mean weight, balanced;
 `oracle_clean_only` the right rows only. Seconds are wall-clock as each job ran: compare them only from a table
 made with nothing else running."""

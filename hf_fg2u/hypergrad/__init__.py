@@ -21,6 +21,9 @@ from hf_fg2u.hypergrad.methods import (
 from hf_fg2u.hypergrad.result import HypergradientResult, NonFiniteHypergradientError, check_finite
 from hf_fg2u.hypergrad.unroll import JVP_MODES, detach_tree
 
+# Inner step t of an unroll seeded ``seed`` draws its randomness (dropout) from seed * STEP_SEED_STRIDE + t.
+STEP_SEED_STRIDE = 100_003
+
 __all__ = [
     "DEFAULT_JVP",
     "DIRECTIONS",
@@ -122,7 +125,7 @@ def estimate_hypergradient(
     params, outer = detach_tree(dict(params)), detach_tree(dict(outer))
     state = optimizer.init(params) if optimizer_state is None else detach_tree(optimizer_state)
     if step_seeds is None:
-        step_seeds = [seed * 100_003 + t for t in range(len(inner_batches))]
+        step_seeds = [seed * STEP_SEED_STRIDE + t for t in range(len(inner_batches))]
 
     bar = None
     if progress:

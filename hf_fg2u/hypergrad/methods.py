@@ -36,7 +36,7 @@ class DirectionOptions:
     directions_per_pass: int | None = 8
 
     def __post_init__(self):
-        _check_choice("directions", self.directions, DIRECTIONS)
+        check_choice("directions", self.directions, DIRECTIONS)
         _check_positive("num_directions", self.num_directions)
         if self.directions_per_pass is not None:
             _check_positive("directions_per_pass", self.directions_per_pass)
@@ -51,7 +51,7 @@ class ForwardOptions(DirectionOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_choice("jvp", self.jvp, JVP_MODES)
+        check_choice("jvp", self.jvp, JVP_MODES)
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class ZerothOrderOptions(DirectionOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_choice("zo_scheme", self.zo_scheme, ZO_SCHEMES)
+        check_choice("zo_scheme", self.zo_scheme, ZO_SCHEMES)
         if not self.zo_epsilon > 0 or self.zo_epsilon == float("inf"):
             raise ValueError(f"zo_epsilon={self.zo_epsilon} must be a finite number > 0 (e.g. 1e-3).")
 
@@ -94,8 +94,8 @@ class ImplicitOptions:
     fd_epsilon: float | None = None
 
     def __post_init__(self):
-        _check_choice("implicit_batches", self.implicit_batches, ("all", "last"))
-        _check_choice("jvp", self.jvp, JVP_MODES)
+        check_choice("implicit_batches", self.implicit_batches, ("all", "last"))
+        check_choice("jvp", self.jvp, JVP_MODES)
         if self.cg_damping < 0:
             raise ValueError(f"cg_damping={self.cg_damping} must be >= 0 (λ of H + λI).")
 
@@ -280,7 +280,8 @@ def needs_second_order(method: str, jvp: str) -> bool:
     return make_method(method, jvp=jvp).second_order
 
 
-def _check_choice(name: str, value, choices) -> None:
+def check_choice(name: str, value, choices) -> None:
+    """A ValueError naming the option and its choices when ``value`` is not one of them."""
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not known; use one of {list(choices)}.")
 

@@ -14,6 +14,14 @@ class PaddingCollator:
 
     pad_token_id: int = 0
 
+    @classmethod
+    def for_tokenizer(cls, tokenizer, model=None) -> PaddingCollator:
+        """Padding with the tokenizer's pad token, else the model config's (when given), else 0."""
+        pad = getattr(tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+        return cls(pad_token_id=pad if pad is not None else 0)
+
     @property
     def fill(self) -> dict[str, int]:
         """The padding value of each padded column."""

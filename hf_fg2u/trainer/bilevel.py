@@ -34,7 +34,7 @@ from hf_fg2u.outer import OuterModule
 from hf_fg2u.trainer.checkpointing import STATE_CONFIG_NAME, verify_checkpoint
 from hf_fg2u.trainer.config import BilevelConfig
 from hf_fg2u.trainer.inner_resets import ResetPolicy
-from hf_fg2u.trainer.inner_state import InnerStateMixin
+from hf_fg2u.trainer.inner_state import InnerStateMixin, outer_step_seed
 from hf_fg2u.trainer.metrics import LogLastStep, MetricsMixin
 from hf_fg2u.trainer.model_setup import check_datasets, check_trainer_inputs, prepare_model
 from hf_fg2u.trainer.processes import ProcessPolicy
@@ -98,8 +98,7 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
             [c for c in MODEL_INPUT_COLUMNS if c in meta_dataset.column_names]
         )
         if data_collator is None:
-            pad = getattr(processing_class, "pad_token_id", None)
-            data_collator = PaddingCollator(pad_token_id=pad if pad is not None else 0)
+            data_collator = PaddingCollator.for_tokenizer(processing_class)
         super().__init__(
             model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
             eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks, optimizers=optimizers,
@@ -251,7 +250,7 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
             result = estimate_hypergradient(
                 inner_loss, outer_loss, self._inner_params, self.outer.outer_dict(), inner_batches, meta_batch,
                 method=self._methods[method], inner_optimizer=self._inner_optimizer, inner_lr=self.args.inner_lr,
-                seed=self.args.seed * 1_000_003 + step, optimizer_state=self._inner_state,
+                seed=outer_step_seed(self.args.seed, step), optimizer_state=self._inner_state,
                 active_coordinates=self.processes.active_coordinates(self.outer.active_coordinates(inner_batches)),
                 direction_slice=self.processes.direction_share(method),
                 reduce_gradients=self.processes.inner_gradient_reducer(),

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
-from hf_fg2u.hypergrad import DEFAULT_JVP, DIRECTIONS, JVP_MODES, METHOD_SPECS, METHODS, make_method
+from hf_fg2u.hypergrad import DEFAULT_JVP, DIRECTIONS, JVP_MODES, METHOD_SPECS, METHODS
 from hf_fg2u.hypergrad.inner_optimizers import INNER_OPTIMIZERS
-from hf_fg2u.hypergrad.methods import data_parallel_methods
+from hf_fg2u.hypergrad.methods import check_choice, data_parallel_methods, needs_second_order
 from hf_fg2u.hypergrad.zeroth_order import ZO_SCHEMES
 from hf_fg2u.trainer.redaction import CREDENTIAL, redact
 
@@ -31,11 +31,6 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 
 def _has_accelerator() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-
-
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not known; use one of {list(choices)}.")
 
 
 def _check_range(name: str, value, low: float, high: float, low_open: bool = False, high_open: bool = True):
@@ -213,14 +208,14 @@ class BilevelConfig(TrainingArguments):
 
     def _check_choices(self) -> None:
         """Every named option is one of its choices, and the process split suits the methods."""
-        _check_choice("method", self.method, CONFIG_METHODS)
-        _check_choice("jvp", self.jvp, JVP_MODES)
-        _check_choice("directions", self.directions, DIRECTIONS)
-        _check_choice("zo_scheme", self.zo_scheme, ZO_SCHEMES)
-        _check_choice("inner_optimizer", self.inner_optimizer, sorted(INNER_OPTIMIZERS))
-        _check_choice("nonfinite_policy", self.nonfinite_policy, NONFINITE_POLICIES)
-        _check_choice("weight_regularization", self.weight_regularization, REGULARIZERS)
-        _check_choice("process_split", self.process_split, PROCESS_SPLITS)
+        check_choice("method", self.method, CONFIG_METHODS)
+        check_choice("jvp", self.jvp, JVP_MODES)
+        check_choice("directions", self.directions, DIRECTIONS)
+        check_choice("zo_scheme", self.zo_scheme, ZO_SCHEMES)
+        check_choice("inner_optimizer", self.inner_optimizer, sorted(INNER_OPTIMIZERS))
+        check_choice("nonfinite_policy", self.nonfinite_policy, NONFINITE_POLICIES)
+        check_choice("weight_regularization", self.weight_regularization, REGULARIZERS)
+        check_choice("process_split", self.process_split, PROCESS_SPLITS)
         unsupported = [
             m for m in (self.method, self.phase1_method) if m in METHODS and not METHOD_SPECS[m].data_parallel
         ]
@@ -231,7 +226,7 @@ class BilevelConfig(TrainingArguments):
                 "or one of those methods."
             )
         if self.phase1_method is not None:
-            _check_choice("phase1_method", self.phase1_method, METHODS)
+            check_choice("phase1_method", self.phase1_method, METHODS)
 
     def _check_counts(self) -> None:
         """Counts are positive (or zero where 0 means off)."""
@@ -283,7 +278,7 @@ class BilevelConfig(TrainingArguments):
 
     def method_is_second_order(self, method: str) -> bool:
         """Whether ``method`` needs forward AD or double backward; 'auto' may pick rgu, so it does."""
-        return method == "auto" or make_method(method, jvp=self.jvp).second_order
+        return method == "auto" or needs_second_order(method, self.jvp)
 
     def _check_numbers(self) -> None:
         """Ranges of the numeric knobs: a NaN or inf here turns φ or θ into NaN with no other warning."""

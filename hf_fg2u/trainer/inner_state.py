@@ -14,6 +14,15 @@ from hf_fg2u.lm.losses import losses_to_problem, make_lm_losses
 from hf_fg2u.lm.params import load_parameters, trainable_parameters
 
 logger = logging.get_logger(__name__)
+# Seed streams of a run, each a stride apart so that steps of one never meet another's: the unroll of outer step
+# t (and, below 0, the warm-up's steps), and the meta batch of outer step t.
+OUTER_STEP_SEED_STRIDE = 1_000_003
+META_BATCH_SEED_STRIDE = 7_919
+
+
+def outer_step_seed(seed: int, step: int) -> int:
+    """The seed of outer step ``step``'s unroll (negative steps: the warm-up's inner steps)."""
+    return seed * OUTER_STEP_SEED_STRIDE + step
 
 
 class InnerStateMixin:
@@ -55,7 +64,7 @@ class InnerStateMixin:
         batches = list(batches)
         params = trainable_parameters(model)
         inner_loss = self._problem(model, self.args.method_at(0))[0]
-        seeds = [self.args.seed * 1_000_003 - 1 - i for i in range(steps)]  # disjoint from the outer steps' seeds
+        seeds = [outer_step_seed(self.args.seed, -1 - i) for i in range(steps)]  # before outer step 0's
         params, state, losses = run_inner_loop(
             inner_loss, self._inner_optimizer, params, self._inner_optimizer.init(params), self.outer.outer_dict(),
             batches[:steps], seeds, reduce_gradients=self.processes.inner_gradient_reducer(),
@@ -75,7 +84,7 @@ class InnerStateMixin:
     def meta_batch(self, step: int) -> dict:
         """The meta batch of outer step ``step``: a seeded draw without replacement, so resuming at any step
         draws the same batches without saving a data position."""
-        generator = torch.Generator().manual_seed(self.args.seed * 7_919 + step)
+        generator = torch.Generator().manual_seed(self.args.seed * META_BATCH_SEED_STRIDE + step)
         size = min(self.args.meta_batch_size, len(self.meta_dataset))
         rows = torch.randperm(len(self.meta_dataset), generator=generator)[:size].tolist()
         return self.data_collator([self.meta_dataset[i] for i in rows])

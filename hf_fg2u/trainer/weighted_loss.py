@@ -53,10 +53,7 @@ class WeightedLossTrainer(Trainer):
             check_model_columns(train_dataset, "train")
             check_weight_column(train_dataset, weight_column)
         if data_collator is None:
-            pad = getattr(processing_class, "pad_token_id", None)
-            if pad is None:
-                pad = getattr(getattr(model, "config", None), "pad_token_id", None)
-            data_collator = PaddingCollator(pad_token_id=pad if pad is not None else 0)
+            data_collator = PaddingCollator.for_tokenizer(processing_class, model)
         super().__init__(
             model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
             eval_dataset=eval_dataset, processing_class=processing_class, **kwargs,
@@ -146,11 +143,8 @@ def train_final_adapter(
         else prepare_split(eval_dataset, "eval", processing_class, max_length)
     )
     model = wrap_with_peft(model, peft_config, args.seed)
-    pad = getattr(processing_class, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(model.config, "pad_token_id", None)
     trainer = WeightedLossTrainer(
-        model=model, args=args, data_collator=PaddingCollator(pad_token_id=pad if pad is not None else 0),
+        model=model, args=args, data_collator=PaddingCollator.for_tokenizer(processing_class, model),
         train_dataset=weighted_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
         weight_column=weight_column,
     )  # fmt: skip
