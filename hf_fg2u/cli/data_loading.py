@@ -3,6 +3,7 @@ and the train/meta/eval splits a run needs, distinct from each other."""
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -80,13 +81,41 @@ def load_data(name: str | None, config: str | None, data_files: list[str] | None
 
 def load_files(files: dict[str, list[str]], builder: str | None = None) -> DatasetDict:
     """Local files by split, one ``load_dataset`` call per split (one call for all would cast every split to the
-    first one's columns)."""
-    return DatasetDict(
-        {
-            split: load_dataset(builder or builder_of({split: paths}), data_files={split: paths}, split=split)
-            for split, paths in files.items()
-        }
-    )
+    first one's columns). An empty file, or a JSON Lines file with a broken line, is an error naming the file and
+    the line, not the loader's own exception."""
+    for paths in files.values():
+        for path in paths:
+            if Path(path).is_file() and Path(path).stat().st_size == 0:
+                raise ValueError(f"{path} is empty: a split needs at least one row.")
+    loaded = {}
+    for split, paths in files.items():
+        try:
+            loaded[split] = load_dataset(builder or builder_of({split: paths}), data_files={split: paths}, split=split)
+        except Exception as error:  # pyarrow's and datasets' parse errors name neither the file nor the line
+            bad = next((found for path in paths if (found := first_broken_json_line(path))), None)
+            if bad is None:
+                raise
+            raise ValueError(f"{bad[0]} line {bad[1]} is not a JSON object ({bad[2]}); fix or remove it.") from error
+    return DatasetDict(loaded)
+
+
+def first_broken_json_line(path: str) -> tuple[str, int, str] | None:
+    """(path, line number, why) of the first line of a .jsonl/.json Lines file that is not a JSON object."""
+    if Path(path).suffix not in (".jsonl", ".json") or not Path(path).is_file():
+        return None
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                if number == 1 and Path(path).suffix == ".json":
+                    return None  # a whole-file JSON document, not JSON Lines
+                return path, number, error.msg
+            if not isinstance(row, dict):
+                return path, number, f"a {type(row).__name__}, not an object"
+    return None
 
 
 def _split(loaded: DatasetDict, name: str, source: str, flag: str):

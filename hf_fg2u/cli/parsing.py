@@ -32,7 +32,20 @@ BUILTIN_DATA = "builtin_data"  # a YAML section of options that apply only to a 
 
 
 class Yaml12Loader(yaml.SafeLoader):
-    """A safe loader whose booleans are YAML 1.2's: ``yes``/``no``/``on``/``off`` stay strings."""
+    """A safe loader whose booleans are YAML 1.2's (``yes``/``no``/``on``/``off`` stay strings) and which refuses a
+    key given twice in one mapping (plain YAML keeps the last silently: a typo'd override wins unseen)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (lines {seen[key] + 1} and "
+                    f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark,
+                )  # fmt: skip
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 Yaml12Loader.yaml_implicit_resolvers = {

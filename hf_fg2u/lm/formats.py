@@ -133,6 +133,7 @@ def tokenize_dataset(dataset, tokenizer, max_length: int | None, role: str, text
             "to BilevelTrainer, or tokenize the data yourself."
         )
     source = FORMAT_COLUMNS.get(kind, (text_field,))
+    check_raw_values(dataset, kind, source, role)
 
     def encode(example):
         row = encode_example(example, tokenizer, kind, text_field)
@@ -159,6 +160,29 @@ def tokenize_dataset(dataset, tokenizer, max_length: int | None, role: str, text
             stacklevel=3,
         )
     return tokenized.remove_columns(["num_tokens", "boundary_merged"])
+
+
+def check_raw_values(dataset, kind: str, columns, role: str) -> None:
+    """Every raw value has the type its format needs: text where text is read (a null or a number would reach the
+    tokenizer as a raw error, or be rendered as "None"), a list of messages where a conversation is, and prompt and
+    completion of the same kind. The error names the first bad row and column."""
+    wanted = {column: list if kind == "conversational" else None for column in columns}
+    if kind == "prompt_completion":
+        first = dataset[0]["prompt"] if len(dataset) else ""
+        wanted = dict.fromkeys(columns, list if isinstance(first, list) else str)
+    for column, expected in wanted.items():
+        expected = expected or str
+        for row, value in enumerate(dataset[column]):
+            if not isinstance(value, expected):
+                shown = "null" if value is None else f"{type(value).__name__} {value!r:.40}"
+                need = "a list of messages" if expected is list else "a string"
+                pair = (
+                    "; prompt and completion must be both text or both messages" if kind == "prompt_completion" else ""
+                )
+                raise ValueError(
+                    f"Row {row} of the {role} dataset has {shown} in column {column!r}, which must be {need} "
+                    f"(the {kind} format{pair}). Fix or drop that row (dataset.filter)."
+                )  # fmt: skip
 
 
 def prepare_split(dataset, role: str, tokenizer, max_length: int | None, text_field: str = "text"):

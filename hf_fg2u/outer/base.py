@@ -131,15 +131,28 @@ class OuterModule(torch.nn.Module):
         try:
             config = json.loads(config_path.read_text())
             kind = config.pop("type")
-            module = OUTER_TYPES[kind](**config)
+            with torch.device("meta"):  # the declared sizes, checked against the file before anything is allocated
+                shapes = {name: tuple(t.shape) for name, t in OUTER_TYPES[kind](**config).state_dict().items()}
             state = load_file(str(weights_path))
-        except (json.JSONDecodeError, KeyError, TypeError, SafetensorError, OSError) as error:
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, RuntimeError, SafetensorError, OSError) as error:
             raise ValueError(
                 f"Could not load the outer variables in {directory}: {error!r}. The files are corrupt or from an "
                 "incompatible version; restore them from an earlier checkpoint."
             ) from error
-        if cls is not OuterModule and not isinstance(module, cls):
+        found = {name: tuple(t.shape) for name, t in state.items()}
+        if found != shapes:
+            raise ValueError(
+                f"{directory}: {CONFIG_NAME} declares tensors {shapes} but {WEIGHTS_NAME} holds {found}. The files "
+                "do not belong together; restore them from one save."
+            )
+        bad = [
+            name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()
+        ]
+        if bad:
+            raise ValueError(f"{directory}: {bad} hold NaN or inf values; restore them from an earlier checkpoint.")
+        if cls is not OuterModule and kind in OUTER_TYPES and not issubclass(OUTER_TYPES[kind], cls):
             raise TypeError(f"{directory} holds a {kind}, not a {cls.__name__}.")
+        module = OUTER_TYPES[kind](**config)
         module.load_state_dict(state)
         return module
 

@@ -46,6 +46,10 @@ from hf_fg2u.trainer.weights_export import WeightExportMixin
 logger = logging.get_logger(__name__)
 
 
+# Below this normalized entropy the weights sit on about N**COLLAPSED_ENTROPY rows of N: a warning at the end.
+COLLAPSED_ENTROPY = 0.5
+
+
 class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightExportMixin, SavingMixin, Trainer):
     """Learns outer variables (data weights, a soft prompt) by hypergradients through LoRA fine-tuning.
 
@@ -201,6 +205,14 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
                     refused = error
             self.processes.agree(refused, f"The run lock of output_dir={self.args.output_dir!r}")
             output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        entropy = self.outer.summary().get("weight_entropy")
+        if self._steps_run and entropy is not None and entropy < COLLAPSED_ENTROPY:
+            warnings.warn(
+                f"The learned weights collapsed: their normalized entropy is {entropy:.3f} (1 = uniform, 0 = all "
+                "weight on one row), so a few rows carry the whole loss. Lower learning_rate, use "
+                "weight_regularization, or the sigmoid parametrization (keep-probabilities).",
+                stacklevel=2,
+            )
         if self._steps_skipped and not self._steps_run:
             raise RuntimeError(
                 f"All {self._steps_skipped} outer steps were skipped for non-finite values (see the warnings for "

@@ -1,0 +1,93 @@
+"""Careless or hostile inputs (issue 25, second round): each is a clear error at the start naming what is wrong
+and the fix, or a counted warning, not a raw exception from deep inside a library or a silent wrong run."""
+
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import save_file
+
+from hf_fg2u import BilevelConfig, ExampleWeights, OuterModule
+from hf_fg2u.cli.arguments import ModelArguments
+from hf_fg2u.cli.data_loading import load_files
+from hf_fg2u.cli.models import lora_config
+from hf_fg2u.cli.parsing import load_yaml_config
+from hf_fg2u.lm.formats import tokenize_dataset
+from hf_fg2u.lm.toy_data import make_char_tokenizer
+from tests.helpers.tiny import fact_data, trainer_for
+
+TOKENIZER = make_char_tokenizer()
+
+
+def test_a_yaml_key_given_twice_is_refused_naming_both_lines(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("recipe: noisy_reweighting\nmax_steps: 3\nlearning_rate: 0.1\nmax_steps: 300\n")
+    with pytest.raises(ValueError, match=r"key 'max_steps' appears twice \(lines 2 and 4\); keep one"):
+        load_yaml_config(path)
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ({"prompt": ["a=", "b="], "completion": ["1", None]}, r"Row 1 .* null in column 'completion'.*a string"),
+        ({"text": [1, 2]}, r"Row 0 .* int 1 in column 'text', which must be a string"),
+        ({"prompt": [[{"role": "user", "content": "x"}]], "completion": ["y"]}, r"both text or both messages"),
+        ({"messages": ["hello"]}, r"Row 0 .* str 'hello' in column 'messages', which must be a list of messages"),
+    ],
+    ids=["null_completion", "int_text", "chat_prompt_string_completion", "messages_as_string"],
+)
+def test_raw_values_of_the_wrong_type_name_the_row_and_column(rows, message):
+    with pytest.raises(ValueError, match=message):
+        tokenize_dataset(Dataset.from_dict(rows), TOKENIZER, 32, "train")
+
+
+def test_a_broken_jsonl_line_and_an_empty_file_name_the_file_and_line(tmp_path):
+    broken = tmp_path / "train.jsonl"
+    broken.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": \n{"prompt": "d"}\n')
+    with pytest.raises(ValueError, match=r"train.jsonl line 2 is not a JSON object"):
+        load_files({"train": [str(broken)]})
+    empty = tmp_path / "meta.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=r"meta.jsonl is empty"):
+        load_files({"meta": [str(empty)]})
+
+
+def test_batch_size_zero_and_lora_rank_zero_are_refused_at_the_start():
+    with pytest.raises(ValueError, match=r"per_device_train_batch_size=0 must be >= 1"):
+        BilevelConfig(output_dir="unused", per_device_train_batch_size=0)
+    with pytest.raises(ValueError, match=r"lora_r=0 must be >= 1"):
+        lora_config(ModelArguments(lora_r=0))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"num_examples": 10**12}, r"declares tensors \{'logits': \(1000000000000,\)\} but .* holds"),
+        ({"num_examples": 7}, r"declares tensors \{'logits': \(7,\)\}"),
+        ({"num_examples": -3}, r"num_examples >= 1"),
+    ],
+    ids=["declared_size_far_too_large", "declared_size_other", "negative_size"],
+)
+def test_outer_files_that_do_not_match_are_refused_before_allocating(tmp_path, change, message):
+    ExampleWeights(5).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "outer_config.json").read_text())
+    (tmp_path / "outer_config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ValueError, match=message):
+        OuterModule.from_pretrained(tmp_path)
+
+
+def test_outer_files_with_nan_values_are_refused(tmp_path):
+    ExampleWeights(5).save_pretrained(tmp_path)
+    save_file({"logits": torch.tensor([0.0, float("nan"), 0.0, 0.0, 0.0])}, str(tmp_path / "outer_model.safetensors"))
+    with pytest.raises(ValueError, match=r"\['logits'\] hold NaN or inf"):
+        OuterModule.from_pretrained(tmp_path)
+
+
+def test_weights_that_collapse_onto_a_few_rows_are_warned_about(tmp_path):
+    """Softmax weights and a large outer step: nearly all weight lands on a few rows; the run says so at the end."""
+    _, data = fact_data(num_facts=8, copies=4)
+    trainer = trainer_for(tmp_path, ExampleWeights(32), data, max_steps=4, num_directions=2, method="rgu",
+                          optim="sgd", learning_rate=200.0, normalize_hypergradient=True)  # fmt: skip
+    with pytest.warns(UserWarning, match=r"The learned weights collapsed: their normalized entropy is -?0\.[0-4]"):
+        trainer.train()
