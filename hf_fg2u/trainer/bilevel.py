@@ -46,7 +46,8 @@ from hf_fg2u.trainer.weights_export import WeightExportMixin
 logger = logging.get_logger(__name__)
 
 
-# Below this normalized entropy the weights sit on about N**COLLAPSED_ENTROPY rows of N: a warning at the end.
+# Below this normalized entropy per-row weights sit on about N**COLLAPSED_ENTROPY rows of N: a warning at the end
+# (not for domain weights, where mass on the target domain is the aim).
 COLLAPSED_ENTROPY = 0.5
 
 
@@ -206,7 +207,7 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
             self.processes.agree(refused, f"The run lock of output_dir={self.args.output_dir!r}")
             output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
         entropy = self.outer.summary().get("weight_entropy")
-        if self._steps_run and entropy is not None and entropy < COLLAPSED_ENTROPY:
+        if self._steps_run and self.outer.per_row_coordinates and entropy is not None and entropy < COLLAPSED_ENTROPY:
             warnings.warn(
                 f"The learned weights collapsed: their normalized entropy is {entropy:.3f} (1 = uniform, 0 = all "
                 "weight on one row), so a few rows carry the whole loss. Lower learning_rate, use "
