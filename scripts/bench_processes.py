@@ -36,7 +36,7 @@ def worker(args) -> None:
 
     from hf_fg2u import ExampleWeights
     from hf_fg2u.lm.toy_data import make_fact_splits, tokenize_for_causal_lm
-    from tests.test_trainer import TOKENIZER, trainer_for
+    from tests.helpers.tiny import TOKENIZER, trainer_for
 
     if not args.gpu:
         torch.set_num_threads(1)
