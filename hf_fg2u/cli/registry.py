@@ -3,6 +3,7 @@ it builds its built-in data and its outer module."""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -82,17 +83,15 @@ def make_outer(script_args: ScriptArguments, splits: DatasetDict, model):
 
 
 def _row_weights(s: ScriptArguments, splits: DatasetDict, model):
-    if s.outer not in ("example_weights", "weight_net"):
-        raise ValueError(f"outer={s.outer!r} is not known for {s.recipe}; use example_weights or weight_net.")
-    if s.outer == "weight_net" or s.balance_column is None:
-        if s.outer == "weight_net" and s.balance_column is not None:
+    if s.outer == "weight_net":
+        if s.balance_column is not None:
             raise ValueError("--balance_column applies to outer=example_weights only (a weight per row).")
-        if s.outer == "weight_net":
-            return WeightNet(hidden_size=s.weight_net_hidden_size)
-        return ExampleWeights(
-            len(splits["train"]), parametrization=s.weight_parametrization, max_logit=s.weight_max_logit
-        )
-    return _grouped_weights(s, splits["train"])
+        return WeightNet(hidden_size=s.weight_net_hidden_size)
+    if s.outer != "example_weights":
+        raise ValueError(f"outer={s.outer!r} is not known for {s.recipe}; use example_weights or weight_net.")
+    if s.balance_column is not None:
+        return _grouped_weights(s, splits["train"])
+    return ExampleWeights(len(splits["train"]), parametrization=s.weight_parametrization, max_logit=s.weight_max_logit)
 
 
 def _grouped_weights(s: ScriptArguments, train) -> ExampleWeights:
@@ -103,7 +102,7 @@ def _grouped_weights(s: ScriptArguments, train) -> ExampleWeights:
                          f"{train.column_names}.")  # fmt: skip
     values = [str(value) for value in train[s.balance_column]]
     names = sorted(set(values))
-    smallest = min(values.count(name) for name in names)
+    smallest = min(Counter(values).values())
     if smallest < 2:
         raise ValueError(
             f"--balance_column {s.balance_column!r} has {len(names)} values over {len(values)} rows, some held by a "
