@@ -99,7 +99,7 @@ def make_runner(model, method: str, batches: list[dict], meta: dict, directions:
             inner_loss, outer_loss, optimizer, params, optimizer.init(params), outer, batches[:T], meta, list(range(T))
         )
     return lambda T: estimate_hypergradient(
-        inner_loss, outer_loss, params, outer, batches[:T], meta, method=method, inner_optimizer=optimizer, inner_lr=lr,
+        inner_loss, outer_loss, params, outer, batches[:T], meta, method=method, inner_optimizer=optimizer,
         **method_options(method, T, directions, jvp, truncation),
     )  # fmt: skip
 

@@ -49,30 +49,17 @@ def estimate_hypergradient(
     meta_batch,
     method: str | HypergradientMethod = "fg2u",
     inner_optimizer: str | InnerOptimizer = "sgd",
-    inner_lr: float = 1e-2,
-    num_directions: int = 8,
-    directions: str = "rademacher",
+    inner_lr: float | None = None,
     seed: int = 0,
     *,
     inner_optimizer_kwargs: dict | None = None,
     optimizer_state: dict | None = None,
-    jvp: str = DEFAULT_JVP,
-    directions_per_pass: int | None = 8,
     direction_slice: slice | None = None,
     active_coordinates: dict[str, torch.Tensor | None] | None = None,
-    fd_epsilon: float | None = None,
-    truncation: int | None = None,
-    checkpoint_every: int = 1,
-    offload_trajectory: bool = False,
-    zo_epsilon: float = 1e-3,
-    zo_scheme: str = "central",
-    implicit_steps: int = 10,
-    neumann_lr: float | None = None,
-    cg_damping: float = 0.0,
-    implicit_batches: str = "all",
     step_seeds: Sequence[int | None] | None = None,
     reduce_gradients: Callable | None = None,
     progress: bool = False,
+    **method_options,
 ) -> HypergradientResult:
     """Estimate ∇_φ h(φ), h(φ) = outer_loss(θ_T(φ), φ, meta_batch), θ_T from T inner optimizer steps.
 
@@ -80,9 +67,11 @@ def estimate_hypergradient(
     inner_batches: the T batches of the unroll, one per step. method: a name in :data:`METHODS` ("fg2u",
     "fg2u_zo", "rgu", "trgu", "neumann", "cg", "hessian_free"; see ``hf_fg2u.hypergrad.methods``), or a
     :class:`HypergradientMethod` built once with :func:`make_method` / :func:`method_from_config` — then its own
-    options are used and the method keywords below (num_directions ... implicit_batches) are not read.
+    options are used, and passing method keywords as well is a TypeError. inner_optimizer: a name ("sgd",
+    "momentum", "adam", built with ``inner_lr``, default 1e-2) or a built :class:`InnerOptimizer`, which carries
+    its own learning rate (then ``inner_lr`` may only repeat it).
 
-    Method keywords:
+    Method keywords (``**method_options``; those only other methods read are ignored, unknown ones are a TypeError):
       num_directions, directions, directions_per_pass: b, the kind of directions, and how many are batched in one
         vmap call (memory grows with it; None = all) — fg2u, fg2u_zo.
       jvp: how each step's tangent is computed (fg2u, neumann, cg): "forward", "double_backward",
@@ -93,7 +82,8 @@ def estimate_hypergradient(
         and recompute the rest (memory ≈ (T/k + k)·|θ, s|). offload_trajectory: rgu/trgu keep the stored states in
         CPU memory.
       zo_epsilon, zo_scheme: step μ and "central"/"forward" differences of "fg2u_zo".
-      implicit_steps, neumann_lr, cg_damping: iterations, Neumann step α (default ``inner_lr``), CG damping.
+      implicit_steps, neumann_lr, cg_damping: iterations, Neumann step α (default: the inner optimizer's lr),
+        CG damping.
       implicit_batches: "all" (default) or "last": the inner batches whose mean loss defines the Hessians of
         "neumann", "cg" and "hessian_free".
 
@@ -110,13 +100,7 @@ def estimate_hypergradient(
         tangents (fg2u) or its VJP (rgu), e.g. a mean over data-parallel processes.
       progress: show a progress bar over the inner steps.
     """
-    method = make_method(
-        method, num_directions=num_directions, directions=directions, directions_per_pass=directions_per_pass,
-        jvp=jvp, fd_epsilon=fd_epsilon, truncation=truncation, checkpoint_every=checkpoint_every,
-        offload_trajectory=offload_trajectory,
-        zo_epsilon=zo_epsilon, zo_scheme=zo_scheme, implicit_steps=implicit_steps, neumann_lr=neumann_lr,
-        cg_damping=cg_damping, implicit_batches=implicit_batches,
-    )  # fmt: skip
+    method = make_method(method, **method_options)
     if len(inner_batches) == 0:
         raise ValueError("inner_batches is empty: the unroll needs at least one inner batch (T >= 1).")
     if not params:
@@ -133,7 +117,7 @@ def estimate_hypergradient(
 
         bar = tqdm(total=len(inner_batches), desc=f"{method.name} unroll", leave=False)
     unroll = Unroll(
-        inner_loss, outer_loss, optimizer, inner_lr, params, state, outer, inner_batches, meta_batch,
+        inner_loss, outer_loss, optimizer, params, state, outer, inner_batches, meta_batch,
         list(step_seeds), seed=seed, direction_slice=direction_slice, active_coordinates=active_coordinates,
         reduce_gradients=reduce_gradients, progress=bar,
     )  # fmt: skip

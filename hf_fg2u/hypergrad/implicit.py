@@ -57,7 +57,7 @@ def implicit_hypergradient(unroll: Unroll, method: str, options):
         return tree_map(lambda *leaves: sum(leaves) / len(leaves), *products)
 
     if method == "neumann":
-        alpha = u.inner_lr if o.neumann_lr is None else o.neumann_lr
+        alpha = u.optimizer.lr if o.neumann_lr is None else o.neumann_lr
         term, total = meta_params, meta_params
         for _ in range(o.implicit_steps):
             term = tree_axpy(-alpha, hvp(term), term)
@@ -93,7 +93,7 @@ def hessian_free_hypergradient(unroll: Unroll, fd_epsilon: float | None):
     for iterate, batch, seed in zip(iterates, u.inner_batches, u.seeds, strict=True):
         with step_rng(seed):
             mixed = mixed_product(inner_loss, iterate, outer, batch, meta_params, "finite_difference", fd_epsilon, True)
-        grad = tree_map(lambda g, m: (g - u.inner_lr * m).detach(), grad, mixed)
+        grad = tree_map(lambda g, m: (g - u.optimizer.lr * m).detach(), grad, mixed)
     return grad, float(value), params, state, losses
 
 

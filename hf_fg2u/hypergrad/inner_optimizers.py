@@ -19,9 +19,13 @@ State = dict[str, dict[str, torch.Tensor] | torch.Tensor]
 
 
 class InnerOptimizer(NamedTuple):
-    """A pure optimizer: ``init(params) -> state`` and ``update(grads, state, params) -> (params, state)``."""
+    """A pure optimizer: ``init(params) -> state`` and ``update(grads, state, params) -> (params, state)``.
+
+    ``lr`` is the step size baked into ``update``, kept beside it so that the implicit methods (whose Neumann
+    step defaults to it) read the same number the unroll used: one source, never a second copy to disagree."""
 
     name: str
+    lr: float
     init: Callable[[Params], State]
     update: Callable[[Params, State, Params], tuple[Params, State]]
 
@@ -36,7 +40,7 @@ def sgd(lr: float, weight_decay: float = 0.0) -> InnerOptimizer:
         new = {k: p - lr * (grads[k] + weight_decay * p) for k, p in params.items()}
         return new, {}
 
-    return InnerOptimizer("sgd", init, update)
+    return InnerOptimizer("sgd", lr, init, update)
 
 
 def momentum(lr: float, beta: float = 0.9, nesterov: bool = False, weight_decay: float = 0.0) -> InnerOptimizer:
@@ -55,7 +59,7 @@ def momentum(lr: float, beta: float = 0.9, nesterov: bool = False, weight_decay:
             new_m[k] = m
         return new_params, {"momentum": new_m}
 
-    return InnerOptimizer("momentum", init, update)
+    return InnerOptimizer("momentum", lr, init, update)
 
 
 def state_dtype(param: torch.Tensor) -> torch.dtype:
@@ -99,16 +103,26 @@ def adam(
             new_m[k], new_v[k] = m, v
         return new_params, {"exp_avg": new_m, "exp_avg_sq": new_v, "step": step}
 
-    return InnerOptimizer("adam", init, update)
+    return InnerOptimizer("adam", lr, init, update)
 
 
 INNER_OPTIMIZERS = {"sgd": sgd, "momentum": momentum, "adam": adam}
 
 
-def make_inner_optimizer(name: str | InnerOptimizer, lr: float, **hyperparameters) -> InnerOptimizer:
-    """Build an inner optimizer by name ("sgd", "momentum", "adam"); an ``InnerOptimizer`` passes through."""
+DEFAULT_INNER_LR = 1e-2
+
+
+def make_inner_optimizer(name: str | InnerOptimizer, lr: float | None = None, **hyperparameters) -> InnerOptimizer:
+    """Build an inner optimizer by name ("sgd", "momentum", "adam"; ``lr`` default 1e-2). A built
+    ``InnerOptimizer`` passes through with its own lr: a different ``lr`` or extra hyperparameters beside it are
+    an error, not silently dropped."""
     if isinstance(name, InnerOptimizer):
+        if (lr is not None and lr != name.lr) or hyperparameters:
+            raise ValueError(
+                f"The inner optimizer {name.name!r} is already built with lr={name.lr}; lr={lr} and "
+                f"{sorted(hyperparameters)} beside it would not be used. Pass its name to build it, or drop them."
+            )
         return name
     if name not in INNER_OPTIMIZERS:
         raise ValueError(f"inner_optimizer={name!r} is not known; use one of {sorted(INNER_OPTIMIZERS)}.")
-    return INNER_OPTIMIZERS[name](lr, **hyperparameters)
+    return INNER_OPTIMIZERS[name](DEFAULT_INNER_LR if lr is None else lr, **hyperparameters)

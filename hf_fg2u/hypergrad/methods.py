@@ -253,13 +253,29 @@ def data_parallel_methods() -> list[str]:
     return [name for name, spec in METHOD_SPECS.items() if spec.data_parallel]
 
 
-def make_method(name: str, **options) -> HypergradientMethod:
-    """Build method ``name`` from keywords; keywords its options dataclass does not have are ignored, so one
-    set of keywords (``estimate_hypergradient``'s, or a config's fields) serves every method."""
+def method_option_names() -> frozenset[str]:
+    """Every keyword some method's options dataclass reads."""
+    return frozenset(f.name for spec in METHOD_SPECS.values() for f in dataclasses.fields(spec.options_type))
+
+
+def make_method(name: str | HypergradientMethod, **options) -> HypergradientMethod:
+    """Build method ``name`` from keywords. Keywords that only other methods read are ignored, so one set of
+    keywords (``estimate_hypergradient``'s, or a config's fields) serves every method; a keyword no method reads
+    is a TypeError (a typo would otherwise be a silent default). A built method passes through, and then takes no
+    keywords: its options were fixed when it was built."""
     if isinstance(name, HypergradientMethod):
+        if options:
+            raise TypeError(
+                f"method is an already built {name.name!r} method, so {sorted(options)} would not be read: set them "
+                "when building it (make_method / method_from_config), or pass the method's name instead."
+            )
         return name
     if name not in METHOD_SPECS:
         raise ValueError(f"method={name!r} is not known; use one of {METHODS}.")
+    unknown = sorted(set(options) - method_option_names())
+    if unknown:
+        known = sorted(method_option_names())
+        raise TypeError(f"{unknown} are not options of any hypergradient method; known: {known}.")
     options_type = METHOD_SPECS[name].options_type
     known = {f.name for f in dataclasses.fields(options_type)}
     return HypergradientMethod(name, options_type(**{k: v for k, v in options.items() if k in known}))

@@ -23,7 +23,6 @@ class Unroll:
     inner_loss: Callable
     outer_loss: Callable
     optimizer: InnerOptimizer
-    inner_lr: float
     params: dict
     state: dict
     outer: dict

@@ -262,7 +262,7 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
         try:
             result = estimate_hypergradient(
                 inner_loss, outer_loss, self._inner_params, self.outer.outer_dict(), inner_batches, meta_batch,
-                method=self._methods[method], inner_optimizer=self._inner_optimizer, inner_lr=self.args.inner_lr,
+                method=self._methods[method], inner_optimizer=self._inner_optimizer,
                 seed=outer_step_seed(self.args.seed, step), optimizer_state=self._inner_state,
                 active_coordinates=self.processes.active_coordinates(self.outer.active_coordinates(inner_batches)),
                 direction_slice=self.processes.direction_share(method),

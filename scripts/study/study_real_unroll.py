@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
         for rows in unrolls:
             result = estimate_hypergradient(
                 inner_loss, outer_loss, theta_w, outer, [batch(rows[i : i + size]) for i in range(0, len(rows), size)],
-                meta, method="rgu", inner_optimizer=optimizer, inner_lr=lr, optimizer_state=state, seed=0,
+                meta, method="rgu", inner_optimizer=optimizer, optimizer_state=state, seed=0,
             )  # fmt: skip
             grad = result.grad["example_logits"].detach()
             pooled += grad / grad.norm()

@@ -7,6 +7,7 @@ import torch
 
 from hf_fg2u.hypergrad import NonFiniteHypergradientError, estimate_hypergradient
 from hf_fg2u.hypergrad.inner_optimizers import make_inner_optimizer
+from hf_fg2u.hypergrad.methods import make_method
 from tests.helpers.tiny import Quadratic
 
 STEPS, LR = 12, 0.1
@@ -193,6 +194,31 @@ def test_divergence_raises_a_clear_error(quadratic):
 def test_bad_arguments_name_the_fix(quadratic, kwargs, message):
     with pytest.raises(ValueError, match=message):
         estimate(quadratic, **kwargs)
+
+
+def test_options_that_would_not_be_read_are_refused(quadratic):
+    """A built method or optimizer carries its own options: the same names beside it are an error, not a
+    second source that silently disagrees (issue 21)."""
+    built = make_method("fg2u", num_directions=5, directions="basis")
+    with pytest.raises(TypeError, match="would not be read"):
+        estimate(quadratic, built, num_directions=7)
+    with pytest.raises(TypeError, match="not options of any hypergradient method"):
+        estimate(quadratic, "fg2u", num_direction=5)
+    adam = make_inner_optimizer("adam", 0.05)
+    with pytest.raises(ValueError, match="already built with lr=0.05"):
+        estimate(quadratic, "rgu", inner_optimizer=adam, inner_lr=0.1)
+    same = estimate(quadratic, "rgu", inner_optimizer=adam, inner_lr=0.05)
+    by_name = estimate(quadratic, "rgu", inner_optimizer="adam", inner_lr=0.05)
+    torch.testing.assert_close(same.grad["phi"], by_name.grad["phi"])
+
+
+def test_the_neumann_step_is_the_inner_optimizers_lr(quadratic):
+    """Neumann's default step is the lr the unroll ran with, read from the optimizer itself."""
+    built = estimate(quadratic, "neumann", inner_optimizer=make_inner_optimizer("sgd", 0.07), inner_lr=None)
+    explicit = estimate(quadratic, "neumann", inner_lr=0.07, neumann_lr=0.07)
+    other = estimate(quadratic, "neumann", inner_lr=0.07, neumann_lr=0.02)
+    torch.testing.assert_close(built.grad["phi"], explicit.grad["phi"], rtol=1e-12, atol=1e-12)
+    assert relative_error(other.grad["phi"], explicit.grad["phi"]) > 1e-3
 
 
 class DropoutQuadratic(Quadratic):
