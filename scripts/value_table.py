@@ -36,13 +36,15 @@ LORA = ["--lora_r", "8", "--lora_alpha", "16", "--lora_target_modules", "q_proj"
 FINETUNE = ["--num_train_epochs", "3", "--learning_rate", "3e-4", "--lr_scheduler_type", "constant",
             "--per_device_train_batch_size", "16", "--max_length", "32", "--disable_tqdm", "true", *LORA]  # fmt: skip
 SELECTIONS = ["uniform", "train_and_meta", "meta_only", "loss_filter", "less", "meta_model_filter",
-              "meta_model_filter_balanced", "learned_one_shot", "learned_online", "learned_balanced_and_meta",
-              "oracle_clean_only"]  # fmt: skip
+              "meta_model_filter_balanced", "learned_one_shot", "learned_online", "learned_unprojected",
+              "learned_balanced_and_meta", "oracle_clean_only"]  # fmt: skip
 # The answers are two labels, so the weights are measured within each answer (--balance_column completion): each
 # answer keeps its share of the loss, as a user with label-like completions is told to do.
 BALANCE = ["--balance_column", "completion"]
 MODES = {
     "online": [*BALANCE],  # the recipe's default mode
+    # the same without removing the answer-shift directions from the meta gradient (the ablation of that step)
+    "online_unprojected": [*BALANCE, "--project_group_shift", "false"],
     "one_shot": [
         *BALANCE,
         "--inner_reset_every",
@@ -194,12 +196,7 @@ def selections(data: Path, runs: Path, work: Path) -> dict[str, list[str]]:
         "learned_one_shot": [str(runs / "one_shot" / "weighted_dataset.parquet")],
         "learned_online_epoch1": [str(runs / "online" / "weighted_dataset_epoch1.parquet")],
         f"learned_online_epoch{online_epochs}": [str(runs / "online" / "weighted_dataset.parquet")],
-        # the same weights, each answer keeping its share of the rows (hf-fg2u finetune --balance_column)
-        f"learned_online_epoch{online_epochs}_balanced": [
-            str(runs / "online" / "weighted_dataset.parquet"),
-            "--balance_column",
-            "completion",
-        ],
+        f"learned_unprojected_epoch{online_epochs}": [str(runs / "online_unprojected" / "weighted_dataset.parquet")],
         "learned_balanced_and_meta": [str(work / "learned_and_meta.jsonl"), "--balance_column", "completion"],
         "oracle_clean_only": [clean, "--uniform", "true"],
     }
@@ -232,11 +229,11 @@ def one_data_seed(args, seed: int) -> dict:
             cached.write_text(json.dumps(heuristic_weights(args.model, data, work)))
         result["heuristics"] = json.loads(cached.read_text())
     every = selections(data, runs, work)
-    last_online = [name for name in every if name.startswith("learned_online_epoch") and "balanced" not in name][-1:]
+    last_online = [name for name in every if name.startswith("learned_online_epoch")][-1:]
     chosen = {name: value for name, value in every.items() if name in args.selections
               or (name.startswith("learned_online_epoch") and "learned_online" in args.selections)
               or (name in last_online and "learned_online_last" in args.selections)
-              or (name.endswith("_balanced") and "learned_online_balanced" in args.selections)}  # fmt: skip
+              or (name.startswith("learned_unprojected") and "learned_unprojected" in args.selections)}  # fmt: skip
     for name, (source, *extra) in chosen.items():
         if name == "meta_model_filter":  # scored by the meta_only selection's first adapter (it runs before)
             adapter = work / "finetune" / f"meta_only_a{args.adapter_seeds[0]}"

@@ -58,6 +58,7 @@ def estimate_hypergradient(
     active_coordinates: dict[str, torch.Tensor | None] | None = None,
     step_seeds: Sequence[int | None] | None = None,
     reduce_gradients: Callable | None = None,
+    meta_gradient_transform: Callable | None = None,
     progress: bool = False,
     **method_options,
 ) -> HypergradientResult:
@@ -98,6 +99,8 @@ def estimate_hypergradient(
       step_seeds: the RNG seed of each inner step (dropout masks); default derived from ``seed``.
       reduce_gradients: fg2u, rgu and trgu: a function applied to each step's inner gradient and to its
         tangents (fg2u) or its VJP (rgu), e.g. a mean over data-parallel processes.
+      meta_gradient_transform: ``(∇_θ f, θ_T) -> ∇_θ f'``, applied to the meta gradient before it is carried back
+        (e.g. ``projection.project_out`` of directions the outer problem should not credit); not for "fg2u_zo".
       progress: show a progress bar over the inner steps.
     """
     method = make_method(method, **method_options)
@@ -120,6 +123,7 @@ def estimate_hypergradient(
         inner_loss, outer_loss, optimizer, params, state, outer, inner_batches, meta_batch,
         list(step_seeds), seed=seed, direction_slice=direction_slice, active_coordinates=active_coordinates,
         reduce_gradients=reduce_gradients, progress=bar,
+        meta_gradient_transform=meta_gradient_transform,
     )  # fmt: skip
     try:
         result = method.estimate(unroll)

@@ -34,6 +34,7 @@ class Unroll:
     active_coordinates: dict | None = None
     reduce_gradients: Callable | None = None
     progress: object = None
+    meta_gradient_transform: Callable | None = None
 
 
 def tree_dot(a, b) -> torch.Tensor:
@@ -104,9 +105,15 @@ def finite_difference_epsilon(params: dict, fd_epsilon: float | None) -> float:
 
 def meta_gradient_and_value(u: Unroll, params):
     """((∇_θ f, ∇_φ f), f) at θ = ``params``, under the call's seed: every method and every evaluation of the meta
-    loss sees the same dropout masks."""
+    loss sees the same dropout masks. ``u.meta_gradient_transform(∇_θ f, θ)``, when set, replaces ∇_θ f (e.g.
+    directions removed from it) before any method carries it back through the unroll."""
     with step_rng(u.seed):
-        return torch.func.grad_and_value(u.outer_loss, argnums=(0, 1))(params, u.outer, u.meta_batch)
+        (grad_params, grad_outer), value = torch.func.grad_and_value(u.outer_loss, argnums=(0, 1))(
+            params, u.outer, u.meta_batch
+        )
+        if u.meta_gradient_transform is not None:
+            grad_params = u.meta_gradient_transform(detach_tree(grad_params), params)
+    return (grad_params, grad_outer), value
 
 
 def primal_step(inner_loss: LossFn, optimizer: InnerOptimizer, params, state, outer, batch, seed, reduce=None):

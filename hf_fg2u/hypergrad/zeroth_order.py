@@ -18,6 +18,11 @@ def zeroth_order_directional_derivatives(
 ):
     """Return (⟨∇h, v⟩ estimates [b], h, θ_T, s_T, inner losses); ``ZerothOrderOptions`` validated the scheme."""
     u = unroll
+    if u.meta_gradient_transform is not None:
+        raise ValueError(
+            "fg2u_zo never forms the meta gradient, so meta_gradient_transform cannot apply to it: use fg2u or rgu, "
+            "or leave the transform out (BilevelConfig.project_group_shift=False)."
+        )
     inner_loss, outer_loss, optimizer, outer, meta_batch = (
         u.inner_loss,
         u.outer_loss,

@@ -57,6 +57,10 @@ class OuterModule(torch.nn.Module):
         """Unnormalised weights [B] comparable across batches (for exporting a dataset's weights), or None."""
         return None
 
+    def row_groups(self, batch: dict) -> torch.Tensor | None:
+        """The group [B] of each row when the weights are measured within groups (one per answer), else None."""
+        return None
+
     def prefix(self, outer: dict) -> torch.Tensor | None:
         """Input embeddings [P, H] prepended to every inner and meta example, or None."""
         return None

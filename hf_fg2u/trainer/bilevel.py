@@ -128,6 +128,9 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
         # Built once from the config; every outer step then passes data only.
         self._methods = {name: method_from_config(self.args, name) for name in self._method_names()}
         self.processes.check_direction_shares(self._methods)
+        if self.args.project_group_shift and getattr(self.outer, "num_groups", 1) > 1 and "fg2u_zo" in self._methods:
+            raise ValueError("fg2u_zo never forms the meta gradient, so the group-shift projection of grouped weights "
+                             "cannot apply: use method rgu or fg2u, or set project_group_shift=False.")  # fmt: skip
         self._inner_optimizer = make_inner_optimizer(
             self.args.inner_optimizer, self.args.inner_lr, **self.args.inner_optimizer_kwargs()
         )
@@ -267,6 +270,7 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
                 active_coordinates=self.processes.active_coordinates(self.outer.active_coordinates(inner_batches)),
                 direction_slice=self.processes.direction_share(method),
                 reduce_gradients=self.processes.inner_gradient_reducer(),
+                meta_gradient_transform=self._meta_gradient_transform(model, method, inner_batches),
             )  # fmt: skip
         except NonFiniteHypergradientError as error:
             failure = error

@@ -149,6 +149,14 @@ class BilevelConfig(TrainingArguments):
     phase1_steps: int = field(default=0, metadata={"help": "Outer steps of phase 1 before switching to method."})
 
     # -- outer variables ---------------------------------------------------------------------------------------
+    project_group_shift: bool = field(
+        default=True,
+        metadata={"help": "With weights measured within groups (--balance_column): remove from the meta gradient "
+                  "the directions that only shift how much each group is learned (the gradients of the groups' "
+                  "mean-loss differences on the unroll's rows), so a row is credited for what it teaches beyond its "
+                  "group's share. Left in, that term ranked wrong rows above right ones within an answer "
+                  "(docs/value.md). Costs one extra gradient of the unroll's rows per further group."},
+    )  # fmt: skip
     normalize_hypergradient: bool = field(
         default=False,
         metadata={"help": "Divide the outer gradient by its norm before the outer optimizer: with optim='sgd' "

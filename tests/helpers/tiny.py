@@ -35,14 +35,16 @@ class Quadratic:
     def outer_loss(self, params, outer, batch):
         return 0.5 * ((params["theta"] - self.c) ** 2).sum() + self.d @ outer["phi"]
 
-    def unrolled_sgd_gradient(self, steps: int, lr: float) -> torch.Tensor:
+    def unrolled_sgd_gradient(self, steps: int, lr: float, meta_map: torch.Tensor | None = None) -> torch.Tensor:
+        """∇h in closed form; ``meta_map`` (a matrix) is applied to the meta gradient θ_T − c first."""
         n = self.A.shape[0]
         step_map = torch.eye(n, dtype=self.A.dtype) - lr * self.A
         theta, jacobian = self.params["theta"], torch.zeros_like(self.B)
         for _ in range(steps):
             theta = step_map @ theta + lr * self.B @ self.outer["phi"]
             jacobian = step_map @ jacobian + lr * self.B
-        return jacobian.T @ (theta - self.c) + self.d
+        meta_gradient = theta - self.c if meta_map is None else meta_map @ (theta - self.c)
+        return jacobian.T @ meta_gradient + self.d
 
     def implicit_gradient(self) -> torch.Tensor:
         theta_star = torch.linalg.solve(self.A, self.B @ self.outer["phi"])

@@ -195,3 +195,27 @@ def test_recipe_balance_column_groups_the_rows_by_its_values():
         make_outer(ScriptArguments(balance_column="answer"), {"train": train}, model=None)
     with pytest.raises(ValueError, match="outer=example_weights only"):
         make_outer(ScriptArguments(outer="weight_net", balance_column="completion"), {"train": train}, model=None)
+
+
+def test_grouped_weights_project_the_group_shift_out_of_the_meta_gradient(tmp_path):
+    """The trainer wires the projection in only for grouped weights: one step from the same seed moves the logits
+    differently with and without it, ungrouped weights get no transform, and fg2u_zo (no meta gradient) is refused."""
+    data = fact_data(num_facts=8, copies=2)[1]
+    common = dict(num_directions=2, per_device_train_batch_size=4, meta_batch_size=4, method="rgu", optim="sgd",
+                  learning_rate=0.5, max_steps=1)  # fmt: skip
+
+    def two_groups():
+        outer = ExampleWeights(16, parametrization="sigmoid", num_groups=2)
+        outer.set_groups([i % 2 for i in range(16)])
+        return outer
+
+    logits = {}
+    for project in (True, False):
+        trainer = trainer_for(tmp_path / str(project), two_groups(), data, project_group_shift=project, **common)
+        trainer.train()
+        logits[project] = trainer.outer.logits.detach()
+    assert (logits[True] - logits[False]).abs().max() > 1e-4
+    plain = trainer_for(tmp_path / "plain", ExampleWeights(16), data, **common)
+    assert plain._meta_gradient_transform(plain.model, "rgu", [{"example_id": torch.arange(4)}]) is None
+    with pytest.raises(ValueError, match="fg2u_zo never forms the meta gradient"):
+        trainer_for(tmp_path / "zo", two_groups(), data, **{**common, "method": "fg2u_zo"})
