@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo demo-real demo-real-data value value-quick value-data bench-rows study-real-harm study-real-tokens study-real-unroll bench-real demo-hypergradient test test-all lint format bench bench-unroll bench-large clean
+.PHONY: install demo demo-real demo-real-data value value-quick value-data bench-rows study-group-shift study-real-harm study-real-tokens study-real-unroll bench-real demo-hypergradient test test-all lint format bench bench-unroll bench-large clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -62,6 +62,12 @@ value-quick: value-data
 bench-rows: value-data
 	$(PY) scripts/bench_rows.py --lexicon $(LEXICON) --model $(VALUE_MODEL) --out $(BENCH)/rows.json
 	$(PY) scripts/bench_report.py
+
+# Why grouped weights remove the answer shift from the meta gradient (docs/group_shift.md, ~3 min after `make value`):
+# gradient-alignment scores of data seed 2's rows at the θ trained alongside the weights without that removal.
+study-group-shift: value-data
+	$(PY) scripts/study/study_group_shift.py --data outputs/value/seed2/data --model $(VALUE_MODEL) \
+	  --adapter outputs/value/seed2/runs/online_unprojected --report docs/group_shift.md
 
 value-data: demo-real-data
 	test -f $(LEXICON) || ( mkdir -p .cache/vader && \

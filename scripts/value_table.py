@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -37,7 +38,7 @@ FINETUNE = ["--num_train_epochs", "3", "--learning_rate", "3e-4", "--lr_schedule
             "--per_device_train_batch_size", "16", "--max_length", "32", "--disable_tqdm", "true", *LORA]  # fmt: skip
 SELECTIONS = ["uniform", "train_and_meta", "meta_only", "loss_filter", "less", "meta_model_filter",
               "meta_model_filter_balanced", "learned_one_shot", "learned_online", "learned_unprojected",
-              "learned_balanced_and_meta", "oracle_clean_only"]  # fmt: skip
+              "online_loss_filter", "learned_balanced_and_meta", "oracle_clean_only"]  # fmt: skip
 # The answers are two labels, so the weights are measured within each answer (--balance_column completion): each
 # answer keeps its share of the loss, as a user with label-like completions is told to do.
 BALANCE = ["--balance_column", "completion"]
@@ -64,6 +65,7 @@ TOLD = {
     "less": "how many",
     "meta_model_filter": "how many",
     "meta_model_filter_balanced": "how many",
+    "online_loss_filter": "how many",
 }
 
 
@@ -141,10 +143,12 @@ def heuristic_weights(model_path: str, data: Path, out: Path) -> dict:
     return summary
 
 
-def meta_model_filter(model_path: str, adapter: Path, data: Path, out: Path) -> dict:
-    """The filter a strong engineer tries first with a clean meta set: fine-tune on the meta rows alone (the
-    meta_only selection's adapter), then drop the train rows that model finds least likely (keeping the clean
-    fraction). Its weight file and its scores' AUROC."""
+def adapter_loss_filter(model_path: str, adapter: Path, data: Path, out: Path, name: str) -> dict:
+    """Keep the train rows an adapter finds most likely (the clean fraction); OUT/NAME.jsonl and the AUROC.
+
+    meta_model_filter: the filter a strong engineer tries first with a clean meta set (the adapter fine-tuned on
+    the meta rows alone). online_loss_filter: the simpler thing the online mode could reduce to, the small-loss
+    rule at the θ trained alongside the weights (the recipe run's own adapter)."""
     import torch
     from datasets import Dataset
     from peft import PeftModel
@@ -165,9 +169,7 @@ def meta_model_filter(model_path: str, adapter: Path, data: Path, out: Path) -> 
     with torch.no_grad():
         scores = -base_model_losses(model, train, PaddingCollator(pad_token_id=tokenizer.pad_token_id))
     weights = keep_top(scores, 1.0 - corrupted.double().mean().item())
-    write_rows(
-        out / "meta_model_filter.jsonl", [{**r, "weight": float(w)} for r, w in zip(train_rows, weights, strict=True)]
-    )
+    write_rows(out / f"{name}.jsonl", [{**r, "weight": float(w)} for r, w in zip(train_rows, weights, strict=True)])
     return {"auroc": auroc(-scores, corrupted), "seconds": time.perf_counter() - start}
 
 
@@ -193,6 +195,7 @@ def selections(data: Path, runs: Path, work: Path) -> dict[str, list[str]]:
         "less": [str(work / "less.jsonl")],
         "meta_model_filter": [str(work / "meta_model_filter.jsonl")],
         "meta_model_filter_balanced": [str(work / "meta_model_filter.jsonl"), "--balance_column", "completion"],
+        "online_loss_filter": [str(work / "online_loss_filter.jsonl"), "--balance_column", "completion"],
         "learned_one_shot": [str(runs / "one_shot" / "weighted_dataset.parquet")],
         "learned_online_epoch1": [str(runs / "online" / "weighted_dataset_epoch1.parquet")],
         f"learned_online_epoch{online_epochs}": [str(runs / "online" / "weighted_dataset.parquet")],
@@ -237,7 +240,9 @@ def one_data_seed(args, seed: int) -> dict:
     for name, (source, *extra) in chosen.items():
         if name == "meta_model_filter":  # scored by the meta_only selection's first adapter (it runs before)
             adapter = work / "finetune" / f"meta_only_a{args.adapter_seeds[0]}"
-            result["heuristics"][name] = meta_model_filter(args.model, adapter, data, work)
+            result["heuristics"][name] = adapter_loss_filter(args.model, adapter, data, work, name)
+        if name == "online_loss_filter":  # scored by the online recipe run's own adapter
+            result["heuristics"][name] = adapter_loss_filter(args.model, runs / "online", data, work, name)
         scores = []
         for adapter_seed in args.adapter_seeds:
             out = work / "finetune" / f"{name}_a{adapter_seed}"
@@ -257,18 +262,53 @@ def one_data_seed(args, seed: int) -> dict:
 LEGEND = """The selections: `uniform` every train row; `train_and_meta` the train and meta rows; `meta_only` the 64 meta
 rows; `loss_filter`, `less`, `meta_model_filter` keep the train rows their scores rank cleanest (the base model's
 loss; LESS's Adam-preconditioned gradient alignment with the meta rows; the loss under an adapter fine-tuned on
-the meta rows); `learned_online_epoch{k}` the weights of `hf-fg2u train --recipe noisy_reweighting_real
---balance_column completion` after epoch k (each row weighed against the mean of the rows with its answer, so
-each answer keeps its share of the loss while θ trains on the weights); `_balanced`: fine-tuned with
-`--balance_column completion` (each answer keeps its share of the weight: a check, the learned weights are so already);
-`learned_balanced_and_meta` the learned weights with the meta rows added at the mean weight, balanced;
-`oracle_clean_only` the right rows only. Seconds are wall-clock as each job ran: compare them only from a table
-made with nothing else running."""
+the meta rows; `_balanced`: each answer keeping its share of the weight); `online_loss_filter` the small-loss rule
+at the θ the online mode trained alongside its weights (the simpler thing it could reduce to), balanced;
+`learned_online_epoch{k}` the weights of `hf-fg2u train --recipe noisy_reweighting_real --balance_column
+completion` after epoch k: each row weighed against the mean of the rows with its answer, and the directions that
+only shift which answer is preferred removed from the meta gradient, so a row is credited for what it teaches
+beyond its answer's share; `learned_unprojected_epoch{k}` the same without that removal (`--project_group_shift
+false`, the ablation); `learned_one_shot` the one-shot mode (θ back to θ_w before every outer step, one epoch: an
+unrolled influence score); `learned_balanced_and_meta` the online weights with the meta rows added at the mean
+weight, balanced; `oracle_clean_only` the right rows only. Seconds are wall-clock as each job ran: compare them
+only from a table made with nothing else running."""
+
+
+def merged(previous: dict, new: dict) -> dict:
+    """A data seed's results: this run's, and the fine-tunes and scores of earlier runs it did not redo (a second
+    adapter seed run for some selections keeps the others' first)."""
+    return {
+        "bilevel": {**previous.get("bilevel", {}), **new["bilevel"]},
+        "heuristics": {**previous.get("heuristics", {}), **new["heuristics"]},
+        "finetune": {**previous.get("finetune", {}), **new["finetune"]},
+    }
+
+
+def adapter_seed_count(table: dict, seeds: list[str], name: str) -> str:
+    """How many adapter seeds a selection's cells average (a range where data seeds differ)."""
+    counts = sorted({len(table["seeds"][s]["finetune"].get(name, [])) for s in seeds} - {0})
+    return f"{counts[0]}–{counts[-1]}" if len(counts) > 1 else str(counts[0])
 
 
 def mean_accuracy(result: dict, name: str) -> float | None:
     scores = result["finetune"].get(name)
     return statistics.mean(s["test_accuracy"] for s in scores) if scores else None
+
+
+def verdict(gaps: dict) -> str:
+    """One generated sentence: the recipe's default against the best selection of each kind of knowledge."""
+    default = [name for name in gaps if re.fullmatch(r"learned_online_epoch\d+", name)][-1:]
+    if not default or gaps[default[0]] is None:
+        return "The recipe's default mode was not run."
+    others = {told: max(((gaps[n], n) for n in gaps if n not in (default[0], "oracle_clean_only", "uniform")
+                         and TOLD.get(n, "nothing") == told and gaps[n] is not None), default=None)
+              for told in ("nothing", "how many")}  # fmt: skip
+    parts = [f"`{n}` {g:.0%}" + (" (told how many rows are wrong)" if told == "how many" else "")
+             for told, best in others.items() if best for g, n in [best]]  # fmt: skip
+    return (
+        f"The recipe's default, `{default[0]}`, recovers {gaps[default[0]]:.0%} of the uniform → oracle gap on "
+        f"the mean over data seeds; the best other selections: {'; '.join(parts)}."
+    )
 
 
 def report(table: dict) -> str:
@@ -282,13 +322,14 @@ def report(table: dict) -> str:
         "negative (VADER lexicon words), 600 train rows of which 40% have the wrong answer, 64 clean meta rows, 100",
         "clean stop rows, 300 held-out test words; SmolLM2-135M-Instruct, a fresh LoRA adapter (r=8, q/v) per",
         "selection, 3 epochs, best epoch on the stop rows. Forced-choice accuracy on the test words, mean over",
-        f"adapter seeds {table['adapter_seeds']}; gap recovered = (selection − uniform) / (oracle − uniform), mean",
-        "over the data seeds; – = not run on that seed (the mean is then over the seeds that ran it).",
+        "the adapter seeds each row ran (column 'adapters', 0 and 1 where 2); gap recovered = (selection − uniform)",
+        "/ (oracle − uniform), mean over the data seeds; – = not run on that seed (the mean is then over the seeds",
+        "that ran it).",
         "",
-        "| selection | told about the wrong rows | "
+        "| selection | told about the wrong rows | adapters | "
         + " | ".join(f"data seed {s}" for s in seeds)
         + " | mean | gap recovered |",
-        "|---|---|" + "---|" * len(seeds) + "---|---|",
+        "|---|---|---|" + "---|" * len(seeds) + "---|---|",
     ]
     gaps = {}
     for name in names:
@@ -302,11 +343,13 @@ def report(table: dict) -> str:
         cells = " | ".join("–" if a is None else f"{a:.3f}" for a in accuracies)
         mean = statistics.mean(a for a in accuracies if a is not None)  # over the seeds that ran it
         gap = "–" if gaps[name] is None else f"{gaps[name]:.0%}"
-        lines.append(f"| {name} | {TOLD.get(name, 'nothing')} | {cells} | {mean:.3f} | {gap} |")
+        adapters = adapter_seed_count(table, seeds, name)
+        lines.append(f"| {name} | {TOLD.get(name, 'nothing')} | {adapters} | {cells} | {mean:.3f} | {gap} |")
     harm = [mean_accuracy(table["seeds"][s], "oracle_clean_only") - mean_accuracy(table["seeds"][s], "uniform")
             for s in seeds]  # fmt: skip
     lines += ["", "Harm (oracle − uniform accuracy) by data seed: " + ", ".join(
         f"{s}: {h:+.3f}" for s, h in zip(seeds, harm, strict=True))]  # fmt: skip
+    lines += ["", verdict(gaps)]
     lines += ["", LEGEND]
     lines += ["", "## The weights themselves", "", "AUROC of the scores, wrong rows against right ones (1 = perfectly "
               "apart), and the seconds each took:", "", "| scores | " + " | ".join(f"data seed {s}" for s in seeds)
@@ -327,12 +370,16 @@ def report(table: dict) -> str:
             cells.append("–" if found is None else f"{score:.3f} ({found['seconds']:.0f} s)")
         label = name if kind == "heuristics" else f"learned, {name}"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "## The online mode, epoch by epoch", ""]
-    lines += ["| data seed | epoch | AUROC | mean meta loss | eval (stop rows) loss |", "|---|---|---|---|---|"]
-    for s in seeds:
-        for e in table["seeds"][s]["bilevel"].get("online", {}).get("epochs", []):
-            lines.append(f"| {s} | {e['epoch']} | {e['auroc_corrupted']:.3f} | {e['meta_loss']:.4f} | "
-                         f"{e.get('eval_loss', float('nan')):.4f} |")  # fmt: skip
+    lines += ["", "## The weights epoch by epoch", ""]
+    lines += [
+        "| mode | data seed | epoch | AUROC | mean meta loss | eval (stop rows) loss |",
+        "|---|---|---|---|---|---|",
+    ]
+    for mode in scored["bilevel"]:
+        for s in seeds:
+            for e in table["seeds"][s]["bilevel"].get(mode, {}).get("epochs", []):
+                lines.append(f"| {mode} | {s} | {e['epoch']} | {e['auroc_corrupted']:.3f} | {e['meta_loss']:.4f} | "
+                             f"{e.get('eval_loss', float('nan')):.4f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -349,14 +396,14 @@ def main() -> None:
     parser.add_argument("--online_epochs", type=int, help="Epochs of the online mode (default: the recipe's).")
     parser.add_argument("--report", type=Path, help="Also write the markdown table here (e.g. docs/value.md).")
     parser.add_argument("--readme", type=Path, help="Also write the accuracy table into this README's markers.")
+    parser.add_argument("--report_only", action="store_true", help="Only write the report from OUT/table.json.")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     table_path = args.out / "table.json"
     table = json.loads(table_path.read_text()) if table_path.is_file() else {"seeds": {}}
-    table["adapter_seeds"] = args.adapter_seeds
     start = time.perf_counter()
-    for seed in args.data_seeds:
-        table["seeds"][str(seed)] = one_data_seed(args, seed)
+    for seed in [] if args.report_only else args.data_seeds:
+        table["seeds"][str(seed)] = merged(table["seeds"].get(str(seed), {}), one_data_seed(args, seed))
         args.out.mkdir(parents=True, exist_ok=True)
         table_path.write_text(json.dumps(table, indent=2))  # after every seed: nothing lost to a later failure
     print(f"total {time.perf_counter() - start:.0f} s")
