@@ -19,9 +19,11 @@ from huggingface_hub.errors import (
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from hf_fg2u.registry import Registry
+
 CONFIG_NAME = "outer_config.json"
 WEIGHTS_NAME = "outer_model.safetensors"
-OUTER_TYPES: dict[str, type[OuterModule]] = {}
+OUTER_TYPES: Registry[type[OuterModule]] = Registry("outer module type")  # every subclass, by class name
 
 
 class OuterModule(torch.nn.Module):
@@ -40,7 +42,7 @@ class OuterModule(torch.nn.Module):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        OUTER_TYPES[cls.__name__] = cls
+        OUTER_TYPES.register(cls.__name__, cls)
 
     def __init__(self, **config):
         super().__init__()
@@ -136,7 +138,7 @@ class OuterModule(torch.nn.Module):
             config = json.loads(config_path.read_text())
             kind = config.pop("type")
             with torch.device("meta"):  # the declared sizes, checked against the file before anything is allocated
-                shapes = {name: tuple(t.shape) for name, t in OUTER_TYPES[kind](**config).state_dict().items()}
+                shapes = {name: tuple(t.shape) for name, t in OUTER_TYPES.get(kind)(**config).state_dict().items()}
             state = load_file(str(weights_path))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, RuntimeError, SafetensorError, OSError) as error:
             raise ValueError(
