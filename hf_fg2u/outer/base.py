@@ -52,7 +52,8 @@ class OuterModule(torch.nn.Module):
         super().__init__()
         if self.config_class is not None and not isinstance(config, self.config_class):
             raise TypeError(
-                f"{type(self).__name__}' config must be an {self.config_class.__name__}, got {type(config).__name__}."
+                f"{type(self).__name__}'s config must be of type {self.config_class.__name__}, "
+                f"got {type(config).__name__}."
             )
         self.config = config
 

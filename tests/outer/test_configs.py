@@ -31,5 +31,5 @@ def test_bad_arguments_are_refused_by_the_config():
         DomainWeights(["a", "b"], init=[0.0, 1.0, 2.0])
     with pytest.raises(ValueError, match="hidden_size >= 1"):
         WeightNet(hidden_size=0)
-    with pytest.raises(TypeError, match="ExampleWeights' config must be an ExampleWeightsConfig, got dict"):
+    with pytest.raises(TypeError, match="ExampleWeights's config must be of type ExampleWeightsConfig, got dict"):
         OuterModule.__init__(ExampleWeights.__new__(ExampleWeights), {"num_examples": 3})
