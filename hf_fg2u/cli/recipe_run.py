@@ -28,7 +28,7 @@ from transformers import TrainerCallback
 from hf_fg2u.cli.arguments import ModelArguments, ScriptArguments
 from hf_fg2u.cli.data_loading import user_splits, uses_own_data
 from hf_fg2u.cli.models import load_model_and_tokenizer, lora_config
-from hf_fg2u.cli.registry import RECIPES, builtin_splits, make_outer
+from hf_fg2u.cli.registry import builtin_splits, make_outer
 from hf_fg2u.hub.model_card import WEIGHTED_DATASET_FILE
 from hf_fg2u.lm import toy_data as builtin_data
 from hf_fg2u.lm.evaluation import auroc
@@ -56,7 +56,7 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
             trainer.add_callback(TimeBudget(script_args.time_budget_s))
         for callback in callbacks if name == "bilevel" else ():
             trainer.add_callback(callback)
-        if name == "bilevel" and RECIPES[script_args.recipe].weights_rows:
+        if name == "bilevel" and trainer.outer.weighs_rows:
             trainer.add_callback(EpochWeights(trainer))
         if trainer.is_world_process_zero():
             print(run_banner(script_args, args, name, trainer))
@@ -77,7 +77,7 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
         if any(curves.values()):  # nothing is logged with logging_strategy="no"
             results["meta_loss_plot"] = str(plot_meta_loss_curves(curves, output_dir / "meta_loss.png"))
     trainer.save_model()  # after the plots: the card shows them and push_to_hub (if set) uploads them
-    if script_args.final_stage_steps and RECIPES[script_args.recipe].weights_rows:
+    if script_args.final_stage_steps and trainer.outer.weighs_rows:
         results.update(final_stage(script_args, training_args, model_args, trainer))
     if trainer.args.should_save:
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
@@ -263,7 +263,7 @@ def summarize(script_args, raw, trainer, results, output_dir: Path) -> dict:
     writes = trainer.args.should_save
     if "uniform_meta_loss" in results:
         out["meta_loss_reduction"] = 1.0 - results["bilevel_meta_loss"] / results["uniform_meta_loss"]
-    if RECIPES[script_args.recipe].weights_rows:
+    if trainer.outer.weighs_rows:
         weighted = trainer.export_weights()  # the user's columns and a weight, no token ids
         if writes:
             output_dir.mkdir(parents=True, exist_ok=True)  # one copy: the file push_to_hub uploads too

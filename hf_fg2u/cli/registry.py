@@ -17,6 +17,7 @@ from datasets import DatasetDict
 
 from hf_fg2u.lm import toy_data as builtin_data
 from hf_fg2u.outer import DomainWeights, ExampleWeights, SoftPrompt, WeightNet
+from hf_fg2u.registry import Registry
 
 RECIPES_DIR = Path(__file__).parents[1] / "recipes"  # the YAML configs and accelerate configs, shipped as package data
 
@@ -24,19 +25,18 @@ RECIPES_DIR = Path(__file__).parents[1] / "recipes"  # the YAML configs and acce
 @dataclass(frozen=True)
 class Recipe:
     """A registered recipe: its packaged YAML (``hf_fg2u/recipes/NAME.yaml``), the built-in data it generates
-    when the user gives none, the outer module it learns, and whether that is one weight per train row (then the
-    run writes the weighted dataset and may train a final adapter on it)."""
+    when the user gives none, and the outer module it learns (whose ``weighs_rows`` says whether the run writes a
+    weighted dataset and may train a final adapter on it)."""
 
     builtin_data: Callable[[ScriptArguments], DatasetDict]
     make_outer: Callable
-    weights_rows: bool = False
 
     @staticmethod
     def yaml(name: str) -> Path:
         return RECIPES_DIR / f"{name}.yaml"
 
 
-RECIPES: dict[str, Recipe] = {}  # filled by register_recipe below; every packaged YAML is one of them
+RECIPES: Registry[Recipe] = Registry("recipe")  # filled by register_recipe below; every packaged YAML is one of them
 
 
 def register_recipe(name: str, recipe: Recipe) -> None:
@@ -44,7 +44,7 @@ def register_recipe(name: str, recipe: Recipe) -> None:
     ``recipe``."""
     if not Recipe.yaml(name).is_file():
         raise ValueError(f"recipe {name!r} has no packaged YAML {Recipe.yaml(name)}; add it beside the others.")
-    RECIPES[name] = recipe
+    RECIPES.register(name, recipe)
 
 
 def recipe_config(name: str) -> Path:
@@ -54,9 +54,7 @@ def recipe_config(name: str) -> Path:
 
 
 def check_recipe(name: str) -> Recipe:
-    if name not in RECIPES:
-        raise ValueError(f"recipe={name!r} is not known; use one of {sorted(RECIPES)}.")
-    return RECIPES[name]
+    return RECIPES.get(name)
 
 
 def builtin_splits(script_args: ScriptArguments) -> DatasetDict:
@@ -129,10 +127,10 @@ def _soft_prompt(s: ScriptArguments, splits: DatasetDict, model):
     return SoftPrompt(s.num_virtual_tokens, hidden, init_std=0.5)
 
 
-register_recipe("noisy_reweighting", Recipe(_facts, _row_weights, weights_rows=True))
+register_recipe("noisy_reweighting", Recipe(_facts, _row_weights))
 
 
-register_recipe("noisy_reweighting_real", Recipe(_facts, _row_weights, weights_rows=True))
+register_recipe("noisy_reweighting_real", Recipe(_facts, _row_weights))
 
 
 register_recipe("domain_mixture", Recipe(_domain_facts, _domain_weights))

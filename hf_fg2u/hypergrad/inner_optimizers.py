@@ -14,6 +14,8 @@ from typing import NamedTuple
 
 import torch
 
+from hf_fg2u.registry import Registry
+
 Params = dict[str, torch.Tensor]
 State = dict[str, dict[str, torch.Tensor] | torch.Tensor]
 
@@ -106,7 +108,9 @@ def adam(
     return InnerOptimizer("adam", lr, init, update)
 
 
-INNER_OPTIMIZERS = {"sgd": sgd, "momentum": momentum, "adam": adam}
+INNER_OPTIMIZERS: Registry[Callable[..., InnerOptimizer]] = Registry("inner_optimizer")
+for _factory in (sgd, momentum, adam):
+    INNER_OPTIMIZERS.register(_factory.__name__, _factory)
 
 
 DEFAULT_INNER_LR = 1e-2
@@ -123,6 +127,4 @@ def make_inner_optimizer(name: str | InnerOptimizer, lr: float | None = None, **
                 f"{sorted(hyperparameters)} beside it would not be used. Pass its name to build it, or drop them."
             )
         return name
-    if name not in INNER_OPTIMIZERS:
-        raise ValueError(f"inner_optimizer={name!r} is not known; use one of {sorted(INNER_OPTIMIZERS)}.")
-    return INNER_OPTIMIZERS[name](DEFAULT_INNER_LR if lr is None else lr, **hyperparameters)
+    return INNER_OPTIMIZERS.get(name)(DEFAULT_INNER_LR if lr is None else lr, **hyperparameters)

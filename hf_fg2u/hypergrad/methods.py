@@ -22,6 +22,7 @@ from hf_fg2u.hypergrad.result import HypergradientResult
 from hf_fg2u.hypergrad.reverse import reverse_hypergradient
 from hf_fg2u.hypergrad.unroll import JVP_MODES, Unroll
 from hf_fg2u.hypergrad.zeroth_order import ZO_SCHEMES, zeroth_order_directional_derivatives
+from hf_fg2u.registry import Registry
 
 DEFAULT_JVP = "double_backward"
 
@@ -196,56 +197,76 @@ def _tangents_need_second_order(options) -> bool:
     return options.jvp != "finite_difference"
 
 
-METHOD_SPECS: dict[str, MethodSpec] = {
-    # forward gradient unrolling: unbiased, memory constant in T and in |θ|·T
-    "fg2u": MethodSpec(
+METHOD_SPECS: Registry[MethodSpec] = Registry("method")
+# forward gradient unrolling: unbiased, memory constant in T and in |θ|·T
+METHOD_SPECS.register(
+    "fg2u",
+    MethodSpec(
         ForwardOptions,
         _run_directional,
         _tangents_need_second_order,
         directional=True,
         data_parallel=True,
     ),
-    # fg2u with finite differences of h: no derivative of the inner loop
-    "fg2u_zo": MethodSpec(
+)
+# fg2u with finite differences of h: no derivative of the inner loop
+METHOD_SPECS.register(
+    "fg2u_zo",
+    MethodSpec(
         ZerothOrderOptions,
         _run_directional,
         lambda options: False,
         directional=True,
     ),
-    # exact reverse unrolling that stores the trajectory (θ_t, s_t): memory T·|θ, s| + one step
-    "rgu": MethodSpec(
+)
+# exact reverse unrolling that stores the trajectory (θ_t, s_t): memory T·|θ, s| + one step
+METHOD_SPECS.register(
+    "rgu",
+    MethodSpec(
         ReverseOptions,
         _run_reverse,
         lambda options: True,
         data_parallel=True,
     ),
-    # reverse unrolling of the last K steps only: biased, memory K·|θ, s|
-    "trgu": MethodSpec(
+)
+# reverse unrolling of the last K steps only: biased, memory K·|θ, s|
+METHOD_SPECS.register(
+    "trgu",
+    MethodSpec(
         ReverseOptions,
         _run_reverse,
         lambda options: True,
         data_parallel=True,
         reaches_every_step=False,
     ),
-    # implicit function theorem at θ_T, Neumann series
-    "neumann": MethodSpec(
+)
+# implicit function theorem at θ_T, Neumann series
+METHOD_SPECS.register(
+    "neumann",
+    MethodSpec(
         ImplicitOptions,
         _run_implicit,
         _tangents_need_second_order,
     ),
-    # implicit function theorem at θ_T, conjugate gradient
-    "cg": MethodSpec(
+)
+# implicit function theorem at θ_T, conjugate gradient
+METHOD_SPECS.register(
+    "cg",
+    MethodSpec(
         ImplicitOptions,
         _run_implicit,
         _tangents_need_second_order,
     ),
-    # first-order: identity for every (I − αH); exact for one SGD step
-    "hessian_free": MethodSpec(
+)
+# first-order: identity for every (I − αH); exact for one SGD step
+METHOD_SPECS.register(
+    "hessian_free",
+    MethodSpec(
         ImplicitOptions,
         _run_implicit,
         lambda options: False,
     ),
-}
+)
 METHODS = tuple(METHOD_SPECS)
 
 
@@ -270,13 +291,11 @@ def make_method(name: str | HypergradientMethod, **options) -> HypergradientMeth
                 "when building it (make_method / method_from_config), or pass the method's name instead."
             )
         return name
-    if name not in METHOD_SPECS:
-        raise ValueError(f"method={name!r} is not known; use one of {METHODS}.")
+    options_type = METHOD_SPECS.get(name).options_type
     unknown = sorted(set(options) - method_option_names())
     if unknown:
         known = sorted(method_option_names())
         raise TypeError(f"{unknown} are not options of any hypergradient method; known: {known}.")
-    options_type = METHOD_SPECS[name].options_type
     known = {f.name for f in dataclasses.fields(options_type)}
     return HypergradientMethod(name, options_type(**{k: v for k, v in options.items() if k in known}))
 
@@ -284,9 +303,7 @@ def make_method(name: str | HypergradientMethod, **options) -> HypergradientMeth
 def method_from_config(config, name: str | None = None) -> HypergradientMethod:
     """Method ``name`` (default ``config.method``) with its options read from a ``BilevelConfig``'s fields."""
     name = name or config.method
-    options_type = METHOD_SPECS[name].options_type if name in METHOD_SPECS else None
-    if options_type is None:
-        raise ValueError(f"method={name!r} is not known; use one of {METHODS}.")
+    options_type = METHOD_SPECS.get(name).options_type
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(options_type) if hasattr(config, f.name)}
     return make_method(name, **values)
 

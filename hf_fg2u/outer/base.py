@@ -3,6 +3,7 @@ of a dict of tensors (so ``estimate_hypergradient`` can differentiate them) and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import tempfile
@@ -19,16 +20,19 @@ from huggingface_hub.errors import (
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from hf_fg2u.registry import Registry
+
 CONFIG_NAME = "outer_config.json"
 WEIGHTS_NAME = "outer_model.safetensors"
-OUTER_TYPES: dict[str, type[OuterModule]] = {}
+OUTER_TYPES: Registry[type[OuterModule]] = Registry("outer module type")  # every subclass, by class name
 
 
 class OuterModule(torch.nn.Module):
     """Outer variables φ. Subclasses override the hooks they use; the defaults mean "does not do that".
 
-    ``required_columns`` names the dataset columns that batches must carry for this module; ``config`` holds
-    the constructor arguments (JSON) so that ``from_pretrained`` can rebuild the module.
+    ``required_columns`` names the dataset columns that batches must carry for this module. ``config`` is the
+    module's typed config (a frozen dataclass of its constructor's arguments, ``config_class``, validated when built),
+    saved as JSON so that ``from_pretrained`` can rebuild the module.
     """
 
     required_columns: tuple[str, ...] = ()
@@ -40,11 +44,22 @@ class OuterModule(torch.nn.Module):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        OUTER_TYPES[cls.__name__] = cls
+        OUTER_TYPES.register(cls.__name__, cls)
 
-    def __init__(self, **config):
+    config_class: type | None = None  # the subclass's frozen dataclass of constructor arguments
+
+    def __init__(self, config):
         super().__init__()
+        if self.config_class is not None and not isinstance(config, self.config_class):
+            raise TypeError(
+                f"{type(self).__name__}'s config must be of type {self.config_class.__name__}, "
+                f"got {type(config).__name__}."
+            )
         self.config = config
+
+    def config_dict(self) -> dict:
+        """The config as JSON-ready values (what ``outer_config.json`` holds beside the type)."""
+        return dataclasses.asdict(self.config)
 
     # -- pure functions of φ (a dict like ``outer_dict()``) ---------------------------------------------------
     def example_weights(self, outer: dict, batch: dict, losses: torch.Tensor) -> torch.Tensor | None:
@@ -92,7 +107,7 @@ class OuterModule(torch.nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_NAME).write_text(json.dumps({"type": type(self).__name__, **self.config}, indent=2))
+        (directory / CONFIG_NAME).write_text(json.dumps({"type": type(self).__name__, **self.config_dict()}, indent=2))
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / WEIGHTS_NAME))
 
     def save_peft_adapter(self, directory: str | Path, model, base_model_name: str | None = None) -> Path | None:
@@ -136,7 +151,7 @@ class OuterModule(torch.nn.Module):
             config = json.loads(config_path.read_text())
             kind = config.pop("type")
             with torch.device("meta"):  # the declared sizes, checked against the file before anything is allocated
-                shapes = {name: tuple(t.shape) for name, t in OUTER_TYPES[kind](**config).state_dict().items()}
+                shapes = {name: tuple(t.shape) for name, t in OUTER_TYPES.get(kind)(**config).state_dict().items()}
             state = load_file(str(weights_path))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, RuntimeError, SafetensorError, OSError) as error:
             raise ValueError(

@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from hf_fg2u.outer.base import OuterModule, normalized_entropy, require_columns, softmax_regularizer
+
+
+@dataclass(frozen=True)
+class DomainWeightsConfig:
+    """``DomainWeights``' arguments, checked when built."""
+
+    domains: list[str]
+    domain_column: str = "domain"
+    init: list[float] | None = None
+
+    def __post_init__(self):
+        if len(self.domains) < 2 or len(set(self.domains)) != len(self.domains):
+            raise ValueError(f"DomainWeights needs at least two distinct domain names, got {self.domains}.")
+        if self.init is not None and len(self.init) != len(self.domains):
+            raise ValueError(f"DomainWeights init has {len(self.init)} logits for {len(self.domains)} domains.")
 
 
 class DomainWeights(OuterModule):
@@ -13,14 +30,13 @@ class DomainWeights(OuterModule):
     The dataset's domain column holds names; ``prepare_dataset`` adds ``<column>_index`` with their indices.
     """
 
+    config_class = DomainWeightsConfig
     reads_losses = False
     weighs_rows = True
 
     def __init__(self, domains: list[str], domain_column: str = "domain", init: list[float] | None = None):
         domains = list(domains)
-        super().__init__(domains=domains, domain_column=domain_column, init=init)
-        if len(domains) < 2 or len(set(domains)) != len(domains):
-            raise ValueError(f"DomainWeights needs at least two distinct domain names, got {domains}.")
+        super().__init__(DomainWeightsConfig(domains, domain_column, None if init is None else list(init)))
         self.domains = domains
         self.domain_column = domain_column
         self.index_column = f"{domain_column}_index"

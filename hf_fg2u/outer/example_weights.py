@@ -3,12 +3,35 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from hf_fg2u.outer.base import OuterModule, normalized_entropy, require_columns, softmax_regularizer
 
 PARAMETRIZATIONS = ("softmax", "sigmoid")
+
+
+@dataclass(frozen=True)
+class ExampleWeightsConfig:
+    """``ExampleWeights``' arguments, checked when built."""
+
+    num_examples: int
+    id_column: str = "example_id"
+    init: float = 0.0
+    parametrization: str = "softmax"
+    max_logit: float | None = None
+    num_groups: int = 1
+
+    def __post_init__(self):
+        if self.num_examples < 1:
+            raise ValueError(f"ExampleWeights needs num_examples >= 1, got {self.num_examples}.")
+        if self.parametrization not in PARAMETRIZATIONS:
+            raise ValueError(f"parametrization={self.parametrization!r} is not known; use one of {PARAMETRIZATIONS}.")
+        if self.max_logit is not None and not float(self.init) <= self.max_logit < float("inf"):
+            raise ValueError(f"max_logit={self.max_logit} must be a finite number >= init ({self.init}), or None.")
+        if self.num_groups < 1:
+            raise ValueError(f"ExampleWeights needs num_groups >= 1, got {self.num_groups}.")
 
 
 class ExampleWeights(OuterModule):
@@ -36,6 +59,7 @@ class ExampleWeights(OuterModule):
     (and a fine-tune after) inherits that as a bias towards the answer (docs/value.md).
     """
 
+    config_class = ExampleWeightsConfig
     reads_losses = False
     weighs_rows = True
     per_row_coordinates = True
@@ -49,22 +73,11 @@ class ExampleWeights(OuterModule):
         max_logit: float | None = None,
         num_groups: int = 1,
     ):
-        super().__init__(
-            num_examples=num_examples, id_column=id_column, init=init, parametrization=parametrization,
-            max_logit=max_logit, **({"num_groups": num_groups} if num_groups > 1 else {}),
-        )  # fmt: skip
-        if num_examples < 1:
-            raise ValueError(f"ExampleWeights needs num_examples >= 1, got {num_examples}.")
-        if parametrization not in PARAMETRIZATIONS:
-            raise ValueError(f"parametrization={parametrization!r} is not known; use one of {PARAMETRIZATIONS}.")
-        if max_logit is not None and not float(init) <= max_logit < float("inf"):
-            raise ValueError(f"max_logit={max_logit} must be a finite number >= init ({init}), or None.")
+        super().__init__(ExampleWeightsConfig(num_examples, id_column, init, parametrization, max_logit, num_groups))
         self.id_column = id_column
         self.parametrization = parametrization
         self.max_logit = max_logit
         self.required_columns = (id_column,)
-        if num_groups < 1:
-            raise ValueError(f"ExampleWeights needs num_groups >= 1, got {num_groups}.")
         self.logits = torch.nn.Parameter(torch.full((num_examples,), float(init)))
         self.num_groups = num_groups
         # saved with the logits only when there are groups, so files from before groups existed still load

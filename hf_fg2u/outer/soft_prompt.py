@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -11,17 +12,29 @@ from hf_fg2u.outer.base import OuterModule
 WEIGHTS = "adapter_model.safetensors"
 
 
+@dataclass(frozen=True)
+class SoftPromptConfig:
+    """``SoftPrompt``'s arguments, checked when built."""
+
+    num_virtual_tokens: int
+    hidden_size: int
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.num_virtual_tokens < 1:
+            raise ValueError(f"SoftPrompt needs num_virtual_tokens >= 1, got {self.num_virtual_tokens}.")
+
+
 class SoftPrompt(OuterModule):
     """P virtual tokens of size H. The attention mask and labels are extended by the loss functions
     (``hf_fg2u.lm.losses.per_example_lm_loss``), so the prompt is trained only through its effect on θ_T and
     on the meta loss."""
 
+    config_class = SoftPromptConfig
     reads_losses = False
 
     def __init__(self, num_virtual_tokens: int, hidden_size: int, init_std: float = 0.02):
-        super().__init__(num_virtual_tokens=num_virtual_tokens, hidden_size=hidden_size, init_std=init_std)
-        if num_virtual_tokens < 1:
-            raise ValueError(f"SoftPrompt needs num_virtual_tokens >= 1, got {num_virtual_tokens}.")
+        super().__init__(SoftPromptConfig(num_virtual_tokens, hidden_size, init_std))
         self.embeddings = torch.nn.Parameter(torch.randn(num_virtual_tokens, hidden_size) * init_std)
 
     @classmethod

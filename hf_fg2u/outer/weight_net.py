@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from hf_fg2u.outer.base import OuterModule, require_columns
+
+
+@dataclass(frozen=True)
+class WeightNetConfig:
+    """``WeightNet``'s arguments, checked when built."""
+
+    hidden_size: int = 32
+    domains: list[str] | None = None
+    domain_column: str = "domain"
+
+    def __post_init__(self):
+        if not isinstance(self.hidden_size, int) or self.hidden_size < 1:
+            raise ValueError(f"WeightNet needs hidden_size >= 1, got {self.hidden_size!r}.")
 
 
 class WeightNet(OuterModule):
@@ -14,11 +29,12 @@ class WeightNet(OuterModule):
     the example's current (detached) loss under θ.
     """
 
+    config_class = WeightNetConfig
     weighs_rows = True
 
     def __init__(self, hidden_size: int = 32, domains: list[str] | None = None, domain_column: str = "domain"):
         domains = list(domains) if domains else None
-        super().__init__(hidden_size=hidden_size, domains=domains, domain_column=domain_column)
+        super().__init__(WeightNetConfig(hidden_size, domains, domain_column))
         self.domains = domains
         self.domain_column = domain_column
         self.index_column = f"{domain_column}_index"

@@ -75,7 +75,7 @@ class SavingMixin:
         self.outer.save_peft_adapter(output_dir / "prompt_adapter", base_model or self.model, self.model_name)
         description = {
             **compatibility_fields(self.outer, self.args, self.model, self.train_dataset, self.meta_dataset),
-            "outer_config": self.outer.config,
+            "outer_config": self.outer.config_dict(),
             "bilevel_config": self.args.bilevel_fields(),
         }
         description["reset_policy"] = self._resets.state_dict()

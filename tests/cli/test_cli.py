@@ -88,6 +88,8 @@ def test_each_recipe_runs_its_offline_default(tmp_path, name):
         assert "auroc" in text.lower() and (out / "weights_histogram.png").is_file()
     if name == "domain_mixture":
         assert set(results["domain_weights"]) == {"facts_a", "facts_b", "facts_c"}
+    # every outer module that weighs rows (per row or per domain) writes the rows with their weights, for finetune
+    assert (out / "weighted_dataset.parquet").is_file() == (name != "soft_prompt")
 
 
 def test_recipe_yaml_files_parse():
