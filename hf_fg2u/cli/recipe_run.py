@@ -268,8 +268,8 @@ def summarize(script_args, raw, trainer, results, output_dir: Path) -> dict:
         if writes:
             output_dir.mkdir(parents=True, exist_ok=True)  # one copy: the file push_to_hub uploads too
             weighted.to_parquet(str(output_dir / WEIGHTED_DATASET_FILE))
-        if "is_corrupted" in weighted.column_names:
-            corrupted = torch.tensor(weighted["is_corrupted"])
+        corrupted = torch.tensor(weighted["is_corrupted"]) if "is_corrupted" in weighted.column_names else None
+        if corrupted is not None and 0 < int(corrupted.sum()) < len(corrupted):  # both kinds: an AUROC exists
             out["auroc_corrupted"] = auroc(-torch.tensor(weighted["weight"]), corrupted)
             if script_args.plot and writes:
                 from hf_fg2u.hub.report import plot_weight_histogram

@@ -256,7 +256,8 @@ def test_only_the_main_process_writes_the_run_summary_files(tmp_path):
     )
     script = arguments.ScriptArguments(recipe="noisy_reweighting", plot=True)
     for rank, saves in ((1, False), (0, True)):
-        trainer = SimpleNamespace(args=SimpleNamespace(should_save=saves), export_weights=lambda: weighted, outer=None)
+        trainer = SimpleNamespace(args=SimpleNamespace(should_save=saves), export_weights=lambda: weighted,
+                                  outer=SimpleNamespace(weighs_rows=True))  # fmt: skip
         out = recipe_run.summarize(script, None, trainer, {}, tmp_path / str(rank))
         assert out["auroc_corrupted"] == 1.0
         assert (tmp_path / str(rank) / "weighted_dataset.parquet").is_file() == saves
