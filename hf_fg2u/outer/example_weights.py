@@ -56,7 +56,9 @@ class ExampleWeights(OuterModule):
     group instead: w_i = s(z_i) / mean_{j in g(i)} s(z_j). Every group keeps its share of the loss, and the weights
     rank rows only within their group. Why: where the answers are a few labels, weights learned against one
     dataset-wide mean also carry which answer the meta set needed more of at the current θ, and θ trained on them
-    (and a fine-tune after) inherits that as a bias towards the answer (docs/value.md).
+    (and a fine-tune after) inherits that as a bias towards the answer (docs/value.md). For the same reason the
+    trainer removes the groups' shift directions from the meta gradient (``BilevelConfig.project_group_shift``):
+    a row is then credited only for what it teaches beyond its group's share (docs/group_shift.md).
     """
 
     config_class = ExampleWeightsConfig
