@@ -58,9 +58,12 @@ value-quick: value-data
 	  --data_seeds 0 --adapter_seeds 0 --modes online --online_epochs 1 --test_rows 200 \
 	  --selections uniform learned_online oracle_clean_only
 
-# The cost of learning weights as rows grow (~25 min alone): docs/bench/rows.json, a table in docs/benchmarks.md.
+# The cost of learning weights as rows grow (~55 min alone): docs/bench/rows.json (ungrouped) and rows_grouped.json
+# (--balance_column completion), tables in docs/benchmarks.md.
 bench-rows: value-data
 	$(PY) scripts/bench_rows.py --lexicon $(LEXICON) --model $(VALUE_MODEL) --out $(BENCH)/rows.json
+	$(PY) scripts/bench_rows.py --lexicon $(LEXICON) --model $(VALUE_MODEL) --out $(BENCH)/rows_grouped.json \
+	  --balance_column completion --work outputs/bench_rows_grouped
 	$(PY) scripts/bench_report.py
 
 # Why grouped weights remove the answer shift from the meta gradient (docs/group_shift.md, ~3 min after `make value`):

@@ -325,16 +325,26 @@ def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 
 def rows_section(bench: Path) -> str:
-    """Cost of learning weights as rows grow (scripts/bench_rows.py): time per row against a plain LoRA epoch."""
-    title, data = "Cost as rows grow: learning weights against a plain epoch", load(bench / "rows.json")
-    if data is None:
+    """Cost of learning weights as rows grow (scripts/bench_rows.py): time per row against a plain LoRA epoch, for
+    ungrouped weights (rows.json) and weights grouped by the answer, shift projected out (rows_grouped.json)."""
+    title = "Cost as rows grow: learning weights against a plain epoch"
+    tables = [rows_table(load(bench / "rows.json"), "ungrouped weights (the recipe as shipped)"),
+              rows_table(load(bench / "rows_grouped.json"), "`--balance_column completion` (grouped weights, the "
+                         "answer shift projected out of the meta gradient: the setting of docs/value.md)")]  # fmt: skip
+    if not any(tables):
         return f"## {title}\n\nNo results yet: run `make bench-rows`.\n"
-    results = data["results"]
-    lines = [f"## {title}\n",
-             "One epoch of noisy_reweighting_real's online loop (`hf-fg2u train`, rgu, unroll 2, batch 8) against "
+    intro = ("One epoch of noisy_reweighting_real's online loop (`hf-fg2u train`, rgu, unroll 2, batch 8) against "
              "one plain LoRA epoch over the same rows (`hf-fg2u finetune`, batch 8), SmolLM2-135M-Instruct, LoRA "
              "r=8 on q/v, rows of ~20 tokens; each a fresh process, wall time including the model load, peak "
-             "resident memory by GNU time.\n",
+             "resident memory by GNU time.\n")  # fmt: skip
+    return "\n".join([f"## {title}\n", intro, *[t for t in tables if t]])
+
+
+def rows_table(data: dict | None, label: str) -> str:
+    if data is None:
+        return ""
+    results = data["results"]
+    lines = [f"**{label}**\n",
              "| rows | bilevel (s) | plain (s) | ratio | bilevel ms/row | plain ms/row | bilevel peak MB "
              "| plain peak MB |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip

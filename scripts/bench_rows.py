@@ -47,11 +47,13 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[250, 1000, 4000])
     parser.add_argument("--work", type=Path, default=Path("outputs/bench_rows"))
     parser.add_argument("--out", type=Path, default=Path("docs/bench/rows.json"))
+    parser.add_argument("--balance_column", help="Learn the weights within this column's groups (e.g. completion).")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     words = read_lexicon(args.lexicon)
     splits = make_splits(words, 0, 2000, 64, 0, 0, 0.4)
     meta = write(args.work / "meta.jsonl", splits["meta"])
+    balance = ["--balance_column", args.balance_column] if args.balance_column else []
     results = []
     for n in args.rows:
         rows = [splits["train"][i % len(splits["train"])] for i in range(n)]
@@ -60,7 +62,7 @@ def main() -> None:
         bilevel = timed([*CLI, "train", "--recipe", "noisy_reweighting_real", "--model_name_or_path", args.model,
                          "--data_files", f"train={train}", f"meta={meta}", "--inner_reset_every", "0",
                          "--num_train_epochs", "1", "--output_dir", str(args.work / f"run_{n}"), "--disable_tqdm",
-                         "true", "--max_length", "32"], args.work / f"bilevel_{n}.log")  # fmt: skip
+                         "true", "--max_length", "32", *balance], args.work / f"bilevel_{n}.log")  # fmt: skip
         plain = timed([*CLI, "finetune", weighted, "--model_name_or_path", args.model, "--num_train_epochs", "1",
                        "--per_device_train_batch_size", "8", "--output_dir", str(args.work / f"plain_{n}"),
                        "--disable_tqdm", "true", *LORA], args.work / f"plain_{n}.log")  # fmt: skip
