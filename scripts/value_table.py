@@ -37,8 +37,9 @@ LORA = ["--lora_r", "8", "--lora_alpha", "16", "--lora_target_modules", "q_proj"
 FINETUNE = ["--num_train_epochs", "3", "--learning_rate", "3e-4", "--lr_scheduler_type", "constant",
             "--per_device_train_batch_size", "16", "--max_length", "32", "--disable_tqdm", "true", *LORA]  # fmt: skip
 SELECTIONS = ["uniform", "train_and_meta", "meta_only", "loss_filter", "less", "meta_model_filter",
-              "meta_model_filter_balanced", "learned_one_shot", "learned_online", "learned_unprojected",
-              "online_loss_filter", "learned_balanced_and_meta", "oracle_clean_only"]  # fmt: skip
+              "meta_model_filter_balanced", "uniform_model_filter", "learned_one_shot", "learned_online",
+              "learned_unprojected", "online_loss_filter", "learned_balanced_and_meta",
+              "oracle_clean_only"]  # fmt: skip
 # The answers are two labels, so the weights are measured within each answer (--balance_column completion): each
 # answer keeps its share of the loss, as a user with label-like completions is told to do.
 BALANCE = ["--balance_column", "completion"]
@@ -66,6 +67,7 @@ TOLD = {
     "meta_model_filter": "how many",
     "meta_model_filter_balanced": "how many",
     "online_loss_filter": "how many",
+    "uniform_model_filter": "how many",
 }
 
 
@@ -147,8 +149,9 @@ def adapter_loss_filter(model_path: str, adapter: Path, data: Path, out: Path, n
     """Keep the train rows an adapter finds most likely (the clean fraction); OUT/NAME.jsonl and the AUROC.
 
     meta_model_filter: the filter a strong engineer tries first with a clean meta set (the adapter fine-tuned on
-    the meta rows alone). online_loss_filter: the simpler thing the online mode could reduce to, the small-loss
-    rule at the θ trained alongside the weights (the recipe run's own adapter)."""
+    the meta rows alone). uniform_model_filter: train on everything, drop the rows the trained model finds least
+    likely, train again (the uniform selection's adapter). online_loss_filter: the simpler thing the online mode
+    could reduce to, the small-loss rule at the θ trained alongside the weights (the recipe run's own adapter)."""
     import torch
     from datasets import Dataset
     from peft import PeftModel
@@ -196,6 +199,7 @@ def selections(data: Path, runs: Path, work: Path) -> dict[str, list[str]]:
         "meta_model_filter": [str(work / "meta_model_filter.jsonl")],
         "meta_model_filter_balanced": [str(work / "meta_model_filter.jsonl"), "--balance_column", "completion"],
         "online_loss_filter": [str(work / "online_loss_filter.jsonl"), "--balance_column", "completion"],
+        "uniform_model_filter": [str(work / "uniform_model_filter.jsonl"), "--balance_column", "completion"],
         "learned_one_shot": [str(runs / "one_shot" / "weighted_dataset.parquet")],
         "learned_online_epoch1": [str(runs / "online" / "weighted_dataset_epoch1.parquet")],
         f"learned_online_epoch{online_epochs}": [str(runs / "online" / "weighted_dataset.parquet")],
@@ -241,6 +245,9 @@ def one_data_seed(args, seed: int) -> dict:
         if name == "meta_model_filter":  # scored by the meta_only selection's first adapter (it runs before)
             adapter = work / "finetune" / f"meta_only_a{args.adapter_seeds[0]}"
             result["heuristics"][name] = adapter_loss_filter(args.model, adapter, data, work, name)
+        if name == "uniform_model_filter":  # scored by the uniform selection's first adapter (it runs before)
+            adapter = work / "finetune" / f"uniform_a{args.adapter_seeds[0]}"
+            result["heuristics"][name] = adapter_loss_filter(args.model, adapter, data, work, name)
         if name == "online_loss_filter":  # scored by the online recipe run's own adapter
             result["heuristics"][name] = adapter_loss_filter(args.model, runs / "online", data, work, name)
         scores = []
@@ -264,6 +271,7 @@ rows; `loss_filter`, `less`, `meta_model_filter` keep the train rows their score
 loss; LESS's Adam-preconditioned gradient alignment with the meta rows; the loss under an adapter fine-tuned on
 the meta rows; `_balanced`: each answer keeping its share of the weight); `online_loss_filter` the small-loss rule
 at the θ the online mode trained alongside its weights (the simpler thing it could reduce to), balanced;
+`uniform_model_filter` the same rule at the uniform selection's adapter (train on everything, drop, retrain);
 `learned_online_epoch{k}` the weights of `hf-fg2u train --recipe noisy_reweighting_real --balance_column
 completion` after epoch k: each row weighed against the mean of the rows with its answer, and the directions that
 only shift which answer is preferred removed from the meta gradient, so a row is credited for what it teaches
