@@ -109,7 +109,9 @@ class InnerStateMixin:
         reduce = self.processes.inner_gradient_reducer()
 
         def transform(meta_gradient, params):
-            directions = group_shift_directions(losses, params, outer, inner_batches, groups, reduce)
+            directions = group_shift_directions(
+                losses, params, outer, inner_batches, groups, self.outer.num_groups, reduce
+            )
             return project_out(meta_gradient, directions)
 
         return transform
