@@ -313,9 +313,10 @@ def verdict(gaps: dict) -> str:
               for told in ("nothing", "how many")}  # fmt: skip
     parts = [f"`{n}` {g:.0%}" + (" (told how many rows are wrong)" if told == "how many" else "")
              for told, best in others.items() if best for g, n in [best]]  # fmt: skip
+    others_text = f"; the best other selections: {'; '.join(parts)}" if parts else ""
     return (
         f"The recipe's default, `{default[0]}`, recovers {gaps[default[0]]:.0%} of the uniform → oracle gap on "
-        f"the mean over data seeds; the best other selections: {'; '.join(parts)}."
+        f"the mean over data seeds{others_text}."
     )
 
 
