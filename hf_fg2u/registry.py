@@ -8,6 +8,12 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 
+def check_choice(name: str, value, choices) -> None:
+    """A ValueError naming the option and its choices when ``value`` is not one of them."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not known; use one of {list(choices)}.")
+
+
 class Registry(Mapping[str, T], Generic[T]):
     """Name -> entry for one kind of thing. ``register`` adds one (also as a decorator); ``get`` names the known
     ones when a name is not among them; reading is a plain read-only mapping."""
@@ -28,8 +34,7 @@ class Registry(Mapping[str, T], Generic[T]):
 
     def get(self, name: str) -> T:  # type: ignore[override]
         """The entry of ``name``, or a ValueError naming the option and the known names."""
-        if name not in self._entries:
-            raise ValueError(f"{self.kind}={name!r} is not known; use one of {sorted(self._entries)}.")
+        check_choice(self.kind, name, sorted(self._entries))
         return self._entries[name]
 
     def __getitem__(self, name: str) -> T:

@@ -22,7 +22,7 @@ from hf_fg2u.hypergrad.result import HypergradientResult
 from hf_fg2u.hypergrad.reverse import reverse_hypergradient
 from hf_fg2u.hypergrad.unroll import JVP_MODES, Unroll
 from hf_fg2u.hypergrad.zeroth_order import ZO_SCHEMES, zeroth_order_directional_derivatives
-from hf_fg2u.registry import Registry
+from hf_fg2u.registry import Registry, check_choice
 
 DEFAULT_JVP = "double_backward"
 
@@ -292,10 +292,10 @@ def make_method(name: str | HypergradientMethod, **options) -> HypergradientMeth
             )
         return name
     options_type = METHOD_SPECS.get(name).options_type
-    unknown = sorted(set(options) - method_option_names())
+    every = method_option_names()
+    unknown = sorted(set(options) - every)
     if unknown:
-        known = sorted(method_option_names())
-        raise TypeError(f"{unknown} are not options of any hypergradient method; known: {known}.")
+        raise TypeError(f"{unknown} are not options of any hypergradient method; known: {sorted(every)}.")
     known = {f.name for f in dataclasses.fields(options_type)}
     return HypergradientMethod(name, options_type(**{k: v for k, v in options.items() if k in known}))
 
@@ -311,12 +311,6 @@ def method_from_config(config, name: str | None = None) -> HypergradientMethod:
 def needs_second_order(method: str, jvp: str) -> bool:
     """Whether ``method`` differentiates through an inner gradient (needs forward AD or double backward)."""
     return make_method(method, jvp=jvp).second_order
-
-
-def check_choice(name: str, value, choices) -> None:
-    """A ValueError naming the option and its choices when ``value`` is not one of them."""
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not known; use one of {list(choices)}.")
 
 
 def _check_positive(name: str, value) -> None:

@@ -18,8 +18,9 @@ from transformers import TrainingArguments
 
 from hf_fg2u.hypergrad import DEFAULT_JVP, DIRECTIONS, JVP_MODES, METHOD_SPECS, METHODS
 from hf_fg2u.hypergrad.inner_optimizers import INNER_OPTIMIZERS
-from hf_fg2u.hypergrad.methods import check_choice, data_parallel_methods, needs_second_order
+from hf_fg2u.hypergrad.methods import data_parallel_methods, needs_second_order
 from hf_fg2u.hypergrad.zeroth_order import ZO_SCHEMES
+from hf_fg2u.registry import check_choice
 from hf_fg2u.trainer.redaction import CREDENTIAL, redact
 
 NONFINITE_POLICIES = ("skip", "stop")
