@@ -87,6 +87,28 @@ def adam_direction(gradient: torch.Tensor, optimizer: torch.optim.Adam, params: 
     return m / (v.sqrt() + eps)
 
 
+def _flat_gradient(loss: torch.Tensor, params: list) -> torch.Tensor:
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params, strict=True)])
+
+
+def _trainable(model, caller: str) -> list:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{caller} needs a model with trainable (e.g. LoRA) parameters.")
+    return params
+
+
+def row_gradients(model, dataset, collator: PaddingCollator):
+    """(∇θ ℓ_i flattened over the trainable parameters, ℓ_i) of each row of a tokenized ``dataset``, one row at a
+    time (nothing kept: a caller that needs them all stacks them)."""
+    model.eval()
+    params = _trainable(model, "row_gradients")
+    for batch in _batches(model, dataset, collator, 1):
+        loss = _row_losses(model, batch).sum()
+        yield _flat_gradient(loss, params), loss.detach()
+
+
 def gradient_alignment_scores(
     model, dataset, meta_dataset, collator: PaddingCollator, preconditioner: torch.optim.Adam | None = None
 ) -> torch.Tensor:
@@ -94,22 +116,12 @@ def gradient_alignment_scores(
     of ``model`` where they are now; with an Adam ``preconditioner`` the row's side is its Adam update direction
     (LESS). With peft's lora_B = 0 only the B matrices have a gradient; they carry it."""
     model.eval()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("gradient_alignment_scores needs a model with trainable (e.g. LoRA) parameters.")
-
-    def flat_gradient(loss: torch.Tensor) -> torch.Tensor:
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        return torch.cat(
-            [(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params, strict=True)]
-        )
-
+    params = _trainable(model, "gradient_alignment_scores")
     meta_gradient = sum(
-        flat_gradient(_row_losses(model, batch).sum()) for batch in _batches(model, meta_dataset, collator, 8)
+        _flat_gradient(_row_losses(model, batch).sum(), params) for batch in _batches(model, meta_dataset, collator, 8)
     ) / len(meta_dataset)
     scores = []
-    for batch in _batches(model, dataset, collator, 1):
-        row_gradient = flat_gradient(_row_losses(model, batch).sum())
+    for row_gradient, _ in row_gradients(model, dataset, collator):
         if preconditioner is not None:
             row_gradient = adam_direction(row_gradient, preconditioner, params)
         scores.append(torch.nn.functional.cosine_similarity(row_gradient, meta_gradient, dim=0).item())

@@ -241,15 +241,15 @@ def one_data_seed(args, seed: int) -> dict:
               or (name.startswith("learned_online_epoch") and "learned_online" in args.selections)
               or (name in last_online and "learned_online_last" in args.selections)
               or (name.startswith("learned_unprojected") and "learned_unprojected" in args.selections)}  # fmt: skip
+    # The adapters whose losses score the filters' rows: the meta_only and uniform selections' first (they run
+    # before their filters), and the online recipe run's own.
+    first = args.adapter_seeds[0]
+    scoring_adapters = {"meta_model_filter": work / "finetune" / f"meta_only_a{first}",
+                        "uniform_model_filter": work / "finetune" / f"uniform_a{first}",
+                        "online_loss_filter": runs / "online"}  # fmt: skip
     for name, (source, *extra) in chosen.items():
-        if name == "meta_model_filter":  # scored by the meta_only selection's first adapter (it runs before)
-            adapter = work / "finetune" / f"meta_only_a{args.adapter_seeds[0]}"
-            result["heuristics"][name] = adapter_loss_filter(args.model, adapter, data, work, name)
-        if name == "uniform_model_filter":  # scored by the uniform selection's first adapter (it runs before)
-            adapter = work / "finetune" / f"uniform_a{args.adapter_seeds[0]}"
-            result["heuristics"][name] = adapter_loss_filter(args.model, adapter, data, work, name)
-        if name == "online_loss_filter":  # scored by the online recipe run's own adapter
-            result["heuristics"][name] = adapter_loss_filter(args.model, runs / "online", data, work, name)
+        if name in scoring_adapters:
+            result["heuristics"][name] = adapter_loss_filter(args.model, scoring_adapters[name], data, work, name)
         scores = []
         for adapter_seed in args.adapter_seeds:
             out = work / "finetune" / f"{name}_a{adapter_seed}"

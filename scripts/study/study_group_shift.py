@@ -26,21 +26,13 @@ def per_row_gradients(model, rows, tokenizer, max_length: int = 32):
     """(gradients [N, P] of each row's loss over the trainable parameters, losses [N])."""
     from datasets import Dataset
 
+    from hf_fg2u.baselines import row_gradients
     from hf_fg2u.lm.collator import PaddingCollator
     from hf_fg2u.lm.formats import prepare_split
 
     split = prepare_split(Dataset.from_list(rows), "meta", tokenizer, max_length)
-    collator = PaddingCollator(pad_token_id=tokenizer.pad_token_id)
-    params = [p for p in model.parameters() if p.requires_grad]
-    grads, losses = [], []
-    for i in range(len(split)):
-        batch = {k: v for k, v in collator([split[i]]).items() if k in ("input_ids", "attention_mask", "labels")}
-        model.zero_grad()
-        loss = model(**batch).loss
-        loss.backward()
-        grads.append(torch.cat([p.grad.detach().flatten() for p in params]))
-        losses.append(loss.item())
-    return torch.stack(grads), torch.tensor(losses)
+    pairs = list(row_gradients(model, split, PaddingCollator(pad_token_id=tokenizer.pad_token_id)))
+    return torch.stack([g for g, _ in pairs]), torch.stack([loss for _, loss in pairs]).cpu()
 
 
 def project(v, direction):
