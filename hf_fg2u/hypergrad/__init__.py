@@ -81,7 +81,8 @@ def estimate_hypergradient(
         float64).
       truncation: K, the differentiated steps of "trgu". checkpoint_every: rgu/trgu keep every k-th inner state
         and recompute the rest (memory ≈ (T/k + k)·|θ, s|). offload_trajectory: rgu/trgu keep the stored states in
-        CPU memory.
+        CPU memory. keep_step_graphs: rgu/trgu keep each step's autograd graph from the forward unroll instead of
+        recomputing it in the backward sweep (less time, T steps' activations in memory).
       zo_epsilon, zo_scheme: step μ and "central"/"forward" differences of "fg2u_zo".
       implicit_steps, neumann_lr, cg_damping: iterations, Neumann step α (default: the inner optimizer's lr),
         CG damping.

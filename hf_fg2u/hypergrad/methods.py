@@ -71,15 +71,22 @@ class ZerothOrderOptions(DirectionOptions):
 
 @dataclass(frozen=True)
 class ReverseOptions:
-    """rgu / trgu: K differentiated last steps (trgu), every k-th state kept (the rest recomputed), and
-    whether the stored states live in CPU memory."""
+    """rgu / trgu: K differentiated last steps (trgu), every k-th state kept (the rest recomputed), whether the
+    stored states live in CPU memory, and whether each step's graph is kept instead of recomputed."""
 
     truncation: int | None = None
     checkpoint_every: int = 1
     offload_trajectory: bool = False
+    keep_step_graphs: bool = False
 
     def __post_init__(self):
         _check_positive("checkpoint_every", self.checkpoint_every)
+        if self.keep_step_graphs and (self.checkpoint_every != 1 or self.offload_trajectory):
+            raise ValueError(
+                "keep_step_graphs=True keeps every step's graph in memory, so it cannot be combined with "
+                f"checkpoint_every={self.checkpoint_every} or offload_trajectory={self.offload_trajectory}, which "
+                "save memory by recomputing or moving the steps: use one or the other."
+            )
 
 
 @dataclass(frozen=True)
@@ -152,7 +159,11 @@ def _run_reverse(method: HypergradientMethod, u: Unroll) -> HypergradientResult:
     if method.name == "trgu" and (truncation is None or truncation < 1):
         raise ValueError(f"method='trgu' needs truncation=K >= 1 (the differentiated last steps), got {truncation}.")
     grad, value, params, state, losses = reverse_hypergradient(
-        u, truncation=truncation, checkpoint_every=o.checkpoint_every, offload_trajectory=o.offload_trajectory
+        u,
+        truncation=truncation,
+        checkpoint_every=o.checkpoint_every,
+        offload_trajectory=o.offload_trajectory,
+        keep_step_graphs=o.keep_step_graphs,
     )
     return HypergradientResult(grad, value, params, state, losses, method=method.name)
 

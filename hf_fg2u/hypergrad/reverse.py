@@ -8,7 +8,9 @@ alive. Memory ≈ one step + T·|θ, s|; time ≈ 4× T plain steps (a primal fo
 gradient and its double-backward VJP). ``checkpoint_every=k`` keeps every k-th state and recomputes each segment
 forward before its backward sweep: memory ≈ (T/k + k)·|θ, s| for one more primal step per step.
 ``offload_trajectory=True`` keeps the stored states in CPU memory (accelerator runs). TRGU differentiates only
-the last K steps and treats θ_{T-K} as a constant: biased.
+the last K steps and treats θ_{T-K} as a constant: biased. ``keep_step_graphs=True`` trades memory for time the
+other way: the forward unroll keeps every differentiated step's autograd graph, so the sweep only runs the double
+backward (time ≈ 3× T plain steps; memory ≈ T steps' activations — for adapters and short unrolls).
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ from hf_fg2u.hypergrad.unroll import Unroll, detach_tree, meta_gradient_and_valu
 
 
 def reverse_hypergradient(
-    unroll: Unroll, truncation: int | None = None, checkpoint_every: int = 1, offload_trajectory: bool = False
+    unroll: Unroll,
+    truncation: int | None = None,
+    checkpoint_every: int = 1,
+    offload_trajectory: bool = False,
+    keep_step_graphs: bool = False,
 ):
     """Return (∇h, h, θ_T, s_T, inner losses); only the last ``truncation`` steps are differentiated.
 
@@ -46,11 +52,18 @@ def reverse_hypergradient(
     fetch = (lambda tree: tree_map(lambda t: t.to(device), tree)) if offload_trajectory else (lambda tree: tree)
 
     stored = []  # (θ_t, s_t) at t = 0, k, 2k, ... of the differentiated steps
+    kept = []  # with keep_step_graphs: each step's (θ_t, s_t, reduced ∇L, pullback of ∇L)
     differentiated_losses = []  # read once after the loop: no device sync at every inner step
     for t, (batch, seed) in enumerate(steps):
-        if t % checkpoint_every == 0:
-            stored.append(store((params, state)))
-        params, state, loss = primal_step(inner_loss, optimizer, params, state, outer, batch, seed, reduce)
+        if keep_step_graphs:
+            grads, grads_vjp, loss = _differentiable_gradient(inner_loss, params, outer, batch, seed)
+            grads = reduce(detach_tree(grads))
+            kept.append((params, state, grads, grads_vjp))
+            params, state = (detach_tree(tree) for tree in optimizer.update(grads, state, params))
+        else:
+            if t % checkpoint_every == 0:
+                stored.append(store((params, state)))
+            params, state, loss = primal_step(inner_loss, optimizer, params, state, outer, batch, seed, reduce)
         differentiated_losses.append(loss.detach())
         if progress is not None:
             progress.update(1)
@@ -59,6 +72,12 @@ def reverse_hypergradient(
     adjoint_params, grad_outer = detach_tree(adjoint_params), detach_tree(grad_outer)
     losses += torch.stack(differentiated_losses).tolist() if differentiated_losses else []
     adjoint_state = tree_map(torch.zeros_like, state)
+    while kept:  # popped, so each step's graph is freed once it has been pulled back through
+        p, s, grads, grads_vjp = kept.pop()
+        adjoint_params, adjoint_state, step_outer = _pull_back(
+            optimizer, p, s, grads, grads_vjp, adjoint_params, adjoint_state, reduce
+        )
+        grad_outer = {k: grad_outer[k] + step_outer[k] for k in grad_outer}
     for segment in reversed(range(len(stored))):
         first = segment * checkpoint_every
         segment_steps = steps[first : first + checkpoint_every]
@@ -74,14 +93,28 @@ def reverse_hypergradient(
     return grad_outer, float(value), params, state, losses
 
 
+def _differentiable_gradient(inner_loss, params, outer, batch, seed):
+    """(∇_θ L(θ_t, φ, batch), its pullback with respect to (θ_t, φ), L) under the step's seed: one forward and
+    backward whose graph is kept for the double backward."""
+    with step_rng(seed):
+        return torch.func.vjp(
+            lambda p, o: torch.func.grad_and_value(inner_loss)(p, o, batch), params, outer, has_aux=True
+        )
+
+
 def _step_vjp(inner_loss, optimizer, params, state, outer, batch, seed, adjoint_params, adjoint_state, reduce):
+    """Recompute step t's inner gradient with its graph, then pull (λ_θ, λ_s) at t+1 back through it."""
+    grads, grads_vjp, _ = _differentiable_gradient(inner_loss, params, outer, batch, seed)
+    grads = reduce(detach_tree(grads))
+    return _pull_back(optimizer, params, state, grads, grads_vjp, adjoint_params, adjoint_state, reduce)
+
+
+def _pull_back(optimizer, params, state, grads, grads_vjp, adjoint_params, adjoint_state, reduce):
     """Pull (λ_θ, λ_s) at step t+1 back through (θ_t, s_t, φ) ↦ update(∇_θL(θ_t, φ, batch), s_t, θ_t).
 
     Two VJPs with the reduction between (collectives are outside any transform): the optimizer update's, with
-    respect to (g, s, θ), then the inner gradient's, with respect to (θ, φ) (a double backward)."""
-    with step_rng(seed):
-        grads, grads_vjp = torch.func.vjp(lambda p, o: torch.func.grad(inner_loss)(p, o, batch), params, outer)
-    grads = reduce(detach_tree(grads))
+    respect to (g, s, θ), then the inner gradient's, with respect to (θ, φ) (a double backward); ``grads`` is the
+    gradient already reduced over processes, ``grads_vjp`` the local gradient's pullback."""
     _, update_vjp = torch.func.vjp(optimizer.update, grads, state, params)
     adjoint_grads, previous_state, previous_params = update_vjp((adjoint_params, adjoint_state))
     through_params, through_outer = grads_vjp(adjoint_grads)

@@ -129,3 +129,38 @@ def test_checkpoint_every_below_one_is_refused():
     with pytest.raises(ValueError, match="checkpoint_every=0 must be an integer >= 1"):
         estimate_hypergradient(q.inner_loss, q.outer_loss, q.params, q.outer, [None], None, method="rgu",
                                checkpoint_every=0)  # fmt: skip
+
+
+@pytest.mark.parametrize("model", ["lora", "full", "dropout"])
+def test_kept_step_graphs_give_the_reference(model):
+    """keep_step_graphs skips the recomputation, not a term: exact for adapters, full parameters and dropout."""
+    built = {"lora": gpt2(), "full": gpt2(lora=False), "dropout": gpt2(dropout=0.2)}[model]
+    assert compare(built, keep_step_graphs=True) < 1e-10
+
+
+def test_kept_step_graphs_are_bitwise_the_recomputed_ones():
+    """The same operations on the same numbers: the two sweeps agree bit for bit (float32, trgu too)."""
+    results = []
+    for keep in (False, True):
+        torch.manual_seed(0)
+        model = gpt2(dropout=0.1).to(torch.float32)
+        inner_loss, outer_loss, outer = problem(model, "example_weights")
+        outer = {k: v.to(torch.float32) for k, v in outer.items()}
+        batches, meta = random_lm_batches(STEPS, BATCH)
+        results.append(
+            estimate_hypergradient(inner_loss, outer_loss, trainable_parameters(model), outer, batches, meta,
+                                   method="trgu", truncation=3, inner_optimizer="adam", inner_lr=LR,
+                                   step_seeds=list(range(STEPS)), keep_step_graphs=keep)  # fmt: skip
+        )
+    recomputed, kept = results
+    assert all(torch.equal(recomputed.grad[k], kept.grad[k]) for k in kept.grad)
+    assert all(torch.equal(recomputed.params[k], kept.params[k]) for k in kept.params)
+    assert recomputed.inner_losses == kept.inner_losses
+
+
+@pytest.mark.parametrize("memory_saving", [{"checkpoint_every": 2}, {"offload_trajectory": True}])
+def test_kept_step_graphs_refuse_the_memory_savers(memory_saving):
+    q = Quadratic()
+    with pytest.raises(ValueError, match="keep_step_graphs=True keeps every step's graph"):
+        estimate_hypergradient(q.inner_loss, q.outer_loss, q.params, q.outer, [None], None, method="rgu",
+                               keep_step_graphs=True, **memory_saving)  # fmt: skip

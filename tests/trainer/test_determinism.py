@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file
@@ -28,7 +29,7 @@ def write_rows(path, count, offset, corrupted_every=0):
     return str(path)
 
 
-def run_once(tmp_path, name):
+def run_once(tmp_path, name, extra=()):
     """The real recipe's online mode, shrunk, in a fresh process."""
     model = tmp_path / "model"
     if not model.exists():
@@ -48,7 +49,7 @@ def run_once(tmp_path, name):
         sys.executable, "-c", RUN, "--recipe", "noisy_reweighting_real", "--model_name_or_path", str(model),
         "--data_files", *files, "--output_dir", str(out), "--max_steps", "3", "--inner_warmup_steps", "2",
         "--per_device_train_batch_size", "4", "--meta_batch_size", "4", "--max_length", "16",
-        "--attn_implementation", "eager", "--plot", "false",
+        "--attn_implementation", "eager", "--plot", "false", *extra,
     ]  # fmt: skip
     subprocess.run(command, check=True, env={**os.environ, "PYTHONHASHSEED": "0"}, capture_output=True)
     weights = torch.tensor(Dataset.from_parquet(str(out / "weighted_dataset.parquet"))["weight"])
@@ -57,8 +58,16 @@ def run_once(tmp_path, name):
     return weights, results, load_file(str(out / "adapter_model.safetensors"))
 
 
-def test_the_same_command_twice_gives_identical_weights_losses_and_adapter(tmp_path):
-    (weights_a, results_a, adapter_a), (weights_b, results_b, adapter_b) = (run_once(tmp_path, n) for n in "ab")
+@pytest.mark.parametrize(
+    "extra",
+    [(), ("--balance_column", "completion"), ("--balance_column", "completion", "--keep_step_graphs", "false")],
+    ids=["plain", "grouped", "grouped_recomputed"],
+)
+def test_the_same_command_twice_gives_identical_weights_losses_and_adapter(tmp_path, extra):
+    """Grouped weights too: the answer-shift directions and their projection are deterministic as well."""
+    (weights_a, results_a, adapter_a), (weights_b, results_b, adapter_b) = (
+        run_once(tmp_path, n, extra) for n in "ab"
+    )
     assert len(weights_a) == 32 and weights_a.std() > 0  # the weights moved
     assert torch.equal(weights_a, weights_b)
     assert results_a == results_b  # the meta loss and the AUROC, as floats
