@@ -148,9 +148,20 @@ def test_kept_step_graphs_are_bitwise_the_recomputed_ones():
         outer = {k: v.to(torch.float32) for k, v in outer.items()}
         batches, meta = random_lm_batches(STEPS, BATCH)
         results.append(
-            estimate_hypergradient(inner_loss, outer_loss, trainable_parameters(model), outer, batches, meta,
-                                   method="trgu", truncation=3, inner_optimizer="adam", inner_lr=LR,
-                                   step_seeds=list(range(STEPS)), keep_step_graphs=keep)  # fmt: skip
+            estimate_hypergradient(
+                inner_loss,
+                outer_loss,
+                trainable_parameters(model),
+                outer,
+                batches,
+                meta,
+                method="trgu",
+                truncation=3,
+                inner_optimizer="adam",
+                inner_lr=LR,
+                step_seeds=list(range(STEPS)),
+                keep_step_graphs=keep,
+            )  # fmt: skip
         )
     recomputed, kept = results
     assert all(torch.equal(recomputed.grad[k], kept.grad[k]) for k in kept.grad)

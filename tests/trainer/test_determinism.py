@@ -65,9 +65,7 @@ def run_once(tmp_path, name, extra=()):
 )
 def test_the_same_command_twice_gives_identical_weights_losses_and_adapter(tmp_path, extra):
     """Grouped weights too: the answer-shift directions and their projection are deterministic as well."""
-    (weights_a, results_a, adapter_a), (weights_b, results_b, adapter_b) = (
-        run_once(tmp_path, n, extra) for n in "ab"
-    )
+    (weights_a, results_a, adapter_a), (weights_b, results_b, adapter_b) = (run_once(tmp_path, n, extra) for n in "ab")
     assert len(weights_a) == 32 and weights_a.std() > 0  # the weights moved
     assert torch.equal(weights_a, weights_b)
     assert results_a == results_b  # the meta loss and the AUROC, as floats
