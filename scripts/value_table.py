@@ -6,14 +6,17 @@ Model: SmolLM2-135M-Instruct. Metric: forced-choice accuracy on the test words.
 
 Per data seed, everything through the user's commands:
 
-1. `hf-fg2u train --recipe noisy_reweighting_real --data_files ...` in its two modes: `online` (θ trained on the
-   weighted rows between outer steps, several epochs) and `one_shot` (θ back to θ_w before every outer step, one
-   epoch: each row's weight fixed by one unrolled hypergradient at uniform weights).
-2. The baselines' weights: the loss filter (keep the rows the base model finds least surprising) and LESS
-   (Adam-preconditioned LoRA gradient alignment with the meta set after a warm-up); both keep the true clean fraction,
-   an advantage the learned weights do not get.
-3. `hf-fg2u finetune` of a fresh LoRA adapter per selection and adapter seed: uniform; train ∪ meta; meta only; the
-   two filters; the learned weights (one-shot, online after its first and its last epoch); the clean-rows oracle.
+1. `hf-fg2u train --recipe noisy_reweighting_real --data_files ...` in the recipe's default mode, `online` (θ
+   trained on the weighted rows between outer steps, several epochs); `make value-ablations` adds `one_shot` (θ back
+   to θ_w before every outer step, one epoch: each row's weight fixed by one unrolled hypergradient at uniform
+   weights) and `online_unprojected` (the answer-shift directions left in the meta gradient).
+2. The baselines' weights: the loss filter (keep the rows the base model finds least surprising), LESS
+   (Adam-preconditioned LoRA gradient alignment with the meta set after a warm-up) and the small-loss rule under an
+   adapter trained on every row or alongside the weights; they keep the true clean fraction, an advantage the
+   learned weights do not get.
+3. `hf-fg2u finetune` of a fresh LoRA adapter per selection: uniform; train ∪ meta; meta only; the filters; the
+   learned weights after the online mode's first and last epoch; the clean-rows oracle. The gap's two ends and the
+   default on every adapter seed, the rest on the first; two fine-tunes side by side (``--jobs``).
 
 Prints and writes OUT/table.json; `--report docs/value.md` writes the markdown generated from it.
 """
@@ -28,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -36,10 +40,14 @@ LORA = ["--lora_r", "8", "--lora_alpha", "16", "--lora_target_modules", "q_proj"
 # One fine-tune recipe for every selection: 3 epochs of constant-lr Adam, the best epoch on the stop rows kept.
 FINETUNE = ["--num_train_epochs", "3", "--learning_rate", "3e-4", "--lr_scheduler_type", "constant",
             "--per_device_train_batch_size", "16", "--max_length", "32", "--disable_tqdm", "true", *LORA]  # fmt: skip
-SELECTIONS = ["uniform", "train_and_meta", "meta_only", "loss_filter", "less", "meta_model_filter",
-              "meta_model_filter_balanced", "uniform_model_filter", "learned_one_shot", "learned_online",
-              "learned_unprojected", "online_loss_filter", "learned_balanced_and_meta",
-              "oracle_clean_only"]  # fmt: skip
+# `make value`: the baselines the issue names, the strongest filters, the recipe's default after its first and last
+# epoch, and the oracle; `make value-ablations` adds the other modes and variants to the same table.
+SELECTIONS = ["uniform", "train_and_meta", "meta_only", "loss_filter", "less", "uniform_model_filter",
+              "online_loss_filter", "learned_online", "oracle_clean_only"]  # fmt: skip
+ABLATIONS = ["meta_model_filter", "meta_model_filter_balanced", "learned_one_shot", "learned_unprojected",
+             "learned_balanced_and_meta"]  # fmt: skip
+# The rows whose spread over adapter seeds the verdict rests on: the gap's two ends and the default.
+EVERY_ADAPTER_SEED = ["uniform", "oracle_clean_only", "learned_online_last"]
 # The answers are two labels, so the weights are measured within each answer (--balance_column completion): each
 # answer keeps its share of the loss, as a user with label-like completions is told to do.
 BALANCE = ["--balance_column", "completion"]
@@ -71,21 +79,23 @@ TOLD = {
 }
 
 
-def run(command: list[str], log: Path) -> float:
-    """Run a command, its output in ``log``; the seconds it took. A failure shows the log's end."""
+def run(command: list[str], log: Path, threads: int | None = None) -> float:
+    """Run a command, its output in ``log``; the seconds it took. A failure shows the log's end. ``threads`` caps
+    the command's intra-op threads (for jobs run side by side)."""
     start = time.perf_counter()
+    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with log.open("w") as out:
-        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=False)
+        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=False, env=env)
     if done.returncode:
         sys.exit(f"failed ({done.returncode}): {' '.join(command)}\n{log.read_text()[-3000:]}")
     return time.perf_counter() - start
 
 
-def timed_once(command: list[str], out: Path) -> float:
+def timed_once(command: list[str], out: Path, threads: int | None = None) -> float:
     """Run a command whose output folder is ``out``; its seconds, kept beside it so that a rerun of the table
     resumes after the last finished run instead of repeating it."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    seconds = run(command, out.with_suffix(".log"))
+    seconds = run(command, out.with_suffix(".log"), threads)
     out.with_suffix(".seconds").write_text(f"{seconds}\n")
     return seconds
 
@@ -209,6 +219,20 @@ def selections(data: Path, runs: Path, work: Path) -> dict[str, list[str]]:
     }
 
 
+def finetune(args, data: Path, work: Path, chosen: dict, name: str, adapter_seed: int) -> tuple[float, dict]:
+    """`hf-fg2u finetune` of a fresh adapter on selection ``name``: (seconds, finetune_results.json); a finished
+    one is read back. With ``--jobs`` above 1 each runs on cores / jobs threads."""
+    source, *extra = chosen[name]
+    out = work / "finetune" / f"{name}_a{adapter_seed}"
+    command = [*CLI, "finetune", source, "--model_name_or_path", args.model, "--output_dir", str(out),
+               "--eval_file", str(data / "stop.jsonl"), "--test_file", str(data / "test.jsonl"),
+               "--seed", str(adapter_seed), *FINETUNE, *extra]  # fmt: skip
+    done = out / "finetune_results.json"
+    threads = None if args.jobs == 1 else max(1, (os.cpu_count() or 1) // args.jobs)
+    seconds = resumed(out.with_suffix(".seconds")) if done.is_file() else timed_once(command, out, threads)
+    return seconds, json.loads(done.read_text())
+
+
 def one_data_seed(args, seed: int) -> dict:
     root = args.out / f"seed{seed}"
     data, runs, work = root / "data", root / "runs", root / "work"
@@ -241,28 +265,27 @@ def one_data_seed(args, seed: int) -> dict:
               or (name.startswith("learned_online_epoch") and "learned_online" in args.selections)
               or (name in last_online and "learned_online_last" in args.selections)
               or (name.startswith("learned_unprojected") and "learned_unprojected" in args.selections)}  # fmt: skip
-    # The adapters whose losses score the filters' rows: the meta_only and uniform selections' first (they run
-    # before their filters), and the online recipe run's own.
+    # The adapters whose losses score the filters' rows: the meta_only and uniform selections' first (their
+    # fine-tunes run in the first wave), and the online recipe run's own.
     first = args.adapter_seeds[0]
     scoring_adapters = {"meta_model_filter": work / "finetune" / f"meta_only_a{first}",
                         "uniform_model_filter": work / "finetune" / f"uniform_a{first}",
                         "online_loss_filter": runs / "online"}  # fmt: skip
-    for name, (source, *extra) in chosen.items():
-        if name in scoring_adapters:
-            result["heuristics"][name] = adapter_loss_filter(args.model, scoring_adapters[name], data, work, name)
-        scores = []
-        for adapter_seed in args.adapter_seeds:
-            out = work / "finetune" / f"{name}_a{adapter_seed}"
-            command = [*CLI, "finetune", source, "--model_name_or_path", args.model, "--output_dir", str(out),
-                       "--eval_file", str(data / "stop.jsonl"), "--test_file", str(data / "test.jsonl"),
-                       "--seed", str(adapter_seed), *FINETUNE, *extra]  # fmt: skip
-            done = out / "finetune_results.json"
-            seconds = resumed(out.with_suffix(".seconds")) if done.is_file() else timed_once(command, out)
-            found = json.loads(done.read_text())
-            scores.append({"adapter_seed": adapter_seed, "seconds": seconds, **found})
+    every_seed = {n for n in chosen if n in args.every_adapter_seed or (n in last_online
+                  and "learned_online_last" in args.every_adapter_seed)}  # fmt: skip
+    jobs = {name: args.adapter_seeds if name in every_seed else args.adapter_seeds[:1] for name in chosen}
+    waves = [[n for n in chosen if n not in scoring_adapters], [n for n in chosen if n in scoring_adapters]]
+    for wave in waves:
+        for name in wave:
+            if name in scoring_adapters:
+                result["heuristics"][name] = adapter_loss_filter(args.model, scoring_adapters[name], data, work, name)
+        fine_tunes = [(name, adapter_seed) for name in wave for adapter_seed in jobs[name]]
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each job its own process
+            done = list(pool.map(lambda job: finetune(args, data, work, chosen, *job), fine_tunes))
+        for (name, adapter_seed), (seconds, found) in zip(fine_tunes, done, strict=True):
+            result["finetune"].setdefault(name, []).append({"adapter_seed": adapter_seed, "seconds": seconds, **found})
             print(f"seed {seed} {name} adapter {adapter_seed}: accuracy {found['test_accuracy']:.3f} "
                   f"(best epoch {found.get('best_epoch')}, {seconds:.0f} s)", flush=True)  # fmt: skip
-        result["finetune"][name] = scores
     return result
 
 
@@ -359,6 +382,10 @@ def report(table: dict) -> str:
     lines += ["", "Harm (oracle − uniform accuracy) by data seed: " + ", ".join(
         f"{s}: {h:+.3f}" for s, h in zip(seeds, harm, strict=True))]  # fmt: skip
     lines += ["", verdict(gaps)]
+    timings = ", ".join(f"{run['seconds'] / 60:.0f} min" for run in table.get("runs", []))
+    if timings:
+        lines += ["", f"The commands that made this table took {timings} (each timed from start to end; a resumed "
+                  "one counts only what it ran)."]  # fmt: skip
     lines += ["", LEGEND]
     lines += ["", "## The weights themselves", "", "AUROC of the scores, wrong rows against right ones (1 = perfectly "
               "apart), and the seconds each took:", "", "| scores | " + " | ".join(f"data seed {s}" for s in seeds)
@@ -399,8 +426,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/value"))
     parser.add_argument("--data_seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--adapter_seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    parser.add_argument("--selections", nargs="+", default=SELECTIONS)
+    parser.add_argument("--modes", nargs="+", default=["online"], choices=list(MODES))
+    parser.add_argument(
+        "--selections", nargs="+", default=SELECTIONS, choices=[*SELECTIONS, *ABLATIONS, "learned_online_last"]
+    )
+    parser.add_argument("--every_adapter_seed", nargs="+", default=EVERY_ADAPTER_SEED,
+                        help="Selections fine-tuned with every --adapter_seeds (the rest: the first only); "
+                        "learned_online_last = the default mode's last epoch.")  # fmt: skip
+    parser.add_argument("--jobs", type=int, default=2, help="Fine-tunes run side by side, each on cores/jobs "
+                        "threads (2 on 2 cores: 11%% more steps per second than one job on both).")  # fmt: skip
     parser.add_argument("--test_rows", type=int, default=300)
     parser.add_argument("--online_epochs", type=int, help="Epochs of the online mode (default: the recipe's).")
     parser.add_argument("--report", type=Path, help="Also write the markdown table here (e.g. docs/value.md).")
@@ -415,7 +449,11 @@ def main() -> None:
         table["seeds"][str(seed)] = merged(table["seeds"].get(str(seed), {}), one_data_seed(args, seed))
         args.out.mkdir(parents=True, exist_ok=True)
         table_path.write_text(json.dumps(table, indent=2))  # after every seed: nothing lost to a later failure
-    print(f"total {time.perf_counter() - start:.0f} s")
+    seconds = time.perf_counter() - start
+    print(f"total {seconds:.0f} s")
+    if not args.report_only:  # how long this table's command took, for the report (a resumed run: only its part)
+        table["runs"] = [*table.get("runs", []), {"argv": sys.argv[1:], "seconds": seconds, "jobs": args.jobs}]
+        table_path.write_text(json.dumps(table, indent=2))
     text = report(table)
     print(text)
     if args.report:

@@ -19,6 +19,7 @@ from hf_fg2u.baselines import (
     last_token_losses,
     plot_heldout_losses,
     plot_weights_by_kind,
+    row_gradients,
     warm_up,
 )
 from hf_fg2u.lm.collator import PaddingCollator
@@ -80,6 +81,26 @@ def test_gradient_alignment_is_one_for_the_meta_row_itself_and_lower_for_other_t
     scores = gradient_alignment_scores(model, train, meta, COLLATOR)
     assert scores[0].item() == pytest.approx(1.0, abs=1e-5)
     assert scores[1].item() < 0.9
+
+
+def test_row_gradients_of_a_padded_batch_are_each_rows_own_gradient():
+    """vmapped over a padded batch = one row at a time through autograd (float32 rounding), losses included."""
+    model = get_peft_model(tiny_llama(), lora())
+    with torch.no_grad():  # lora_B off zero, so lora_A has a gradient too
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    data = rows(["a short one", "a much longer row of text here", "mid size row", "x"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    found = list(row_gradients(model, data, COLLATOR, batch_size=3))  # a full batch and a last one of one row
+    assert len(found) == len(data)
+    for (gradient, loss), row in zip(found, data, strict=True):
+        ids = torch.tensor([row["input_ids"]])
+        alone = per_example_token_loss(model(input_ids=ids).logits, torch.tensor([row["labels"]])).sum()
+        expected = torch.cat([g.flatten() for g in torch.autograd.grad(alone, params)])
+        assert expected.abs().max() > 1e-3  # a gradient worth comparing
+        torch.testing.assert_close(gradient, expected, atol=1e-5, rtol=1e-4)
+        assert loss.item() == pytest.approx(alone.item(), abs=1e-5)
 
 
 def test_warm_up_trains_the_adapter_on_the_rows_and_zero_steps_leave_it_as_it_was():
