@@ -91,3 +91,60 @@ def test_weights_that_collapse_onto_a_few_rows_are_warned_about(tmp_path):
                           optim="sgd", learning_rate=200.0, normalize_hypergradient=True)  # fmt: skip
     with pytest.warns(UserWarning, match=r"The learned weights collapsed: their normalized entropy is -?0\.[0-4]"):
         trainer.train()
+
+
+def token_rows(count=16, **columns):
+    """Pre-tokenized rows of the character vocabulary, with per-row overrides: column -> {row: value}."""
+    rows = []
+    for index in range(count):
+        ids = [5 + index % 20, 6, 7, 8]
+        rows.append({"input_ids": ids, "attention_mask": [1] * 4, "labels": list(ids), "example_id": index})
+    for column, changes in columns.items():
+        for row, value in changes.items():
+            rows[row][column] = value
+    return Dataset.from_list(rows)
+
+
+def build_on(tmp_path, train, **overrides):
+    data = {"train": train, "meta": token_rows(4), "eval": None}
+    return trainer_for(tmp_path, ExampleWeights(len(train)), data, max_steps=1, per_device_train_batch_size=4,
+                       meta_batch_size=4, **overrides)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"input_ids": {3: [5.0, 6.0, 7.0, 8.0]}}, r"16 of 16 rows .* not integer token ids"),  # the column: float
+        ({"labels": {2: [5, 6]}}, r"1 of 16 rows .* of different lengths: rows \[2\]"),
+        ({"attention_mask": {5: [1, 1]}}, r"1 of 16 rows .* of different lengths: rows \[5\]"),
+        ({"input_ids": {1: [5 + i % 40 for i in range(75)]}, "attention_mask": {1: [1] * 75},
+          "labels": {1: [5 + i % 40 for i in range(75)]}},
+         r"1 of 16 rows .* longer than the model's 64 positions .*longest: 75 tokens.*max_length <= 64"),
+    ],
+    ids=["float_input_ids", "short_labels", "short_attention_mask", "longer_than_positions"],
+)  # fmt: skip
+def test_token_rows_that_would_fail_inside_a_step_are_refused_at_the_start(tmp_path, changes, message):
+    """Before: a float id raised deep in the embedding, short labels or masks were padded silently, a row past
+    the position limit was an IndexError (learned positions) or silently out of range (rotary)."""
+    with pytest.raises(ValueError, match=message):
+        build_on(tmp_path, token_rows(**changes))
+
+
+@pytest.mark.parametrize("bad_id", [2.5, "7"], ids=["float", "string"])
+def test_example_ids_that_are_not_integers_are_refused(tmp_path, bad_id):
+    ids = [bad_id if index == 0 else float(index) if isinstance(bad_id, float) else str(index) for index in range(16)]
+    with pytest.raises(ValueError, match=r"Column 'example_id' of the train dataset holds .* not integer row ids"):
+        build_on(tmp_path, token_rows(example_id=dict(enumerate(ids))))
+
+
+def test_meta_rows_that_are_train_rows_and_eval_rows_that_are_meta_rows_are_warned_about(tmp_path):
+    """Compared by content, not by split name: a copy of the train file given as meta is caught."""
+    train = token_rows()
+    with pytest.warns(UserWarning, match=r"Every one of the 4 rows of the meta dataset is also a row of the train"):
+        trainer_for(tmp_path, ExampleWeights(16), {"train": train, "meta": train.select(range(4)), "eval": None},
+                    max_steps=1, per_device_train_batch_size=4, meta_batch_size=4)  # fmt: skip
+    meta = token_rows(4, input_ids={i: [30 + i, 31, 32, 33] for i in range(4)},
+                      labels={i: [30 + i, 31, 32, 33] for i in range(4)})  # fmt: skip
+    with pytest.warns(UserWarning, match=r"Every one of the 4 rows of the eval dataset is also a row of the meta"):
+        trainer_for(tmp_path, ExampleWeights(16), {"train": train, "meta": meta, "eval": meta},
+                    max_steps=1, per_device_train_batch_size=4, meta_batch_size=4)  # fmt: skip

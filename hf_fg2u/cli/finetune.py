@@ -53,7 +53,13 @@ class FinetuneArguments:
                   "labels): the weights are rescaled within each value so its share of the total weight is its "
                   "share of the rows; the ranking within a value is kept."},
     )  # fmt: skip
-    max_length: int = field(default=128, metadata={"help": "Rows are cut at this many tokens."})
+    max_length: int = field(default=128, metadata={"help": "Rows longer than this many tokens are cut or dropped."})
+    truncation_mode: str = field(
+        default="keep_start",
+        metadata={"help": "A row longer than max_length: keep_start cuts its end, keep_end its start (the "
+                  "completion kept), drop leaves it out; a warning counts them.",
+                  "choices": ["keep_start", "keep_end", "drop"]},
+    )  # fmt: skip
     full_finetune: bool = field(default=False, metadata={"help": "Train every parameter instead of a LoRA adapter."})
 
 
@@ -139,9 +145,9 @@ def finetune(args: FinetuneArguments, model_args, training_args: TrainingArgumen
         model_args.gguf_file = model_args.gguf_file or recorded.get("gguf_file")
     rows = load_weighted_rows(args.source, args.weight_column, args.uniform, args.balance_column)
     model, tokenizer = load_model_and_tokenizer(model_args, training_args.seed)
-    train = prepare_split(rows, "train", tokenizer, args.max_length)
+    train = prepare_split(rows, "train", tokenizer, args.max_length, truncation_mode=args.truncation_mode)
     splits = {
-        name: prepare_split(_read_rows(path), name, tokenizer, args.max_length)
+        name: prepare_split(_read_rows(path), name, tokenizer, args.max_length, truncation_mode=args.truncation_mode)
         for name, path in (("eval", args.eval_file), ("test", args.test_file))
         if path
     }

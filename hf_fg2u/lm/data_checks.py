@@ -5,15 +5,18 @@ with the count of rows and the fix.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 
-from hf_fg2u.lm.formats import prepare_split
+from hf_fg2u.lm.formats import is_raw, prepare_split
 from hf_fg2u.lm.toy_data import IGNORE_INDEX
 from hf_fg2u.outer import OuterModule
 from hf_fg2u.trainer.config import BilevelConfig
 
 SHOWN = 5  # row indices quoted in an error
+ROW_COLUMN = "_hf_fg2u_source_row"  # a raw row's position, carried through tokenizing to see which rows were kept
 
 
 def _rows(indices: list[int]) -> str:
@@ -21,12 +24,15 @@ def _rows(indices: list[int]) -> str:
     return f"{indices[:SHOWN]}{more}"
 
 
-def prepare_datasets(train, meta, eval_, outer: OuterModule, tokenizer, args: BilevelConfig, vocab_size: int):
+def prepare_datasets(train, meta, eval_, outer: OuterModule, tokenizer, args: BilevelConfig, limits: ModelLimits):
     """(train, meta, eval) ready for the bilevel losses (see :func:`prepare_dataset`); ``eval_`` may be None or a
     dict of datasets, as the Trainer allows."""
 
+    if limits.max_positions is not None and outer.prefix_length:  # the soft prompt takes positions too
+        limits = dataclasses.replace(limits, max_positions=limits.max_positions - outer.prefix_length)
+
     def prepare(dataset, role):
-        return prepare_dataset(dataset, role, outer, tokenizer, args, vocab_size)
+        return prepare_dataset(dataset, role, outer, tokenizer, args, limits)
 
     train, meta = prepare(train, "train"), prepare(meta, "meta")
     if isinstance(eval_, dict):
@@ -34,20 +40,47 @@ def prepare_datasets(train, meta, eval_, outer: OuterModule, tokenizer, args: Bi
     elif eval_ is not None:
         eval_ = prepare(eval_, "eval")
     check_unroll_fits(len(train), args.per_device_train_batch_size, args.unroll_steps, args.world_size)
+    warn_if_contained(meta, train, "meta", "train", "the meta loss then rewards fitting train rows, wrong ones too")
+    for name, split in (eval_ if isinstance(eval_, dict) else {"eval": eval_}).items():
+        if split is not None:
+            warn_if_contained(split, meta, name, "meta", "its loss is not held out from what the weights learned from")
     return train, meta, eval_
 
 
-def prepare_dataset(dataset, role: str, outer: OuterModule, tokenizer, args: BilevelConfig, vocab_size: int):
+def warn_if_contained(dataset, other, name: str, other_name: str, consequence: str) -> None:
+    """Warn when every row of ``dataset`` is also a row of ``other`` (by tokens, not by split name)."""
+    rows = {tuple(ids) for ids in other["input_ids"]}
+    shared = sum(tuple(ids) in rows for ids in dataset["input_ids"])
+    if len(dataset) and shared == len(dataset):
+        warnings.warn(
+            f"Every one of the {len(dataset)} rows of the {name} dataset is also a row of the {other_name} "
+            f"dataset: {consequence}. Use rows of their own.",
+            stacklevel=4,
+        )
+
+
+def drop_long_train_rows(train, tokenizer, args: BilevelConfig):
+    """(the raw rows kept, them tokenized) under ``truncation_mode='drop'``: both without the rows longer than
+    max_length, so that export_weights() returns the rows that were trained, each with its own weight. Other
+    truncations and tokenized data pass through as (train, train)."""
+    if args.truncation_mode != "drop" or not is_raw(train):
+        return train, train
+    numbered = train.add_column(ROW_COLUMN, list(range(len(train))))
+    tokenized = prepare_split(numbered, "train", tokenizer, args.max_length, args.dataset_text_field, "drop")
+    return train.select(tokenized[ROW_COLUMN]), tokenized.remove_columns(ROW_COLUMN)
+
+
+def prepare_dataset(dataset, role: str, outer: OuterModule, tokenizer, args: BilevelConfig, limits: ModelLimits):
     """A split ready for the bilevel losses: tokenized when raw (see ``hf_fg2u.lm.formats``), train rows numbered
     when ``ExampleWeights`` needs ids and there are none, the outer module's columns added, every row checked."""
-    dataset = prepare_split(dataset, role, tokenizer, args.max_length, args.dataset_text_field)
+    dataset = prepare_split(dataset, role, tokenizer, args.max_length, args.dataset_text_field, args.truncation_mode)
     check_model_columns(dataset, role)
     train = role in ("train", "exported")
     if train and outer.id_column is not None:
         if outer.id_column not in dataset.column_names:
             dataset = dataset.map(lambda _, i: {outer.id_column: i}, with_indices=True)
         check_unique_ids(dataset, outer.id_column, role)
-    check_token_rows(dataset, role, vocab_size)
+    check_token_rows(dataset, role, limits)
     return outer.prepare_dataset(dataset, "train" if train else role)
 
 
@@ -60,21 +93,45 @@ def check_model_columns(dataset, role: str) -> None:
         )
 
 
-def check_token_rows(dataset, role: str, vocab_size: int) -> None:
-    """Refuse empty rows, token ids outside ``[0, vocab_size)`` and rows with no token to learn from.
+@dataclass(frozen=True)
+class ModelLimits:
+    """What a row's tokens must fit: ids in [0, vocab_size), at most ``max_positions`` tokens (None: no limit)."""
+
+    vocab_size: int
+    max_positions: int | None = None
+
+    @classmethod
+    def of(cls, model) -> ModelLimits:
+        config = getattr(model, "config", None)
+        return cls(model.get_input_embeddings().weight.shape[0], getattr(config, "max_position_embeddings", None))
+
+
+def check_token_rows(dataset, role: str, limits: ModelLimits) -> None:
+    """Refuse rows that would fail deep inside a step or train on nothing: ids that are not integers, columns of
+    different lengths, empty rows, token ids outside the vocabulary, rows longer than the model's positions, and
+    rows with no token to learn from.
 
     A row's loss compares logits[:-1] with labels[1:], so a row whose labels are all -100 past position 0
     contributes nothing: its loss is 0, its hypergradient 0, and a split made only of such rows "trains" on
     nothing while reporting loss 0.
     """
     columns = dataset.column_names
-    masks = list(dataset["attention_mask"]) if "attention_mask" in columns else None
-    labels = list(dataset["labels"]) if "labels" in columns else None
-    empty, out_of_range, unlearnable = [], [], []
-    for index, ids in enumerate(list(dataset["input_ids"])):
+    present = [c for c in ("input_ids", "attention_mask", "labels") if c in columns]
+    values = {column: list(dataset[column]) for column in present}
+    ids_of, masks, labels = values["input_ids"], values.get("attention_mask"), values.get("labels")
+    found = {kind: [] for kind in ("not_integer", "length", "empty", "out_of_range", "too_long", "unlearnable")}
+    vocab_size = limits.vocab_size
+    for index, ids in enumerate(ids_of):
+        row = [values[column][index] for column in present]
+        if any(not isinstance(t, int) for part in row for t in part):
+            found["not_integer"].append(index)
+            continue
+        if len({len(part) for part in row}) > 1:
+            found["length"].append(index)
+            continue
         mask = masks[index] if masks is not None else [1] * len(ids)
         if not any(mask):
-            empty.append(index)
+            found["empty"].append(index)
             continue
         targets = (
             labels[index] if labels is not None else [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
@@ -82,32 +139,67 @@ def check_token_rows(dataset, role: str, vocab_size: int) -> None:
         if any(not 0 <= t < vocab_size for t in ids) or any(
             t != IGNORE_INDEX and not 0 <= t < vocab_size for t in targets
         ):
-            out_of_range.append(index)
+            found["out_of_range"].append(index)
+        if limits.max_positions is not None and len(ids) > limits.max_positions:
+            found["too_long"].append(index)
         if all(t == IGNORE_INDEX for t in targets[1:]):
-            unlearnable.append(index)
+            found["unlearnable"].append(index)
     total = len(dataset)
-    if empty:
+
+    def count(kind: str) -> str:
+        return f"{len(found[kind])} of {total} rows of the {role} dataset"
+
+    if found["not_integer"]:
         raise ValueError(
-            f"{len(empty)} of {total} rows of the {role} dataset are empty (no token, or attention_mask all 0): "
-            f"rows {_rows(empty)}. Remove them, e.g. dataset.filter(lambda row: sum(row['attention_mask']) > 0)."
+            f"{count('not_integer')} hold values that are not integer token ids in {present} (e.g. 1.0 or "
+            f"text): rows {_rows(found['not_integer'])}. Token ids, attention masks and labels are integers; "
+            "tokenize with the model's tokenizer, or cast the columns (dataset.cast_column)."
         )
-    if out_of_range:
+    if found["length"]:
         raise ValueError(
-            f"{len(out_of_range)} of {total} rows of the {role} dataset hold token ids outside the model's "
-            f"vocabulary [0, {vocab_size}): rows {_rows(out_of_range)}. Tokenize with the model's own tokenizer "
-            "(or resize the model's embeddings to the tokenizer)."
+            f"{count('length')} have {present} of different lengths: rows {_rows(found['length'])}. Each "
+            "row's attention_mask and labels have one entry per input id (they would otherwise be padded or cut "
+            "silently)."
         )
-    if unlearnable:
+    if found["empty"]:
         raise ValueError(
-            f"{len(unlearnable)} of {total} rows of the {role} dataset have no token to learn from: every label "
-            f"after the first is -100 (rows {_rows(unlearnable)}), so they add loss 0 and hypergradient 0. Usually "
-            "max_length cut off the answer or completion: raise max_length, or drop these rows."
+            f"{count('empty')} are empty (no token, or attention_mask all 0): rows {_rows(found['empty'])}. "
+            "Remove them, e.g. dataset.filter(lambda row: sum(row['attention_mask']) > 0)."
+        )
+    if found["out_of_range"]:
+        raise ValueError(
+            f"{count('out_of_range')} hold token ids outside the model's vocabulary [0, {vocab_size}): rows "
+            f"{_rows(found['out_of_range'])}. Tokenize with the model's own tokenizer (or resize the model's "
+            "embeddings to the tokenizer)."
+        )
+    if found["too_long"]:
+        longest = max(len(ids_of[i]) for i in found["too_long"])
+        raise ValueError(
+            f"{count('too_long')} are longer than the model's {limits.max_positions} positions "
+            f"(max_position_embeddings; longest: {longest} tokens): rows {_rows(found['too_long'])}. Set "
+            f"max_length <= {limits.max_positions} (raw rows are cut or dropped by truncation_mode), or shorten them."
+        )
+    if found["unlearnable"]:
+        raise ValueError(
+            f"{count('unlearnable')} have no token to learn from: every label after the first is -100 (rows "
+            f"{_rows(found['unlearnable'])}), so they add loss 0 and hypergradient 0. Usually max_length cut off "
+            "the answer or completion: raise max_length, or set truncation_mode='keep_end' (cut the prompt's start "
+            "instead) or truncation_mode='drop' (leave such rows out)."
         )
 
 
 def check_unique_ids(dataset, column: str, role: str = "train") -> None:
-    """Refuse repeated ids: rows sharing an id would share one learned weight."""
-    counts = Counter(dataset[column])
+    """Refuse ids that are not integers (a float or text id cannot index a weight) and repeated ids (rows sharing
+    an id would share one learned weight)."""
+    ids = dataset[column]
+    odd = [row for row, value in enumerate(ids) if isinstance(value, bool) or not isinstance(value, int)]
+    if odd:
+        raise ValueError(
+            f"Column {column!r} of the {role} dataset holds {type(ids[odd[0]]).__name__} values, not integer row "
+            f"ids (rows {_rows(odd)}, e.g. {ids[odd[0]]!r}). Number the rows 0..n-1: "
+            "dataset.map(lambda _, i: {'" + column + "': i}, with_indices=True), or drop the column."
+        )
+    counts = Counter(ids)
     repeated = sorted(i for i, n in counts.items() if n > 1)
     if repeated:
         raise ValueError(

@@ -8,8 +8,10 @@ A dataset's format is read from its columns:
 - conversational: ``messages`` (``{"role", "content"}`` dicts), rendered with the chat template; loss on the
   assistant turns.
 
-Rows keep their own length (the collator pads each batch) and are cut at ``max_length`` tokens; a warning
-counts the rows that were cut, since cutting can remove exactly the tokens that carry the loss. The ``=``/``>``
+Rows keep their own length (the collator pads each batch). A row longer than ``max_length`` tokens is, by
+``truncation_mode``: cut at the end (``keep_start``, as TRL does), cut at the start so the completion survives
+(``keep_end``), or dropped (``drop``); a warning counts them, since cutting can remove exactly the tokens that
+carry the loss. The ``=``/``>``
 answer separator of ``hf_fg2u.lm.toy_data`` belongs to the built-in toy data only and plays no part here.
 """
 
@@ -18,7 +20,9 @@ from __future__ import annotations
 import warnings
 
 from hf_fg2u.lm.toy_data import IGNORE_INDEX
+from hf_fg2u.registry import check_choice
 
+TRUNCATION_MODES = ("keep_start", "keep_end", "drop")
 FORMAT_COLUMNS = {"conversational": ("messages",), "prompt_completion": ("prompt", "completion")}
 MODEL_INPUT_COLUMNS = ("input_ids", "attention_mask", "labels")
 
@@ -119,10 +123,13 @@ def encode_example(example: dict, tokenizer, kind: str, text_field: str = "text"
             "boundary_merged": merged}  # fmt: skip
 
 
-def tokenize_dataset(dataset, tokenizer, max_length: int | None, role: str, text_field: str = "text"):
-    """Tokenize a raw ``dataset`` of any supported format (see the module docstring), cutting rows at
-    ``max_length`` tokens with a warning that counts them. The format's own columns are replaced by
-    ``input_ids``/``attention_mask``/``labels``; every other column is kept."""
+def tokenize_dataset(
+    dataset, tokenizer, max_length: int | None, role: str, text_field: str = "text", truncation_mode: str = "keep_start"
+):
+    """Tokenize a raw ``dataset`` of any supported format (see the module docstring); rows longer than
+    ``max_length`` tokens are cut or dropped by ``truncation_mode``, with a warning that counts them. The format's own
+    columns are replaced by ``input_ids``/``attention_mask``/``labels``; every other column is kept."""
+    check_choice("truncation_mode", truncation_mode, TRUNCATION_MODES)
     try:
         kind = dataset_format(dataset.column_names, text_field)
     except ValueError as error:
@@ -139,7 +146,8 @@ def tokenize_dataset(dataset, tokenizer, max_length: int | None, role: str, text
         row = encode_example(example, tokenizer, kind, text_field)
         length = len(row["input_ids"])
         if max_length is not None and length > max_length:
-            row.update({key: row[key][:max_length] for key in MODEL_INPUT_COLUMNS})
+            kept = slice(length - max_length, None) if truncation_mode == "keep_end" else slice(None, max_length)
+            row.update({key: row[key][kept] for key in MODEL_INPUT_COLUMNS})
         return {**row, "num_tokens": length}
 
     tokenized = dataset.map(encode, remove_columns=list(source), desc=f"Tokenizing the {role} dataset")
@@ -152,13 +160,19 @@ def tokenize_dataset(dataset, tokenizer, max_length: int | None, role: str, text
             stacklevel=3,
         )
     lengths = tokenized["num_tokens"]
-    cut = sum(length > max_length for length in lengths) if max_length is not None else 0
-    if cut:
+    long_rows = [i for i, length in enumerate(lengths) if max_length is not None and length > max_length]
+    if long_rows:
+        done = {"keep_start": "were cut at the end", "keep_end": "were cut at the start (the completion kept)",
+                "drop": "were dropped"}[truncation_mode]  # fmt: skip
         warnings.warn(
-            f"{cut} of {len(lengths)} rows of the {role} dataset are longer than max_length={max_length} tokens "
-            f"(longest: {max(lengths)}) and were cut at the end. Raise max_length if the cut part matters.",
+            f"{len(long_rows)} of {len(lengths)} rows of the {role} dataset are longer than max_length={max_length} "
+            f"tokens (longest: {max(lengths)}) and {done} (truncation_mode={truncation_mode!r}). Raise max_length "
+            "if the cut part matters.",
             stacklevel=3,
         )
+    if long_rows and truncation_mode == "drop":
+        long_set = set(long_rows)
+        tokenized = tokenized.select([i for i in range(len(lengths)) if i not in long_set])
     return tokenized.remove_columns(["num_tokens", "boundary_merged"])
 
 
@@ -185,8 +199,14 @@ def check_raw_values(dataset, kind: str, columns, role: str) -> None:
                 )  # fmt: skip
 
 
-def prepare_split(dataset, role: str, tokenizer, max_length: int | None, text_field: str = "text"):
+def prepare_split(
+    dataset, role: str, tokenizer, max_length: int | None, text_field: str = "text", truncation_mode: str = "keep_start"
+):
     """``dataset`` unchanged when it is already tokenized (has ``input_ids``), else tokenized."""
     if dataset is None or "input_ids" in dataset.column_names:
         return dataset
-    return tokenize_dataset(dataset, tokenizer, max_length, role, text_field)
+    return tokenize_dataset(dataset, tokenizer, max_length, role, text_field, truncation_mode)
+
+
+def is_raw(dataset) -> bool:
+    return dataset is not None and "input_ids" not in dataset.column_names

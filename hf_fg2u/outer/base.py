@@ -80,6 +80,11 @@ class OuterModule(torch.nn.Module):
         """Input embeddings [P, H] prepended to every inner and meta example, or None."""
         return None
 
+    @property
+    def prefix_length(self) -> int:
+        """P, the positions ``prefix`` takes before every example (0 without one)."""
+        return 0
+
     def regularizer(self, outer: dict, kind: str) -> torch.Tensor | None:
         """A scalar penalty on φ ("kl_uniform", "l2"), or None when it does not apply to this module."""
         return None

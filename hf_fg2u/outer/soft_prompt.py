@@ -54,6 +54,10 @@ class SoftPrompt(OuterModule):
     def prefix(self, outer):
         return outer["embeddings"]
 
+    @property
+    def prefix_length(self) -> int:
+        return self.embeddings.shape[0]
+
     def save_peft_adapter(self, directory, model, base_model_name=None):
         """Write a peft prompt-tuning adapter (``PeftModel.from_pretrained(base, directory)`` loads it), so the
         prompt works without hf_fg2u. Combine it with the LoRA adapter of the same run for the full effect."""

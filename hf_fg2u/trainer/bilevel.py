@@ -27,7 +27,7 @@ from hf_fg2u.hypergrad import METHOD_SPECS, NonFiniteHypergradientError, estimat
 from hf_fg2u.hypergrad.auto import available_megabytes, choose_method
 from hf_fg2u.hypergrad.inner_optimizers import make_inner_optimizer
 from hf_fg2u.lm.collator import PaddingCollator
-from hf_fg2u.lm.data_checks import prepare_datasets
+from hf_fg2u.lm.data_checks import ModelLimits, drop_long_train_rows, prepare_datasets
 from hf_fg2u.lm.formats import MODEL_INPUT_COLUMNS
 from hf_fg2u.lm.params import load_parameters, trainable_parameters, unwrap_model
 from hf_fg2u.outer import OuterModule
@@ -94,10 +94,11 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
         model, self.model_name = prepare_model(model, args, peft_config)
         check_datasets(train_dataset, meta_dataset)
         self.outer = outer
-        self.user_train_dataset = train_dataset  # as given: what export_weights() returns, with a weight column
+        # as given (less the rows truncation_mode='drop' left out): what export_weights() returns, with a weight column
+        self.user_train_dataset, train_dataset = drop_long_train_rows(train_dataset, processing_class, args)
         train_dataset, meta_dataset, eval_dataset = prepare_datasets(
             train_dataset, meta_dataset, eval_dataset, outer, processing_class, args,
-            vocab_size=model.get_input_embeddings().weight.shape[0],
+            ModelLimits.of(model),
         )  # fmt: skip
         self.meta_dataset = meta_dataset.select_columns(
             [c for c in MODEL_INPUT_COLUMNS if c in meta_dataset.column_names]

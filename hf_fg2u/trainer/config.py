@@ -196,6 +196,12 @@ class BilevelConfig(TrainingArguments):
         metadata={"help": "Raw datasets (text, prompt + completion, messages) are tokenized by the trainer and cut "
                   "at this many tokens (a warning counts the rows cut); None keeps every token."},
     )  # fmt: skip
+    truncation_mode: str = field(
+        default="keep_start",
+        metadata={"help": "A raw row longer than max_length: keep_start cuts its end (as TRL), keep_end cuts its "
+                  "start so the completion survives, drop leaves the row out (export_weights then returns the "
+                  "kept rows); a warning counts them.", "choices": ["keep_start", "keep_end", "drop"]},
+    )  # fmt: skip
     dataset_text_field: str = field(
         default="text", metadata={"help": "Column of plain-text rows in a raw dataset (language-modelling format)."}
     )

@@ -122,11 +122,13 @@ def train_final_adapter(
     eval_dataset=None,
     weight_column: str = "weight",
     max_length: int | None = 512,
+    truncation_mode: str = "keep_start",
 ) -> WeightedLossTrainer:
     """Wrap ``model`` (a model, or a name/path for ``AutoModelForCausalLM``) in a fresh ``peft_config`` adapter,
     train it on ``weighted_dataset`` with :class:`WeightedLossTrainer`, and return the trainer (its ``model`` is
     the trained adapter; ``trainer.save_model()`` writes it). Raw rows (text, prompt/completion, messages) are
-    tokenized with ``processing_class`` as the bilevel run tokenizes them, cut at ``max_length``."""
+    tokenized with ``processing_class`` as the bilevel run tokenizes them, rows longer than ``max_length`` cut or
+    dropped by ``truncation_mode`` (see ``hf_fg2u.lm.formats``)."""
     if isinstance(model, str):
         model = AutoModelForCausalLM.from_pretrained(model)
     if hasattr(model, "peft_config"):
@@ -136,11 +138,15 @@ def train_final_adapter(
         )
     if peft_config is None:
         raise ValueError("peft_config is required: the final stage trains a fresh adapter (e.g. a LoraConfig).")
-    weighted_dataset = prepare_split(weighted_dataset, "train", processing_class, max_length)
+
+    def prepare(split, role):
+        return prepare_split(split, role, processing_class, max_length, truncation_mode=truncation_mode)
+
+    weighted_dataset = prepare(weighted_dataset, "train")
     eval_dataset = (
-        {name: prepare_split(split, name, processing_class, max_length) for name, split in eval_dataset.items()}
+        {name: prepare(split, name) for name, split in eval_dataset.items()}
         if isinstance(eval_dataset, dict)
-        else prepare_split(eval_dataset, "eval", processing_class, max_length)
+        else prepare(eval_dataset, "eval")
     )
     model = wrap_with_peft(model, peft_config, args.seed)
     trainer = WeightedLossTrainer(

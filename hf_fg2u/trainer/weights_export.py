@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers.utils import logging
 
-from hf_fg2u.lm.data_checks import prepare_dataset
+from hf_fg2u.lm.data_checks import ModelLimits, prepare_dataset
 from hf_fg2u.lm.formats import MODEL_INPUT_COLUMNS
 from hf_fg2u.lm.params import unwrap_model
 
@@ -23,8 +23,8 @@ class WeightExportMixin:
         if dataset is None:
             dataset, tokenized = self.user_train_dataset, self.train_dataset
         else:
-            vocab_size = unwrap_model(self.model).get_input_embeddings().weight.shape[0]
-            tokenized = prepare_dataset(dataset, "exported", self.outer, self.processing_class, self.args, vocab_size)
+            limits = ModelLimits.of(unwrap_model(self.model))
+            tokenized = prepare_dataset(dataset, "exported", self.outer, self.processing_class, self.args, limits)
         weights = self.dataset_weights(tokenized)
         keep = [c for c in dataset.column_names if c not in MODEL_INPUT_COLUMNS]
         return dataset.select_columns(keep).add_column(column, weights.tolist())

@@ -159,6 +159,35 @@ def test_truncated_rows_are_counted_in_a_warning(tmp_path, tokenizer):
     assert max(len(row) for row in trainer.train_dataset["input_ids"]) == 5
 
 
+def test_keep_end_cuts_a_long_prompt_from_the_start_and_keeps_the_completion(tokenizer):
+    """A long prompt with truncation_mode='keep_end': the completion and <eos> survive, the prompt's start goes."""
+    from hf_fg2u.lm.formats import tokenize_dataset
+
+    rows = Dataset.from_dict({"prompt": ["a long prompt here f00="], "completion": ["10"]})
+    with pytest.warns(UserWarning, match=r"1 of 1 rows .* were cut at the start \(the completion kept\)"):
+        row = tokenize_dataset(rows, tokenizer, 8, "train", truncation_mode="keep_end")[0]
+    assert row["input_ids"] == ids(tokenizer, " f00=10") + [tokenizer.eos_token_id]  # the last 8 tokens
+    assert trained_text(tokenizer, row) == "10" + tokenizer.eos_token
+    with pytest.raises(ValueError, match=r"truncation_mode='keep_middle' is not known; use one of"):
+        tokenize_dataset(rows, tokenizer, 8, "train", truncation_mode="keep_middle")
+
+
+def test_drop_leaves_long_rows_out_and_the_export_returns_the_kept_rows(tmp_path, tokenizer):
+    """truncation_mode='drop' at the trainer: the long rows are neither trained nor exported, each kept row keeps its
+    own weight, and the warning counts the dropped ones."""
+    pairs = facts()
+    prompts = [("a long prompt here " if i % 4 == 0 else "") + p for i, (p, _) in enumerate(pairs)]
+    train = Dataset.from_dict({"prompt": prompts, "completion": [a for _, a in pairs]})
+    with pytest.warns(
+        UserWarning, match=r"4 of 16 rows of the train dataset .* were dropped \(truncation_mode='drop'\)"
+    ):
+        trainer = build(tmp_path, tokenizer, train, train.select([1, 2]), max_length=12, truncation_mode="drop")
+    assert len(trainer.train_dataset) == 12
+    exported = trainer.export_weights()
+    assert exported["prompt"] == [p for i, p in enumerate(prompts) if i % 4]
+    assert len(exported["weight"]) == 12
+
+
 def test_default_max_length_suits_real_text():
     assert BilevelConfig(output_dir="x", report_to=[]).max_length == 512
 
@@ -183,6 +212,8 @@ def test_rows_whose_labels_are_all_masked_are_refused_with_the_count(tmp_path, t
     long_prompt = {"prompt": ["a long prompt here " + p for p, _ in pairs], "completion": [a for _, a in pairs]}
     train = Dataset.from_dict(long_prompt)
     with pytest.raises(ValueError, match=r"16 of 16 rows of the train dataset have no token to learn from.*max_len"):
+        build(tmp_path, tokenizer, train, train, max_length=12)
+    with pytest.raises(ValueError, match=r"set truncation_mode='keep_end' \(cut the prompt's start instead\)"):
         build(tmp_path, tokenizer, train, train, max_length=12)
     good = Dataset.from_dict({"prompt": [p for p, _ in pairs], "completion": [a for _, a in pairs]})
     meta = Dataset.from_dict({"prompt": ["f00=", "a prompt longer than max_length"], "completion": ["10", "11"]})
