@@ -230,8 +230,15 @@ def test_recipe_push_uploads_the_bilevel_run_without_its_uniform_baseline(tmp_pa
     out = tmp_path / "run"
     args = ["--config", str(RECIPES / "noisy_reweighting.yaml"), "--max_steps", "1", "--output_dir", str(out)]
     args += ["--num_directions", "2", "--plot", "false", "--push_to_hub", "true", "--hub_model_id", "tester/run"]
-    args += ["--hub_token", "hf_fake", "--hub_strategy", "end", "--compare_uniform", "true"]
+    token = "hf_" + "PushSecret" * 3  # shaped like a real token: redacted by name and by shape
+    args += ["--hub_token", token, "--hub_strategy", "end", "--compare_uniform", "true"]
     results = cli.run_train(args)
+    # Issue 26 item 6: the token is in no pushed file and in no file of the output tree (checkpoints, the
+    # uniform baseline, training_args.bin as pickled bytes included).
+    leaked = [path for path, data in hub.repos["tester/run"].items() if token.encode() in data]
+    leaked += [str(path) for path in out.rglob("*") if path.is_file() and token.encode() in path.read_bytes()]
+    assert not leaked, leaked
+    assert sum(1 for path in out.rglob("*") if path.is_file()) > 10  # the scan saw the run's files
     assert results["uniform_meta_loss"] > 0 and (out / "uniform").is_dir()
     pushed = set(hub.repos["tester/run"])
     assert {

@@ -4,8 +4,6 @@ import errno
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -240,9 +238,9 @@ def test_two_runs_in_one_output_dir(tmp_path, data):
     (run / LOCK_NAME).write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename}))
     with pytest.raises(ValueError, match=f"Another run \\(process {os.getpid()}.*is writing to"):
         fast_trainer(tmp_path, data, max_steps=1).train()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (run / LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename}))
+    # A pid no process can hold (above every kernel's pid_max; a finished child's pid could be reused meanwhile).
+    never = 2**31 - 1
+    (run / LOCK_NAME).write_text(json.dumps({"pid": never, "host": os.uname().nodename}))
     with pytest.warns(UserWarning, match="Taking over .*no longer running"):
         fast_trainer(tmp_path, data, max_steps=1).train()
     assert not (run / LOCK_NAME).exists()
