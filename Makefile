@@ -63,12 +63,14 @@ value-quick: value-data
 	$(VALUE) --out outputs/value_quick --data_seeds 0 --adapter_seeds 0 --online_epochs 1 --test_rows 200 \
 	  --selections uniform learned_online oracle_clean_only
 
-# The cost of learning weights as rows grow (~55 min alone): docs/bench/rows.json (ungrouped) and rows_grouped.json
-# (--balance_column completion), tables in docs/benchmarks.md.
+# The cost of learning weights as rows grow (~50 min alone): docs/bench/rows.json (ungrouped) and rows_grouped.json
+# (--balance_column completion), and where an outer step's time goes (outer_step_profile.json); docs/benchmarks.md.
 bench-rows: value-data
 	$(PY) scripts/bench_rows.py --lexicon $(LEXICON) --model $(VALUE_MODEL) --out $(BENCH)/rows.json
 	$(PY) scripts/bench_rows.py --lexicon $(LEXICON) --model $(VALUE_MODEL) --out $(BENCH)/rows_grouped.json \
 	  --balance_column completion --work outputs/bench_rows_grouped
+	$(PY) scripts/profile_outer_step.py --work outputs/bench_rows_grouped --balance_column completion \
+	  --out $(BENCH)/outer_step_profile.json
 	$(PY) scripts/bench_report.py
 
 # Why grouped weights remove the answer shift from the meta gradient (docs/group_shift.md, ~3 min after `make value`):

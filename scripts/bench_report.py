@@ -337,13 +337,37 @@ def rows_section(bench: Path) -> str:
              "one plain LoRA epoch over the same rows (`hf-fg2u finetune`, batch 8), SmolLM2-135M-Instruct, LoRA "
              "r=8 on q/v, rows of ~20 tokens; each a fresh process, wall time including the model load, peak "
              "resident memory by GNU time.\n")  # fmt: skip
-    return "\n".join([f"## {title}\n", intro, *[t for t in tables if t]])
+    return "\n".join([f"## {title}\n", intro, *[t for t in tables if t], profile_table(bench)])
+
+
+def profile_table(bench: Path) -> str:
+    """Where an outer step's time goes (scripts/profile_outer_step.py), each part in plain epochs of its rows."""
+    profile, grouped = load(bench / "outer_step_profile.json"), load(bench / "rows_grouped.json")
+    if profile is None or grouped is None or len(grouped["results"]) < 2:
+        return ""
+    results = grouped["results"]
+    plain_per_row = linear_fit([r["rows"] for r in results], [r["plain"]["seconds"] for r in results])[1]
+    rows_per_step = 16  # the recipe's unroll: 2 inner steps of 8 rows
+    plain_step = plain_per_row * rows_per_step
+    kind = "grouped" if profile["balance_column"] else "ungrouped"
+    lines = [f"**Where one outer step's time goes** ({profile['rows']} rows, {kind} weights, "
+             f"{profile['outer_steps']} outer steps; "
+             f"one outer step reads {rows_per_step} rows, which a plain epoch trains in {plain_step:.2f} s):\n",
+             "| part | seconds per outer step | plain epochs of its rows |", "|---|---|---|"]  # fmt: skip
+    parts = profile["per_outer_step"]
+    for part, seconds in sorted(parts.items(), key=lambda item: -item[1]):
+        lines.append(f"| {part} | {seconds:.2f} | {seconds / plain_step:.2f}× |")
+    total = sum(parts.values())
+    lines.append(f"| all parts | {total:.2f} | **{total / plain_step:.2f}×** |")
+    return "\n".join(lines) + "\n"
 
 
 def rows_table(data: dict | None, label: str) -> str:
     if data is None:
         return ""
     results = data["results"]
+    if not data.get("keep_step_graphs"):
+        label += " — measured before the recipe kept each inner step's graph (`keep_step_graphs`, ~14% faster)"
     lines = [f"**{label}**\n",
              "| rows | bilevel (s) | plain (s) | ratio | bilevel ms/row | plain ms/row | bilevel peak MB "
              "| plain peak MB |",

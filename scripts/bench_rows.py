@@ -16,9 +16,12 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sentiment_task import make_splits, read_lexicon  # noqa: E402
 
+RECIPES = Path(__file__).resolve().parents[1] / "hf_fg2u" / "recipes"
 CLI = [sys.executable, "-m", "hf_fg2u.cli.main"]
 LORA = ["--lora_r", "8", "--lora_alpha", "16", "--lora_target_modules", "q_proj", "v_proj", "--max_length", "32"]
 
@@ -72,7 +75,9 @@ def main() -> None:
         results.append(record)
         print(json.dumps(record), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": args.model, "results": results}, indent=2))
+    recipe = yaml.safe_load((RECIPES / "noisy_reweighting_real.yaml").read_text())
+    settings = {"keep_step_graphs": recipe.get("keep_step_graphs", False)}
+    args.out.write_text(json.dumps({"model": args.model, **settings, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -343,10 +343,23 @@ def verdict(gaps: dict) -> str:
     )
 
 
+ROW_ORDER = ["uniform", "train_and_meta", "meta_only", "loss_filter", "less", "meta_model_filter",
+             "meta_model_filter_balanced", "uniform_model_filter", "online_loss_filter", "learned_one_shot",
+             "learned_online_epoch", "learned_unprojected_epoch", "learned_balanced_and_meta",
+             "oracle_clean_only"]  # fmt: skip
+
+
+def row_order(name: str) -> tuple[int, int]:
+    """The table's rows: baselines, filters, learned weights (by epoch), the oracle last."""
+    base = re.sub(r"\d+$", "", name)
+    epoch = int(name[len(base) :] or 0)
+    return (ROW_ORDER.index(base) if base in ROW_ORDER else len(ROW_ORDER), epoch)
+
+
 def report(table: dict) -> str:
     """The markdown of docs/value.md, generated from table.json."""
     seeds = sorted(table["seeds"], key=int)
-    names = list(dict.fromkeys(name for s in seeds for name in table["seeds"][s]["finetune"]))  # every seed's, in order
+    names = sorted(dict.fromkeys(name for s in seeds for name in table["seeds"][s]["finetune"]), key=row_order)
     lines = [
         "# Learned weights on a task where wrong answers do harm",
         "",
@@ -382,6 +395,7 @@ def report(table: dict) -> str:
     lines += ["", "Harm (oracle − uniform accuracy) by data seed: " + ", ".join(
         f"{s}: {h:+.3f}" for s, h in zip(seeds, harm, strict=True))]  # fmt: skip
     lines += ["", verdict(gaps)]
+    lines += [f"\n{note}" for note in table.get("notes", [])]
     timings = ", ".join(f"{run['seconds'] / 60:.0f} min" for run in table.get("runs", []))
     if timings:
         lines += ["", f"The commands that made this table took {timings} (each timed from start to end; a resumed "

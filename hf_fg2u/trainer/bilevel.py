@@ -31,7 +31,7 @@ from hf_fg2u.lm.data_checks import ModelLimits, drop_long_train_rows, prepare_da
 from hf_fg2u.lm.formats import MODEL_INPUT_COLUMNS
 from hf_fg2u.lm.params import load_parameters, trainable_parameters, unwrap_model
 from hf_fg2u.outer import OuterModule
-from hf_fg2u.trainer.checkpointing import STATE_CONFIG_NAME, verify_checkpoint
+from hf_fg2u.trainer.checkpointing import STATE_CONFIG_NAME, run_settings, verify_checkpoint
 from hf_fg2u.trainer.config import BilevelConfig
 from hf_fg2u.trainer.inner_resets import ResetPolicy
 from hf_fg2u.trainer.inner_state import InnerStateMixin, outer_step_seed
@@ -128,6 +128,7 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
         self.method_choice = self._resolve_auto_method() if self.args.method == "auto" else None
         # Built once from the config; every outer step then passes data only.
         self._methods = {name: method_from_config(self.args, name) for name in self._method_names()}
+        self.processes.check_same_config(run_settings(self.args, self.model))
         self.processes.check_direction_shares(self._methods)
         if self.args.project_group_shift and getattr(self.outer, "num_groups", 1) > 1 and "fg2u_zo" in self._methods:
             raise ValueError("fg2u_zo never forms the meta gradient, so the group-shift projection of grouped weights "

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -36,7 +37,36 @@ def compatibility_fields(outer, args, model, train_dataset=None, meta_dataset=No
     for role, dataset in (("train", train_dataset), ("meta", meta_dataset)):
         if dataset is not None:
             fields[f"{role}_data"] = data_fingerprint(dataset)
+    # where each outer step reads its rows: another value would resume at another data position
+    fields["rows_per_outer_step"] = {"unroll_steps": args.unroll_steps, "batch_size": args.per_device_train_batch_size,
+                                     "processes": args.world_size}  # fmt: skip
     return fields
+
+
+def run_settings(args, model) -> dict:
+    """What a resumed run may change but then does not continue as the uninterrupted run would: every bilevel
+    option (credentials redacted), the outer learning rate, the seed and the adapter's scaling and dropout."""
+    settings = {**args.bilevel_fields(), "learning_rate": args.learning_rate, "seed": args.seed}
+    peft = getattr(unwrap_model(model), "peft_config", None)
+    adapter = next(iter(peft.values()), None) if isinstance(peft, dict) else None
+    for name in ("lora_alpha", "lora_dropout"):
+        if hasattr(adapter, name):
+            settings[name] = getattr(adapter, name)
+    return json.loads(json.dumps(settings, default=str))  # as read back from the checkpoint's JSON
+
+
+def warn_changed_settings(directory: Path, mine: dict) -> None:
+    """Name every setting that differs from the checkpoint's (checkpoints written before settings were recorded
+    have none to compare)."""
+    description = read_json(directory / STATE_CONFIG_NAME)
+    saved = description.get("settings", description.get("bilevel_config", {}))
+    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in mine.items() if k in saved and saved[k] != v]
+    if changed:
+        warnings.warn(
+            f"Resuming from {directory} with changed settings ({'; '.join(changed)}): the run goes on from the "
+            "checkpoint's state with these, so it does not continue as the uninterrupted run would.",
+            stacklevel=3,
+        )
 
 
 def data_fingerprint(dataset) -> str:
@@ -123,7 +153,7 @@ def _difference(saved, mine) -> str:
     return f"checkpoint {saved!r:.120} vs now {mine!r:.120}"
 
 
-OPTIONAL = ("inner_parameter_shapes", "train_data", "meta_data")
+OPTIONAL = ("inner_parameter_shapes", "train_data", "meta_data", "rows_per_outer_step")
 
 
 def read_json(path: Path) -> dict:

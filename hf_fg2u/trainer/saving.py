@@ -24,7 +24,9 @@ from hf_fg2u.trainer.checkpointing import (
     publish_files,
     read_json,
     rotate_checkpoints_by_step,
+    run_settings,
     save_bilevel_state,
+    warn_changed_settings,
 )
 from hf_fg2u.trainer.model_setup import write_base_model_file
 
@@ -75,8 +77,8 @@ class SavingMixin:
         self.outer.save_peft_adapter(output_dir / "prompt_adapter", base_model or self.model, self.model_name)
         description = {
             **compatibility_fields(self.outer, self.args, self.model, self.train_dataset, self.meta_dataset),
+            "settings": run_settings(self.args, self.model),
             "outer_config": self.outer.config_dict(),
-            "bilevel_config": self.args.bilevel_fields(),
         }
         description["reset_policy"] = self._resets.state_dict()
         states = (self._initial_params, self._initial_state, self._inner_state)
@@ -123,6 +125,7 @@ class SavingMixin:
         directory = Path(resume_from_checkpoint)
         mine = compatibility_fields(self.outer, self.args, self.model, self.train_dataset, self.meta_dataset)
         check_resume_compatible(directory, mine)  # before the adapter's load, which fails on other shapes
+        warn_changed_settings(directory, run_settings(self.args, self.model))
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         loaded = OuterModule.from_pretrained(directory)
         if loaded.config != self.outer.config:

@@ -25,7 +25,7 @@ from hf_fg2u import ExampleWeights  # noqa: E402
 from hf_fg2u.hypergrad import NonFiniteHypergradientError  # noqa: E402
 from tests.helpers.tiny import fact_data, trainer_for  # noqa: E402
 
-SCENARIOS = ("empty_share", "auto", "nonfinite", "lock", "save")
+SCENARIOS = ("empty_share", "auto", "nonfinite", "lock", "save", "config")
 ON_CUDA = {"use_cpu": True}  # --cuda (scripts/gpu_check.sh on a machine with several GPUs): NCCL ranks
 
 
@@ -112,6 +112,15 @@ def save(output: Path, rank: int, world: int) -> dict:
     dist.barrier()
     outcome["left"] = sorted(p.name for p in (output / "run").iterdir() if "checkpoint" in p.name)
     return outcome
+
+
+def config(output: Path, rank: int, world: int) -> dict:
+    """The last rank was started with another unroll_steps (before: SIGABRT and a gloo reset mid-run)."""
+    try:
+        make_trainer(output, unroll_steps=1 if rank == world - 1 else 2)
+    except Exception as error:
+        return {"raised": type(error).__name__, "message": str(error)[:300]}
+    return {"raised": None}
 
 
 def main() -> None:

@@ -129,6 +129,9 @@ def test_ranks_take_every_decision_alike(tmp_path, processes):
         assert r["save"]["raised"] == "RuntimeError"
         assert "Saving checkpoint-1 failed on process 0" in r["save"]["message"]
     assert all(r["save"]["left"] == [] for r in ranks)
+    # Ranks started with different settings refuse at construction, all of them, naming the setting.
+    assert all(r["config"]["raised"] == "ValueError" and "unroll_steps: rank 0 2" in r["config"]["message"]
+               for r in ranks)  # fmt: skip
 
 
 @pytest.mark.parametrize("world", [5, 7, 16])

@@ -52,7 +52,7 @@ def test_no_credential_in_any_written_file(tmp_path, data):
     written = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
     assert {"bilevel_state.json", "training_args.bin", "README.md"} <= {p.name for p in written}
     assert [p for p in written if SECRET.encode() in p.read_bytes()] == []
-    saved = json.loads((tmp_path / "run" / "bilevel_state.json").read_text())["bilevel_config"]
+    saved = json.loads((tmp_path / "run" / "bilevel_state.json").read_text())["settings"]
     assert saved["model_init_kwargs"] == {"token": "<redacted>", "nested": {"api_key": "<redacted>"}}
     assert trainer.args.model_init_kwargs["token"] == SECRET  # the run itself keeps it
 
@@ -300,3 +300,14 @@ def test_a_folder_without_bilevel_state_is_not_a_checkpoint(tmp_path, data, chec
     (run / "checkpoint-2" / "bilevel_state.json").unlink()
     with pytest.raises(ValueError, match="checkpoint-2 is not a BilevelTrainer checkpoint: bilevel_state.json is"):
         fast_trainer(tmp_path, data, max_steps=3).train(resume_from_checkpoint=True)
+
+
+def test_resuming_with_changed_settings_names_them_and_another_data_position_is_refused(tmp_path, data):
+    """Issue 25: another inner_lr or lora scaling was accepted silently; another unroll or batch size would resume
+    at another data position."""
+    fast_trainer(tmp_path, data, max_steps=2, save_strategy="steps", save_steps=1).train()
+    checkpoint = str(tmp_path / "run" / "checkpoint-1")
+    with pytest.warns(UserWarning, match=r"changed settings \(inner_lr 0.01 -> 0.02\): the run goes on"):
+        fast_trainer(tmp_path, data, max_steps=2, inner_lr=0.02).train(resume_from_checkpoint=checkpoint)
+    with pytest.raises(ValueError, match=r"incompatible config \(rows_per_outer_step: .*unroll_steps"):
+        fast_trainer(tmp_path, data, max_steps=2, unroll_steps=1).train(resume_from_checkpoint=checkpoint)
