@@ -98,6 +98,18 @@ class BilevelConfig(TrainingArguments):
     inner_beta1: float = field(default=0.9, metadata={"help": "β₁ of 'adam'."})
     inner_beta2: float = field(default=0.999, metadata={"help": "β₂ of 'adam'."})
     inner_weight_decay: float = field(default=0.0, metadata={"help": "Inner weight decay (decoupled for 'adam')."})
+    inner_nesterov: bool = field(default=False, metadata={"help": "Nesterov momentum for 'momentum'."})
+    inner_eps: float = field(
+        default=1e-8,
+        metadata={"help": "ε of 'adam'. Adam's step divides by √v + ε, so the hypergradient weighs a coordinate by "
+                  "about 1/|gradient|: on a bf16/fp16 model, where small gradients are mostly rounding, use 1e-4 or "
+                  "more (docs/low_precision.md: cosine to the float64 hypergradient 0.33 at 1e-8, >= 0.99 at 1e-4)."},
+    )  # fmt: skip
+    inner_eps_root: float = field(
+        default=1e-16,
+        metadata={"help": "'adam': added inside √v, so a coordinate whose gradient is exactly 0 has a finite "
+                  "derivative."},
+    )  # fmt: skip
 
     # -- inner warm-up and resets -------------------------------------------------------------------------------
     inner_reset_every: int = field(
@@ -315,6 +327,8 @@ class BilevelConfig(TrainingArguments):
         for name in ("inner_weight_decay", "weight_decay", "max_grad_norm"):
             _check_range(name, getattr(self, name), 0.0, math.inf)
         _check_range("adam_epsilon", self.adam_epsilon, 0.0, math.inf, low_open=True)
+        _check_range("inner_eps", self.inner_eps, 0.0, math.inf, low_open=True)
+        _check_range("inner_eps_root", self.inner_eps_root, 0.0, math.inf)
         # Above float32's range the penalty's gradient is inf for every φ.
         _check_range("weight_regularization_coef", self.weight_regularization_coef, 0.0, FLOAT32_MAX, high_open=False)
 
@@ -341,9 +355,14 @@ class BilevelConfig(TrainingArguments):
 
     def inner_optimizer_kwargs(self) -> dict:
         if self.inner_optimizer == "momentum":
-            return {"beta": self.inner_momentum, "weight_decay": self.inner_weight_decay}
+            return {
+                "beta": self.inner_momentum,
+                "nesterov": self.inner_nesterov,
+                "weight_decay": self.inner_weight_decay,
+            }
         if self.inner_optimizer == "adam":
-            return {"betas": (self.inner_beta1, self.inner_beta2), "weight_decay": self.inner_weight_decay}
+            return {"betas": (self.inner_beta1, self.inner_beta2), "eps": self.inner_eps,
+                    "eps_root": self.inner_eps_root, "weight_decay": self.inner_weight_decay}  # fmt: skip
         return {"weight_decay": self.inner_weight_decay}
 
     def bilevel_fields(self) -> dict:
