@@ -148,3 +148,33 @@ def test_meta_rows_that_are_train_rows_and_eval_rows_that_are_meta_rows_are_warn
     with pytest.warns(UserWarning, match=r"Every one of the 4 rows of the eval dataset is also a row of the meta"):
         trainer_for(tmp_path, ExampleWeights(16), {"train": train, "meta": meta, "eval": meta},
                     max_steps=1, per_device_train_batch_size=4, meta_batch_size=4)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("https://example.com/train.jsonl", r"is a URL; files are read from this machine. Download it first"),
+        ("FOLDER", r"is a folder. Pass the folder as --dataset_name"),
+        ("missing.jsonl", r"train=.*missing.jsonl: no such file"),
+    ],
+    ids=["url", "folder", "missing"],
+)
+def test_data_files_that_are_urls_folders_or_missing_say_what_to_pass(tmp_path, path, message):
+    """Before: a raw aiohttp ImportError (URL), 'cannot tell how to read' (folder), the loader's own error."""
+    path = str(tmp_path) if path == "FOLDER" else path if path.startswith("http") else str(tmp_path / path)
+    with pytest.raises(ValueError, match=message):
+        load_files({"train": [path]})
+
+
+def test_rows_with_both_text_and_prompt_completion_say_which_is_used():
+    rows = Dataset.from_dict({"text": ["a=1"], "prompt": ["a="], "completion": ["1"]})
+    with pytest.warns(UserWarning, match=r"both prompt/completion and 'text' columns: the prompt_completion format"):
+        tokenize_dataset(rows, TOKENIZER, 32, "train")
+
+
+def test_more_directions_than_outer_coordinates_are_refused(tmp_path):
+    """Before: num_directions=10**9 was accepted and ran with no bound and no progress."""
+    _, data = fact_data(num_facts=4, copies=4)
+    with pytest.raises(ValueError, match=r"num_directions=1000000000 exceeds the 16 coordinates .* at most 16"):
+        trainer_for(tmp_path, ExampleWeights(len(data["train"])), data, max_steps=1, method="fg2u",
+                    num_directions=10**9)  # fmt: skip

@@ -51,6 +51,9 @@ logger = logging.get_logger(__name__)
 COLLAPSED_ENTROPY = 0.5
 
 
+MAX_SURPLUS_DIRECTIONS = 4096  # beyond φ's size, more directions than this are refused, not only warned about
+
+
 class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightExportMixin, SavingMixin, Trainer):
     """Learns outer variables (data weights, a soft prompt) by hypergradients through LoRA fine-tuning.
 
@@ -130,6 +133,7 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
         self._methods = {name: method_from_config(self.args, name) for name in self._method_names()}
         self.processes.check_same_config(run_settings(self.args, self.model))
         self.processes.check_direction_shares(self._methods)
+        self._check_direction_count()
         if self.args.project_group_shift and getattr(self.outer, "num_groups", 1) > 1 and "fg2u_zo" in self._methods:
             raise ValueError("fg2u_zo never forms the meta gradient, so the group-shift projection of grouped weights "
                              "cannot apply: use method rgu or fg2u, or set project_group_shift=False.")  # fmt: skip
@@ -166,6 +170,24 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
         if choice.method == "rgu":
             self.args.checkpoint_every = choice.checkpoint_every
         return choice
+
+    def _check_direction_count(self) -> None:
+        """More random directions than φ has coordinates cost more than the exact answer, which that many orthogonal
+        directions already give: a warning, and an error past MAX_SURPLUS_DIRECTIONS (10**9 directions would run
+        for days with no sign of progress)."""
+        size = sum(value.numel() for value in self.outer.outer_dict().values())
+        directional = [name for name, method in self._methods.items() if method.directional]
+        b = self.args.num_directions
+        if not directional or b <= size:
+            return
+        message = (
+            f"num_directions={b} exceeds the {size} coordinates of the outer variables ({type(self.outer).__name__}):"
+            f" {size} orthogonal directions (directions='orthogonal') already give the exact hypergradient of "
+            f"{directional[0]!r}. Use at most {size}, or an exact method such as rgu."
+        )
+        if b > MAX_SURPLUS_DIRECTIONS:
+            raise ValueError(message)
+        warnings.warn(message, stacklevel=3)
 
     def _warn_if_truncation_hides_rows(self) -> None:
         """trgu differentiates only the last K steps: outer variables tied to rows (per-example weights) of the

@@ -98,8 +98,9 @@ def warn_if_adam_eps_below_half_precision(model, args) -> None:
         warnings.warn(
             f"The model computes in {', '.join(half)} and the inner optimizer is Adam with inner_eps="
             f"{args.inner_eps:g}: the hypergradient is then dominated by the coordinates with the smallest "
-            f"gradients, which {half[0]} cannot resolve (docs/low_precision.md: cosine 0.33 to the float64 hypergradient). "
-            f"Set inner_eps={HALF_PRECISION_INNER_EPS:g} or more (cosine >= 0.99), or inner_optimizer='sgd'/'momentum'.",
+            f"gradients, which {half[0]} cannot resolve (docs/low_precision.md: cosine 0.33 to the float64 "
+            f"hypergradient). Set inner_eps={HALF_PRECISION_INNER_EPS:g} or more (cosine >= 0.99), or "
+            "inner_optimizer='sgd'/'momentum'.",
             stacklevel=3,
         )
 
