@@ -178,3 +178,16 @@ def test_more_directions_than_outer_coordinates_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"num_directions=1000000000 exceeds the 16 coordinates .* at most 16"):
         trainer_for(tmp_path, ExampleWeights(len(data["train"])), data, max_steps=1, method="fg2u",
                     num_directions=10**9)  # fmt: skip
+
+
+def test_a_users_config_starts_from_the_recipe_it_names(tmp_path):
+    """Before: `--config mine.yaml` naming a recipe started from the bare defaults (max_length 512 on the toy data:
+    40 s per step instead of 0.1 s); now as `--recipe`: the recipe's values, then the user's, then the flags."""
+    from hf_fg2u.cli.arguments import parse_args
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("recipe: noisy_reweighting\nmax_steps: 3\n")
+    script, training, _ = parse_args(["--config", str(mine), "--inner_lr", "0.01"])
+    assert training.max_steps == 3 and training.inner_lr == 0.01  # the user's config, then the flag
+    assert training.learning_rate == 0.5 and training.num_directions == 16  # the recipe's
+    assert training.max_length == 10 and script.recipe == "noisy_reweighting"  # its built-in data options too
