@@ -191,3 +191,23 @@ def test_a_users_config_starts_from_the_recipe_it_names(tmp_path):
     assert training.max_steps == 3 and training.inner_lr == 0.01  # the user's config, then the flag
     assert training.learning_rate == 0.5 and training.num_directions == 16  # the recipe's
     assert training.max_length == 10 and script.recipe == "noisy_reweighting"  # its built-in data options too
+
+
+@pytest.mark.parametrize(
+    ("column", "values", "message"),
+    [
+        ("topic", ["a", "b"], r"no 'domain' column, which names each row's domain .* --domain_column"),
+        ("domain", ["a", None], r"1 train rows have no domain in column 'domain' \(null or empty; rows \[1\]\)"),
+    ],
+    ids=["missing_column", "null_domain"],
+)
+def test_domain_mixture_names_a_missing_or_null_domain(column, values, message):
+    """Before: a raw KeyError from datasets (no column) or a TypeError sorting None with text (null)."""
+    from datasets import DatasetDict
+
+    from hf_fg2u.cli.arguments import ScriptArguments
+    from hf_fg2u.cli.registry import make_outer
+
+    train = Dataset.from_dict({"text": ["x", "y"], column: values})
+    with pytest.raises(ValueError, match=message):
+        make_outer(ScriptArguments(recipe="domain_mixture", outer="domain_weights"), DatasetDict(train=train), None)
