@@ -546,3 +546,15 @@ def test_the_demo_meets_the_targets_it_prints(tmp_path):
     results = cli.run_demo(["--output_dir", str(tmp_path / "demo"), "--disable_tqdm", "true"])
     assert results["auroc_corrupted"] >= 0.9
     assert results["bilevel_meta_loss"] <= 0.95 * results["uniform_meta_loss"]
+
+
+def test_weights_push_to_hub_offline_says_why_and_where_the_rows_stay(tmp_path, monkeypatch, capsys):
+    """Issue 25: offline, `hf-fg2u weights RUN --push_to_hub` was a raw traceback."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_TOKEN", "hf_fake")
+    run = weighted_run(tmp_path / "run")
+    with pytest.raises(SystemExit, match=r"Could not push the weighted dataset to tester/weights: .*Nothing is lost"):
+        cli.run_weights([str(run), "--push_to_hub", "tester/weights"])
+    assert (run / "weighted_dataset.parquet").is_file()
