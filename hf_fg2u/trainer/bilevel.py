@@ -134,7 +134,7 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
         self.processes.check_same_config(run_settings(self.args, self.model))
         self.processes.check_direction_shares(self._methods)
         self._check_direction_count()
-        if self.args.project_group_shift and getattr(self.outer, "num_groups", 1) > 1 and "fg2u_zo" in self._methods:
+        if self.args.project_group_shift and self.outer.num_groups > 1 and "fg2u_zo" in self._methods:
             raise ValueError("fg2u_zo never forms the meta gradient, so the group-shift projection of grouped weights "
                              "cannot apply: use method rgu or fg2u, or set project_group_shift=False.")  # fmt: skip
         self._inner_optimizer = make_inner_optimizer(
