@@ -132,17 +132,12 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
         # Built once from the config; every outer step then passes data only.
         self._methods = {name: method_from_config(self.args, name) for name in self._method_names()}
         self.processes.check_same_config(run_settings(self.args, self.model))
-        self.processes.check_direction_shares(self._methods)
-        self._check_direction_count()
-        if self.args.project_group_shift and self.outer.num_groups > 1 and "fg2u_zo" in self._methods:
-            raise ValueError("fg2u_zo never forms the meta gradient, so the group-shift projection of grouped weights "
-                             "cannot apply: use method rgu or fg2u, or set project_group_shift=False.")  # fmt: skip
+        self._check_methods()
         self._inner_optimizer = make_inner_optimizer(
             self.args.inner_optimizer, self.args.inner_lr, **self.args.inner_optimizer_kwargs()
         )
         for method in self._methods:
             self._problem(self.model, method)  # preflight now, not deep inside the first step
-        self._warn_if_truncation_hides_rows()
         self.add_callback(LogLastStep())
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
@@ -170,6 +165,15 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
         if choice.method == "rgu":
             self.args.checkpoint_every = choice.checkpoint_every
         return choice
+
+    def _check_methods(self) -> None:
+        """What the chosen methods cannot do with this run, refused (or warned about) before any compute."""
+        self.processes.check_direction_shares(self._methods)
+        self._check_direction_count()
+        if self.args.project_group_shift and self.outer.num_groups > 1 and "fg2u_zo" in self._methods:
+            raise ValueError("fg2u_zo never forms the meta gradient, so the group-shift projection of grouped weights "
+                             "cannot apply: use method rgu or fg2u, or set project_group_shift=False.")  # fmt: skip
+        self._warn_if_truncation_hides_rows()
 
     def _check_direction_count(self) -> None:
         """More random directions than φ has coordinates cost more than the exact answer, which that many orthogonal
