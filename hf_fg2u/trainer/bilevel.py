@@ -115,18 +115,7 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
         )  # fmt: skip
         self.outer.to(self.args.device)
         self.processes = ProcessPolicy(self.accelerator, self.args)
-        self._inner_params: dict[str, torch.Tensor] | None = None
-        self._inner_state: dict | None = None
-        self._initial_params: dict[str, torch.Tensor] | None = None  # θ_start: resets return here
-        self._initial_state: dict | None = None  # s_start (None: a fresh inner optimizer state)
-        self._resets = ResetPolicy(self.args.inner_reset_every, self.args.inner_reset_patience)
-        self._problems: dict[bool, tuple] = {}
-        self._metrics: dict[str, list[float]] = defaultdict(list)
-        self._outer_before: tuple[dict, dict] | None = None  # φ and the outer optimizer state before the update
-        self._outer_buffers: list | None = None  # where they are copied, reused every step
-        self._save_error: Exception | None = None  # rank 0's checkpoint write failure, reported to every rank
-        self._steps_run, self._steps_skipped, self._meta_loss_sum = 0, 0, 0.0
-        self._staging: str | None = None
+        self._init_run_state()
         self.add_callback(OuterUpdateGuard(self))
         self.method_choice = self._resolve_auto_method() if self.args.method == "auto" else None
         # Built once from the config; every outer step then passes data only.
@@ -165,6 +154,21 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
         if choice.method == "rgu":
             self.args.checkpoint_every = choice.checkpoint_every
         return choice
+
+    def _init_run_state(self) -> None:
+        """What the run keeps across outer steps (all empty until the first one)."""
+        self._inner_params: dict[str, torch.Tensor] | None = None
+        self._inner_state: dict | None = None
+        self._initial_params: dict[str, torch.Tensor] | None = None  # θ_start: resets return here
+        self._initial_state: dict | None = None  # s_start (None: a fresh inner optimizer state)
+        self._resets = ResetPolicy(self.args.inner_reset_every, self.args.inner_reset_patience)
+        self._problems: dict[bool, tuple] = {}
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._outer_before: tuple[dict, dict] | None = None  # φ and the outer optimizer state before the update
+        self._outer_buffers: list | None = None  # where they are copied, reused every step
+        self._save_error: Exception | None = None  # rank 0's checkpoint write failure, reported to every rank
+        self._steps_run, self._steps_skipped, self._meta_loss_sum = 0, 0, 0.0
+        self._staging: str | None = None
 
     def _check_methods(self) -> None:
         """What the chosen methods cannot do with this run, refused (or warned about) before any compute."""
