@@ -211,3 +211,11 @@ def test_domain_mixture_names_a_missing_or_null_domain(column, values, message):
     train = Dataset.from_dict({"text": ["x", "y"], column: values})
     with pytest.raises(ValueError, match=message):
         make_outer(ScriptArguments(recipe="domain_mixture", outer="domain_weights"), DatasetDict(train=train), None)
+
+
+def test_hessian_free_with_a_preconditioned_inner_optimizer_is_warned_about(tmp_path):
+    """Issue 24 item 6: hessian_free scales by inner_lr·H even under Adam; now said at the start."""
+    _, data = fact_data(num_facts=4, copies=4)
+    with pytest.warns(UserWarning, match=r"hessian_free takes each inner step's Jacobian as -inner_lr·H, SGD's step"):
+        trainer_for(tmp_path, ExampleWeights(len(data["train"])), data, max_steps=1, method="hessian_free",
+                    inner_optimizer="adam")  # fmt: skip

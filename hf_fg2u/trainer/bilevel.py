@@ -177,6 +177,14 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
         if self.args.project_group_shift and self.outer.num_groups > 1 and "fg2u_zo" in self._methods:
             raise ValueError("fg2u_zo never forms the meta gradient, so the group-shift projection of grouped weights "
                              "cannot apply: use method rgu or fg2u, or set project_group_shift=False.")  # fmt: skip
+        if "hessian_free" in self._methods and self.args.inner_optimizer != "sgd":
+            warnings.warn(
+                f"hessian_free takes each inner step's Jacobian as -inner_lr·H, SGD's step; with inner_optimizer="
+                f"{self.args.inner_optimizer!r} the step is preconditioned per coordinate, so its hypergradient is a "
+                "cruder first-order guess (its direction, not its scale, after normalize_hypergradient). rgu is exact "
+                "for any inner optimizer.",
+                stacklevel=3,
+            )
         self._warn_if_truncation_hides_rows()
 
     def _check_direction_count(self) -> None:
