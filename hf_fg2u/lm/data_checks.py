@@ -59,13 +59,18 @@ def warn_if_contained(dataset, other, name: str, other_name: str, consequence: s
         )
 
 
-def drop_long_train_rows(train, tokenizer, args: BilevelConfig):
+def drop_long_train_rows(train, tokenizer, args: BilevelConfig, id_column: str | None = None):
     """(the raw rows kept, them tokenized) under ``truncation_mode='drop'``: both without the rows longer than
-    max_length, so that export_weights() returns the rows that were trained, each with its own weight. Other
-    truncations and tokenized data pass through as (train, train)."""
+    max_length, so that export_weights() returns the rows that were trained, each with its own weight. Rows
+    without ``id_column`` are numbered by their position before the drop, so that an id still names the row the
+    outer variables were built for (a group per row, a weight per row). Other truncations and tokenized data pass
+    through as (train, train)."""
     if args.truncation_mode != "drop" or not is_raw(train):
         return train, train
-    numbered = train.add_column(ROW_COLUMN, list(range(len(train))))
+    positions = list(range(len(train)))
+    numbered = train.add_column(ROW_COLUMN, positions)
+    if id_column is not None and id_column not in train.column_names:
+        numbered = numbered.add_column(id_column, positions)
     tokenized = prepare_split(numbered, "train", tokenizer, args.max_length, args.dataset_text_field, "drop")
     return train.select(tokenized[ROW_COLUMN]), tokenized.remove_columns(ROW_COLUMN)
 

@@ -98,7 +98,9 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
         check_datasets(train_dataset, meta_dataset)
         self.outer = outer
         # as given (less the rows truncation_mode='drop' left out): what export_weights() returns, with a weight column
-        self.user_train_dataset, train_dataset = drop_long_train_rows(train_dataset, processing_class, args)
+        self.user_train_dataset, train_dataset = drop_long_train_rows(
+            train_dataset, processing_class, args, outer.id_column
+        )
         train_dataset, meta_dataset, eval_dataset = prepare_datasets(
             train_dataset, meta_dataset, eval_dataset, outer, processing_class, args,
             ModelLimits.of(model),
