@@ -37,9 +37,9 @@ def compatibility_fields(outer, args, model, train_dataset=None, meta_dataset=No
     for role, dataset in (("train", train_dataset), ("meta", meta_dataset)):
         if dataset is not None:
             fields[f"{role}_data"] = data_fingerprint(dataset)
-    # where each outer step reads its rows: another value would resume at another data position
-    fields["rows_per_outer_step"] = {"unroll_steps": args.unroll_steps, "batch_size": args.per_device_train_batch_size,
-                                     "processes": args.world_size}  # fmt: skip
+    # where each outer step reads its rows: another value would resume at another data position (another number
+    # of processes is fine: the data position is counted in outer steps, and the rows are gathered or split anew)
+    fields["rows_per_outer_step"] = {"unroll_steps": args.unroll_steps, "batch_size": args.per_device_train_batch_size}
     return fields
 
 
