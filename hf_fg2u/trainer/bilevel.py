@@ -37,7 +37,7 @@ from hf_fg2u.trainer.inner_resets import ResetPolicy
 from hf_fg2u.trainer.inner_state import InnerStateMixin, outer_step_seed
 from hf_fg2u.trainer.metrics import LogLastStep, MetricsMixin
 from hf_fg2u.trainer.model_setup import check_datasets, check_trainer_inputs, prepare_model
-from hf_fg2u.trainer.processes import ProcessPolicy
+from hf_fg2u.trainer.processes import ProcessPolicy, check_same_settings
 from hf_fg2u.trainer.run_folder import RunLock
 from hf_fg2u.trainer.safeguards import OuterStepSafeguards, OuterUpdateGuard
 from hf_fg2u.trainer.saving import SavingMixin
@@ -95,6 +95,7 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
         args = args or BilevelConfig(output_dir="bilevel-output")
         check_trainer_inputs(args, outer)
         model, self.model_name = prepare_model(model, args, peft_config)
+        check_same_settings(run_settings(args, model))
         check_datasets(train_dataset, meta_dataset)
         self.outer = outer
         # as given (less the rows truncation_mode='drop' left out): what export_weights() returns, with a weight column
@@ -122,7 +123,6 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
         self.method_choice = self._resolve_auto_method() if self.args.method == "auto" else None
         # Built once from the config; every outer step then passes data only.
         self._methods = {name: method_from_config(self.args, name) for name in self._method_names()}
-        self.processes.check_same_config(run_settings(self.args, self.model))
         self._check_methods()
         self._inner_optimizer = make_inner_optimizer(
             self.args.inner_optimizer, self.args.inner_lr, **self.args.inner_optimizer_kwargs()
