@@ -4,28 +4,20 @@ batches, seeds and directions, so the difference is the precision's alone (docs/
 from scripts/check_low_precision.py). The bounds are about twice the errors measured there, for the settings the
 README recommends on a bf16 model: SGD/momentum, or Adam with inner_eps >= 1e-4."""
 
-import copy
+import importlib.util
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
-from hf_fg2u.hypergrad import estimate_hypergradient
-from hf_fg2u.lm.losses import losses_to_problem, make_lm_losses
-from hf_fg2u.lm.params import trainable_parameters
-from hf_fg2u.outer import ExampleWeights
-from tests.helpers.tiny import config, gpt2, lora, random_lm_batches, tiny_llama, tiny_lm
+from tests.helpers.tiny import config, gpt2, lora, tiny_llama, tiny_lm
 
-STEPS, BATCH, LR = 3, 4, 0.05
-OPTIONS = {
-    "rgu": {},
-    "trgu": {"truncation": 2},
-    "fg2u": {"num_directions": 8, "directions": "rademacher"},
-    "neumann": {"implicit_steps": 5},
-    "cg": {"implicit_steps": 5, "cg_damping": 1.0},
-    "hessian_free": {},
-    "fg2u_zo": {"num_directions": 8, "zo_epsilon": 1e-2},
-}
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "check_low_precision.py"
+_spec = importlib.util.spec_from_file_location("check_low_precision", SCRIPT)
+check = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(check)  # the comparison docs/low_precision.md is generated with
+
 SGD, ADAM = ("sgd", {}), ("adam", {"eps": 1e-4})
 # (method, inner optimizer, full-parameter θ) -> (relative error allowed, cosine required)
 BOUNDS = {
@@ -38,39 +30,13 @@ BOUNDS = {
 }
 
 
-def lowered(reference: torch.nn.Module, full: bool) -> torch.nn.Module:
-    """The float64 model's weights rounded to bf16: every weight (full), or all but LoRA's (kept in fp32)."""
-    model = copy.deepcopy(reference)
-    for name, parameter in model.named_parameters():
-        parameter.data = parameter.data.to(torch.float32 if "lora_" in name and not full else torch.bfloat16)
-    return model
-
-
-def hypergradient(model, method: str, optimizer: tuple[str, dict]) -> torch.Tensor:
-    torch.manual_seed(0)
-    weights = ExampleWeights(STEPS * BATCH).to(torch.float64)
-    with torch.no_grad():
-        weights.logits.normal_(0.0, 0.5)
-    theta = next(p for p in model.parameters() if p.requires_grad)
-    outer = {k: v.to(torch.float64 if theta.dtype == torch.float64 else torch.float32)
-             for k, v in weights.outer_dict().items()}  # fmt: skip
-    inner_loss, outer_loss = losses_to_problem(make_lm_losses(model, None, second_order=True), weights.example_weights)
-    batches, meta = random_lm_batches(STEPS, BATCH)
-    result = estimate_hypergradient(
-        inner_loss, outer_loss, trainable_parameters(model), outer, batches, meta, method=method,
-        inner_optimizer=optimizer[0], inner_lr=LR, inner_optimizer_kwargs=optimizer[1],
-        step_seeds=list(range(STEPS)), seed=0, **OPTIONS[method],
-    )  # fmt: skip
-    return result.grad["logits"].double()
-
-
 @pytest.mark.parametrize(("method", "optimizer", "full"), list(BOUNDS), ids=lambda v: str(v))
 def test_bf16_hypergradients_stay_close_to_float64(method, optimizer, full):
     allowed, cosine_needed = BOUNDS[method, optimizer, full]
     reference_model = gpt2(lora=False) if full else tiny_lm("llama", dtype=torch.float64)
-    inner = SGD if optimizer == "sgd" else ADAM
-    reference = hypergradient(reference_model, method, inner)
-    low = hypergradient(lowered(reference_model, full), method, inner)
+    inner, kwargs = SGD if optimizer == "sgd" else ADAM
+    reference = check.hypergradient(reference_model, method, inner, kwargs)
+    low = check.hypergradient(check.lowered(reference_model, torch.bfloat16, full), method, inner, kwargs)
     error = float((low - reference).norm() / reference.norm())
     cosine = float(torch.nn.functional.cosine_similarity(low, reference, dim=0))
     assert error < allowed and cosine > cosine_needed, f"relative error {error:.3g}, cosine {cosine:.4f}"
