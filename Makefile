@@ -71,6 +71,7 @@ bench-rows: value-data
 	  --balance_column completion --work outputs/bench_rows_grouped
 	$(PY) scripts/profile_outer_step.py --work outputs/bench_rows_grouped --balance_column completion \
 	  --out $(BENCH)/outer_step_profile.json
+	$(PY) scripts/profile_outer_step.py --work outputs/bench_rows_grouped --out $(BENCH)/outer_step_profile_ungrouped.json
 	$(PY) scripts/bench_report.py
 
 # Why grouped weights remove the answer shift from the meta gradient (docs/group_shift.md, ~3 min after `make value`):

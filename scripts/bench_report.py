@@ -341,24 +341,31 @@ def rows_section(bench: Path) -> str:
 
 
 def profile_table(bench: Path) -> str:
-    """Where an outer step's time goes (scripts/profile_outer_step.py), each part in plain epochs of its rows."""
-    profile, grouped = load(bench / "outer_step_profile.json"), load(bench / "rows_grouped.json")
-    if profile is None or grouped is None or len(grouped["results"]) < 2:
+    """Where an outer step's time goes (scripts/profile_outer_step.py: grouped and ungrouped weights), each part in
+    plain epochs of its rows (the plain epoch's time per row fitted on rows_grouped.json's plain runs)."""
+    grouped = load(bench / "rows_grouped.json")
+    profiles = {name: load(bench / f"{name}.json") for name in ("outer_step_profile", "outer_step_profile_ungrouped")}
+    profiles = {name: profile for name, profile in profiles.items() if profile is not None}
+    if not profiles or grouped is None or len(grouped["results"]) < 2:
         return ""
     results = grouped["results"]
     plain_per_row = linear_fit([r["rows"] for r in results], [r["plain"]["seconds"] for r in results])[1]
     rows_per_step = 16  # the recipe's unroll: 2 inner steps of 8 rows
     plain_step = plain_per_row * rows_per_step
-    kind = "grouped" if profile["balance_column"] else "ungrouped"
-    lines = [f"**Where one outer step's time goes** ({profile['rows']} rows, {kind} weights, "
-             f"{profile['outer_steps']} outer steps; "
-             f"one outer step reads {rows_per_step} rows, which a plain epoch trains in {plain_step:.2f} s):\n",
-             "| part | seconds per outer step | plain epochs of its rows |", "|---|---|---|"]  # fmt: skip
-    parts = profile["per_outer_step"]
-    for part, seconds in sorted(parts.items(), key=lambda item: -item[1]):
-        lines.append(f"| {part} | {seconds:.2f} | {seconds / plain_step:.2f}× |")
-    total = sum(parts.values())
-    lines.append(f"| all parts | {total:.2f} | **{total / plain_step:.2f}×** |")
+    kinds = {name: "grouped" if profile["balance_column"] else "ungrouped" for name, profile in profiles.items()}
+    parts = list(dict.fromkeys(part for profile in profiles.values() for part in profile["per_outer_step"]))
+    lines = [f"**Where one outer step's time goes** (one outer step reads {rows_per_step} rows, which a plain epoch "
+             f"trains in {plain_step:.2f} s; seconds per outer step, and in plain epochs of its rows):\n",
+             "| part | " + " | ".join(f"{kinds[n]} weights" for n in profiles) + " |",
+             "|---|" + "---|" * len(profiles)]  # fmt: skip
+    for part in parts:
+        cells = []
+        for profile in profiles.values():
+            seconds = profile["per_outer_step"].get(part)
+            cells.append("–" if seconds is None else f"{seconds:.2f} s ({seconds / plain_step:.2f}×)")
+        lines.append(f"| {part} | " + " | ".join(cells) + " |")
+    totals = [sum(profile["per_outer_step"].values()) for profile in profiles.values()]
+    lines.append("| all parts | " + " | ".join(f"{t:.2f} s (**{t / plain_step:.2f}×**)" for t in totals) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -103,12 +103,22 @@ main() {
     timeout -k 15 540 "$PY" scripts/gpu_check.py --out-dir "$OUT" "$@" || status=$?
     echo "== gpu_check.py exit status $status; in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 
-    # 5. With two GPUs or more: the multi-rank agreement scenarios of tests/agreement_run.py on 2 NCCL ranks
-    #    (empty direction share, auto, non-finite share, refused lock, failed save; ~1 minute). Each hung or
-    #    crashed before the ranks agreed by construction; the timeout turns a hang into a failure.
+    # 5. bf16 on the GPU's own kernels: every method's hypergradient of a bf16 model against float64
+    #    (docs/low_precision.md has the CPU's; ~1 minute).
+    local precision=0
+    timeout -k 15 240 "$PY" scripts/check_low_precision.py --device cuda --out "$OUT/low_precision_cuda.md" \
+        || precision=$?
+    echo "== bf16 against float64 on cuda: exit status $precision, table in $OUT/low_precision_cuda.md"
+    (( status == 0 )) && status=$precision
+
+    # 6. With two GPUs or more: the multi-rank agreement scenarios of tests/helpers/agreement_run.py on 2 NCCL ranks
+    #    (empty direction share, auto, non-finite share, refused lock, failed save, different settings;
+    #    ~1 minute). Each hung or crashed before the ranks agreed by construction; the timeout turns a hang into
+    #    a failure.
     if (( $("$PY" -c 'import torch; print(torch.cuda.device_count())') >= 2 )); then
         local ranks=0
-        timeout -k 15 180 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 tests/agreement_run.py \
+        timeout -k 15 180 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 \
+            tests/helpers/agreement_run.py \
             --cuda --output "$OUT/agreement" --result "$OUT/agreement.json" || ranks=$?
         echo "== multi-rank agreement exit status $ranks (0: every scenario ended alike on every rank, see" \
             "$OUT/agreement.json)"

@@ -448,7 +448,7 @@ def main() -> None:
                         help="Selections fine-tuned with every --adapter_seeds (the rest: the first only); "
                         "learned_online_last = the default mode's last epoch.")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=2, help="Fine-tunes run side by side, each on cores/jobs "
-                        "threads (2 on 2 cores: 11%% more steps per second than one job on both).")  # fmt: skip
+                        "threads (on 2 cores about as fast as one job on both: ~200 s each, 2 at once).")  # fmt: skip
     parser.add_argument("--test_rows", type=int, default=300)
     parser.add_argument("--online_epochs", type=int, help="Epochs of the online mode (default: the recipe's).")
     parser.add_argument("--report", type=Path, help="Also write the markdown table here (e.g. docs/value.md).")

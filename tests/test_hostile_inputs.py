@@ -148,3 +148,74 @@ def test_meta_rows_that_are_train_rows_and_eval_rows_that_are_meta_rows_are_warn
     with pytest.warns(UserWarning, match=r"Every one of the 4 rows of the eval dataset is also a row of the meta"):
         trainer_for(tmp_path, ExampleWeights(16), {"train": train, "meta": meta, "eval": meta},
                     max_steps=1, per_device_train_batch_size=4, meta_batch_size=4)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("https://example.com/train.jsonl", r"is a URL; files are read from this machine. Download it first"),
+        ("FOLDER", r"is a folder. Pass the folder as --dataset_name"),
+        ("missing.jsonl", r"train=.*missing.jsonl: no such file"),
+    ],
+    ids=["url", "folder", "missing"],
+)
+def test_data_files_that_are_urls_folders_or_missing_say_what_to_pass(tmp_path, path, message):
+    """Before: a raw aiohttp ImportError (URL), 'cannot tell how to read' (folder), the loader's own error."""
+    path = str(tmp_path) if path == "FOLDER" else path if path.startswith("http") else str(tmp_path / path)
+    with pytest.raises(ValueError, match=message):
+        load_files({"train": [path]})
+
+
+def test_rows_with_both_text_and_prompt_completion_say_which_is_used():
+    rows = Dataset.from_dict({"text": ["a=1"], "prompt": ["a="], "completion": ["1"]})
+    with pytest.warns(UserWarning, match=r"both prompt/completion and 'text' columns: the prompt_completion format"):
+        tokenize_dataset(rows, TOKENIZER, 32, "train")
+
+
+def test_more_directions_than_outer_coordinates_are_refused(tmp_path):
+    """Before: num_directions=10**9 was accepted and ran with no bound and no progress."""
+    _, data = fact_data(num_facts=4, copies=4)
+    with pytest.raises(ValueError, match=r"num_directions=1000000000 exceeds the 16 coordinates .* at most 16"):
+        trainer_for(tmp_path, ExampleWeights(len(data["train"])), data, max_steps=1, method="fg2u",
+                    num_directions=10**9)  # fmt: skip
+
+
+def test_a_users_config_starts_from_the_recipe_it_names(tmp_path):
+    """Before: `--config mine.yaml` naming a recipe started from the bare defaults (max_length 512 on the toy data:
+    40 s per step instead of 0.1 s); now as `--recipe`: the recipe's values, then the user's, then the flags."""
+    from hf_fg2u.cli.arguments import parse_args
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("recipe: noisy_reweighting\nmax_steps: 3\n")
+    script, training, _ = parse_args(["--config", str(mine), "--inner_lr", "0.01"])
+    assert training.max_steps == 3 and training.inner_lr == 0.01  # the user's config, then the flag
+    assert training.learning_rate == 0.5 and training.num_directions == 16  # the recipe's
+    assert training.max_length == 10 and script.recipe == "noisy_reweighting"  # its built-in data options too
+
+
+@pytest.mark.parametrize(
+    ("column", "values", "message"),
+    [
+        ("topic", ["a", "b"], r"no 'domain' column, which names each row's domain .* --domain_column"),
+        ("domain", ["a", None], r"1 train rows have no domain in column 'domain' \(null or empty; rows \[1\]\)"),
+    ],
+    ids=["missing_column", "null_domain"],
+)
+def test_domain_mixture_names_a_missing_or_null_domain(column, values, message):
+    """Before: a raw KeyError from datasets (no column) or a TypeError sorting None with text (null)."""
+    from datasets import DatasetDict
+
+    from hf_fg2u.cli.arguments import ScriptArguments
+    from hf_fg2u.cli.registry import make_outer
+
+    train = Dataset.from_dict({"text": ["x", "y"], column: values})
+    with pytest.raises(ValueError, match=message):
+        make_outer(ScriptArguments(recipe="domain_mixture", outer="domain_weights"), DatasetDict(train=train), None)
+
+
+def test_hessian_free_with_a_preconditioned_inner_optimizer_is_warned_about(tmp_path):
+    """Issue 24 item 6: hessian_free scales by inner_lr·H even under Adam; now said at the start."""
+    _, data = fact_data(num_facts=4, copies=4)
+    with pytest.warns(UserWarning, match=r"hessian_free takes each inner step's Jacobian as -inner_lr·H, SGD's step"):
+        trainer_for(tmp_path, ExampleWeights(len(data["train"])), data, max_steps=1, method="hessian_free",
+                    inner_optimizer="adam")  # fmt: skip

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from hf_fg2u.cli.data_loading import uses_own_data
 from hf_fg2u.cli.launch import add_launch_arguments
-from hf_fg2u.cli.parsing import ConfigParser, _pop_config
+from hf_fg2u.cli.parsing import ConfigParser, _pop_config, find_config, load_yaml_config
 from hf_fg2u.cli.registry import check_recipe, recipe_config
 from hf_fg2u.trainer.config import BilevelConfig
 
@@ -213,11 +213,16 @@ def parse_args(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser()
     config = None
-    if not any(arg == "--config" or arg.startswith("--config=") for arg in argv):
+    own_config, _ = _pop_config(argv)
+    if own_config is None:
         early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
         early.add_argument("--recipe", default=ScriptArguments.recipe)
         named, _ = early.parse_known_args(argv)
         config = recipe_config(named.recipe)
+    else:  # a user's config starts from the packaged recipe it names, as --recipe does, then overrides it
+        named = load_yaml_config(own_config).get("recipe")
+        if isinstance(named, str) and find_config(own_config).resolve() != recipe_config(named).resolve():
+            parser.set_defaults(**parser.typed_config(recipe_config(named)))
     parsed = parser.parse_args_and_config(argv, config=config)
     if parser.builtin_data_defaults and not uses_own_data(parsed[0]):
         parser.set_defaults(**parser.builtin_data_defaults)

@@ -83,10 +83,9 @@ def load_files(files: dict[str, list[str]], builder: str | None = None) -> Datas
     """Local files by split, one ``load_dataset`` call per split (one call for all would cast every split to the
     first one's columns). An empty file, or a JSON Lines file with a broken line, is an error naming the file and
     the line, not the loader's own exception."""
-    for paths in files.values():
+    for split, paths in files.items():
         for path in paths:
-            if Path(path).is_file() and Path(path).stat().st_size == 0:
-                raise ValueError(f"{path} is empty: a split needs at least one row.")
+            check_local_file(split, path)
     loaded = {}
     for split, paths in files.items():
         try:
@@ -97,6 +96,24 @@ def load_files(files: dict[str, list[str]], builder: str | None = None) -> Datas
                 raise
             raise ValueError(f"{bad[0]} line {bad[1]} is not a JSON object ({bad[2]}); fix or remove it.") from error
     return DatasetDict(loaded)
+
+
+def check_local_file(split: str, path: str) -> None:
+    """A data file that exists, is a file and holds something; a URL or a folder is named with what to pass."""
+    if re.match(r"[a-z][a-z0-9+.-]*://", path):
+        raise ValueError(
+            f"--data_files {split}={path} is a URL; files are read from this machine. Download it first (e.g. "
+            "huggingface_hub.hf_hub_download or curl) and pass the local path, or pass a Hub dataset as --dataset_name."
+        )
+    if Path(path).is_dir():
+        raise ValueError(
+            f"--data_files {split}={path} is a folder. Pass the folder as --dataset_name {path} (its files by split: "
+            "train.jsonl, meta.jsonl, ...), or name its files: --data_files train=FILE meta=FILE."
+        )
+    if not Path(path).exists():
+        raise ValueError(f"--data_files {split}={path}: no such file.")
+    if Path(path).stat().st_size == 0:
+        raise ValueError(f"{path} is empty: a split needs at least one row.")
 
 
 def first_broken_json_line(path: str) -> tuple[str, int, str] | None:

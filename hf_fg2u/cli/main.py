@@ -140,9 +140,24 @@ def run_weights(argv: list[str]) -> str:
         rows.to_json(str(path))
         print(f"{args.export}: {len(rows)} of {len(weighted)} rows, without weights, in {path}")
     if args.push_to_hub:
-        weighted.push_to_hub(args.push_to_hub)
-        print(f"pushed the weighted dataset to {args.push_to_hub}")
+        push_weighted(weighted, args.push_to_hub, args.run)
     return text
+
+
+def push_weighted(weighted, repo_id: str, run: Path) -> None:
+    """Push the weighted rows as a Hub dataset; offline or refused, a one-line reason and where the rows stay."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    try:
+        weighted.push_to_hub(repo_id)
+    except (OSError, HfHubHTTPError, OfflineModeIsEnabled, ValueError) as error:  # connection, auth, offline mode
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        sys.exit(
+            f"Could not push the weighted dataset to {repo_id}: {type(error).__name__}: {reason:.300}\nNothing is "
+            f"lost: the rows and their weights stay in {run}. Push again when online and logged in "
+            "(`hf auth login`, or HF_TOKEN), with HF_HUB_OFFLINE unset."
+        )
+    print(f"pushed the weighted dataset to {repo_id}")
 
 
 def run_finetune(argv: list[str]) -> dict:

@@ -150,8 +150,12 @@ class ConfigParser(HfArgumentParser):
         if unknown:
             raise ValueError(f"{path}: unknown key(s) {unknown}. Run `{self.prog} --help` for the options.")
         typed = {key: typed_value(f"{path}: {key}", value, actions[key]) for key, value in values.items()}
-        self.builtin_data_defaults = {
-            key: typed_value(f"{path}: {BUILTIN_DATA}: {key}", value, actions[key]) for key, value in section.items()
+        self.builtin_data_defaults = {  # over those of a config read before (the recipe a user's config names)
+            **self.builtin_data_defaults,
+            **{
+                key: typed_value(f"{path}: {BUILTIN_DATA}: {key}", value, actions[key])
+                for key, value in section.items()
+            },
         }
         export_yaml_env(path, env)
         return typed

@@ -119,7 +119,19 @@ def _grouped_weights(s: ScriptArguments, train) -> ExampleWeights:
 
 
 def _domain_weights(s: ScriptArguments, splits: DatasetDict, model):
-    return DomainWeights(sorted(splits["train"].unique(s.domain_column)), domain_column=s.domain_column)
+    train = splits["train"]
+    if s.domain_column not in train.column_names:
+        raise ValueError(
+            f"The train data has no {s.domain_column!r} column, which names each row's domain for domain_mixture "
+            f"(columns: {train.column_names}). Name your column with --domain_column."
+        )
+    missing = [row for row, value in enumerate(train[s.domain_column]) if value is None or value == ""]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} train rows have no domain in column {s.domain_column!r} (null or empty; rows "
+            f"{missing[:5]}{' ...' if len(missing) > 5 else ''}). Give every row a domain, or drop those rows."
+        )
+    return DomainWeights(sorted(train.unique(s.domain_column)), domain_column=s.domain_column)
 
 
 def _soft_prompt(s: ScriptArguments, splits: DatasetDict, model):

@@ -59,13 +59,18 @@ def warn_if_contained(dataset, other, name: str, other_name: str, consequence: s
         )
 
 
-def drop_long_train_rows(train, tokenizer, args: BilevelConfig):
+def drop_long_train_rows(train, tokenizer, args: BilevelConfig, id_column: str | None = None):
     """(the raw rows kept, them tokenized) under ``truncation_mode='drop'``: both without the rows longer than
-    max_length, so that export_weights() returns the rows that were trained, each with its own weight. Other
-    truncations and tokenized data pass through as (train, train)."""
+    max_length, so that export_weights() returns the rows that were trained, each with its own weight. Rows
+    without ``id_column`` are numbered by their position before the drop, so that an id still names the row the
+    outer variables were built for (a group per row, a weight per row). Other truncations and tokenized data pass
+    through as (train, train)."""
     if args.truncation_mode != "drop" or not is_raw(train):
         return train, train
-    numbered = train.add_column(ROW_COLUMN, list(range(len(train))))
+    positions = list(range(len(train)))
+    numbered = train.add_column(ROW_COLUMN, positions)
+    if id_column is not None and id_column not in train.column_names:
+        numbered = numbered.add_column(id_column, positions)
     tokenized = prepare_split(numbered, "train", tokenizer, args.max_length, args.dataset_text_field, "drop")
     return train.select(tokenized[ROW_COLUMN]), tokenized.remove_columns(ROW_COLUMN)
 
@@ -115,14 +120,41 @@ def check_token_rows(dataset, role: str, limits: ModelLimits) -> None:
     contributes nothing: its loss is 0, its hypergradient 0, and a split made only of such rows "trains" on
     nothing while reporting loss 0.
     """
-    columns = dataset.column_names
-    present = [c for c in ("input_ids", "attention_mask", "labels") if c in columns]
-    values = {column: list(dataset[column]) for column in present}
+    present = [c for c in ("input_ids", "attention_mask", "labels") if c in dataset.column_names]
+    found, longest = _classify_token_rows({column: list(dataset[column]) for column in present}, limits)
+    total = len(dataset)
+    fixes = {
+        "not_integer": f"hold values that are not integer token ids in {present} (e.g. 1.0 or text): rows {{rows}}. "
+        "Token ids, attention masks and labels are integers; tokenize with the model's tokenizer, or cast the "
+        "columns (dataset.cast_column).",
+        "length": f"have {present} of different lengths: rows {{rows}}. Each row's attention_mask and labels have "
+        "one entry per input id (they would otherwise be padded or cut silently).",
+        "empty": "are empty (no token, or attention_mask all 0): rows {rows}. Remove them, e.g. "
+        "dataset.filter(lambda row: sum(row['attention_mask']) > 0).",
+        "out_of_range": f"hold token ids outside the model's vocabulary [0, {limits.vocab_size}): rows {{rows}}. "
+        "Tokenize with the model's own tokenizer (or resize the model's embeddings to the tokenizer).",
+        "too_long": f"are longer than the model's {limits.max_positions} positions (max_position_embeddings; "
+        f"longest: {longest} tokens): rows {{rows}}. Set max_length <= {limits.max_positions} (raw rows are cut or "
+        "dropped by truncation_mode), or shorten them.",
+        "unlearnable": "have no token to learn from: every label after the first is -100 (rows {rows}), so they "
+        "add loss 0 and hypergradient 0. Usually max_length cut off the answer or completion: raise max_length, "
+        "or set truncation_mode='keep_end' (cut the prompt's start instead) or truncation_mode='drop' (leave such "
+        "rows out).",
+    }
+    for kind, fix in fixes.items():
+        if found[kind]:
+            rows = _rows(found[kind])
+            raise ValueError(f"{len(found[kind])} of {total} rows of the {role} dataset " + fix.format(rows=rows))
+
+
+def _classify_token_rows(values: dict[str, list], limits: ModelLimits) -> tuple[dict[str, list[int]], int]:
+    """The rows of each fault (a row with a type or length fault is not checked further), and the longest row
+    past the position limit."""
     ids_of, masks, labels = values["input_ids"], values.get("attention_mask"), values.get("labels")
     found = {kind: [] for kind in ("not_integer", "length", "empty", "out_of_range", "too_long", "unlearnable")}
-    vocab_size = limits.vocab_size
+    vocab_size, longest = limits.vocab_size, 0
     for index, ids in enumerate(ids_of):
-        row = [values[column][index] for column in present]
+        row = [column[index] for column in values.values()]
         if any(not isinstance(t, int) for part in row for t in part):
             found["not_integer"].append(index)
             continue
@@ -142,50 +174,10 @@ def check_token_rows(dataset, role: str, limits: ModelLimits) -> None:
             found["out_of_range"].append(index)
         if limits.max_positions is not None and len(ids) > limits.max_positions:
             found["too_long"].append(index)
+            longest = max(longest, len(ids))
         if all(t == IGNORE_INDEX for t in targets[1:]):
             found["unlearnable"].append(index)
-    total = len(dataset)
-
-    def count(kind: str) -> str:
-        return f"{len(found[kind])} of {total} rows of the {role} dataset"
-
-    if found["not_integer"]:
-        raise ValueError(
-            f"{count('not_integer')} hold values that are not integer token ids in {present} (e.g. 1.0 or "
-            f"text): rows {_rows(found['not_integer'])}. Token ids, attention masks and labels are integers; "
-            "tokenize with the model's tokenizer, or cast the columns (dataset.cast_column)."
-        )
-    if found["length"]:
-        raise ValueError(
-            f"{count('length')} have {present} of different lengths: rows {_rows(found['length'])}. Each "
-            "row's attention_mask and labels have one entry per input id (they would otherwise be padded or cut "
-            "silently)."
-        )
-    if found["empty"]:
-        raise ValueError(
-            f"{count('empty')} are empty (no token, or attention_mask all 0): rows {_rows(found['empty'])}. "
-            "Remove them, e.g. dataset.filter(lambda row: sum(row['attention_mask']) > 0)."
-        )
-    if found["out_of_range"]:
-        raise ValueError(
-            f"{count('out_of_range')} hold token ids outside the model's vocabulary [0, {vocab_size}): rows "
-            f"{_rows(found['out_of_range'])}. Tokenize with the model's own tokenizer (or resize the model's "
-            "embeddings to the tokenizer)."
-        )
-    if found["too_long"]:
-        longest = max(len(ids_of[i]) for i in found["too_long"])
-        raise ValueError(
-            f"{count('too_long')} are longer than the model's {limits.max_positions} positions "
-            f"(max_position_embeddings; longest: {longest} tokens): rows {_rows(found['too_long'])}. Set "
-            f"max_length <= {limits.max_positions} (raw rows are cut or dropped by truncation_mode), or shorten them."
-        )
-    if found["unlearnable"]:
-        raise ValueError(
-            f"{count('unlearnable')} have no token to learn from: every label after the first is -100 (rows "
-            f"{_rows(found['unlearnable'])}), so they add loss 0 and hypergradient 0. Usually max_length cut off "
-            "the answer or completion: raise max_length, or set truncation_mode='keep_end' (cut the prompt's start "
-            "instead) or truncation_mode='drop' (leave such rows out)."
-        )
+    return found, longest
 
 
 def check_unique_ids(dataset, column: str, role: str = "train") -> None:

@@ -140,6 +140,12 @@ def tokenize_dataset(
             "to BilevelTrainer, or tokenize the data yourself."
         )
     source = FORMAT_COLUMNS.get(kind, (text_field,))
+    if kind != "language_modeling" and text_field in dataset.column_names:
+        warnings.warn(
+            f"The {role} dataset has both {'/'.join(source)} and {text_field!r} columns: the {kind} format is used "
+            f"and {text_field!r} is not read. Drop one of them to make the choice yours.",
+            stacklevel=3,
+        )
     check_raw_values(dataset, kind, source, role)
 
     def encode(example):

@@ -38,6 +38,7 @@ class OuterModule(torch.nn.Module):
     required_columns: tuple[str, ...] = ()
     # Capabilities, declared by each subclass (the trainer reads these, never compares methods with this class):
     reads_losses = True  # whether the weights read the rows' losses (a weighting network); else ids or domains
+    num_groups = 1  # groups the weights are measured within (row_groups); >1 for grouped ExampleWeights
     weighs_rows = False  # whether ``row_weights`` says how much each row counts (exported as a weight column)
     per_row_coordinates = False  # whether φ has coordinates tied to single rows (``active_coordinates``)
     id_column: str | None = None  # a column numbering the train rows, added 0..n-1 when the data has none

@@ -37,7 +37,7 @@ from hf_fg2u.trainer.inner_resets import ResetPolicy
 from hf_fg2u.trainer.inner_state import InnerStateMixin, outer_step_seed
 from hf_fg2u.trainer.metrics import LogLastStep, MetricsMixin
 from hf_fg2u.trainer.model_setup import check_datasets, check_trainer_inputs, prepare_model
-from hf_fg2u.trainer.processes import ProcessPolicy
+from hf_fg2u.trainer.processes import ProcessPolicy, check_same_settings
 from hf_fg2u.trainer.run_folder import RunLock
 from hf_fg2u.trainer.safeguards import OuterStepSafeguards, OuterUpdateGuard
 from hf_fg2u.trainer.saving import SavingMixin
@@ -49,6 +49,9 @@ logger = logging.get_logger(__name__)
 # Below this normalized entropy per-row weights sit on about N**COLLAPSED_ENTROPY rows of N: a warning at the end
 # (not for domain weights, where mass on the target domain is the aim).
 COLLAPSED_ENTROPY = 0.5
+
+
+MAX_SURPLUS_DIRECTIONS = 4096  # beyond φ's size, more directions than this are refused, not only warned about
 
 
 class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightExportMixin, SavingMixin, Trainer):
@@ -92,10 +95,13 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
         args = args or BilevelConfig(output_dir="bilevel-output")
         check_trainer_inputs(args, outer)
         model, self.model_name = prepare_model(model, args, peft_config)
+        check_same_settings(run_settings(args, model))
         check_datasets(train_dataset, meta_dataset)
         self.outer = outer
         # as given (less the rows truncation_mode='drop' left out): what export_weights() returns, with a weight column
-        self.user_train_dataset, train_dataset = drop_long_train_rows(train_dataset, processing_class, args)
+        self.user_train_dataset, train_dataset = drop_long_train_rows(
+            train_dataset, processing_class, args, outer.id_column
+        )
         train_dataset, meta_dataset, eval_dataset = prepare_datasets(
             train_dataset, meta_dataset, eval_dataset, outer, processing_class, args,
             ModelLimits.of(model),
@@ -112,33 +118,17 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
         )  # fmt: skip
         self.outer.to(self.args.device)
         self.processes = ProcessPolicy(self.accelerator, self.args)
-        self._inner_params: dict[str, torch.Tensor] | None = None
-        self._inner_state: dict | None = None
-        self._initial_params: dict[str, torch.Tensor] | None = None  # θ_start: resets return here
-        self._initial_state: dict | None = None  # s_start (None: a fresh inner optimizer state)
-        self._resets = ResetPolicy(self.args.inner_reset_every, self.args.inner_reset_patience)
-        self._problems: dict[bool, tuple] = {}
-        self._metrics: dict[str, list[float]] = defaultdict(list)
-        self._outer_before: tuple[dict, dict] | None = None  # φ and the outer optimizer state before the update
-        self._outer_buffers: list | None = None  # where they are copied, reused every step
-        self._save_error: Exception | None = None  # rank 0's checkpoint write failure, reported to every rank
-        self._steps_run, self._steps_skipped, self._meta_loss_sum = 0, 0, 0.0
-        self._staging: str | None = None
+        self._init_run_state()
         self.add_callback(OuterUpdateGuard(self))
         self.method_choice = self._resolve_auto_method() if self.args.method == "auto" else None
         # Built once from the config; every outer step then passes data only.
         self._methods = {name: method_from_config(self.args, name) for name in self._method_names()}
-        self.processes.check_same_config(run_settings(self.args, self.model))
-        self.processes.check_direction_shares(self._methods)
-        if self.args.project_group_shift and getattr(self.outer, "num_groups", 1) > 1 and "fg2u_zo" in self._methods:
-            raise ValueError("fg2u_zo never forms the meta gradient, so the group-shift projection of grouped weights "
-                             "cannot apply: use method rgu or fg2u, or set project_group_shift=False.")  # fmt: skip
+        self._check_methods()
         self._inner_optimizer = make_inner_optimizer(
             self.args.inner_optimizer, self.args.inner_lr, **self.args.inner_optimizer_kwargs()
         )
         for method in self._methods:
             self._problem(self.model, method)  # preflight now, not deep inside the first step
-        self._warn_if_truncation_hides_rows()
         self.add_callback(LogLastStep())
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
@@ -166,6 +156,56 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
         if choice.method == "rgu":
             self.args.checkpoint_every = choice.checkpoint_every
         return choice
+
+    def _init_run_state(self) -> None:
+        """What the run keeps across outer steps (all empty until the first one)."""
+        self._inner_params: dict[str, torch.Tensor] | None = None
+        self._inner_state: dict | None = None
+        self._initial_params: dict[str, torch.Tensor] | None = None  # θ_start: resets return here
+        self._initial_state: dict | None = None  # s_start (None: a fresh inner optimizer state)
+        self._resets = ResetPolicy(self.args.inner_reset_every, self.args.inner_reset_patience)
+        self._problems: dict[bool, tuple] = {}
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._outer_before: tuple[dict, dict] | None = None  # φ and the outer optimizer state before the update
+        self._outer_buffers: list | None = None  # where they are copied, reused every step
+        self._save_error: Exception | None = None  # rank 0's checkpoint write failure, reported to every rank
+        self._steps_run, self._steps_skipped, self._meta_loss_sum = 0, 0, 0.0
+        self._staging: str | None = None
+
+    def _check_methods(self) -> None:
+        """What the chosen methods cannot do with this run, refused (or warned about) before any compute."""
+        self.processes.check_direction_shares(self._methods)
+        self._check_direction_count()
+        if self.args.project_group_shift and self.outer.num_groups > 1 and "fg2u_zo" in self._methods:
+            raise ValueError("fg2u_zo never forms the meta gradient, so the group-shift projection of grouped weights "
+                             "cannot apply: use method rgu or fg2u, or set project_group_shift=False.")  # fmt: skip
+        if "hessian_free" in self._methods and self.args.inner_optimizer != "sgd":
+            warnings.warn(
+                f"hessian_free takes each inner step's Jacobian as -inner_lr·H, SGD's step; with inner_optimizer="
+                f"{self.args.inner_optimizer!r} the step is preconditioned per coordinate, so its hypergradient is a "
+                "cruder first-order guess (its direction, not its scale, after normalize_hypergradient). rgu is exact "
+                "for any inner optimizer.",
+                stacklevel=3,
+            )
+        self._warn_if_truncation_hides_rows()
+
+    def _check_direction_count(self) -> None:
+        """More random directions than φ has coordinates cost more than the exact answer, which that many orthogonal
+        directions already give: a warning, and an error past MAX_SURPLUS_DIRECTIONS (10**9 directions would run
+        for days with no sign of progress)."""
+        size = sum(value.numel() for value in self.outer.outer_dict().values())
+        directional = [name for name, method in self._methods.items() if method.directional]
+        b = self.args.num_directions
+        if not directional or b <= size:
+            return
+        message = (
+            f"num_directions={b} exceeds the {size} coordinates of the outer variables ({type(self.outer).__name__}):"
+            f" {size} orthogonal directions (directions='orthogonal') already give the exact hypergradient of "
+            f"{directional[0]!r}. Use at most {size}, or an exact method such as rgu."
+        )
+        if b > MAX_SURPLUS_DIRECTIONS:
+            raise ValueError(message)
+        warnings.warn(message, stacklevel=3)
 
     def _warn_if_truncation_hides_rows(self) -> None:
         """trgu differentiates only the last K steps: outer variables tied to rows (per-example weights) of the

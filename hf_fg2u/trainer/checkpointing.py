@@ -37,9 +37,10 @@ def compatibility_fields(outer, args, model, train_dataset=None, meta_dataset=No
     for role, dataset in (("train", train_dataset), ("meta", meta_dataset)):
         if dataset is not None:
             fields[f"{role}_data"] = data_fingerprint(dataset)
-    # where each outer step reads its rows: another value would resume at another data position
-    fields["rows_per_outer_step"] = {"unroll_steps": args.unroll_steps, "batch_size": args.per_device_train_batch_size,
-                                     "processes": args.world_size}  # fmt: skip
+    # where each outer step reads its rows: another value would resume at another data position (the rows of an
+    # inner step over all processes count, not how they are split: 2 processes of 4 rows resume as 1 of 8)
+    rows = args.per_device_train_batch_size * args.world_size
+    fields["rows_per_outer_step"] = {"unroll_steps": args.unroll_steps, "rows_per_inner_step": rows}
     return fields
 
 

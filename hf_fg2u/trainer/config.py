@@ -98,6 +98,14 @@ class BilevelConfig(TrainingArguments):
     inner_beta1: float = field(default=0.9, metadata={"help": "β₁ of 'adam'."})
     inner_beta2: float = field(default=0.999, metadata={"help": "β₂ of 'adam'."})
     inner_weight_decay: float = field(default=0.0, metadata={"help": "Inner weight decay (decoupled for 'adam')."})
+    inner_nesterov: bool = field(default=False, metadata={"help": "Nesterov momentum for 'momentum'."})
+    inner_eps: float = field(
+        default=1e-8,
+        metadata={"help": "ε of 'adam'; >= 1e-4 on a bf16/fp16 model (docs/low_precision.md)."},
+    )  # fmt: skip
+    inner_eps_root: float = field(
+        default=1e-16, metadata={"help": "'adam': added inside √v (a finite derivative at a zero gradient)."}
+    )
 
     # -- inner warm-up and resets -------------------------------------------------------------------------------
     inner_reset_every: int = field(
@@ -129,9 +137,7 @@ class BilevelConfig(TrainingArguments):
     )
     keep_step_graphs: bool = field(
         default=False,
-        metadata={"help": "rgu/trgu: keep each inner step's autograd graph from the forward unroll, so the backward "
-                  "sweep does not recompute the step (~14% less time per outer step on SmolLM2-135M LoRA, ~1.1 GB more "
-                  "peak memory); memory grows by T steps' activations, which auto does not model."},
+        metadata={"help": "rgu/trgu: keep each step's graph, not recompute it (0.86x the time, more memory)."},
     )  # fmt: skip
     memory_budget_mb: float | None = field(
         default=None,
@@ -158,11 +164,8 @@ class BilevelConfig(TrainingArguments):
     # -- outer variables ---------------------------------------------------------------------------------------
     project_group_shift: bool = field(
         default=True,
-        metadata={"help": "With weights measured within groups (--balance_column): remove from the meta gradient "
-                  "the directions that only shift how much each group is learned (the gradients of the groups' "
-                  "mean-loss differences on the unroll's rows), so a row is credited for what it teaches beyond its "
-                  "group's share. Left in, that term ranked wrong rows above right ones within an answer "
-                  "(docs/value.md). Costs one extra gradient of the unroll's rows per further group."},
+        metadata={"help": "Grouped weights (--balance_column): drop from the meta gradient the directions that "
+                  "only shift each group's share, so a row earns credit beyond its answer (docs/value.md)."},
     )  # fmt: skip
     normalize_hypergradient: bool = field(
         default=False,
@@ -198,9 +201,8 @@ class BilevelConfig(TrainingArguments):
     )  # fmt: skip
     truncation_mode: str = field(
         default="keep_start",
-        metadata={"help": "A raw row longer than max_length: keep_start cuts its end (as TRL), keep_end cuts its "
-                  "start so the completion survives, drop leaves the row out (export_weights then returns the "
-                  "kept rows); a warning counts them.", "choices": ["keep_start", "keep_end", "drop"]},
+        metadata={"help": "A raw row over max_length: keep_start cuts its end (as TRL), keep_end its start, drop "
+                  "leaves it out; counted.", "choices": ["keep_start", "keep_end", "drop"]},
     )  # fmt: skip
     dataset_text_field: str = field(
         default="text", metadata={"help": "Column of plain-text rows in a raw dataset (language-modelling format)."}
@@ -315,6 +317,8 @@ class BilevelConfig(TrainingArguments):
         for name in ("inner_weight_decay", "weight_decay", "max_grad_norm"):
             _check_range(name, getattr(self, name), 0.0, math.inf)
         _check_range("adam_epsilon", self.adam_epsilon, 0.0, math.inf, low_open=True)
+        _check_range("inner_eps", self.inner_eps, 0.0, math.inf, low_open=True)
+        _check_range("inner_eps_root", self.inner_eps_root, 0.0, math.inf)
         # Above float32's range the penalty's gradient is inf for every φ.
         _check_range("weight_regularization_coef", self.weight_regularization_coef, 0.0, FLOAT32_MAX, high_open=False)
 
@@ -341,9 +345,14 @@ class BilevelConfig(TrainingArguments):
 
     def inner_optimizer_kwargs(self) -> dict:
         if self.inner_optimizer == "momentum":
-            return {"beta": self.inner_momentum, "weight_decay": self.inner_weight_decay}
+            return {
+                "beta": self.inner_momentum,
+                "nesterov": self.inner_nesterov,
+                "weight_decay": self.inner_weight_decay,
+            }
         if self.inner_optimizer == "adam":
-            return {"betas": (self.inner_beta1, self.inner_beta2), "weight_decay": self.inner_weight_decay}
+            return {"betas": (self.inner_beta1, self.inner_beta2), "eps": self.inner_eps,
+                    "eps_root": self.inner_eps_root, "weight_decay": self.inner_weight_decay}  # fmt: skip
         return {"weight_decay": self.inner_weight_decay}
 
     def bilevel_fields(self) -> dict:

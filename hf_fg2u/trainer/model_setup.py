@@ -7,6 +7,7 @@ import json
 import warnings
 from pathlib import Path
 
+import torch
 from transformers import AutoModelForCausalLM, set_seed
 from transformers.utils import logging
 
@@ -81,7 +82,27 @@ def prepare_model(model, args, peft_config):
     if args.inner_parameters:
         select_inner_parameters(model, args.inner_parameters)
     trainable_parameters(model)  # raises a clear error when nothing is trainable
+    warn_if_adam_eps_below_half_precision(model, args)
     return model, name
+
+
+HALF_PRECISION_INNER_EPS = 1e-4  # docs/low_precision.md: cosine >= 0.99 to the float64 hypergradient (0.33 at 1e-8)
+
+
+def warn_if_adam_eps_below_half_precision(model, args) -> None:
+    """Adam's step divides by √v + ε, so its Jacobian (what every method carries back) weighs a coordinate by
+    about 1/|gradient|: the smallest gradients dominate the hypergradient, and on a bf16/fp16 model they are
+    mostly rounding."""
+    half = sorted({str(p.dtype) for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)})
+    if args.inner_optimizer == "adam" and half and args.inner_eps < HALF_PRECISION_INNER_EPS:
+        warnings.warn(
+            f"The model computes in {', '.join(half)} and the inner optimizer is Adam with inner_eps="
+            f"{args.inner_eps:g}: the hypergradient is then dominated by the coordinates with the smallest "
+            f"gradients, which {half[0]} cannot resolve (docs/low_precision.md: cosine 0.33 to the float64 "
+            f"hypergradient). Set inner_eps={HALF_PRECISION_INNER_EPS:g} or more (cosine >= 0.99), or "
+            "inner_optimizer='sgd'/'momentum'.",
+            stacklevel=3,
+        )
 
 
 def check_datasets(train_dataset, meta_dataset) -> None:

@@ -112,23 +112,6 @@ class ProcessPolicy:
         """The reduction the inner loop applies to its gradients (None: each process's own are the full ones)."""
         return self.average if self.data_parallel else None
 
-    def check_same_config(self, settings: dict) -> None:
-        """Refuse, on every process, a start where the processes were given different settings (e.g. another
-        unroll_steps on one rank: they would run different collectives and die mid-run with a gloo/NCCL reset);
-        the error names the settings that differ."""
-        if self.world == 1:
-            return
-        gathered: list = [None] * self.world
-        torch.distributed.all_gather_object(gathered, settings)
-        differing = sorted({k for other in gathered for k in {*other, *settings} if other.get(k) != settings.get(k)})
-        if differing:
-            shown = "; ".join(f"{k}: " + ", ".join(f"rank {r} {g.get(k)!r:.40}" for r, g in enumerate(gathered))
-                              for k in differing[:3])  # fmt: skip
-            raise ValueError(
-                f"The {self.world} processes were started with different settings ({shown}). Start every process "
-                "with the same command and config."
-            )
-
     def any_process(self, flag: bool) -> bool:
         """Whether ``flag`` holds on any process (every process gets the same answer)."""
         if self.world == 1:
@@ -166,6 +149,28 @@ class ProcessPolicy:
     def sum_direction_shares(self, grads: dict[str, torch.Tensor], method: str) -> dict[str, torch.Tensor]:
         """The one all-reduce of an outer step: the shares of the directions sum to the full estimate."""
         return grads if self.direction_share(method) is None else all_reduce_sum(grads)
+
+
+def check_same_settings(settings: dict) -> None:
+    """Refuse, on every process, a start where the processes were given different settings (e.g. another
+    unroll_steps on one rank: they would run different collectives and die mid-run with a gloo/NCCL reset); the
+    error names the settings that differ. Run before the Trainer is built (the launcher has set up the process
+    group by then), so a refusal leaves nothing half-built behind."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return
+    gathered: list = [None] * world
+    torch.distributed.all_gather_object(gathered, settings)
+    differing = sorted({k for other in gathered for k in {*other, *settings} if other.get(k) != settings.get(k)})
+    if differing:
+        shown = "; ".join(f"{k}: " + ", ".join(f"rank {r} {g.get(k)!r:.40}" for r, g in enumerate(gathered))
+                          for k in differing[:3])  # fmt: skip
+        raise ValueError(
+            f"The {world} processes were started with different settings ({shown}). Start every process with the "
+            "same command and config."
+        )
 
 
 def balanced_share(total: int, world: int, rank: int) -> slice:

@@ -142,3 +142,18 @@ def test_fg2u_basis_equals_rgu_on_full_parameters():
     reference = exact.grad["example_logits"]
     assert float(reference.norm()) > 1e-6
     assert float((basis.grad["example_logits"] - reference).norm() / reference.norm()) < 1e-8
+
+
+def test_auto_plans_with_half_the_free_accelerator_memory(monkeypatch):
+    """Issue 26 item 4: the accelerator branch of the default budget (a GPU's free memory after the model)."""
+    seen = []
+
+    def free_and_total(device):
+        seen.append(device)
+        return 6 * 2**30, 80 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", free_and_total)
+    device = torch.device("cuda", 1)
+    assert available_megabytes(None, device) == (3 * 1024.0, "half of the free memory of cuda:1")
+    assert seen == [device]
+    assert available_megabytes(512, device) == (512.0, "memory_budget_mb")  # an explicit budget wins

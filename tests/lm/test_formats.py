@@ -183,6 +183,8 @@ def test_drop_leaves_long_rows_out_and_the_export_returns_the_kept_rows(tmp_path
     ):
         trainer = build(tmp_path, tokenizer, train, train.select([1, 2]), max_length=12, truncation_mode="drop")
     assert len(trainer.train_dataset) == 12
+    # ids stay the rows' positions before the drop: a weight (or group) built per row still names its row
+    assert trainer.train_dataset["example_id"] == [i for i in range(16) if i % 4]
     exported = trainer.export_weights()
     assert exported["prompt"] == [p for i, p in enumerate(prompts) if i % 4]
     assert len(exported["weight"]) == 12
