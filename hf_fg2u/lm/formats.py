@@ -209,10 +209,11 @@ def prepare_split(
     dataset, role: str, tokenizer, max_length: int | None, text_field: str = "text", truncation_mode: str = "keep_start"
 ):
     """``dataset`` unchanged when it is already tokenized (has ``input_ids``), else tokenized."""
-    if dataset is None or "input_ids" in dataset.column_names:
+    if not is_raw(dataset):
         return dataset
     return tokenize_dataset(dataset, tokenizer, max_length, role, text_field, truncation_mode)
 
 
 def is_raw(dataset) -> bool:
+    """Rows still to tokenize: a dataset without ``input_ids``."""
     return dataset is not None and "input_ids" not in dataset.column_names
