@@ -175,3 +175,30 @@ def test_kept_step_graphs_refuse_the_memory_savers(memory_saving):
     with pytest.raises(ValueError, match="keep_step_graphs=True keeps every step's graph"):
         estimate_hypergradient(q.inner_loss, q.outer_loss, q.params, q.outer, [None], None, method="rgu",
                                keep_step_graphs=True, **memory_saving)  # fmt: skip
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_first_step_pulled_back_through_phi_only_changes_no_bit(monkeypatch, keep):
+    """The first differentiated step's λ_θ is never read, so its pullback is taken with respect to φ alone; the
+    hypergradient is the one the full (θ, φ) pullback gives, bit for bit (float32, dropout, rgu)."""
+    from hf_fg2u.hypergrad import reverse
+
+    full_pullback = reverse._differentiable_gradient
+    results = []
+    for only_phi in (False, True):
+        if not only_phi:
+            monkeypatch.setattr(reverse, "_differentiable_gradient", lambda *a: full_pullback(*a[:6]))
+        torch.manual_seed(0)
+        model = gpt2(dropout=0.1).to(torch.float32)
+        inner_loss, outer_loss, outer = problem(model, "example_weights")
+        outer = {k: v.to(torch.float32) for k, v in outer.items()}
+        batches, meta = random_lm_batches(STEPS, BATCH)
+        results.append(
+            estimate_hypergradient(
+                inner_loss, outer_loss, trainable_parameters(model), outer, batches, meta, method="rgu",
+                inner_optimizer="adam", inner_lr=LR, step_seeds=list(range(STEPS)), keep_step_graphs=keep,
+            )  # fmt: skip
+        )
+        monkeypatch.undo()
+    full, phi_only = results
+    assert all(torch.equal(full.grad[k], phi_only.grad[k]) for k in full.grad)
