@@ -219,3 +219,43 @@ def test_hessian_free_with_a_preconditioned_inner_optimizer_is_warned_about(tmp_
     with pytest.warns(UserWarning, match=r"hessian_free takes each inner step's Jacobian as -inner_lr·H, SGD's step"):
         trainer_for(tmp_path, ExampleWeights(len(data["train"])), data, max_steps=1, method="hessian_free",
                     inner_optimizer="adam")  # fmt: skip
+
+
+def test_one_file_mixing_formats_is_named_as_mixing(tmp_path):
+    """Before: 'Row 1 has null in column prompt' — true, but the cause (a text row among prompt/completion rows,
+    merged by the JSON loader with nulls in the gaps) was left for the user to find."""
+    mixed = tmp_path / "train.jsonl"
+    mixed.write_text('{"prompt": "a=", "completion": "1"}\n{"text": "b=2"}\n{"prompt": "c=", "completion": "3"}\n')
+    rows = load_files({"train": [str(mixed)]})["train"]
+    with pytest.raises(ValueError, match=r"mixes formats: row 1 is a language_modeling row \('text'\) among "
+                                         r"prompt_completion rows\. Use one format per file"):  # fmt: skip
+        tokenize_dataset(rows, TOKENIZER, 32, "train")
+
+
+def test_parquet_with_a_numeric_answer_column_names_the_row_column_and_stored_type(tmp_path):
+    path = tmp_path / "train.parquet"
+    Dataset.from_dict({"prompt": ["a=", "b="], "completion": [1, 2]}).to_parquet(str(path))
+    rows = load_files({"train": [str(path)]})["train"]
+    with pytest.raises(ValueError, match=r"Row 0 .* int 1 in column 'completion', which must be a string "
+                                         r"\(the prompt_completion format.*stores the column as int64\)"):  # fmt: skip
+        tokenize_dataset(rows, TOKENIZER, 32, "train")
+
+
+def test_train_and_meta_files_in_different_formats_train_together(tmp_path):
+    """The README says the splits' files may differ in format: prompt/completion JSONL train rows, plain-text CSV
+    meta rows, a Parquet eval file; each split is tokenized by its own format and a run finishes."""
+    from hf_fg2u.cli import main as cli
+
+    facts = [(f"fact {i:02d} is ", str(10 + i)) for i in range(24)]
+    train, meta, held = tmp_path / "train.jsonl", tmp_path / "meta.csv", tmp_path / "eval.parquet"
+    Dataset.from_list([{"prompt": p, "completion": c} for p, c in facts[:16]]).to_json(str(train))
+    Dataset.from_list([{"text": p + c} for p, c in facts[16:20]]).to_csv(str(meta), index=False)
+    Dataset.from_list([{"prompt": p, "completion": c} for p, c in facts[20:]]).to_parquet(str(held))
+    out = tmp_path / "run"
+    results = cli.run_train([
+        "--data_files", f"train={train}", f"meta={meta}", f"eval={held}", "--output_dir", str(out),
+        "--max_steps", "1", "--per_device_train_batch_size", "4", "--unroll_steps", "2", "--num_directions", "2",
+        "--max_length", "32", "--report_to", "none", "--save_strategy", "no",
+    ])  # fmt: skip
+    assert results["bilevel_meta_loss"] > 0 and results["bilevel_eval_loss"] > 0
+    assert results["bilevel_meta_loss"] != results["bilevel_eval_loss"]

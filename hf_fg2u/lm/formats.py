@@ -140,13 +140,13 @@ def tokenize_dataset(
             "to BilevelTrainer, or tokenize the data yourself."
         )
     source = FORMAT_COLUMNS.get(kind, (text_field,))
+    check_raw_values(dataset, kind, source, role, text_field)
     if kind != "language_modeling" and text_field in dataset.column_names:
         warnings.warn(
             f"The {role} dataset has both {'/'.join(source)} and {text_field!r} columns: the {kind} format is used "
             f"and {text_field!r} is not read. Drop one of them to make the choice yours.",
             stacklevel=3,
         )
-    check_raw_values(dataset, kind, source, role)
 
     def encode(example):
         row = encode_example(example, tokenizer, kind, text_field)
@@ -182,7 +182,7 @@ def tokenize_dataset(
     return tokenized.remove_columns(["num_tokens", "boundary_merged"])
 
 
-def check_raw_values(dataset, kind: str, columns, role: str) -> None:
+def check_raw_values(dataset, kind: str, columns, role: str, text_field: str = "text") -> None:
     """Every raw value has the type its format needs: text where text is read (a null or a number would reach the
     tokenizer as a raw error, or be rendered as "None"), a list of messages where a conversation is, and prompt and
     completion of the same kind. The error names the first bad row and column."""
@@ -193,16 +193,32 @@ def check_raw_values(dataset, kind: str, columns, role: str) -> None:
     for column, expected in wanted.items():
         expected = expected or str
         for row, value in enumerate(dataset[column]):
-            if not isinstance(value, expected):
-                shown = "null" if value is None else f"{type(value).__name__} {value!r:.40}"
-                need = "a list of messages" if expected is list else "a string"
-                pair = (
-                    "; prompt and completion must be both text or both messages" if kind == "prompt_completion" else ""
-                )
-                raise ValueError(
-                    f"Row {row} of the {role} dataset has {shown} in column {column!r}, which must be {need} "
-                    f"(the {kind} format{pair}). Fix or drop that row (dataset.filter)."
-                )  # fmt: skip
+            if isinstance(value, expected):
+                continue
+            if value is None:
+                _refuse_mixed_formats(dataset, row, kind, role, text_field)
+            shown = "null" if value is None else f"{type(value).__name__} {value!r:.40}"
+            need = "a list of messages" if expected is list else "a string"
+            pair = "; prompt and completion must be both text or both messages" if kind == "prompt_completion" else ""
+            stored = getattr(dataset.features.get(column), "dtype", None)
+            typed = f"; the file stores the column as {stored}" if stored not in (None, "string", "large_string") else ""
+            raise ValueError(
+                f"Row {row} of the {role} dataset has {shown} in column {column!r}, which must be {need} "
+                f"(the {kind} format{pair}{typed}). Fix or drop that row (dataset.filter)."
+            )
+
+
+def _refuse_mixed_formats(dataset, row: int, kind: str, role: str, text_field: str = "text") -> None:
+    """A null in the format's column where the row fills another format's columns: the file mixes formats (their
+    loaders merge the columns of every row, filling the gaps with nulls)."""
+    others = {**FORMAT_COLUMNS, "language_modeling": (text_field,)}
+    example = dataset[row]
+    for other, columns in others.items():
+        if other != kind and all(example.get(column) is not None for column in columns):
+            raise ValueError(
+                f"The {role} dataset mixes formats: row {row} is a {other} row ({', '.join(map(repr, columns))}) "
+                f"among {kind} rows. Use one format per file (convert the rows, or split them into files)."
+            )
 
 
 def prepare_split(
