@@ -201,7 +201,9 @@ def check_raw_values(dataset, kind: str, columns, role: str, text_field: str = "
             need = "a list of messages" if expected is list else "a string"
             pair = "; prompt and completion must be both text or both messages" if kind == "prompt_completion" else ""
             stored = getattr(dataset.features.get(column), "dtype", None)
-            typed = f"; the file stores the column as {stored}" if stored not in (None, "string", "large_string") else ""
+            typed = (
+                f"; the file stores the column as {stored}" if stored not in (None, "string", "large_string") else ""
+            )
             raise ValueError(
                 f"Row {row} of the {role} dataset has {shown} in column {column!r}, which must be {need} "
                 f"(the {kind} format{pair}{typed}). Fix or drop that row (dataset.filter)."
