@@ -195,8 +195,17 @@ def test_first_step_pulled_back_through_phi_only_changes_no_bit(monkeypatch, kee
         batches, meta = random_lm_batches(STEPS, BATCH)
         results.append(
             estimate_hypergradient(
-                inner_loss, outer_loss, trainable_parameters(model), outer, batches, meta, method="rgu",
-                inner_optimizer="adam", inner_lr=LR, step_seeds=list(range(STEPS)), keep_step_graphs=keep,
+                inner_loss,
+                outer_loss,
+                trainable_parameters(model),
+                outer,
+                batches,
+                meta,
+                method="rgu",
+                inner_optimizer="adam",
+                inner_lr=LR,
+                step_seeds=list(range(STEPS)),
+                keep_step_graphs=keep,
             )  # fmt: skip
         )
         monkeypatch.undo()
