@@ -35,12 +35,12 @@ def worker(args) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from hf_fg2u import ExampleWeights
-    from hf_fg2u.lm.toy_data import make_fact_splits, tokenize_for_causal_lm
-    from tests.helpers.tiny import TOKENIZER, trainer_for
+    from hf_fg2u.lm.toy_data import make_fact_splits
+    from tests.helpers.tiny import TOKENIZER, tokenized, trainer_for
 
     if not args.gpu:
         torch.set_num_threads(1)
-    data = tokenize_for_causal_lm(make_fact_splits(8, 8, seed=0), TOKENIZER, max_length=args.seq_len)
+    data = tokenized(make_fact_splits(8, 8, seed=0), max_length=args.seq_len, pad_to=args.seq_len)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.manual_seed(0)
     config = LlamaConfig(

@@ -74,7 +74,7 @@ class ScriptArguments:
     domain_column: str = field(default="domain", metadata={"help": "domain_mixture: column naming the domain."})
     target_domain: str = field(default="facts_a", metadata={"help": "domain_mixture: domain of the meta data."})
     answer_only: bool = field(
-        default=True, metadata={"help": "Built-in data only: train on the answer after '=' or '>', not the prompt."}
+        default=True, metadata={"help": "Built-in data only: train on the completion, not the prompt."}
     )
     num_facts: int = field(default=12, metadata={"help": "Built-in data: facts (per domain)."})
     copies: int = field(default=8, metadata={"help": "Built-in data: training rows per fact."})

@@ -30,7 +30,6 @@ from hf_fg2u.cli.data_loading import user_splits, uses_own_data
 from hf_fg2u.cli.models import load_model_and_tokenizer, lora_config
 from hf_fg2u.cli.registry import builtin_splits, make_outer
 from hf_fg2u.hub.model_card import WEIGHTED_DATASET_FILE
-from hf_fg2u.lm import toy_data as builtin_data
 from hf_fg2u.lm.evaluation import auroc
 from hf_fg2u.outer import DomainWeights
 from hf_fg2u.trainer.bilevel import BilevelTrainer
@@ -185,27 +184,17 @@ class TimeBudget(TrainerCallback):
 
 
 def build_trainer(script_args, training_args: BilevelConfig, model_args: ModelArguments, raw: DatasetDict):
-    """A BilevelTrainer for a recipe's raw splits: model, tokenizer, tokenized splits, outer module, LoRA."""
+    """A BilevelTrainer for a recipe's raw splits (the built-in ones too: the trainer tokenizes every split by its
+    format): model, tokenizer, outer module, LoRA."""
     model, tokenizer = load_model_and_tokenizer(model_args, training_args.seed, training_args.model_init_kwargs)
-    splits = raw if uses_own_data(script_args) else tokenize_builtin(raw, tokenizer, script_args, training_args)
     trainer = BilevelTrainer(
-        model, training_args, train_dataset=splits["train"], meta_dataset=splits["meta"],
-        eval_dataset=splits.get("eval", splits["meta"]), outer=make_outer(script_args, raw, model),
+        model, training_args, train_dataset=raw["train"], meta_dataset=raw["meta"],
+        eval_dataset=raw.get("eval", raw["meta"]), outer=make_outer(script_args, raw, model),
         processing_class=tokenizer, peft_config=lora_config(model_args),
     )  # fmt: skip
     # The card's `datasets` metadata (Hub names only; local files and folders are left out there).
     trainer.card_datasets = [name for name in (script_args.dataset_name, script_args.meta_dataset_name) if name]
     return trainer
-
-
-def tokenize_builtin(raw: DatasetDict, tokenizer, script_args, training_args: BilevelConfig) -> DatasetDict:
-    """The built-in toy data, labelled after its '='/'>' answer separator, its train rows keeping their text (the
-    weighted dataset shows it)."""
-    splits = builtin_data.tokenize_for_causal_lm(
-        raw, tokenizer, max_length=training_args.max_length, answer_only=script_args.answer_only
-    )
-    splits["train"] = splits["train"].add_column("text", raw["train"]["text"])
-    return splits
 
 
 def final_stage(script_args, training_args, model_args, trainer) -> dict[str, float]:

@@ -58,8 +58,13 @@ def check_recipe(name: str) -> Recipe:
 
 
 def builtin_splits(script_args: ScriptArguments) -> DatasetDict:
+    """The recipe's built-in prompt/completion rows, raw (the trainer tokenizes them as it does the user's);
+    ``answer_only=False``: as text rows, trained on every token."""
     splits = RECIPES[script_args.recipe].builtin_data(script_args)
-    return DatasetDict({"train": splits["train"], "meta": splits["meta"]})  # their "eval" is the meta set again
+    splits = DatasetDict({"train": splits["train"], "meta": splits["meta"]})  # their "eval" is the meta set again
+    if script_args.answer_only:
+        return splits
+    return splits.map(lambda row: {"text": row["prompt"] + row["completion"]}, remove_columns=["prompt", "completion"])
 
 
 def _facts(s: ScriptArguments) -> DatasetDict:

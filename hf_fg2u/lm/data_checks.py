@@ -10,8 +10,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 
-from hf_fg2u.lm.formats import is_raw, prepare_split
-from hf_fg2u.lm.toy_data import IGNORE_INDEX
+from hf_fg2u.lm.formats import IGNORE_INDEX, is_raw, prepare_split
 from hf_fg2u.outer import OuterModule
 from hf_fg2u.trainer.config import BilevelConfig
 

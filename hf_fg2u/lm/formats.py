@@ -11,17 +11,16 @@ A dataset's format is read from its columns:
 Rows keep their own length (the collator pads each batch). A row longer than ``max_length`` tokens is, by
 ``truncation_mode``: cut at the end (``keep_start``, as TRL does), cut at the start so the completion survives
 (``keep_end``), or dropped (``drop``); a warning counts them, since cutting can remove exactly the tokens that
-carry the loss. The ``=``/``>``
-answer separator of ``hf_fg2u.lm.toy_data`` belongs to the built-in toy data only and plays no part here.
+carry the loss.
 """
 
 from __future__ import annotations
 
 import warnings
 
-from hf_fg2u.lm.toy_data import IGNORE_INDEX
 from hf_fg2u.registry import check_choice
 
+IGNORE_INDEX = -100  # a label the loss skips (the prompt, padding)
 TRUNCATION_MODES = ("keep_start", "keep_end", "drop")
 FORMAT_COLUMNS = {"conversational": ("messages",), "prompt_completion": ("prompt", "completion")}
 MODEL_INPUT_COLUMNS = ("input_ids", "attention_mask", "labels")

@@ -2,27 +2,24 @@
 known fraction of wrong answers, fact tables as domains, and a character-level tokenizer for tiny models from config.
 
 Everything is built from a seed with numpy's ``default_rng``, never the global RNG, and nothing is downloaded, so
-tests and demos run anywhere. Every example's text is ``prompt + answer``; the prompt ends with an answer separator
-(``=``), e.g. ``"kqzt=42"``; ``tokenize_for_causal_lm`` uses the separator to put labels on the answer only, where
-corrupted examples differ from clean ones.
+tests and demos run anywhere. The rows are prompt/completion pairs (``"kqzt="`` → ``"42"``), as users bring
+theirs, and are tokenized by the same path (``hf_fg2u.lm.formats``): the loss is on the answer, where corrupted
+rows differ from clean ones.
 """
 
 from __future__ import annotations
 
 import string
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
 from datasets import Dataset, DatasetDict, concatenate_datasets
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 PUNCTUATION = "+-=*,.:;?!'()><"
 CHARACTERS = string.digits + string.ascii_lowercase + " \n" + PUNCTUATION
-ANSWER_SEPARATORS = ("=", ">")
-IGNORE_INDEX = -100
 
 # Independent RNG streams per split, so that meta and eval never share draws with train.
 _TRAIN_STREAM, _META_STREAM, _EVAL_STREAM = 0, 1, 2
@@ -35,8 +32,8 @@ def make_char_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level tokenizer over ``CHARACTERS`` with ``<pad>`` = 0, ``<bos>``, ``<eos>``, ``<unk>``.
 
     Built locally so tests and demos need no Hub access; its vocabulary (57 tokens) fits the tiny models built
-    from config with ``vocab_size=len(tokenizer)``. It adds no special tokens itself: ``tokenize_for_causal_lm``
-    adds ``<bos>``/``<eos>`` explicitly, as it does for any tokenizer. Characters outside the vocabulary
+    from config with ``vocab_size=len(tokenizer)``. Like Llama's, it starts a text with ``<bos>`` (with
+    ``add_special_tokens``); the end-of-sequence token is the formats' to add. Characters outside the vocabulary
     (e.g. capitals) become ``<unk>``.
     """
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + tuple(CHARACTERS))}
@@ -45,6 +42,7 @@ def make_char_tokenizer() -> PreTrainedTokenizerFast:
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
     pad, bos, eos, unk = SPECIAL_TOKENS
+    backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=pad,
@@ -79,24 +77,13 @@ def _random_letters(rng: np.random.Generator, size: int) -> str:
     return "".join(string.ascii_lowercase[i] for i in rng.integers(0, 26, size=size))
 
 
-def split_prompt_answer(text: str, separators: Sequence[str] = ANSWER_SEPARATORS) -> tuple[str, str]:
-    """Split at the first answer separator: ``"12+7=19"`` -> ``("12+7=", "19")``; the prompt keeps it."""
-    positions = [text.find(sep) for sep in separators if sep in text]
-    if not positions:
-        raise ValueError(
-            f"Text {text!r} has no answer separator {tuple(separators)}. Labels on the answer only need one; "
-            "pass answer_only=False to train on every token."
-        )
-    end = min(positions) + 1
-    return text[:end], text[end:]
-
-
 def _to_dataset(
     prompts: Sequence[str], answers: Sequence[str], corrupted: Sequence[bool], domains: Sequence[str]
 ) -> Dataset:
     return Dataset.from_dict(
         {
-            "text": [p + a for p, a in zip(prompts, answers, strict=True)],
+            "prompt": list(prompts),
+            "completion": list(answers),
             "example_id": list(range(len(prompts))),
             "is_corrupted": [bool(c) for c in corrupted],
             "domain": list(domains),
@@ -105,92 +92,6 @@ def _to_dataset(
 
 
 # ---------------------------------------------------------------------------------------------- generators
-
-
-# ---------------------------------------------------------------------------------------------- tokenization
-
-
-def encode_for_causal_lm(
-    text: str, tokenizer: PreTrainedTokenizerBase, max_length: int = 32, answer_only: bool = True
-) -> dict[str, list[int]]:
-    """One text -> ``input_ids``, ``attention_mask``, ``labels`` of length ``max_length``.
-
-    The sequence is ``<bos> prompt answer <eos>`` (either special token skipped if the tokenizer has none),
-    right-padded or truncated at the end. ``labels`` equal ``input_ids`` except -100 at padding and, with
-    ``answer_only``, at ``<bos>`` and the prompt up to and including its separator (the label at position 0
-    is never predicted anyway: losses compare logits[:, :-1] with labels[:, 1:]). Prompt and answer are
-    tokenized separately so that the boundary is exact for any tokenizer, not only character-level ones.
-    """
-    if answer_only:
-        prompt, answer = split_prompt_answer(text)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    else:
-        answer, prompt_ids = text, []
-    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    head = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    tail = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    input_ids = (head + prompt_ids + answer_ids + tail)[:max_length]
-    unlabelled = [IGNORE_INDEX] * (len(head) + len(prompt_ids)) if answer_only else head
-    labels = (unlabelled + answer_ids + tail)[:max_length]
-    padding = max_length - len(input_ids)
-    return {
-        "input_ids": input_ids + [tokenizer.pad_token_id] * padding,
-        "attention_mask": [1] * len(input_ids) + [0] * padding,
-        "labels": labels + [IGNORE_INDEX] * padding,
-    }
-
-
-def tokenize_for_causal_lm(
-    dataset: Dataset | DatasetDict,
-    tokenizer: PreTrainedTokenizerBase,
-    max_length: int = 32,
-    text_column: str = "text",
-    answer_only: bool = True,
-) -> Dataset | DatasetDict:
-    """Tokenize ``dataset[text_column]`` for a causal LM with fixed-length rows (see ``encode_for_causal_lm``).
-
-    Adds ``input_ids``, ``attention_mask`` and ``labels``, drops ``text_column`` and keeps every other column
-    (``example_id``, ``domain``, ``is_corrupted``, ...) so that batches still say which example and domain
-    each row is. Fixed length keeps every inner batch the same shape, which the unrolled hypergradient needs.
-    A ``DatasetDict`` (e.g. from ``make_noisy_reweighting_splits``) is tokenized split by split.
-    """
-    if isinstance(dataset, DatasetDict):
-        return DatasetDict(
-            {
-                name: tokenize_for_causal_lm(split, tokenizer, max_length, text_column, answer_only)
-                for name, split in dataset.items()
-            }
-        )
-    if text_column not in dataset.column_names:
-        raise ValueError(
-            f"Column {text_column!r} not found; the dataset has columns {dataset.column_names}. "
-            "Pass text_column= the name of the column that holds the text."
-        )
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-        raise ValueError(f"max_length must be an int >= 2 (room for <bos> and one token), got {max_length!r}.")
-    if tokenizer.pad_token_id is None:
-        raise ValueError(
-            "The tokenizer has no pad token. Set one (e.g. tokenizer.pad_token = tokenizer.eos_token) "
-            "or use make_char_tokenizer()."
-        )
-    clashes = [c for c in ("input_ids", "attention_mask", "labels") if c in dataset.column_names]
-    if clashes:
-        raise ValueError(f"The dataset already has columns {clashes}; remove them before tokenizing.")
-
-    def encode_batch(batch: dict) -> dict[str, list[list[int]]]:
-        rows = [encode_for_causal_lm(text, tokenizer, max_length, answer_only) for text in batch[text_column]]
-        return {key: [row[key] for row in rows] for key in ("input_ids", "attention_mask", "labels")}
-
-    extra = (tokenizer.bos_token_id is not None) + (tokenizer.eos_token_id is not None)
-    lengths = [len(ids) + extra for ids in tokenizer(list(dataset[text_column]), add_special_tokens=False)["input_ids"]]
-    cut = sum(length > max_length for length in lengths)
-    if cut:
-        warnings.warn(
-            f"{cut} of {len(lengths)} rows are longer than max_length={max_length} tokens (longest: {max(lengths)}) "
-            "and were cut at the end. Raise max_length if the cut part matters.",
-            stacklevel=2,
-        )
-    return dataset.map(encode_batch, batched=True, remove_columns=[text_column])
 
 
 def make_fact_splits(

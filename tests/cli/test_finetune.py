@@ -125,9 +125,9 @@ def test_forced_choice_accuracy_matches_log_likelihoods_by_hand(tiny_model):
     data = Dataset.from_list(rows(WORDS[:6]))
     assert answer_choices(data) == [" no", " yes"]
 
-    def log_likelihood(prompt, answer):  # the answer's characters after the prompt's, summed
-        ids = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
-        start = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    def log_likelihood(prompt, answer):  # the answer's characters after <bos> and the prompt's, summed
+        ids = tokenizer(prompt + answer)["input_ids"]
+        start = len(tokenizer(prompt)["input_ids"])
         logits = model(torch.tensor([ids])).logits[0].log_softmax(-1)
         return sum(logits[i - 1, ids[i]].item() for i in range(start, len(ids)))
 

@@ -114,7 +114,7 @@ def test_built_in_recipe_shorter_than_logging_steps_finishes_and_writes_results(
     assert (out / "results.json").is_file() and (out / "meta_loss.png").is_file()
     assert "bilevel_eval_loss" not in results  # the built-in data has no held-out split beyond its meta set
     weighted = load_weighted_dataset(out)
-    assert weighted.column_names == ["example_id", "is_corrupted", "domain", "text", "weight"]
+    assert weighted.column_names == ["prompt", "completion", "example_id", "is_corrupted", "domain", "weight"]
 
 
 def test_time_budget_stops_the_run_after_the_step_that_passes_it_and_still_reports(tmp_path, capsys):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import torch
+from datasets import DatasetDict
 from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from hf_fg2u import BilevelConfig, BilevelTrainer
-from hf_fg2u.lm.toy_data import make_char_tokenizer, make_fact_splits, tokenize_for_causal_lm
+from hf_fg2u.lm.formats import IGNORE_INDEX, tokenize_dataset
+from hf_fg2u.lm.toy_data import make_char_tokenizer, make_fact_splits
 
 VOCAB = 64
 
@@ -126,9 +128,22 @@ def lora():
     return LoraConfig(r=8, lora_alpha=8, target_modules=LORA_TARGETS, lora_dropout=0.0)
 
 
+def tokenized(splits: DatasetDict, max_length: int = 10, pad_to: int | None = None) -> DatasetDict:
+    """``splits`` tokenized by the product's own path (``formats.tokenize_dataset``); ``pad_to``: every row padded
+    to that many tokens (benchmarks that fix the sequence length)."""
+
+    def pad(row):
+        gap = pad_to - len(row["input_ids"])
+        fill = {"input_ids": TOKENIZER.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+        return {key: row[key] + [value] * gap for key, value in fill.items()}
+
+    out = DatasetDict({name: tokenize_dataset(split, TOKENIZER, max_length, name) for name, split in splits.items()})
+    return out if pad_to is None else out.map(pad)
+
+
 def fact_data(num_facts=8, copies=8, corrupted_fraction=0.4, seed=0):
     splits = make_fact_splits(num_facts, copies, seed=seed, corrupted_fraction=corrupted_fraction)
-    return splits, tokenize_for_causal_lm(splits, TOKENIZER, max_length=10)
+    return splits, tokenized(splits)
 
 
 def config(tmp_path, **overrides):

@@ -39,7 +39,8 @@ def lm_rows(tokenizer, texts):
 
 
 def trained_text(tokenizer, row):
-    return tokenizer.decode([t for t in row["labels"] if t != -100])
+    """The tokens a row's loss predicts (never the first: logits[:-1] predict labels[1:])."""
+    return tokenizer.decode([t for t in row["labels"][1:] if t != -100])
 
 
 def facts(count=16):
@@ -57,15 +58,15 @@ def build(tmp_path, tokenizer, train, meta, outer=None, **overrides):
 
 # -- the three formats, one example each -------------------------------------------------------------------------
 def test_text_rows_train_on_every_token_and_end_with_eos(tokenizer):
-    row = encode_example({"text": "ab c"}, tokenizer, "language_modeling")
-    assert row["input_ids"] == ids(tokenizer, "ab c") + [tokenizer.eos_token_id]
-    assert row["labels"] == row["input_ids"] and row["attention_mask"] == [1] * 5
+    row = encode_example({"text": "ab c"}, tokenizer, "language_modeling")  # <bos> from the tokenizer, as Llama's
+    assert row["input_ids"] == [tokenizer.bos_token_id, *ids(tokenizer, "ab c"), tokenizer.eos_token_id]
+    assert row["labels"] == row["input_ids"] and row["attention_mask"] == [1] * 6
 
 
 def test_prompt_completion_rows_train_on_the_completion_only(tokenizer):
     row = encode_example({"prompt": "kqzt is ", "completion": "42"}, tokenizer, "prompt_completion")
-    assert row["input_ids"] == ids(tokenizer, "kqzt is 42") + [tokenizer.eos_token_id]
-    assert row["labels"] == [-100] * 8 + ids(tokenizer, "42") + [tokenizer.eos_token_id]
+    assert row["input_ids"] == [tokenizer.bos_token_id, *ids(tokenizer, "kqzt is 42"), tokenizer.eos_token_id]
+    assert row["labels"] == [-100] * 9 + ids(tokenizer, "42") + [tokenizer.eos_token_id]
 
 
 def test_messages_rows_train_on_the_assistant_turns_only(tokenizer):
