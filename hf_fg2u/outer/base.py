@@ -22,6 +22,22 @@ from safetensors.torch import load_file, save_file
 
 from hf_fg2u.registry import Registry
 
+
+@dataclasses.dataclass
+class RestrictedOuter:
+    """φ cut down to the coordinates one unroll can affect (per-example weights: its rows), which the engine
+    differentiates in place of the whole φ: an outer step's directions, tangents and the φ-adjoint reduced across
+    ranks then scale with the unroll's rows, not with the dataset."""
+
+    outer: dict  # the kept coordinates of each key, detached
+    inner_batches: list  # the unroll's batches, with what the restricted weights read (see ExampleWeights.restrict)
+    kept: torch.Tensor  # the kept coordinates' indices along dimension 0, sorted
+
+    def expand(self, grad: dict, like: dict) -> dict:
+        """A gradient over the kept coordinates, scattered into zeros shaped like the whole φ (``like``)."""
+        return {k: torch.zeros_like(like[k]).index_copy(0, self.kept, grad[k].to(like[k].dtype)) for k in grad}
+
+
 CONFIG_NAME = "outer_config.json"
 WEIGHTS_NAME = "outer_model.safetensors"
 OUTER_TYPES: Registry[type[OuterModule]] = Registry("outer module type")  # every subclass, by class name
@@ -97,6 +113,10 @@ class OuterModule(torch.nn.Module):
 
     def active_coordinates(self, inner_batches: list[dict]) -> dict[str, torch.Tensor] | None:
         """Boolean masks of the coordinates of φ the unroll can affect (default: all)."""
+        return None
+
+    def restrict(self, inner_batches: list[dict], active: dict[str, torch.Tensor] | None) -> RestrictedOuter | None:
+        """φ cut down to the ``active`` coordinates (the union over ranks), or None: the unroll sees all of φ."""
         return None
 
     def summary(self) -> dict[str, float]:

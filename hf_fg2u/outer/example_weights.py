@@ -7,9 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
-from hf_fg2u.outer.base import OuterModule, normalized_entropy, require_columns, softmax_regularizer
+from hf_fg2u.outer.base import OuterModule, RestrictedOuter, normalized_entropy, require_columns, softmax_regularizer
 
 PARAMETRIZATIONS = ("softmax", "sigmoid")
+# What a batch of a restricted unroll carries (ExampleWeights.restrict): each row's place among the kept logits,
+# and the log of the mean share it is measured against, fixed for the outer step.
+KEPT_ROW, LOG_MEAN_SHARE = "outer_kept_row", "outer_log_mean_share"
 
 
 @dataclass(frozen=True)
@@ -119,9 +122,13 @@ class ExampleWeights(OuterModule):
         return log_shares - self.log_mean_shares(log_shares)
 
     def example_weights(self, outer, batch, losses):
-        """w_i / B for the batch's rows: each row's share over the mean share (held fixed), over B."""
-        rows = batch[self.id_column]
-        return torch.exp(self.log_weights(outer["logits"])[rows]) / rows.numel()
+        """w_i / B for the batch's rows: each row's share over the mean share (held fixed), over B. In a restricted
+        unroll (``restrict``) φ holds only the unroll's logits and the batch carries each row's mean share."""
+        if LOG_MEAN_SHARE in batch:
+            log_weights = self.log_shares(outer["logits"][batch[KEPT_ROW]]) - batch[LOG_MEAN_SHARE]
+        else:
+            log_weights = self.log_weights(outer["logits"])[batch[self.id_column]]
+        return torch.exp(log_weights) / log_weights.numel()
 
     def row_weights(self, outer, batch, losses):
         return torch.exp(self.log_weights(outer["logits"]))[batch[self.id_column]]
@@ -152,6 +159,20 @@ class ExampleWeights(OuterModule):
         for batch in inner_batches:
             mask[batch[self.id_column]] = True
         return {"logits": mask}
+
+    def restrict(self, inner_batches, active):
+        """Only the logits of the ``active`` rows, and each batch told its rows' places among them and their mean
+        shares (computed once over the whole dataset, as ``log_weights`` holds them fixed): the same weights and
+        hypergradient, at a cost in the unroll's rows."""
+        kept = active["logits"].nonzero().reshape(-1)
+        logits = self.logits.detach()
+        log_mean = self.log_mean_shares(self.log_shares(logits)).expand(logits.shape)  # one per row
+        batches = [
+            {**batch, KEPT_ROW: torch.searchsorted(kept, batch[self.id_column]),
+             LOG_MEAN_SHARE: log_mean[batch[self.id_column]]}
+            for batch in inner_batches
+        ]  # fmt: skip
+        return RestrictedOuter({"logits": logits[kept]}, batches, kept)
 
     def project_(self) -> None:
         """Clamp the logits to ``max_logit`` (when set): rows can still be pushed down, and back up to the cap."""

@@ -304,12 +304,16 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
         inner_loss, outer_loss, _ = self._problem(model, method)
         start = time.perf_counter()
         failure = None
+        active = self.processes.active_coordinates(self.outer.active_coordinates(inner_batches))
+        restricted = self.outer.restrict(inner_batches, active)  # per-row φ: only the unroll's rows
         try:
             result = estimate_hypergradient(
-                inner_loss, outer_loss, self._inner_params, self.outer.outer_dict(), inner_batches, meta_batch,
+                inner_loss, outer_loss, self._inner_params,
+                self.outer.outer_dict() if restricted is None else restricted.outer,
+                inner_batches if restricted is None else restricted.inner_batches, meta_batch,
                 method=self._methods[method], inner_optimizer=self._inner_optimizer,
                 seed=outer_step_seed(self.args.seed, step), optimizer_state=self._inner_state,
-                active_coordinates=self.processes.active_coordinates(self.outer.active_coordinates(inner_batches)),
+                active_coordinates=active if restricted is None else None,
                 direction_slice=self.processes.direction_share(method),
                 reduce_gradients=self.processes.inner_gradient_reducer(),
                 meta_gradient_transform=self._meta_gradient_transform(model, method, inner_batches),
@@ -325,6 +329,8 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
             return self._skip_step(step, str(failure))
         seconds = time.perf_counter() - start
         summed = self.processes.sum_direction_shares(result.grad, method)
+        if restricted is not None:
+            summed = restricted.expand(summed, self.outer.outer_dict())
         grads = self._add_regularizer(summed)
         if self.args.normalize_hypergradient:
             grads = _unit_norm(grads)

@@ -14,8 +14,8 @@ from torch.utils._pytree import tree_leaves
 from hf_fg2u import BilevelTrainer, DomainWeights, ExampleWeights, OuterModule, SoftPrompt, WeightNet
 from hf_fg2u.hypergrad import NonFiniteHypergradientError
 from hf_fg2u.lm.evaluation import auroc
-from hf_fg2u.lm.toy_data import make_fact_splits, tokenize_for_causal_lm
-from tests.helpers.tiny import TOKENIZER, config, fact_data, tiny_llama, trainer_for
+from hf_fg2u.lm.toy_data import make_fact_splits
+from tests.helpers.tiny import TOKENIZER, config, fact_data, tiny_llama, tokenized, trainer_for
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def two_domain_data(seed=0):
         [target["train"], other["train"].map(lambda row: {"domain": "other", "example_id": row["example_id"] + 48})]
     ).map(lambda row: {"domain": "target" if row["example_id"] < 48 else "other"})
     splits = DatasetDict({"train": train, "meta": target["meta"], "eval": target["eval"]})
-    return tokenize_for_causal_lm(splits, TOKENIZER, max_length=10)
+    return tokenized(splits)
 
 
 def test_domain_weights_move_mass_to_the_meta_domain(tmp_path):
@@ -333,3 +333,30 @@ def test_auroc_matches_the_pairwise_definition_and_scales_to_large_n():
     big = torch.arange(n, dtype=torch.float64)
     assert auroc(big, big >= n // 2) == 1.0 and auroc(-big, big >= n // 2) == 0.0
     assert math.isnan(auroc(torch.ones(3), torch.zeros(3, dtype=torch.bool)))
+
+
+@pytest.mark.parametrize("method", ["rgu", "fg2u"])
+def test_per_example_weights_unroll_only_their_rows_with_the_same_result(tmp_path, monkeypatch, method):
+    """The engine differentiates the logits of the unroll's rows only (16 of 64 here; before, all 64: directions,
+    tangents and the φ-adjoint reduced across ranks grew with the dataset), and the weights come out as with the
+    whole φ (sigmoid weights, whose mean share is read from every row)."""
+    import hf_fg2u.trainer.bilevel as bilevel
+
+    engine, sizes = bilevel.estimate_hypergradient, []
+
+    def recording(inner_loss, outer_loss, params, outer, *args, **kwargs):
+        sizes.append(outer["logits"].numel())
+        return engine(inner_loss, outer_loss, params, outer, *args, **kwargs)
+
+    monkeypatch.setattr(bilevel, "estimate_hypergradient", recording)
+    _, data = fact_data()
+    logits = {}
+    for restricted in (True, False):
+        if not restricted:
+            monkeypatch.setattr(ExampleWeights, "restrict", lambda self, batches, active: None)
+        outer = ExampleWeights(len(data["train"]), parametrization="sigmoid")
+        trainer_for(tmp_path / str(restricted), outer, data, max_steps=4, method=method, num_directions=4).train()
+        logits[restricted] = outer.logits.detach().clone()
+    assert sizes == [16] * 4 + [64] * 4
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-6, atol=1e-7)
+    assert (logits[True] != 0).sum() == 64
