@@ -375,6 +375,9 @@ def rows_table(data: dict | None, label: str) -> str:
     results = data["results"]
     if not data.get("keep_step_graphs"):
         label += " — measured before the recipe kept each inner step's graph (`keep_step_graphs`, ~14% faster)"
+    machine = data.get("machine")
+    label += (f" — measured {machine['date']} on {machine['cpu']}, float32 matmul {machine['matmul_gflops']:.0f} "
+              "GFLOP/s on 2 threads" if machine else " — measured on an earlier session's machine")  # fmt: skip
     lines = [f"**{label}**\n",
              "| rows | bilevel (s) | plain (s) | ratio | bilevel ms/row | plain ms/row | bilevel peak MB "
              "| plain peak MB |",

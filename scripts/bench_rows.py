@@ -26,6 +26,26 @@ CLI = [sys.executable, "-m", "hf_fg2u.cli.main"]
 LORA = ["--lora_r", "8", "--lora_alpha", "16", "--lora_target_modules", "q_proj", "v_proj", "--max_length", "32"]
 
 
+def machine_speed() -> dict:
+    """The machine the ratios were measured on: the date, the CPU and the float32 matmul rate on its 2 threads
+    (the same code measured 4.4x on one machine and 3.5x on a slower one: the ratio is a property of both)."""
+    import platform
+
+    import torch
+
+    torch.set_num_threads(2)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(50):
+        a @ b
+    gflops = 2 * 1024**3 * 50 / (time.perf_counter() - start) / 1e9
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())  # fmt: skip
+    return {"date": time.strftime("%Y-%m-%d"), "cpu": model, "matmul_gflops": round(gflops, 1)}
+
+
 def timed(command: list[str], log: Path) -> dict:
     """Seconds and peak resident memory (MB) of ``command`` in a fresh process."""
     start = time.perf_counter()
@@ -53,6 +73,7 @@ def main() -> None:
     parser.add_argument("--balance_column", help="Learn the weights within this column's groups (e.g. completion).")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    machine = machine_speed()
     words = read_lexicon(args.lexicon)
     splits = make_splits(words, 0, 2000, 64, 0, 0, 0.4)
     meta = write(args.work / "meta.jsonl", splits["meta"])
@@ -77,7 +98,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     recipe = yaml.safe_load((RECIPES / "noisy_reweighting_real.yaml").read_text())
     settings = {"keep_step_graphs": recipe.get("keep_step_graphs", False)}
-    args.out.write_text(json.dumps({"model": args.model, **settings, "results": results}, indent=2))
+    record = {"model": args.model, **settings, "machine": machine, "results": results}
+    args.out.write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":
