@@ -232,6 +232,12 @@ def test_one_file_mixing_formats_is_named_as_mixing(tmp_path):
         tokenize_dataset(rows, TOKENIZER, 32, "train")
 
 
+def test_a_missing_answer_in_rows_that_also_carry_text_is_not_called_mixing():
+    rows = Dataset.from_dict({"prompt": ["a=", "b="], "completion": ["1", None], "text": ["a=1", "b=2"]})
+    with pytest.raises(ValueError, match=r"Row 1 .* null in column 'completion'"):
+        tokenize_dataset(rows, TOKENIZER, 32, "train")
+
+
 def test_parquet_with_a_numeric_answer_column_names_the_row_column_and_stored_type(tmp_path):
     path = tmp_path / "train.parquet"
     Dataset.from_dict({"prompt": ["a=", "b="], "completion": [1, 2]}).to_parquet(str(path))

@@ -129,7 +129,8 @@ def _pull_back(optimizer, params, state, grads, grads_vjp, adjoint_params, adjoi
     adjoint_grads, previous_state, previous_params = update_vjp((adjoint_params, adjoint_state))
     through_params, through_outer = grads_vjp(adjoint_grads)
     through = reduce({**_prefixed("theta:", through_params), **_prefixed("phi:", through_outer)})
-    previous_params = {k: previous_params[k] + through.get(f"theta:{k}", 0) for k in previous_params}
+    if through_params:  # {} at the first differentiated step (pulled back through φ only): λ_θ is not read
+        previous_params = {k: previous_params[k] + through[f"theta:{k}"] for k in previous_params}
     step_outer = {k: through[f"phi:{k}"] for k in through_outer}
     return detach_tree(previous_params), detach_tree(previous_state), detach_tree(step_outer)
 

@@ -212,9 +212,11 @@ def check_raw_values(dataset, kind: str, columns, role: str, text_field: str = "
 def _refuse_mixed_formats(dataset, row: int, kind: str, role: str, text_field: str = "text") -> None:
     """A null in the format's column where the row fills another format's columns: the file mixes formats (their
     loaders merge the columns of every row, filling the gaps with nulls)."""
-    others = {**FORMAT_COLUMNS, "language_modeling": (text_field,)}
+    formats = {**FORMAT_COLUMNS, "language_modeling": (text_field,)}
     example = dataset[row]
-    for other, columns in others.items():
+    if any(example.get(column) is not None for column in formats[kind]):
+        return  # a row of this format with one value missing, not a row of another format
+    for other, columns in formats.items():
         if other != kind and all(example.get(column) is not None for column in columns):
             raise ValueError(
                 f"The {role} dataset mixes formats: row {row} is a {other} row ({', '.join(map(repr, columns))}) "

@@ -177,22 +177,32 @@ def test_kept_step_graphs_refuse_the_memory_savers(memory_saving):
                                keep_step_graphs=True, **memory_saving)  # fmt: skip
 
 
-@pytest.mark.parametrize("keep", [False, True])
-def test_first_step_pulled_back_through_phi_only_changes_no_bit(monkeypatch, keep):
-    """The first differentiated step's λ_θ is never read, so its pullback is taken with respect to φ alone; the
-    hypergradient is the one the full (θ, φ) pullback gives, bit for bit (float32, dropout, rgu)."""
+@pytest.mark.parametrize(
+    "options",
+    [{"keep_step_graphs": True}, {"keep_step_graphs": False}, {"checkpoint_every": 2},
+     {"method": "trgu", "truncation": 3}],
+    ids=["kept_graphs", "recomputed", "checkpointed", "trgu"],
+)  # fmt: skip
+def test_first_step_pulled_back_through_phi_only_changes_no_bit(monkeypatch, options):
+    """The first differentiated step's λ_θ is never read, so its pullback is taken with respect to φ alone (once
+    per call); the hypergradient is the one the full (θ, φ) pullback gives, bit for bit (float32, dropout)."""
     from hf_fg2u.hypergrad import reverse
 
-    full_pullback = reverse._differentiable_gradient
+    pullback, phi_only = reverse._differentiable_gradient, []
+
+    def counted(*args):
+        phi_only.append(len(args) > 5 and not args[5])
+        return pullback(*args)
+
     results = []
-    for only_phi in (False, True):
-        if not only_phi:
-            monkeypatch.setattr(reverse, "_differentiable_gradient", lambda *a: full_pullback(*a[:6]))
+    for full in (True, False):
+        monkeypatch.setattr(reverse, "_differentiable_gradient", (lambda *a: pullback(*a[:5])) if full else counted)
         torch.manual_seed(0)
         model = gpt2(dropout=0.1).to(torch.float32)
         inner_loss, outer_loss, outer = problem(model, "example_weights")
         outer = {k: v.to(torch.float32) for k, v in outer.items()}
         batches, meta = random_lm_batches(STEPS, BATCH)
+        settings = {"method": "rgu", **options}
         results.append(
             estimate_hypergradient(
                 inner_loss,
@@ -201,13 +211,11 @@ def test_first_step_pulled_back_through_phi_only_changes_no_bit(monkeypatch, kee
                 outer,
                 batches,
                 meta,
-                method="rgu",
                 inner_optimizer="adam",
                 inner_lr=LR,
                 step_seeds=list(range(STEPS)),
-                keep_step_graphs=keep,
+                **settings,
             )  # fmt: skip
         )
-        monkeypatch.undo()
-    full, phi_only = results
-    assert all(torch.equal(full.grad[k], phi_only.grad[k]) for k in full.grad)
+    assert sum(phi_only) == 1  # the φ-only pullback ran, once
+    assert all(torch.equal(results[0].grad[k], results[1].grad[k]) for k in results[0].grad)
