@@ -138,31 +138,25 @@ def test_kept_step_graphs_give_the_reference(model):
     assert compare(built, keep_step_graphs=True) < 1e-10
 
 
+def float32_dropout_hypergradient(**options):
+    """The per-row weight hypergradient of a float32 GPT-2 with dropout, Adam inner steps and fixed step seeds:
+    the setting in which two sweeps that run the same operations agree bit for bit."""
+    torch.manual_seed(0)
+    model = gpt2(dropout=0.1).to(torch.float32)
+    inner_loss, outer_loss, outer = problem(model, "example_weights")
+    outer = {k: v.to(torch.float32) for k, v in outer.items()}
+    batches, meta = random_lm_batches(STEPS, BATCH)
+    return estimate_hypergradient(
+        inner_loss, outer_loss, trainable_parameters(model), outer, batches, meta, inner_optimizer="adam",
+        inner_lr=LR, step_seeds=list(range(STEPS)), **options,
+    )  # fmt: skip
+
+
 def test_kept_step_graphs_are_bitwise_the_recomputed_ones():
     """The same operations on the same numbers: the two sweeps agree bit for bit (float32, trgu too)."""
     results = []
     for keep in (False, True):
-        torch.manual_seed(0)
-        model = gpt2(dropout=0.1).to(torch.float32)
-        inner_loss, outer_loss, outer = problem(model, "example_weights")
-        outer = {k: v.to(torch.float32) for k, v in outer.items()}
-        batches, meta = random_lm_batches(STEPS, BATCH)
-        results.append(
-            estimate_hypergradient(
-                inner_loss,
-                outer_loss,
-                trainable_parameters(model),
-                outer,
-                batches,
-                meta,
-                method="trgu",
-                truncation=3,
-                inner_optimizer="adam",
-                inner_lr=LR,
-                step_seeds=list(range(STEPS)),
-                keep_step_graphs=keep,
-            )  # fmt: skip
-        )
+        results.append(float32_dropout_hypergradient(method="trgu", truncation=3, keep_step_graphs=keep))
     recomputed, kept = results
     assert all(torch.equal(recomputed.grad[k], kept.grad[k]) for k in kept.grad)
     assert all(torch.equal(recomputed.params[k], kept.params[k]) for k in kept.params)
@@ -197,25 +191,6 @@ def test_first_step_pulled_back_through_phi_only_changes_no_bit(monkeypatch, opt
     results = []
     for full in (True, False):
         monkeypatch.setattr(reverse, "_differentiable_gradient", (lambda *a: pullback(*a[:5])) if full else counted)
-        torch.manual_seed(0)
-        model = gpt2(dropout=0.1).to(torch.float32)
-        inner_loss, outer_loss, outer = problem(model, "example_weights")
-        outer = {k: v.to(torch.float32) for k, v in outer.items()}
-        batches, meta = random_lm_batches(STEPS, BATCH)
-        settings = {"method": "rgu", **options}
-        results.append(
-            estimate_hypergradient(
-                inner_loss,
-                outer_loss,
-                trainable_parameters(model),
-                outer,
-                batches,
-                meta,
-                inner_optimizer="adam",
-                inner_lr=LR,
-                step_seeds=list(range(STEPS)),
-                **settings,
-            )  # fmt: skip
-        )
+        results.append(float32_dropout_hypergradient(**{"method": "rgu", **options}))
     assert sum(phi_only) == 1  # the φ-only pullback ran, once
     assert all(torch.equal(results[0].grad[k], results[1].grad[k]) for k in results[0].grad)
