@@ -1,6 +1,7 @@
 """Where an outer step's time goes: one epoch of noisy_reweighting_real's online loop (the rows of bench_rows.py,
 N = 250) with the engine's parts timed from inside — the unrolled inner steps (forward, with each step's graph
-kept), the pullbacks through them, the meta gradient, and the answer-shift directions of grouped weights — beside
+kept), the pullbacks through them, the meta gradient (with grouped weights, its answer-shift directions from the
+same pass over the meta rows) — beside
 one plain LoRA step of the same rows (`hf-fg2u finetune`, measured by bench_rows.py). Run nothing else meanwhile.
 
     .venv/bin/python scripts/profile_outer_step.py --work outputs/bench_rows_grouped \\
@@ -21,7 +22,6 @@ from pathlib import Path
 def timed_parts():
     """Wrap the engine's parts with wall-clock timers; returns {part: [seconds, calls]}."""
     import hf_fg2u.hypergrad.reverse as reverse
-    import hf_fg2u.trainer.inner_state as inner_state
 
     found = collections.defaultdict(lambda: [0.0, 0])
 
@@ -43,8 +43,7 @@ def timed_parts():
     wrap(reverse, "primal_step", "inner steps (forward and backward, graph kept)")
     wrap(reverse, "_pull_back", "pullbacks through the inner steps (double backward)")
     wrap(reverse, "_step_vjp", "pullbacks through the inner steps (double backward)")
-    wrap(reverse, "meta_gradient_and_value", "meta gradient (and its projection)")
-    wrap(inner_state, "group_shift_directions", "answer-shift directions (grouped weights)")
+    wrap(reverse, "meta_gradient_and_value", "meta gradient (and, grouped, its answer-shift directions)")
     return found
 
 
@@ -66,11 +65,8 @@ def main() -> None:
          "--overwrite_output_dir", "true", "--disable_tqdm", "true", "--max_length", "32", "--plot", "false",
          *(["--balance_column", args.balance_column] if args.balance_column else [])])  # fmt: skip
     total = time.perf_counter() - start
-    steps = found["meta gradient (and its projection)"][1]
+    steps = found["meta gradient (and, grouped, its answer-shift directions)"][1]
     parts = {part: seconds for part, (seconds, _) in found.items()}
-    meta = "meta gradient (and its projection)"
-    if "answer-shift directions (grouped weights)" in parts:  # reported apart, not twice
-        parts[meta] -= parts["answer-shift directions (grouped weights)"]
     record = {"rows": args.rows, "balance_column": args.balance_column, "outer_steps": steps, "seconds": total,
               "per_outer_step": {part: seconds / steps for part, seconds in parts.items()}}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ from transformers import TrainerCallback
 from hf_fg2u.cli.arguments import ModelArguments, ScriptArguments
 from hf_fg2u.cli.data_loading import user_splits, uses_own_data
 from hf_fg2u.cli.models import load_model_and_tokenizer, lora_config
-from hf_fg2u.cli.registry import builtin_splits, make_outer
+from hf_fg2u.cli.registry import builtin_splits, make_outer, with_meta_groups
 from hf_fg2u.hub.model_card import WEIGHTED_DATASET_FILE
 from hf_fg2u.lm.evaluation import auroc
 from hf_fg2u.outer import DomainWeights
@@ -186,6 +186,7 @@ class TimeBudget(TrainerCallback):
 def build_trainer(script_args, training_args: BilevelConfig, model_args: ModelArguments, raw: DatasetDict):
     """A BilevelTrainer for a recipe's raw splits (the built-in ones too: the trainer tokenizes every split by its
     format): model, tokenizer, outer module, LoRA."""
+    raw = with_meta_groups(script_args, raw, training_args.project_group_shift)  # refused before the model loads
     model, tokenizer = load_model_and_tokenizer(model_args, training_args.seed, training_args.model_init_kwargs)
     trainer = BilevelTrainer(
         model, training_args, train_dataset=raw["train"], meta_dataset=raw["meta"],

@@ -17,6 +17,7 @@ from datasets import DatasetDict
 
 from hf_fg2u.lm import toy_data as builtin_data
 from hf_fg2u.outer import DomainWeights, ExampleWeights, SoftPrompt, WeightNet
+from hf_fg2u.outer.example_weights import META_GROUP
 from hf_fg2u.registry import Registry
 
 RECIPES_DIR = Path(__file__).parents[1] / "recipes"  # the YAML configs and accelerate configs, shipped as package data
@@ -104,7 +105,7 @@ def _grouped_weights(s: ScriptArguments, train) -> ExampleWeights:
         raise ValueError(f"--balance_column {s.balance_column!r} is not a column of the train data: "
                          f"{train.column_names}.")  # fmt: skip
     values = [str(value) for value in train[s.balance_column]]
-    names = sorted(set(values))
+    names = group_names(train, s.balance_column)
     smallest = min(Counter(values).values())
     if smallest < 2:
         raise ValueError(
@@ -121,6 +122,29 @@ def _grouped_weights(s: ScriptArguments, train) -> ExampleWeights:
         groups[row_id] = index[value]
     outer.set_groups(groups)
     return outer
+
+
+def group_names(train, column: str) -> list[str]:
+    """The groups of ``--balance_column``: its values over the train rows, sorted (group i is the i-th)."""
+    return sorted({str(value) for value in train[column]})
+
+
+def with_meta_groups(s: ScriptArguments, splits: DatasetDict, project_group_shift: bool) -> DatasetDict:
+    """With ``--balance_column`` and ``project_group_shift``: each meta row's group in a ``meta_group`` column (the
+    train rows' numbering, -1 for a value no train row has), where the trainer takes the answer-shift directions.
+    Refused when the meta rows lack the balance column."""
+    if s.balance_column is None or s.outer != "example_weights" or not project_group_shift:
+        return splits
+    meta = splits["meta"]
+    if s.balance_column not in meta.column_names:
+        raise ValueError(
+            f"--balance_column {s.balance_column!r} is not a column of the meta data ({meta.column_names}): the "
+            "directions that only shift which answer is preferred are taken on the meta rows' answers. Use meta "
+            "rows of the train rows' format, or pass --project_group_shift false."
+        )
+    index = {name: i for i, name in enumerate(group_names(splits["train"], s.balance_column))}
+    groups = [-1 if value is None else index.get(str(value), -1) for value in meta[s.balance_column]]
+    return DatasetDict({**splits, "meta": meta.add_column(META_GROUP, groups)})
 
 
 def _domain_weights(s: ScriptArguments, splits: DatasetDict, model):

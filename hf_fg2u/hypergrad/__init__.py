@@ -58,7 +58,7 @@ def estimate_hypergradient(
     active_coordinates: dict[str, torch.Tensor | None] | None = None,
     step_seeds: Sequence[int | None] | None = None,
     reduce_gradients: Callable | None = None,
-    meta_gradient_transform: Callable | None = None,
+    meta_gradient: Callable | None = None,
     progress: bool = False,
     **method_options,
 ) -> HypergradientResult:
@@ -100,8 +100,9 @@ def estimate_hypergradient(
       step_seeds: the RNG seed of each inner step (dropout masks); default derived from ``seed``.
       reduce_gradients: fg2u, rgu and trgu: a function applied to each step's inner gradient and to its
         tangents (fg2u) or its VJP (rgu), e.g. a mean over data-parallel processes.
-      meta_gradient_transform: ``(∇_θ f, θ_T) -> ∇_θ f'``, applied to the meta gradient before it is carried back
-        (e.g. ``projection.project_out`` of directions the outer problem should not credit); not for "fg2u_zo".
+      meta_gradient: ``(θ_T, φ, meta_batch) -> ((∇_θ f', ∇_φ f), f)``, computed instead of the outer loss's plain
+        gradient, e.g. with directions the outer problem should not credit removed (``projection.project_out``,
+        ``hf_fg2u.lm.group_shift``); ∇_θ f' is what the method carries back. Not for "fg2u_zo".
       progress: show a progress bar over the inner steps.
     """
     method = make_method(method, **method_options)
@@ -124,7 +125,7 @@ def estimate_hypergradient(
         inner_loss, outer_loss, optimizer, params, state, outer, inner_batches, meta_batch,
         list(step_seeds), seed=seed, direction_slice=direction_slice, active_coordinates=active_coordinates,
         reduce_gradients=reduce_gradients, progress=bar,
-        meta_gradient_transform=meta_gradient_transform,
+        meta_gradient=meta_gradient,
     )  # fmt: skip
     try:
         result = method.estimate(unroll)

@@ -34,7 +34,7 @@ class Unroll:
     active_coordinates: dict | None = None
     reduce_gradients: Callable | None = None
     progress: object = None
-    meta_gradient_transform: Callable | None = None
+    meta_gradient: Callable | None = None
 
 
 def tree_dot(a, b) -> torch.Tensor:
@@ -105,14 +105,11 @@ def finite_difference_epsilon(params: dict, fd_epsilon: float | None) -> float:
 
 def meta_gradient_and_value(u: Unroll, params):
     """((∇_θ f, ∇_φ f), f) at θ = ``params``, under the call's seed: every method and every evaluation of the meta
-    loss sees the same dropout masks. ``u.meta_gradient_transform(∇_θ f, θ)``, when set, replaces ∇_θ f (e.g.
-    directions removed from it) before any method carries it back through the unroll."""
+    loss sees the same dropout masks. ``u.meta_gradient(θ, φ, meta_batch)``, when set, computes them instead (e.g.
+    with directions removed from ∇_θ f) before any method carries ∇_θ f back through the unroll."""
+    compute = u.meta_gradient or torch.func.grad_and_value(u.outer_loss, argnums=(0, 1))
     with step_rng(u.seed):
-        (grad_params, grad_outer), value = torch.func.grad_and_value(u.outer_loss, argnums=(0, 1))(
-            params, u.outer, u.meta_batch
-        )
-        if u.meta_gradient_transform is not None:
-            grad_params = u.meta_gradient_transform(detach_tree(grad_params), params)
+        (grad_params, grad_outer), value = compute(params, u.outer, u.meta_batch)
     return (grad_params, grad_outer), value
 
 

@@ -18,10 +18,10 @@ def zeroth_order_directional_derivatives(
 ):
     """Return (⟨∇h, v⟩ estimates [b], h, θ_T, s_T, inner losses); ``ZerothOrderOptions`` validated the scheme."""
     u = unroll
-    if u.meta_gradient_transform is not None:
+    if u.meta_gradient is not None:
         raise ValueError(
-            "fg2u_zo never forms the meta gradient, so meta_gradient_transform cannot apply to it: use fg2u or rgu, "
-            "or leave the transform out (BilevelConfig.project_group_shift=False)."
+            "fg2u_zo never forms the meta gradient, so a meta_gradient of its own cannot apply to it: use fg2u or "
+            "rgu, or leave it out (BilevelConfig.project_group_shift=False)."
         )
     inner_loss, outer_loss, optimizer, outer, meta_batch = (
         u.inner_loss,

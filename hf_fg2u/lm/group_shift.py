@@ -1,48 +1,88 @@
-"""The directions along which θ only shifts how much each group of rows (each answer) is learned.
+"""The meta gradient with the directions removed along which θ only shifts which group (which answer) is preferred.
 
-For grouped row weights (``ExampleWeights(num_groups=G)``): the gradients of the differences between the groups'
-mean losses, taken on the unroll's own rows. The trainer removes them from the meta gradient
-(``hf_fg2u.hypergrad.projection``), so a row is credited for what it teaches beyond its group's share.
+For grouped row weights (``ExampleWeights(num_groups=G)``) and meta rows that carry their group. The meta batch is
+split by group and each part differentiated once: their sum is the meta gradient, and the differences of their
+means, ∇_θ (mean meta loss of group g − that of the first group present), are the shift directions. So the
+directions cost no pass of their own (taken on the unroll's rows, they cost 1.24 plain epochs of those rows per
+outer step). ``hf_fg2u.hypergrad.projection`` removes them, so a row is credited for what it teaches beyond its
+group's share (docs/group_shift.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
+from torch.utils._pytree import tree_map
+
+from hf_fg2u.hypergrad.projection import project_out
 
 
-def group_shift_directions(
-    losses: Callable, params: dict, outer: dict, batches: Sequence, groups: Sequence[torch.Tensor], num_groups: int,
-    reduce: Callable | None = None,
-) -> list[dict]:  # fmt: skip
-    """∇_θ (mean loss of group g − mean loss of the first group present), one per further group present among
-    the rows of ``batches`` (``groups``: each batch's row groups, in [0, num_groups)); [] when fewer than two groups
-    are present. ``reduce`` (a mean over data-parallel processes, whose rows differ) is applied to the row counts
-    first, so every process decides on the same groups and runs the same collectives, and then to each direction,
-    so every process projects along the same ones."""
-    every = torch.cat([g.reshape(-1).cpu() for g in groups])
-    counts = torch.bincount(every, minlength=num_groups).to(torch.float64)  # per process; the mean over them below
-    if reduce is not None:
-        device = next(iter(params.values())).device
-        counts = reduce({"counts": counts.to(device)})["counts"].cpu()
-    present = [g for g in range(num_groups) if counts[g] > 0]
+def _rows(batch: dict, rows: torch.Tensor) -> dict:
+    """The batch restricted to ``rows`` (every tensor column is per row)."""
+    return {key: value[rows] for key, value in batch.items()}
+
+
+def group_parts(groups: torch.Tensor, num_groups: int) -> list[tuple[int, torch.Tensor]]:
+    """(group, its rows) for every group present among ``groups`` ([B], -1 = a row of no known group), in group
+    order, the rows of no group last."""
+    present = [g for g in range(num_groups) if bool((groups == g).any())]
+    parts = [(g, (groups == g).nonzero().reshape(-1)) for g in present]
+    unknown = (groups < 0).nonzero().reshape(-1)
+    return parts + ([(-1, unknown)] if unknown.numel() else [])
+
+
+def grouped_meta_gradient(losses: Callable, groups_of: Callable, num_groups: int) -> Callable:
+    """``meta_gradient(params, outer, batch) -> ((∇_θ f', ∇_φ f), f)`` for ``estimate_hypergradient``: f the mean
+    per-row loss (``losses(params, outer, batch) -> [B]``) of the meta batch, ∇_θ f' its θ-gradient less its
+    projection on the shift directions between the groups present (none when fewer than two are). ``groups_of(batch)``
+    gives each meta row's group in [0, num_groups), or -1 for a row whose group is not known (it counts in f, not
+    in the directions). Every process holds the same meta batch, so all find the same directions."""
+    gradient = torch.func.grad_and_value(lambda params, outer, part, size: losses(params, outer, part).sum() / size,
+                                         argnums=(0, 1))  # fmt: skip
+
+    def meta_gradient(params, outer, batch):
+        groups = groups_of(batch).to(torch.long).reshape(-1)
+        size = groups.numel()
+        parts = group_parts(groups.cpu(), num_groups)
+        by_group, outer_grads, value = {}, [], 0.0
+        for group, rows in parts:
+            (grad_params, grad_outer), part_value = gradient(params, outer, _rows(batch, rows.to(groups.device)), size)
+            by_group[group] = tree_map(lambda t: t.detach(), grad_params)
+            outer_grads.append(grad_outer)
+            value = value + part_value
+        total, total_outer = (tree_map(lambda *leaves: sum(leaves[1:], leaves[0]), *trees)
+                              for trees in (list(by_group.values()), outer_grads))  # fmt: skip
+        counts = {group: rows.numel() for group, rows in parts}
+        known = [group for group, _ in parts if group >= 0]
+        # ∇ mean_g = (size / n_g) · ∇(Σ_{i in g} ℓ_i / size): each part's gradient rescaled to its group's mean
+        first = by_group[known[0]] if known else None
+        directions = [
+            tree_map(lambda a, b, g=g: a * (size / counts[g]) - b * (size / counts[known[0]]), by_group[g], first)
+            for g in known[1:]
+        ]
+        return (project_out(total, directions), total_outer), value
+
+    return meta_gradient
+
+
+def check_meta_groups(meta, column: str, num_groups: int) -> None:
+    """Refuse, before training, meta rows whose groups cannot give a shift direction: no ``column``, a group
+    outside [-1, num_groups), or fewer than two groups among them."""
+    if column not in meta.column_names:
+        raise ValueError(
+            f"project_group_shift takes the answer-shift directions on the meta rows, so the meta dataset needs a "
+            f"{column!r} column: each meta row's group in [0, {num_groups}) (-1 where unknown), numbered as the train "
+            "rows' groups (hf-fg2u train --balance_column adds it). Or set project_group_shift=False."
+        )
+    groups = torch.as_tensor(meta[column], dtype=torch.long)
+    if bool(((groups < -1) | (groups >= num_groups)).any()):
+        raise ValueError(f"The meta column {column!r} holds groups outside [-1, {num_groups}): "
+                         f"{sorted(set(groups.tolist()))}.")  # fmt: skip
+    present = sorted(set(groups.tolist()) - {-1})
     if len(present) < 2:
-        return []
-    first = present[0]
-
-    def contrast(params, group: int):
-        total = 0.0
-        for batch, row_groups in zip(batches, groups, strict=True):
-            per_row = losses(params, outer, batch)
-            row_groups = row_groups.to(per_row.device)
-            signs = (row_groups == group).to(per_row.dtype) / float(counts[group])
-            signs = signs - (row_groups == first).to(per_row.dtype) / float(counts[first])
-            total = total + (signs * per_row).sum()
-        return total
-
-    directions = []
-    for group in present[1:]:
-        direction = {k: v.detach() for k, v in torch.func.grad(contrast)(params, group).items()}
-        directions.append(direction if reduce is None else reduce(direction))
-    return directions
+        raise ValueError(
+            f"The meta rows hold {len(present)} of the {num_groups} groups ({column!r}: {present}), so no "
+            "answer-shift direction can be taken on them: give the meta set rows of at least two answers, or set "
+            "project_group_shift=False."
+        )

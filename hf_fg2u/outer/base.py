@@ -58,6 +58,7 @@ class OuterModule(torch.nn.Module):
     weighs_rows = False  # whether ``row_weights`` says how much each row counts (exported as a weight column)
     per_row_coordinates = False  # whether φ has coordinates tied to single rows (``active_coordinates``)
     id_column: str | None = None  # a column numbering the train rows, added 0..n-1 when the data has none
+    meta_group_column: str | None = None  # a meta column of each meta row's group (grouped weights)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

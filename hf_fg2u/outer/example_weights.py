@@ -13,6 +13,8 @@ PARAMETRIZATIONS = ("softmax", "sigmoid")
 # What a batch of a restricted unroll carries (ExampleWeights.restrict): each row's place among the kept logits,
 # and the log of the mean share it is measured against, fixed for the outer step.
 KEPT_ROW, LOG_MEAN_SHARE = "outer_kept_row", "outer_log_mean_share"
+# The meta column of each meta row's group, for grouped weights: where the answer-shift directions are taken.
+META_GROUP = "meta_group"
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,9 @@ class ExampleWeights(OuterModule):
     dataset-wide mean also carry which answer the meta set needed more of at the current θ, and θ trained on them
     (and a fine-tune after) inherits that as a bias towards the answer (docs/value.md). For the same reason the
     trainer removes the groups' shift directions from the meta gradient (``BilevelConfig.project_group_shift``):
-    a row is then credited only for what it teaches beyond its group's share (docs/group_shift.md).
+    a row is then credited only for what it teaches beyond its group's share (docs/group_shift.md). The directions
+    are taken on the meta rows, so the meta dataset then needs a ``meta_group`` column (each meta row's group, -1
+    where unknown; ``hf-fg2u train --balance_column`` adds it).
     """
 
     config_class = ExampleWeightsConfig
@@ -85,6 +89,7 @@ class ExampleWeights(OuterModule):
         self.required_columns = (id_column,)
         self.logits = torch.nn.Parameter(torch.full((num_examples,), float(init)))
         self.num_groups = num_groups
+        self.meta_group_column = META_GROUP if num_groups > 1 else None
         # saved with the logits only when there are groups, so files from before groups existed still load
         self.register_buffer("groups", torch.zeros(num_examples, dtype=torch.long), persistent=num_groups > 1)
 

@@ -29,6 +29,7 @@ from hf_fg2u.hypergrad.inner_optimizers import make_inner_optimizer
 from hf_fg2u.lm.collator import PaddingCollator
 from hf_fg2u.lm.data_checks import ModelLimits, drop_long_train_rows, prepare_datasets
 from hf_fg2u.lm.formats import MODEL_INPUT_COLUMNS
+from hf_fg2u.lm.group_shift import check_meta_groups
 from hf_fg2u.lm.params import load_parameters, trainable_parameters, unwrap_model
 from hf_fg2u.outer import OuterModule
 from hf_fg2u.trainer.checkpointing import STATE_CONFIG_NAME, run_settings, verify_checkpoint
@@ -106,9 +107,11 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
             train_dataset, meta_dataset, eval_dataset, outer, processing_class, args,
             ModelLimits.of(model),
         )  # fmt: skip
-        self.meta_dataset = meta_dataset.select_columns(
-            [c for c in MODEL_INPUT_COLUMNS if c in meta_dataset.column_names]
-        )
+        meta_columns = [c for c in MODEL_INPUT_COLUMNS if c in meta_dataset.column_names]
+        if args.project_group_shift and outer.meta_group_column is not None:  # the shift directions' meta rows
+            check_meta_groups(meta_dataset, outer.meta_group_column, outer.num_groups)
+            meta_columns.append(outer.meta_group_column)
+        self.meta_dataset = meta_dataset.select_columns(meta_columns)
         if data_collator is None:
             data_collator = PaddingCollator.for_tokenizer(processing_class)
         super().__init__(
@@ -316,7 +319,7 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
                 active_coordinates=active if restricted is None else None,
                 direction_slice=self.processes.direction_share(method),
                 reduce_gradients=self.processes.inner_gradient_reducer(),
-                meta_gradient_transform=self._meta_gradient_transform(model, method, inner_batches),
+                meta_gradient=self._meta_gradient(model, method),
             )  # fmt: skip
         except NonFiniteHypergradientError as error:
             failure = error

@@ -8,10 +8,9 @@ from collections import deque
 import torch
 from transformers.utils import logging
 
-from hf_fg2u.hypergrad.projection import project_out
 from hf_fg2u.hypergrad.unroll import clone_tree, run_inner_loop
 from hf_fg2u.lm.collator import PaddingCollator
-from hf_fg2u.lm.group_shift import group_shift_directions
+from hf_fg2u.lm.group_shift import grouped_meta_gradient
 from hf_fg2u.lm.losses import losses_to_problem, make_lm_losses
 from hf_fg2u.lm.params import load_parameters, trainable_parameters
 
@@ -99,19 +98,11 @@ class InnerStateMixin:
             self._problems[second_order] = (*losses_to_problem(losses, self.outer.example_weights), losses)
         return self._problems[second_order]
 
-    def _meta_gradient_transform(self, model, method: str, inner_batches):
-        """With weights measured within groups (and ``project_group_shift``): remove from the meta gradient the
-        directions that only shift the groups' shares, taken on the unroll's rows; else None."""
-        groups = [self.outer.row_groups(batch) for batch in inner_batches]
-        if not self.args.project_group_shift or any(g is None for g in groups):
+    def _meta_gradient(self, model, method: str):
+        """With weights measured within groups (and ``project_group_shift``): the meta gradient less the directions
+        that only shift the groups' shares, taken on the meta rows' groups; else None (the plain gradient)."""
+        column = self.outer.meta_group_column
+        if not self.args.project_group_shift or column is None:
             return None
-        losses, outer = self._problem(model, method)[2], self.outer.outer_dict()
-        reduce = self.processes.inner_gradient_reducer()
-
-        def transform(meta_gradient, params):
-            directions = group_shift_directions(
-                losses, params, outer, inner_batches, groups, self.outer.num_groups, reduce
-            )
-            return project_out(meta_gradient, directions)
-
-        return transform
+        losses = self._problem(model, method)[2]
+        return grouped_meta_gradient(losses, lambda batch: batch[column], self.outer.num_groups)

@@ -50,19 +50,24 @@ def test_a_projected_meta_gradient_is_carried_back_exactly(quadratic, method, op
     unit = torch.randn(quadratic.A.shape[0], generator=gen, dtype=torch.float64)
     unit = unit / unit.norm()
     projector = torch.eye(unit.numel(), dtype=torch.float64) - torch.outer(unit, unit)
+    plain = torch.func.grad_and_value(quadratic.outer_loss, argnums=(0, 1))
+
+    def projected(params, outer, batch):
+        (grad_params, grad_outer), value = plain(params, outer, batch)
+        return (project_out(grad_params, [{"theta": unit}]), grad_outer), value
+
     result = estimate_hypergradient(
         quadratic.inner_loss, quadratic.outer_loss, quadratic.params, quadratic.outer, [None] * STEPS, None,
-        method=method, inner_lr=LR, meta_gradient_transform=lambda grad, params: project_out(grad, [{"theta": unit}]),
-        **options,
+        method=method, inner_lr=LR, meta_gradient=projected, **options,
     )  # fmt: skip
     exact = quadratic.unrolled_sgd_gradient(STEPS, LR, meta_map=projector)
     torch.testing.assert_close(result.grad["phi"], exact, rtol=1e-9, atol=1e-12)
     assert (result.grad["phi"] - quadratic.unrolled_sgd_gradient(STEPS, LR)).norm() > 1e-3  # the projection mattered
 
 
-def test_zeroth_order_refuses_a_meta_gradient_transform(quadratic):
+def test_zeroth_order_refuses_a_meta_gradient_of_its_own(quadratic):
     with pytest.raises(ValueError, match="fg2u_zo never forms the meta gradient"):
         estimate_hypergradient(
             quadratic.inner_loss, quadratic.outer_loss, quadratic.params, quadratic.outer, [None] * 2, None,
-            method="fg2u_zo", meta_gradient_transform=lambda grad, params: grad,
+            method="fg2u_zo", meta_gradient=torch.func.grad_and_value(quadratic.outer_loss, argnums=(0, 1)),
         )  # fmt: skip

@@ -6,7 +6,7 @@ import torch
 
 from hf_fg2u import ExampleWeights
 from hf_fg2u.cli.arguments import ScriptArguments
-from hf_fg2u.cli.registry import make_outer
+from hf_fg2u.cli.registry import make_outer, with_meta_groups
 from hf_fg2u.outer.base import OuterModule
 from tests.helpers.tiny import fact_data, trainer_for
 
@@ -197,10 +197,27 @@ def test_recipe_balance_column_groups_the_rows_by_its_values():
         make_outer(ScriptArguments(outer="weight_net", balance_column="completion"), {"train": train}, model=None)
 
 
+def test_recipe_balance_column_numbers_the_meta_rows_groups_as_the_train_rows():
+    from datasets import Dataset, DatasetDict
+
+    train = Dataset.from_dict({"completion": [" no", " yes", " no", " yes"]})
+    meta = Dataset.from_dict({"completion": [" yes", " maybe", None, " no"]})
+    args = ScriptArguments(balance_column="completion")
+    grouped = with_meta_groups(args, DatasetDict(train=train, meta=meta), project_group_shift=True)
+    assert grouped["meta"]["meta_group"] == [1, -1, -1, 0]  # a value no train row has, or none: -1
+    unprojected = with_meta_groups(args, DatasetDict(train=train, meta=meta), project_group_shift=False)
+    assert "meta_group" not in unprojected["meta"].column_names
+    with pytest.raises(ValueError, match="'completion' is not a column of the meta data"):
+        with_meta_groups(args, DatasetDict(train=train, meta=Dataset.from_dict({"text": ["a"]})), True)
+
+
 def test_grouped_weights_project_the_group_shift_out_of_the_meta_gradient(tmp_path):
     """The trainer wires the projection in only for grouped weights: one step from the same seed moves the logits
-    differently with and without it, ungrouped weights get no transform, and fg2u_zo (no meta gradient) is refused."""
-    data = fact_data(num_facts=8, copies=2)[1]
+    differently with and without it, ungrouped weights get the plain meta gradient, meta rows without their groups
+    and fg2u_zo (no meta gradient) are refused."""
+    plain_data = fact_data(num_facts=8, copies=2)[1]
+    meta = plain_data["meta"]
+    data = {**plain_data, "meta": meta.add_column("meta_group", [i % 2 for i in range(len(meta))])}
     common = dict(num_directions=2, per_device_train_batch_size=4, meta_batch_size=4, method="rgu", optim="sgd",
                   learning_rate=0.5, max_steps=1)  # fmt: skip
 
@@ -216,6 +233,8 @@ def test_grouped_weights_project_the_group_shift_out_of_the_meta_gradient(tmp_pa
         logits[project] = trainer.outer.logits.detach()
     assert (logits[True] - logits[False]).abs().max() > 1e-4
     plain = trainer_for(tmp_path / "plain", ExampleWeights(16), data, **common)
-    assert plain._meta_gradient_transform(plain.model, "rgu", [{"example_id": torch.arange(4)}]) is None
+    assert plain._meta_gradient(plain.model, "rgu") is None
+    with pytest.raises(ValueError, match="needs a 'meta_group' column"):
+        trainer_for(tmp_path / "no_meta_groups", two_groups(), plain_data, **common)
     with pytest.raises(ValueError, match="fg2u_zo never forms the meta gradient"):
         trainer_for(tmp_path / "zo", two_groups(), data, **{**common, "method": "fg2u_zo"})
