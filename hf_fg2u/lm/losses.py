@@ -4,6 +4,7 @@ takes."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -27,23 +28,56 @@ def token_labels(batch: dict) -> torch.Tensor:
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy at every position [B, L-1] (0 where unlabelled) and the mask of labelled positions
-    [B, L-1], from logits [B, L, V] and labels [B, L].
+    [B, L-1], from logits [B, L, V] and labels [B, L] (see :func:`aligned_token_losses`)."""
+    return aligned_token_losses(logits[:, :-1], labels[:, 1:])
 
-    Positions labelled -100 are excluded by an explicit mask (``ignore_index`` misbehaves under vmap), and
+
+def aligned_token_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of each ``targets`` token [B, K] under the logits that predict it [B, K, V] (0 where the target
+    is -100), and the mask of labelled targets.
+
+    Targets labelled -100 are excluded by an explicit mask (``ignore_index`` misbehaves under vmap), and
     ``torch.where`` keeps NaN in a padded position's logits from reaching the loss.
     """
-    logits, labels = logits[:, :-1], labels[:, 1:]
-    mask = labels != -100
-    safe_labels = torch.where(mask, labels, torch.zeros_like(labels))
+    mask = targets != -100
+    safe_targets = torch.where(mask, targets, torch.zeros_like(targets))
     log_probs = torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
-    token_nll = -log_probs.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    token_nll = -log_probs.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
     return torch.where(mask, token_nll, torch.zeros_like(token_nll)), mask
 
 
-def per_example_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def predicting_positions(labels: torch.Tensor) -> torch.Tensor | None:
+    """The positions [K] whose logits predict a labelled token in some row (labels[:, t + 1] != -100), or None when
+    that is every position. A loss reads the logits there only; where answers are short beside their prompts,
+    projecting the other positions on the vocabulary (a fifth of SmolLM2-135M's forward pass) is wasted."""
+    positions = (labels[:, 1:] != -100).any(0).nonzero().reshape(-1)
+    return None if positions.numel() == labels.shape[1] - 1 else positions
+
+
+def takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs do; a peft wrapper passes it
+    on to the model it wraps)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def causal_lm_outputs(call: Callable, inputs: dict, labels: torch.Tensor, keep: bool) -> tuple:
+    """(``call(**inputs)``, the positions its logits are at or None for all): the logits only at the positions that
+    predict a labelled token when ``keep`` (the model takes ``logits_to_keep``)."""
+    positions = predicting_positions(labels) if keep else None
+    extra = {} if positions is None else {"logits_to_keep": positions}
+    return call(**inputs, **extra), positions
+
+
+def per_example_token_loss(
+    logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean next-token cross-entropy per example [B], from logits [B, L, V] and labels [B, L] (see
-    :func:`token_losses`)."""
-    token_nll, mask = token_losses(logits, labels)
+    :func:`token_losses`); with ``positions`` [K], logits [B, K, V] at those positions only."""
+    if positions is None:
+        token_nll, mask = token_losses(logits, labels)
+    else:
+        token_nll, mask = aligned_token_losses(logits, labels[:, positions + 1])
     return token_nll.sum(-1) / mask.sum(-1).clamp_min(1)
 
 
@@ -56,30 +90,37 @@ def input_embedding_name(model: torch.nn.Module) -> str:
 
 
 def per_example_lm_loss(
-    model: torch.nn.Module, params: dict[str, torch.Tensor], batch: dict, prefix: torch.Tensor | None = None
+    model: torch.nn.Module,
+    params: dict[str, torch.Tensor],
+    batch: dict,
+    prefix: torch.Tensor | None = None,
+    keep_logits: bool = False,
 ) -> torch.Tensor:
     """Per-example loss [B] of ``model`` with parameters ``params`` substituted.
 
     ``prefix`` [P, H] (a soft prompt) is prepended to every example's input embeddings; the attention mask
-    grows by P ones and the labels by P ignored positions.
+    grows by P ones and the labels by P ignored positions. ``keep_logits``: the model takes ``logits_to_keep``, and
+    only the logits that predict a labelled token are computed.
     """
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     labels = token_labels(batch)
-    if prefix is None:
-        logits = functional_forward(model, params, **inputs).logits
-        return per_example_token_loss(logits, labels)
-    input_ids = inputs.pop("input_ids")
-    name = input_embedding_name(model)
-    weight = params.get(name, dict(model.named_parameters())[name])
-    embeds = torch.nn.functional.embedding(input_ids, weight)
-    size = input_ids.shape[0]
-    embeds = torch.cat([prefix.to(embeds.dtype).unsqueeze(0).expand(size, -1, -1), embeds], dim=1)
-    ones = torch.ones(size, prefix.shape[0], dtype=torch.long, device=input_ids.device)
-    mask = inputs.get("attention_mask", torch.ones_like(input_ids))
-    inputs["attention_mask"] = torch.cat([ones, mask], dim=1)
-    labels = torch.cat([torch.full_like(ones, -100), labels], dim=1)
-    logits = functional_forward(model, params, inputs_embeds=embeds, **inputs).logits
-    return per_example_token_loss(logits, labels)
+
+    def call(**kwargs):
+        return functional_forward(model, params, **kwargs)
+
+    if prefix is not None:
+        input_ids = inputs.pop("input_ids")
+        name = input_embedding_name(model)
+        weight = params.get(name, dict(model.named_parameters())[name])
+        embeds = torch.nn.functional.embedding(input_ids, weight)
+        size = input_ids.shape[0]
+        inputs["inputs_embeds"] = torch.cat([prefix.to(embeds.dtype).unsqueeze(0).expand(size, -1, -1), embeds], 1)
+        ones = torch.ones(size, prefix.shape[0], dtype=torch.long, device=input_ids.device)
+        mask = inputs.get("attention_mask", torch.ones_like(input_ids))
+        inputs["attention_mask"] = torch.cat([ones, mask], dim=1)
+        labels = torch.cat([torch.full_like(ones, -100), labels], dim=1)
+    outputs, positions = causal_lm_outputs(call, inputs, labels, keep_logits)
+    return per_example_token_loss(outputs.logits, labels, positions)
 
 
 def make_lm_losses(model: torch.nn.Module, prefix: PrefixFn | None = None, second_order: bool = True) -> Callable:
@@ -88,10 +129,11 @@ def make_lm_losses(model: torch.nn.Module, prefix: PrefixFn | None = None, secon
     differentiates through inner gradients."""
     model = unwrap_model(model)
     attention_context = preflight(model, second_order)
+    keep_logits = takes_logits_to_keep(model)
 
     def losses(params, outer, batch):
         with attention_context():
-            return per_example_lm_loss(model, params, batch, None if prefix is None else prefix(outer))
+            return per_example_lm_loss(model, params, batch, None if prefix is None else prefix(outer), keep_logits)
 
     return losses
 

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 from hf_fg2u.lm.collator import PaddingCollator
 from hf_fg2u.lm.data_checks import check_model_columns
 from hf_fg2u.lm.formats import prepare_split
-from hf_fg2u.lm.losses import per_example_token_loss, token_labels
+from hf_fg2u.lm.losses import causal_lm_outputs, per_example_token_loss, takes_logits_to_keep, token_labels
 from hf_fg2u.trainer.model_setup import wrap_with_peft
 
 WEIGHT_HINT = (
@@ -60,6 +60,7 @@ class WeightedLossTrainer(Trainer):
         )  # fmt: skip
         # compute_loss returns a per-batch mean, so the Trainer must divide it by the accumulation steps itself.
         self.model_accepts_loss_kwargs = False
+        self._keep_logits = takes_logits_to_keep(self.model)  # only the logits that predict an answer token
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
 
@@ -79,8 +80,10 @@ class WeightedLossTrainer(Trainer):
         self._set_signature_columns_if_needed()
         labels = token_labels(inputs)
         accepted = set(self._signature_columns) - {"labels", "label", "label_ids", self.weight_column}
-        outputs = model(**{key: value for key, value in inputs.items() if key in accepted})
-        losses = per_example_token_loss(outputs.logits, labels)
+        outputs, positions = causal_lm_outputs(
+            model, {key: value for key, value in inputs.items() if key in accepted}, labels, self._keep_logits
+        )
+        losses = per_example_token_loss(outputs.logits, labels, positions)
         if weights is None:
             loss = losses.mean()
         else:

@@ -5,7 +5,13 @@ import torch
 import torch.distributed as dist
 
 from hf_fg2u.hypergrad import estimate_hypergradient
-from hf_fg2u.lm.losses import make_lm_problem, per_example_token_loss
+from hf_fg2u.lm.losses import (
+    make_lm_problem,
+    per_example_lm_loss,
+    per_example_token_loss,
+    predicting_positions,
+    takes_logits_to_keep,
+)
 from hf_fg2u.lm.params import functional_forward, preflight, trainable_parameters, unwrap_model
 from tests.helpers.tiny import random_lm_batches, tiny_lm
 
@@ -100,3 +106,38 @@ def test_fsdp_is_refused_with_the_alternatives(process_group):
         pytest.skip(f"FSDP cannot wrap a CPU module in this torch build: {error}")
     with pytest.raises(ValueError, match="FSDP"):
         unwrap_model(wrapped)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_logits_only_where_a_label_is_predicted_give_the_same_losses_and_gradients(arch):
+    """Answer-only labels that end at different positions per row: the loss from the logits at the predicting
+    positions only (logits_to_keep) equals the full one, value and θ-gradient, with and without a soft prompt; the
+    model is really asked for fewer logits."""
+    model = tiny_lm(arch, dtype=torch.float64)
+    params = trainable_parameters(model)
+    (batch,), _ = random_lm_batches(1, batch_size=3, length=10)
+    labels = batch["input_ids"].clone().fill_(-100)
+    for row, (start, end) in enumerate([(4, 6), (7, 8), (2, 10)]):
+        labels[row, start:end] = batch["input_ids"][row, start:end]
+    batch = {**batch, "labels": labels}
+    assert takes_logits_to_keep(model)
+    positions = predicting_positions(labels)
+    assert positions.tolist() == [1, 2, 3, 4, 5, 6, 7, 8]  # position 0 predicts nothing labelled
+    hidden = model.get_input_embeddings().weight.shape[1]
+    prefix = torch.randn(2, hidden, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for soft_prompt in (None, prefix):
+        found = {}
+        for keep in (False, True):
+            grads, value = torch.func.grad_and_value(
+                lambda p, keep=keep, s=soft_prompt: per_example_lm_loss(model, p, batch, s, keep_logits=keep).sum()
+            )(params)
+            found[keep] = (value, grads)
+        torch.testing.assert_close(found[True][0], found[False][0], rtol=1e-12, atol=1e-12)
+        for name in params:
+            torch.testing.assert_close(found[True][1][name], found[False][1][name], rtol=1e-10, atol=1e-12)
+    shapes = []
+    model.register_forward_hook(lambda module, args, output: shapes.append(tuple(output.logits.shape)))
+    per_example_lm_loss(model, params, batch, keep_logits=True)
+    assert shapes[-1][1] == 8  # of 10 positions
+    every = torch.full_like(labels, 5)
+    assert predicting_positions(every) is None  # every position predicts a label: the plain call

@@ -63,6 +63,7 @@ def test_zero_weights_on_corrupted_rows_equal_training_on_the_clean_rows(tmp_pat
     # remove_unused_columns keeps the weight column and drops the others the model does not take.
     assert set(next(iter(trainer.get_train_dataloader()))) == {"input_ids", "attention_mask", "labels", "weight"}
 
+    assert trainer._keep_logits  # the loss reads only the logits that predict a label; the reference below all
     loss, grads = loss_and_grads(trainer, rows)
     clean_loss, clean_grads = loss_and_grads(trainer, [{**row, "weight": 1.0} for row in clean_rows])
     with torch.no_grad():  # the reference: the plain mean of per-example losses over the clean rows
