@@ -342,7 +342,8 @@ def verdict(gaps: dict) -> str:
     default = [name for name in gaps if re.fullmatch(r"learned_online_epoch\d+", name)][-1:]
     if not default or gaps[default[0]] is None:
         return "The recipe's default mode was not run."
-    others = {told: max(((gaps[n], n) for n in gaps if n not in (default[0], "oracle_clean_only", "uniform")
+    others = {told: max(((gaps[n], n) for n in gaps if n not in ("oracle_clean_only", "uniform")
+                         and not n.startswith("learned_online_epoch")  # the default itself, at another epoch
                          and TOLD.get(n, "nothing") == told and gaps[n] is not None), default=None)
               for told in ("nothing", "how many")}  # fmt: skip
     parts = [f"`{n}` {g:.0%}" + (" (told how many rows are wrong)" if told == "how many" else "")

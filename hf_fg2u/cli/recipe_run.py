@@ -48,7 +48,8 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
     for name in ("bilevel", "uniform") if script_args.compare_uniform else ("bilevel",):
         args = training_args
         if name == "uniform":  # the same budget with φ frozen: what plain fine-tuning would give
-            frozen = {"learning_rate": 0.0, "method": "hessian_free", "phase1_method": None, "phase1_steps": 0}
+            frozen = {"learning_rate": 0.0, "method": "hessian_free", "phase1_method": None, "phase1_steps": 0,
+                      "project_group_shift": False}  # fmt: skip
             args = clone_config(training_args, output_dir=str(output_dir / "uniform"), push_to_hub=False, **frozen)
         trainer = build_trainer(script_args, args, model_args, raw)
         if script_args.time_budget_s is not None:

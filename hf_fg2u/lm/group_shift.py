@@ -26,6 +26,8 @@ def _rows(batch: dict, rows: torch.Tensor) -> dict:
 def group_parts(groups: torch.Tensor, num_groups: int) -> list[tuple[int, torch.Tensor]]:
     """(group, its rows) for every group present among ``groups`` ([B], -1 = a row of no known group), in group
     order, the rows of no group last."""
+    if bool(((groups < -1) | (groups >= num_groups)).any()):
+        raise ValueError(f"Meta rows' groups must lie in [-1, {num_groups}): got {sorted(set(groups.tolist()))}.")
     present = [g for g in range(num_groups) if bool((groups == g).any())]
     parts = [(g, (groups == g).nonzero().reshape(-1)) for g in present]
     unknown = (groups < 0).nonzero().reshape(-1)
@@ -48,7 +50,10 @@ def grouped_meta_gradient(losses: Callable, groups_of: Callable, num_groups: int
         by_group, outer_grads, value = {}, [], 0.0
         for group, rows in parts:
             (grad_params, grad_outer), part_value = gradient(params, outer, _rows(batch, rows.to(groups.device)), size)
-            by_group[group] = tree_map(lambda t: t.detach(), grad_params)
+            # in float32 at least: with the shift dominating, what is left after the projection is a small
+            # remainder of large parts, below bf16's resolution
+            by_group[group] = tree_map(lambda t: t.detach().to(torch.promote_types(t.dtype, torch.float32)),
+                                       grad_params)  # fmt: skip
             outer_grads.append(grad_outer)
             value = value + part_value
         total, total_outer = (tree_map(lambda *leaves: sum(leaves[1:], leaves[0]), *trees)
@@ -61,21 +66,27 @@ def grouped_meta_gradient(losses: Callable, groups_of: Callable, num_groups: int
             tree_map(lambda a, b, g=g: a * (size / counts[g]) - b * (size / counts[known[0]]), by_group[g], first)
             for g in known[1:]
         ]
-        return (project_out(total, directions), total_outer), value
+        dtypes = tree_map(lambda t: t.dtype, params)
+        projected = tree_map(lambda t, dtype: t.to(dtype), project_out(total, directions), dtypes)
+        return (projected, total_outer), value
 
     return meta_gradient
 
 
-def check_meta_groups(meta, column: str, num_groups: int) -> None:
-    """Refuse, before training, meta rows whose groups cannot give a shift direction: no ``column``, a group
-    outside [-1, num_groups), or fewer than two groups among them."""
+def check_meta_groups(meta, column: str, num_groups: int, meta_batch_size: int = 2) -> list[int]:
+    """Each meta row's group; refused, before training, where they cannot give a shift direction: no ``column``, a
+    group outside [-1, num_groups), fewer than two groups among them, or meta batches of one row."""
     if column not in meta.column_names:
         raise ValueError(
             f"project_group_shift takes the answer-shift directions on the meta rows, so the meta dataset needs a "
             f"{column!r} column: each meta row's group in [0, {num_groups}) (-1 where unknown), numbered as the train "
             "rows' groups (hf-fg2u train --balance_column adds it). Or set project_group_shift=False."
         )
-    groups = torch.as_tensor(meta[column], dtype=torch.long)
+    values = meta[column]
+    if not all(isinstance(value, int) and not isinstance(value, bool) for value in values):
+        raise ValueError(f"The meta column {column!r} must hold integers (a group, or -1), got "
+                         f"{sorted({type(value).__name__ for value in values})}.")  # fmt: skip
+    groups = torch.as_tensor(values, dtype=torch.long)
     if bool(((groups < -1) | (groups >= num_groups)).any()):
         raise ValueError(f"The meta column {column!r} holds groups outside [-1, {num_groups}): "
                          f"{sorted(set(groups.tolist()))}.")  # fmt: skip
@@ -86,3 +97,27 @@ def check_meta_groups(meta, column: str, num_groups: int) -> None:
             "answer-shift direction can be taken on them: give the meta set rows of at least two answers, or set "
             "project_group_shift=False."
         )
+    if meta_batch_size < 2:
+        raise ValueError(f"project_group_shift takes the shift directions on each meta batch, which then needs rows "
+                         f"of two groups: meta_batch_size={meta_batch_size} is too small.")  # fmt: skip
+    return groups.tolist()
+
+
+def with_two_groups(rows: list[int], order: list[int], groups: list[int]) -> list[int]:
+    """A meta batch's rows (the first of a seeded ``order`` of the meta rows) that hold at least two known groups:
+    where the draw holds fewer, its last replaceable rows (of no group, or of a group held twice) give way to the
+    next rows of ``order`` of a group it lacks. A batch of one group gives no shift direction, and its step would
+    credit the shift in full. Unchanged where the draw already holds two (``check_meta_groups`` made sure the meta
+    rows hold two, and the trainer that ``len(rows) >= 2``)."""
+    rows = list(rows)
+    known = {groups[i] for i in rows} - {-1}
+    for candidate in order[len(rows) :]:
+        if len(known) >= 2:
+            break
+        if groups[candidate] == -1 or groups[candidate] in known:
+            continue
+        counts = {g: sum(groups[i] == g for i in rows) for g in known}
+        slot = max(k for k, i in enumerate(rows) if groups[i] == -1 or counts[groups[i]] > 1)
+        rows[slot] = candidate
+        known.add(groups[candidate])
+    return rows

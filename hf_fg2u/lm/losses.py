@@ -77,6 +77,12 @@ def per_example_token_loss(
     if positions is None:
         token_nll, mask = token_losses(logits, labels)
     else:
+        if logits.shape[1] != positions.numel():
+            raise ValueError(
+                f"The model returned logits at {logits.shape[1]} positions when asked for {positions.numel()} "
+                "(logits_to_keep as a tensor of positions): its forward takes only a count. Load it with a "
+                "transformers class whose forward slices by positions."
+            )
         token_nll, mask = aligned_token_losses(logits, labels[:, positions + 1])
     return token_nll.sum(-1) / mask.sum(-1).clamp_min(1)
 

@@ -54,7 +54,7 @@ class OuterModule(torch.nn.Module):
     required_columns: tuple[str, ...] = ()
     # Capabilities, declared by each subclass (the trainer reads these, never compares methods with this class):
     reads_losses = True  # whether the weights read the rows' losses (a weighting network); else ids or domains
-    num_groups = 1  # groups the weights are measured within (row_groups); >1 for grouped ExampleWeights
+    num_groups = 1  # groups the weights are measured within; >1 for grouped ExampleWeights
     weighs_rows = False  # whether ``row_weights`` says how much each row counts (exported as a weight column)
     per_row_coordinates = False  # whether φ has coordinates tied to single rows (``active_coordinates``)
     id_column: str | None = None  # a column numbering the train rows, added 0..n-1 when the data has none
@@ -88,10 +88,6 @@ class OuterModule(torch.nn.Module):
 
     def row_weights(self, outer: dict, batch: dict, losses: torch.Tensor) -> torch.Tensor | None:
         """Unnormalised weights [B] comparable across batches (for exporting a dataset's weights), or None."""
-        return None
-
-    def row_groups(self, batch: dict) -> torch.Tensor | None:
-        """The group [B] of each row when the weights are measured within groups (one per answer), else None."""
         return None
 
     def prefix(self, outer: dict) -> torch.Tensor | None:

@@ -138,9 +138,6 @@ class ExampleWeights(OuterModule):
     def row_weights(self, outer, batch, losses):
         return torch.exp(self.log_weights(outer["logits"]))[batch[self.id_column]]
 
-    def row_groups(self, batch):
-        return self.groups[batch[self.id_column]] if self.num_groups > 1 else None
-
     def regularizer(self, outer, kind):
         """KL of the dataset-wide weights from uniform, or ½‖z‖² on the logits themselves."""
         logits = outer["logits"]

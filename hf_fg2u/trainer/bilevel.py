@@ -108,9 +108,11 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
             ModelLimits.of(model),
         )  # fmt: skip
         meta_columns = [c for c in MODEL_INPUT_COLUMNS if c in meta_dataset.column_names]
-        if args.project_group_shift and outer.meta_group_column is not None:  # the shift directions' meta rows
-            check_meta_groups(meta_dataset, outer.meta_group_column, outer.num_groups)
-            meta_columns.append(outer.meta_group_column)
+        self._meta_groups = None  # each meta row's group, where the shift directions are taken on them
+        if args.project_group_shift and outer.meta_group_column is not None:
+            column = outer.meta_group_column
+            self._meta_groups = check_meta_groups(meta_dataset, column, outer.num_groups, args.meta_batch_size)
+            meta_columns.append(column)
         self.meta_dataset = meta_dataset.select_columns(meta_columns)
         if data_collator is None:
             data_collator = PaddingCollator.for_tokenizer(processing_class)

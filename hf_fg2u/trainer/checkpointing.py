@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers.trainer_utils import rotate_checkpoints
 
 from hf_fg2u.lm.params import unwrap_model
+from hf_fg2u.outer.example_weights import META_GROUP
 
 STATE_NAME = "bilevel_state.safetensors"
 STATE_CONFIG_NAME = "bilevel_state.json"
@@ -72,9 +73,11 @@ def warn_changed_settings(directory: Path, mine: dict) -> None:
 
 def data_fingerprint(dataset) -> str:
     """Rows, columns and a hash of the token ids of up to 64 rows spread over ``dataset``: changes when the
-    data change between save and resume, cheap for any size."""
+    data change between save and resume, cheap for any size. The meta rows' groups (``meta_group``, there only
+    while ``project_group_shift`` is on, a setting a resume may change) are not part of it."""
     rows = sorted({round(i * (len(dataset) - 1) / 63) for i in range(64)}) if len(dataset) else []
-    digest = hashlib.sha256(json.dumps([len(dataset), sorted(dataset.column_names)]).encode())
+    columns = sorted(set(dataset.column_names) - {META_GROUP})
+    digest = hashlib.sha256(json.dumps([len(dataset), columns]).encode())
     for row in dataset.with_format(None).select(rows)["input_ids"]:
         digest.update(json.dumps(list(row)).encode())
     return f"{len(dataset)} rows, sha256 {digest.hexdigest()[:16]}"

@@ -80,8 +80,10 @@ class WeightedLossTrainer(Trainer):
         self._set_signature_columns_if_needed()
         labels = token_labels(inputs)
         accepted = set(self._signature_columns) - {"labels", "label", "label_ids", self.weight_column}
+        # nn.DataParallel (several GPUs without torchrun) would split the positions between its replicas
+        keep = self._keep_logits and not isinstance(model, torch.nn.DataParallel)
         outputs, positions = causal_lm_outputs(
-            model, {key: value for key, value in inputs.items() if key in accepted}, labels, self._keep_logits
+            model, {key: value for key, value in inputs.items() if key in accepted}, labels, keep
         )
         losses = per_example_token_loss(outputs.logits, labels, positions)
         if weights is None:

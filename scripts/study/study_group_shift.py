@@ -8,8 +8,9 @@ each variant and reports how well each separates the wrong rows (AUROC, within e
 
 - raw: ⟨v, g_i⟩, v the gradient of the whole meta set's mean loss;
 - centered: ⟨v, g_i − mean g of the row's answer⟩ (a per-answer mean subtracted: not enough);
-- projected: ⟨P v, g_i⟩, P removing the difference of the answers' mean train gradients (what the trainer does
-  with ``project_group_shift``, there on each unroll's rows; here on all rows, and on 16 rows as an unroll has);
+- projected: ⟨P v, g_i⟩, P removing the difference of the answers' mean gradients: over the train rows (all, or 16
+  as an unroll has), or over the meta rows (all, or 16 as a meta batch has: what the trainer does with
+  ``project_group_shift``);
 - small loss: −ℓ_i at the same θ (the simpler rule the weights could reduce to).
 """
 
@@ -67,12 +68,18 @@ def main() -> None:
     shift = G[first].mean(0) - G[~first].mean(0)
     few = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:16]
     few_shift = G[few][first[few]].mean(0) - G[few][~first[few]].mean(0)
+    meta_first = torch.tensor([r["completion"] == train[0]["completion"] for r in meta])
+    meta_shift = M[meta_first].mean(0) - M[~meta_first].mean(0)
+    batch = torch.randperm(len(meta), generator=torch.Generator().manual_seed(0))[:16]
+    batch_shift = M[batch][meta_first[batch]].mean(0) - M[batch][~meta_first[batch]].mean(0)
     own_mean = torch.where(first[:, None], G[first].mean(0), G[~first].mean(0))
     scores = {
         "raw ⟨v, g_i⟩": G @ v,
         "centered within the answer": (G - own_mean) @ v,
         "projected (all rows' answer shift)": G @ project(v, shift),
         "projected (16 rows' answer shift, as one unroll)": G @ project(v, few_shift),
+        "projected (the meta rows' answer shift)": G @ project(v, meta_shift),
+        "projected (16 meta rows' answer shift, as one meta batch: the trainer's)": G @ project(v, batch_shift),
         "small loss −ℓ_i": -losses,
     }
     answers = (

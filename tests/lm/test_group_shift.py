@@ -6,7 +6,7 @@ import torch
 from datasets import Dataset
 
 from hf_fg2u.hypergrad.projection import project_out
-from hf_fg2u.lm.group_shift import check_meta_groups, grouped_meta_gradient
+from hf_fg2u.lm.group_shift import check_meta_groups, group_parts, grouped_meta_gradient, with_two_groups
 from hf_fg2u.lm.losses import make_lm_losses
 from hf_fg2u.lm.params import trainable_parameters
 from tests.helpers.tiny import random_lm_batches, tiny_lm
@@ -63,3 +63,40 @@ def test_meta_groups_are_checked_before_training():
     with pytest.raises(ValueError, match="hold 1 of the 2 groups"):
         check_meta_groups(Dataset.from_dict({"meta_group": [1, 1, -1]}), "meta_group", 2)
     check_meta_groups(Dataset.from_dict({"meta_group": [1, 0, -1]}), "meta_group", 2)
+
+
+def test_a_meta_batch_of_one_group_takes_rows_of_another():
+    groups = [0, 0, 0, -1, 0, 1, 1, -1]
+    order = [0, 1, 3, 2, 4, 7, 5, 6]  # the seeded permutation; the first 3 are the draw
+    assert with_two_groups(order[:3], order, groups) == [0, 1, 5]  # the row of no group gives way first
+    assert with_two_groups([0, 1], [0, 1, 2, 5], groups) == [0, 5]  # a row of a group held twice
+    assert with_two_groups([3, 7], [3, 7, 5, 0], groups) == [0, 5]  # no known group: two rows give way
+    assert with_two_groups([0, 5, 1], order, groups) == [0, 5, 1]  # two groups already: the draw as it was
+
+
+def test_meta_groups_outside_the_range_or_not_integers_are_refused():
+    with pytest.raises(ValueError, match=r"must lie in \[-1, 2\)"):
+        group_parts(torch.tensor([0, 1, 2]), 2)
+    with pytest.raises(ValueError, match="must hold integers"):
+        check_meta_groups(Dataset.from_dict({"meta_group": [0.0, 1.0]}), "meta_group", 2)
+    with pytest.raises(ValueError, match="meta_batch_size=1 is too small"):
+        check_meta_groups(Dataset.from_dict({"meta_group": [0, 1]}), "meta_group", 2, meta_batch_size=1)
+    assert check_meta_groups(Dataset.from_dict({"meta_group": [0, 1, -1]}), "meta_group", 2) == [0, 1, -1]
+
+
+def test_bf16_parameters_get_a_bf16_projected_gradient_computed_in_float32():
+    """The shift dominates (the groups' targets are ±10): what is left after the projection is a small remainder
+    of large parts. Summed and projected in float32 and cast back once, the bf16 result is the float32 one rounded."""
+    gen = torch.Generator().manual_seed(0)
+    batch = {"x": torch.randn(6, 16, generator=gen), "meta_group": torch.tensor([0, 1, 1, 0, 1, 0])}
+    batch["y"] = torch.where(batch["meta_group"] == 0, 10.0, -10.0) + 0.1 * torch.randn(6, generator=gen)
+
+    def losses(params, outer, b):
+        return (b["x"] @ params["w"].float() - b["y"]) ** 2
+
+    meta_gradient = grouped_meta_gradient(losses, lambda b: b["meta_group"], 2)
+    w = 0.1 * torch.randn(16, generator=gen)
+    (grad32, _), _ = meta_gradient({"w": w}, {}, batch)
+    (grad16, _), _ = meta_gradient({"w": w.to(torch.bfloat16)}, {}, batch)
+    assert grad16["w"].dtype == torch.bfloat16
+    torch.testing.assert_close(grad16["w"].float(), grad32["w"], rtol=2e-2, atol=2e-2 * float(grad32["w"].abs().max()))

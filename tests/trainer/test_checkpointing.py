@@ -107,3 +107,15 @@ def test_outer_snapshot_reuses_its_buffers_and_holds_the_state_before_the_update
     second = trainer._snapshot_outer()
     assert all(a is b for a, b in zip(trainer._outer_buffers, buffers, strict=True) if torch.is_tensor(a))
     torch.testing.assert_close(second[1]["state"][0]["exp_avg"], expected + 1.0, rtol=0, atol=0)
+
+
+def test_the_meta_rows_groups_are_not_part_of_the_data_fingerprint():
+    """meta_group is there only while project_group_shift is on, a setting a resume may change; the rows are the
+    same rows."""
+    from datasets import Dataset
+
+    from hf_fg2u.trainer.checkpointing import data_fingerprint
+
+    meta = Dataset.from_dict({"input_ids": [[1, 2], [3, 4, 5]], "attention_mask": [[1, 1], [1, 1, 1]]})
+    assert data_fingerprint(meta.add_column("meta_group", [0, 1])) == data_fingerprint(meta)
+    assert data_fingerprint(meta.select([1, 0])) != data_fingerprint(meta)
