@@ -30,8 +30,10 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -241,7 +243,71 @@ def finetune(args, data: Path, work: Path, chosen: dict, name: str, adapter_seed
     done = out / "finetune_results.json"
     threads = None if args.jobs == 1 else max(1, (os.cpu_count() or 1) // args.jobs)
     seconds = resumed(out.with_suffix(".seconds")) if done.is_file() else timed_once(command, out, threads)
-    return seconds, json.loads(done.read_text())
+    found = json.loads(done.read_text())
+    print(f"{data.parent.name} {name} adapter {adapter_seed}: accuracy {found['test_accuracy']:.3f} "
+          f"(best epoch {found.get('best_epoch')}, {seconds:.0f} s)", flush=True)  # fmt: skip
+    return seconds, found
+
+
+# Scorings run in this process one at a time: two transformers model loads in threads of one process
+# corrupted each other's models (every score equal, AUROC 0.5), while fine-tunes run in processes of their own.
+IN_PROCESS = threading.Lock()
+# The scoring tasks and the weight files each writes in the work folder.
+SCORE_FILES = {"score heuristics": ["loss_filter", "less"], "score online_loss_filter": ["online_loss_filter"],
+               "score uniform_model_filter": ["uniform_model_filter"],
+               "score meta_model_filter": ["meta_model_filter"]}  # fmt: skip
+
+
+def scoring_tasks(args, data: Path, runs: Path, work: Path, sources: set[str]) -> tuple[list, list]:
+    """The tasks that write the weight files the chosen selections read (``sources``: their file stems), as
+    (key, function, the keys of the tasks it waits for): (those that wait for no fine-tune, those that do).
+    The adapters whose losses score the model filters: the recipe run's own, and the first adapter seed's of the
+    uniform and meta_only selections."""
+    first = args.adapter_seeds[0]
+
+    def heuristics():
+        cached = work / "heuristics.json"
+        if not cached.is_file():
+            with IN_PROCESS:
+                cached.write_text(json.dumps(heuristic_weights(args.model, data, work)))
+        return json.loads(cached.read_text())
+
+    def scored(name, adapter):
+        def score():
+            with IN_PROCESS:
+                return adapter_loss_filter(args.model, adapter, data, work, name)
+
+        return score
+
+    adapters = {"online_loss_filter": (runs / "online", []),
+                "uniform_model_filter": (work / "finetune" / f"uniform_a{first}", [("uniform", first)]),
+                "meta_model_filter": (work / "finetune" / f"meta_only_a{first}", [("meta_only", first)])}  # fmt: skip
+    first_tasks = [("score heuristics", heuristics, [])] if {"loss_filter", "less"} & sources else []
+    later_tasks = []
+    for name, (adapter, waits_for) in adapters.items():
+        if name in sources:
+            (later_tasks if waits_for else first_tasks).append((f"score {name}", scored(name, adapter), waits_for))
+    return first_tasks, later_tasks
+
+
+def run_tasks(tasks: list, jobs: int) -> dict:
+    """Run (key, function, keys it waits for) tasks on ``jobs`` threads in list order, each after the tasks it
+    waits for (which must come earlier in the list, so no lane waits on a task that has not started); their results
+    by key. A failure is raised here."""
+    futures = {}
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for key, function, waits_for in tasks:
+            missing = [k for k in waits_for if k not in futures]
+            if missing:
+                raise ValueError(f"{key} waits for {missing}, which no earlier task produces (add it to --selections).")
+            futures[key] = pool.submit(_after, [futures[k] for k in waits_for], function)
+    return {key: future.result() for key, future in futures.items()}
+
+
+def _after(earlier: list, function):
+    for future in earlier:
+        future.result()  # raises the earlier task's failure
+    return function()
 
 
 def one_data_seed(args, seed: int) -> dict:
@@ -265,38 +331,35 @@ def one_data_seed(args, seed: int) -> dict:
         result["bilevel"][mode] = {"seconds": seconds, "epochs": epochs}
         print(f"seed {seed} {mode}: {seconds:.0f} s, AUROC by epoch {[round(e['auroc_corrupted'], 3) for e in epochs]}",
               flush=True)  # fmt: skip
-    cached, result["heuristics"] = work / "heuristics.json", {}
-    if {"loss_filter", "less"} & set(args.selections):
-        if not cached.is_file():
-            cached.write_text(json.dumps(heuristic_weights(args.model, data, work)))
-        result["heuristics"] = json.loads(cached.read_text())
     every = selections(data, runs, work)
     last_online = [name for name in every if name.startswith("learned_online_epoch")][-1:]
     chosen = {name: value for name, value in every.items() if name in args.selections
               or (name.startswith("learned_online_epoch") and "learned_online" in args.selections)
               or (name in last_online and "learned_online_last" in args.selections)
               or (name.startswith("learned_unprojected") and "learned_unprojected" in args.selections)}  # fmt: skip
-    # The adapters whose losses score the filters' rows: the meta_only and uniform selections' first (their
-    # fine-tunes run in the first wave), and the online recipe run's own.
-    first = args.adapter_seeds[0]
-    scoring_adapters = {"meta_model_filter": work / "finetune" / f"meta_only_a{first}",
-                        "uniform_model_filter": work / "finetune" / f"uniform_a{first}",
-                        "online_loss_filter": runs / "online"}  # fmt: skip
     every_seed = {n for n in chosen if n in args.every_adapter_seed or (n in last_online
                   and "learned_online_last" in args.every_adapter_seed)}  # fmt: skip
-    jobs = {name: args.adapter_seeds if name in every_seed else args.adapter_seeds[:1] for name in chosen}
-    waves = [[n for n in chosen if n not in scoring_adapters], [n for n in chosen if n in scoring_adapters]]
-    for wave in waves:
-        for name in wave:
-            if name in scoring_adapters:
-                result["heuristics"][name] = adapter_loss_filter(args.model, scoring_adapters[name], data, work, name)
-        fine_tunes = [(name, adapter_seed) for name in wave for adapter_seed in jobs[name]]
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each job its own process
-            done = list(pool.map(lambda job: finetune(args, data, work, chosen, *job), fine_tunes))
-        for (name, adapter_seed), (seconds, found) in zip(fine_tunes, done, strict=True):
-            result["finetune"].setdefault(name, []).append({"adapter_seed": adapter_seed, "seconds": seconds, **found})
-            print(f"seed {seed} {name} adapter {adapter_seed}: accuracy {found['test_accuracy']:.3f} "
-                  f"(best epoch {found.get('best_epoch')}, {seconds:.0f} s)", flush=True)  # fmt: skip
+    fine_tunes = [(n, a) for n in chosen for a in (args.adapter_seeds if n in every_seed else args.adapter_seeds[:1])]
+    first_scores, later_scores = scoring_tasks(args, data, runs, work, {Path(source).stem for source, *_ in
+                                                                         chosen.values()})  # fmt: skip
+    writers = {name: key for key, _, _ in first_scores + later_scores for name in SCORE_FILES[key]}
+    stems = {job: Path(chosen[job[0]][0]).stem for job in fine_tunes}
+    fine_tune_tasks = [(job, partial(finetune, args, data, work, chosen, *job), [writers[stems[job]]]
+                        if stems[job] in writers else []) for job in fine_tunes]  # fmt: skip
+    # Every task runs once its inputs exist, side by side, so no lane waits for a wave's last job; the scorings
+    # that need no fine-tune run after the first fine-tunes start, those that do just before the fine-tunes they feed.
+    free = [t for t in fine_tune_tasks if not t[2]]
+    first = [t for t in first_scores if t[0] == "score heuristics"]
+    rest = [t for t in first_scores if t[0] != "score heuristics"]
+    done = run_tasks([*first, *free[: args.jobs], *rest, *free[args.jobs :], *later_scores,
+                      *(t for t in fine_tune_tasks if t[2])], args.jobs)  # fmt: skip
+    result["heuristics"] = {}
+    for key, _, _ in first_scores + later_scores:
+        found = done[key]
+        result["heuristics"].update(found if key == "score heuristics" else {key.removeprefix("score "): found})
+    for name, adapter_seed in fine_tunes:
+        seconds, found = done[(name, adapter_seed)]
+        result["finetune"].setdefault(name, []).append({"adapter_seed": adapter_seed, "seconds": seconds, **found})
     return result
 
 

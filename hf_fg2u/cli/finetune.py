@@ -175,7 +175,7 @@ def finetune(args: FinetuneArguments, model_args, training_args: TrainingArgumen
     if "eval" in splits:
         best = trainer.state.best_model_checkpoint
         results["best_epoch"] = _epoch_of(trainer.state.log_history, best)
-        results["eval_loss"] = trainer.evaluate(splits["eval"])["eval_loss"]
+        results["eval_loss"] = trainer.state.best_metric  # the loaded best epoch's, as the Trainer measured it
     if "test" in splits:
         results["test_loss"] = trainer.evaluate(splits["test"], metric_key_prefix="test")["test_loss"]
         raw = _read_rows(args.test_file)

@@ -14,6 +14,7 @@ import math
 import torch
 
 from hf_fg2u.lm.formats import MODEL_INPUT_COLUMNS, encode_example
+from hf_fg2u.lm.losses import aligned_token_losses, causal_lm_outputs, takes_logits_to_keep
 
 MAX_CHOICES = 20
 
@@ -56,18 +57,22 @@ def _answer_row(tokenizer, prompt: str, completion: str) -> dict[str, list[int]]
 
 @torch.no_grad()
 def completion_log_likelihoods(model, tokenizer, prompts: list[str], completion: str, batch_size: int = 32):
-    """log p(completion | prompt) for every prompt, summed over the completion's tokens: a tensor [len(prompts)]."""
+    """log p(completion | prompt) for every prompt, summed over the completion's tokens: a tensor [len(prompts)].
+    The model projects on the vocabulary only the positions that predict an answer token."""
     model.eval()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    keep = takes_logits_to_keep(model)
     scores = []
     for start in range(0, len(prompts), batch_size):
         rows = [_answer_row(tokenizer, prompt, completion) for prompt in prompts[start : start + batch_size]]
         batch = {key: value.to(device) for key, value in _padded(rows, pad).items()}
-        labels = batch.pop("labels")[:, 1:]
-        logits = model(**batch).logits[:, :-1].float()
-        picked = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        scores.append((picked * (labels != -100)).sum(dim=1).cpu())
+        labels = batch.pop("labels")
+        outputs, positions = causal_lm_outputs(model, batch, labels, keep)
+        targets = labels[:, 1:] if positions is None else labels[:, positions + 1]
+        logits = outputs.logits[:, :-1] if positions is None else outputs.logits
+        token_nll, _ = aligned_token_losses(logits, targets)
+        scores.append(-token_nll.sum(dim=1).cpu())
     return torch.cat(scores)
 
 

@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_fg2u.cli.finetune import balance_weights, effective_rows
 from hf_fg2u.cli.main import main
-from hf_fg2u.lm.evaluation import answer_choices, choice_accuracy
+from hf_fg2u.lm.evaluation import answer_choices, choice_accuracy, completion_log_likelihoods
 from hf_fg2u.lm.toy_data import make_char_tokenizer
 
 WORDS = ["good", "bad", "nice", "sad", "glad", "mad", "kind", "mean", "fine", "poor", "fair", "foul"]
@@ -131,6 +131,17 @@ def test_forced_choice_accuracy_matches_log_likelihoods_by_hand(tiny_model):
         logits = model(torch.tensor([ids])).logits[0].log_softmax(-1)
         return sum(logits[i - 1, ids[i]].item() for i in range(start, len(ids)))
 
+    by_hand = [log_likelihood(prompt, " yes") for prompt in data["prompt"]]
+    asked = []
+    model.register_forward_pre_hook(lambda _, __, kwargs: asked.append(kwargs.get("logits_to_keep")), with_kwargs=True)
+    scores = completion_log_likelihoods(model, tokenizer, data["prompt"], " yes", batch_size=4)
+    assert scores.tolist() == pytest.approx(by_hand, abs=1e-5)
+
+    def predicting(prompt):  # the positions whose logits predict an answer character
+        return set(range(len(tokenizer(prompt)["input_ids"]) - 1, len(tokenizer(prompt + " yes")["input_ids"]) - 1))
+
+    batches = [data["prompt"][start : start + 4] for start in range(0, len(data), 4)]
+    assert [kept.tolist() for kept in asked] == [sorted(set().union(*map(predicting, b))) for b in batches]
     right = [max([" no", " yes"], key=lambda a: log_likelihood(row["prompt"], a)) == row["completion"] for row in data]
     assert choice_accuracy(model, tokenizer, data, batch_size=4) == pytest.approx(sum(right) / len(right), abs=1e-12)
     with pytest.raises(ValueError, match="2 to 20 distinct"):
