@@ -74,7 +74,8 @@ bench-rows: value-data
 	$(PY) scripts/profile_outer_step.py --work outputs/bench_rows_grouped --out $(BENCH)/outer_step_profile_ungrouped.json
 	$(PY) scripts/bench_report.py
 
-# Why grouped weights remove the answer shift from the meta gradient (docs/group_shift.md, ~3 min after `make value`):
+# Why grouped weights remove the answer shift from the meta gradient (docs/group_shift.md, ~3 min after
+# `make value-ablations`, which trains the θ it reads):
 # gradient-alignment scores of data seed 2's rows at the θ trained alongside the weights without that removal.
 study-group-shift: value-data
 	$(PY) scripts/study/study_group_shift.py --data outputs/value/seed2/data --model $(VALUE_MODEL) \

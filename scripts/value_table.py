@@ -258,8 +258,9 @@ SCORE_FILES = {"score heuristics": ["loss_filter", "less"], "score online_loss_f
                "score meta_model_filter": ["meta_model_filter"]}  # fmt: skip
 
 
-def scoring_tasks(args, data: Path, runs: Path, work: Path, sources: set[str]) -> tuple[list, list]:
-    """The tasks that write the weight files the chosen selections read (``sources``: their file stems), as
+def scoring_tasks(args, data: Path, runs: Path, work: Path, sources: set[str], fine_tunes: list) -> tuple[list, list]:
+    """The tasks that write the weight files the chosen selections read (``sources``: their file stems; the
+    ``fine_tunes`` (selection, adapter seed) of this run), as
     (key, function, the keys of the tasks it waits for): (those that wait for no fine-tune, those that do).
     The adapters whose losses score the model filters: the recipe run's own, and the first adapter seed's of the
     uniform and meta_only selections."""
@@ -279,14 +280,21 @@ def scoring_tasks(args, data: Path, runs: Path, work: Path, sources: set[str]) -
 
         return score
 
-    adapters = {"online_loss_filter": (runs / "online", []),
-                "uniform_model_filter": (work / "finetune" / f"uniform_a{first}", [("uniform", first)]),
-                "meta_model_filter": (work / "finetune" / f"meta_only_a{first}", [("meta_only", first)])}  # fmt: skip
+    adapters = {"online_loss_filter": (runs / "online", None),
+                "uniform_model_filter": (work / "finetune" / f"uniform_a{first}", ("uniform", first)),
+                "meta_model_filter": (work / "finetune" / f"meta_only_a{first}", ("meta_only", first))}  # fmt: skip
     first_tasks = [("score heuristics", heuristics, [])] if {"loss_filter", "less"} & sources else []
     later_tasks = []
-    for name, (adapter, waits_for) in adapters.items():
-        if name in sources:
-            (later_tasks if waits_for else first_tasks).append((f"score {name}", scored(name, adapter), waits_for))
+    for name, (adapter, fine_tune) in adapters.items():
+        if name not in sources:
+            continue
+        if fine_tune in fine_tunes:  # trained in this run: scored once it is
+            later_tasks.append((f"score {name}", scored(name, adapter), [fine_tune]))
+        elif fine_tune is None or (adapter / "finetune_results.json").is_file():  # trained before
+            first_tasks.append((f"score {name}", scored(name, adapter), []))
+        else:
+            raise ValueError(f"{name} scores the rows with the adapter of {fine_tune[0]} (adapter seed {first}): "
+                             f"add {fine_tune[0]} to --selections.")  # fmt: skip
     return first_tasks, later_tasks
 
 
@@ -340,8 +348,8 @@ def one_data_seed(args, seed: int) -> dict:
     every_seed = {n for n in chosen if n in args.every_adapter_seed or (n in last_online
                   and "learned_online_last" in args.every_adapter_seed)}  # fmt: skip
     fine_tunes = [(n, a) for n in chosen for a in (args.adapter_seeds if n in every_seed else args.adapter_seeds[:1])]
-    first_scores, later_scores = scoring_tasks(args, data, runs, work, {Path(source).stem for source, *_ in
-                                                                         chosen.values()})  # fmt: skip
+    sources = {Path(source).stem for source, *_ in chosen.values()}
+    first_scores, later_scores = scoring_tasks(args, data, runs, work, sources, fine_tunes)
     writers = {name: key for key, _, _ in first_scores + later_scores for name in SCORE_FILES[key]}
     stems = {job: Path(chosen[job[0]][0]).stem for job in fine_tunes}
     fine_tune_tasks = [(job, partial(finetune, args, data, work, chosen, *job), [writers[stems[job]]]

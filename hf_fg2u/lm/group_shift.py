@@ -23,11 +23,15 @@ def _rows(batch: dict, rows: torch.Tensor) -> dict:
     return {key: value[rows] for key, value in batch.items()}
 
 
+def _check_range(groups: torch.Tensor, num_groups: int, what: str) -> None:
+    if bool(((groups < -1) | (groups >= num_groups)).any()):
+        raise ValueError(f"{what} must lie in [-1, {num_groups}): got {sorted(set(groups.tolist()))}.")
+
+
 def group_parts(groups: torch.Tensor, num_groups: int) -> list[tuple[int, torch.Tensor]]:
     """(group, its rows) for every group present among ``groups`` ([B], -1 = a row of no known group), in group
     order, the rows of no group last."""
-    if bool(((groups < -1) | (groups >= num_groups)).any()):
-        raise ValueError(f"Meta rows' groups must lie in [-1, {num_groups}): got {sorted(set(groups.tolist()))}.")
+    _check_range(groups, num_groups, "Meta rows' groups")
     present = [g for g in range(num_groups) if bool((groups == g).any())]
     parts = [(g, (groups == g).nonzero().reshape(-1)) for g in present]
     unknown = (groups < 0).nonzero().reshape(-1)
@@ -87,9 +91,7 @@ def check_meta_groups(meta, column: str, num_groups: int, meta_batch_size: int =
         raise ValueError(f"The meta column {column!r} must hold integers (a group, or -1), got "
                          f"{sorted({type(value).__name__ for value in values})}.")  # fmt: skip
     groups = torch.as_tensor(values, dtype=torch.long)
-    if bool(((groups < -1) | (groups >= num_groups)).any()):
-        raise ValueError(f"The meta column {column!r} holds groups outside [-1, {num_groups}): "
-                         f"{sorted(set(groups.tolist()))}.")  # fmt: skip
+    _check_range(groups, num_groups, f"The groups of the meta column {column!r}")
     present = sorted(set(groups.tolist()) - {-1})
     if len(present) < 2:
         raise ValueError(

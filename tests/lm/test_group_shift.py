@@ -58,7 +58,7 @@ def test_grouped_meta_gradient_matches_autograd(groups):
 def test_meta_groups_are_checked_before_training():
     with pytest.raises(ValueError, match="needs a 'meta_group' column"):
         check_meta_groups(Dataset.from_dict({"input_ids": [[1]]}), "meta_group", 2)
-    with pytest.raises(ValueError, match=r"outside \[-1, 2\)"):
+    with pytest.raises(ValueError, match=r"meta column 'meta_group' must lie in \[-1, 2\)"):
         check_meta_groups(Dataset.from_dict({"meta_group": [0, 2]}), "meta_group", 2)
     with pytest.raises(ValueError, match="hold 1 of the 2 groups"):
         check_meta_groups(Dataset.from_dict({"meta_group": [1, 1, -1]}), "meta_group", 2)
