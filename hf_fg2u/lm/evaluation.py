@@ -14,7 +14,7 @@ import math
 import torch
 
 from hf_fg2u.lm.formats import MODEL_INPUT_COLUMNS, encode_example
-from hf_fg2u.lm.losses import aligned_token_losses, causal_lm_outputs, takes_logits_to_keep
+from hf_fg2u.lm.losses import causal_lm_outputs, labelled_token_losses, takes_logits_to_keep
 
 MAX_CHOICES = 20
 
@@ -69,9 +69,7 @@ def completion_log_likelihoods(model, tokenizer, prompts: list[str], completion:
         batch = {key: value.to(device) for key, value in _padded(rows, pad).items()}
         labels = batch.pop("labels")
         outputs, positions = causal_lm_outputs(model, batch, labels, keep)
-        targets = labels[:, 1:] if positions is None else labels[:, positions + 1]
-        logits = outputs.logits[:, :-1] if positions is None else outputs.logits
-        token_nll, _ = aligned_token_losses(logits, targets)
+        token_nll, _ = labelled_token_losses(outputs.logits, labels, positions)
         scores.append(-token_nll.sum(dim=1).cpu())
     return torch.cat(scores)
 

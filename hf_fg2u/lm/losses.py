@@ -69,21 +69,27 @@ def causal_lm_outputs(call: Callable, inputs: dict, labels: torch.Tensor, keep: 
     return call(**inputs, **extra), positions
 
 
+def labelled_token_losses(
+    logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-token cross-entropy and the mask of labelled tokens (see :func:`aligned_token_losses`), from logits
+    [B, L, V] and labels [B, L]; with ``positions`` [K], logits [B, K, V] at those positions only."""
+    if positions is None:
+        return token_losses(logits, labels)
+    if logits.shape[1] != positions.numel():
+        raise ValueError(
+            f"The model returned logits at {logits.shape[1]} positions when asked for {positions.numel()} "
+            "(logits_to_keep as a tensor of positions): its forward takes only a count. Load it with a "
+            "transformers class whose forward slices by positions."
+        )
+    return aligned_token_losses(logits, labels[:, positions + 1])
+
+
 def per_example_token_loss(
     logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Mean next-token cross-entropy per example [B], from logits [B, L, V] and labels [B, L] (see
-    :func:`token_losses`); with ``positions`` [K], logits [B, K, V] at those positions only."""
-    if positions is None:
-        token_nll, mask = token_losses(logits, labels)
-    else:
-        if logits.shape[1] != positions.numel():
-            raise ValueError(
-                f"The model returned logits at {logits.shape[1]} positions when asked for {positions.numel()} "
-                "(logits_to_keep as a tensor of positions): its forward takes only a count. Load it with a "
-                "transformers class whose forward slices by positions."
-            )
-        token_nll, mask = aligned_token_losses(logits, labels[:, positions + 1])
+    """Mean next-token cross-entropy per example [B] (see :func:`labelled_token_losses`)."""
+    token_nll, mask = labelled_token_losses(logits, labels, positions)
     return token_nll.sum(-1) / mask.sum(-1).clamp_min(1)
 
 
