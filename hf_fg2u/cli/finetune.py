@@ -2,9 +2,10 @@
 
 The source is a finished run's folder (its ``weighted_dataset.parquet``) or any data file whose rows carry a
 weight column (a filter's 0/1 weights, someone else's scores). A fresh LoRA adapter (or, with ``--full_finetune``,
-every parameter) is trained with the loss Σ w_i ℓ_i / Σ w_i over each batch (:class:`WeightedLossTrainer`); rows
-of weight 0 are left out. ``--eval_file`` rows are scored every epoch and the best epoch's model is kept (the
-Trainer's ``load_best_model_at_end``); ``--test_file`` rows are scored at the end by loss and, when their
+every parameter) is trained with the loss Σ_i (w_i / w̄) ℓ_i / B over each batch of B rows, w̄ the mean weight
+(:class:`WeightedLossTrainer`), so the objective is the same at any batch size; rows of weight 0 are left out.
+``--eval_file`` rows are scored every epoch and the best epoch's model is kept (the Trainer's
+``load_best_model_at_end``); ``--test_file`` rows are scored at the end by loss and, when their
 completions are a few answers, by forced-choice accuracy. The model, a card naming the weights' source, and
 ``finetune_results.json`` go to ``--output_dir``.
 """
@@ -221,7 +222,8 @@ def card_text(args: FinetuneArguments, model_args, results: dict) -> str:
         "# Fine-tuned on learned data weights",
         "",
         f"{what} of `{name}`, trained by `hf-fg2u finetune` on the rows of `{Path(args.source).name}` with "
-        f"{weights}: loss Σ w_i ℓ_i / Σ w_i over each batch, rows of weight 0 left out.",
+        f"{weights}: loss Σ_i (w_i / w̄) ℓ_i / B over each batch of B rows, w̄ the mean weight, rows of weight 0 left "
+        "out.",
         "",
         "| result | value |",
         "|---|---|",

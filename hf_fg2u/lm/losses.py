@@ -93,6 +93,18 @@ def per_example_token_loss(
     return token_nll.sum(-1) / mask.sum(-1).clamp_min(1)
 
 
+def weighted_row_loss(losses: torch.Tensor, weights: torch.Tensor, normalizer: float) -> torch.Tensor:
+    """Σ_i (w_i / normalizer) ℓ_i / B over a batch's B rows: each row's loss scaled by its weight against a fixed,
+    dataset-level ``normalizer`` (the dataset's mean weight), then the batch mean the Trainer expects.
+
+    Why not Σ w_i ℓ_i / Σ w_i: that divides by the batch's own weights, so at one row per batch it is w·ℓ/w = ℓ and
+    the weights are ignored, and a row's share of the objective depends on its batch-mates. With a fixed normaliser,
+    batch 1 × 8 accumulation steps (or 8 processes) trains on the same objective as batch 8."""
+    if not normalizer > 0:
+        raise ValueError(f"The weight normaliser must be a positive number (the mean weight), got {normalizer!r}.")
+    return (weights.to(losses.dtype) * losses).sum() / (normalizer * losses.numel())
+
+
 def input_embedding_name(model: torch.nn.Module) -> str:
     embedding = model.get_input_embeddings()
     for name, parameter in model.named_parameters():

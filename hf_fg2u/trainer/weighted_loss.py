@@ -2,7 +2,8 @@
 
 Bilevel meta-tuning ends with weights (``BilevelTrainer.export_weights()``) and an adapter trained along the way
 under weights that kept changing. To end with a model, train a new adapter once more with the final weights
-fixed: loss = Σ_i w_i ℓ_i / Σ_i w_i over each batch, ℓ_i the mean next-token loss of example i.
+fixed: loss = Σ_i (w_i / w̄) ℓ_i / B over each batch of B rows, ℓ_i the mean next-token loss of example i and w̄
+the train dataset's mean weight, a normaliser fixed for the run (see :func:`hf_fg2u.lm.losses.weighted_row_loss`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 from hf_fg2u.lm.collator import PaddingCollator
 from hf_fg2u.lm.data_checks import check_model_columns
 from hf_fg2u.lm.formats import prepare_split
-from hf_fg2u.lm.losses import causal_lm_outputs, per_example_token_loss, takes_logits_to_keep, token_labels
+from hf_fg2u.lm.losses import (
+    causal_lm_outputs,
+    per_example_token_loss,
+    takes_logits_to_keep,
+    token_labels,
+    weighted_row_loss,
+)
 from hf_fg2u.trainer.model_setup import wrap_with_peft
 
 WEIGHT_HINT = (
@@ -25,12 +32,14 @@ WEIGHT_HINT = (
 
 
 class WeightedLossTrainer(Trainer):
-    """A ``Trainer`` whose loss is the per-example-weighted mean Σ w_i ℓ_i / Σ w_i of a causal LM.
+    """A ``Trainer`` whose loss is the per-example-weighted mean Σ_i (w_i / w̄) ℓ_i / B of a causal LM.
 
     Args beyond ``Trainer``'s: ``weight_column`` (default ``"weight"``), a column of non-negative per-example
     weights in the train dataset; it survives ``remove_unused_columns`` and is never passed to the model.
-    Evaluation batches without it get the plain mean. The default collator is :class:`PaddingCollator`.
-    With gradient accumulation each micro-batch is normalised by its own Σ w_i.
+    ``weight_normalizer`` w̄: fixed for the run, by default the train dataset's mean weight, so a row's share of the
+    objective never depends on its batch-mates and any per-device batch size, gradient accumulation and number of
+    processes train on the same objective (at batch 1 a per-batch Σ w_i would cancel the weight). Evaluation
+    batches without weights get the plain mean. The default collator is :class:`PaddingCollator`.
     """
 
     _tag_names = ["hf_fg2u", "weighted-loss", "data-reweighting"]
@@ -44,6 +53,7 @@ class WeightedLossTrainer(Trainer):
         eval_dataset=None,
         processing_class=None,
         weight_column: str = "weight",
+        weight_normalizer: float | None = None,
         **kwargs,
     ):
         if not isinstance(weight_column, str) or not weight_column:
@@ -51,7 +61,11 @@ class WeightedLossTrainer(Trainer):
         self.weight_column = weight_column
         if train_dataset is not None and hasattr(train_dataset, "column_names"):
             check_model_columns(train_dataset, "train")
-            check_weight_column(train_dataset, weight_column)
+            mean_weight = check_weight_column(train_dataset, weight_column)
+            weight_normalizer = mean_weight if weight_normalizer is None else weight_normalizer
+        if weight_normalizer is not None and not (math.isfinite(weight_normalizer) and weight_normalizer > 0):
+            raise ValueError(f"weight_normalizer must be a positive number (the mean weight), got {weight_normalizer}.")
+        self.weight_normalizer = weight_normalizer
         if data_collator is None:
             data_collator = PaddingCollator.for_tokenizer(processing_class, model)
         super().__init__(
@@ -71,7 +85,7 @@ class WeightedLossTrainer(Trainer):
             self._signature_columns.append(self.weight_column)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Σ w_i ℓ_i / Σ w_i over the batch; the plain mean for an evaluation batch without weights."""
+        """Σ_i (w_i / w̄) ℓ_i / B over the batch; the plain mean for an evaluation batch without weights."""
         weights = inputs.pop(self.weight_column, None)
         if weights is None and model.training:
             raise ValueError(
@@ -88,10 +102,13 @@ class WeightedLossTrainer(Trainer):
         losses = per_example_token_loss(outputs.logits, labels, positions)
         if weights is None:
             loss = losses.mean()
+        elif self.weight_normalizer is None:
+            raise ValueError(
+                "The batch carries weights but no weight_normalizer is known (the train dataset has no column_names "
+                "to read the mean weight from): pass weight_normalizer=, the mean weight of the train rows."
+            )
         else:
-            weights = weights.to(losses.dtype)
-            # A batch whose weights are all zero contributes zero loss and zero gradient, not 0/0.
-            loss = (weights * losses).sum() / weights.sum().clamp_min(torch.finfo(losses.dtype).tiny)
+            loss = weighted_row_loss(losses, weights, self.weight_normalizer)
         return (loss, outputs) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -102,8 +119,9 @@ class WeightedLossTrainer(Trainer):
         return loss.detach(), None, None
 
 
-def check_weight_column(dataset, weight_column: str = "weight") -> None:
-    """Raise ``ValueError`` unless ``dataset[weight_column]`` holds finite, non-negative weights, not all zero."""
+def check_weight_column(dataset, weight_column: str = "weight") -> float | None:
+    """The mean of ``dataset[weight_column]`` (None for no rows); ``ValueError`` unless it holds finite, non-negative
+    weights, not all zero."""
     if weight_column not in dataset.column_names:
         raise ValueError(
             f"The train dataset has no {weight_column!r} column (columns: {dataset.column_names}). {WEIGHT_HINT}"
@@ -116,6 +134,7 @@ def check_weight_column(dataset, weight_column: str = "weight") -> None:
             f"Column {weight_column!r} must hold non-negative weights, not all zero; got min {float(weights.min())}, "
             f"sum {float(weights.sum())}."
         )
+    return float(weights.mean()) if weights.numel() else None
 
 
 def train_final_adapter(

@@ -65,7 +65,9 @@ def test_zero_weights_on_corrupted_rows_equal_training_on_the_clean_rows(tmp_pat
 
     assert trainer._keep_logits  # the loss reads only the logits that predict a label; the reference below all
     loss, grads = loss_and_grads(trainer, rows)
-    clean_loss, clean_grads = loss_and_grads(trainer, [{**row, "weight": 1.0} for row in clean_rows])
+    # the clean rows alone, each at the mean weight: the plain mean over them
+    clean_rows = [{**row, "weight": trainer.weight_normalizer} for row in clean_rows]
+    clean_loss, clean_grads = loss_and_grads(trainer, clean_rows)
     with torch.no_grad():  # the reference: the plain mean of per-example losses over the clean rows
         batch = PaddingCollator(TOKENIZER.pad_token_id)(clean_rows)
         logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -93,6 +95,49 @@ def test_weighted_loss_is_the_weighted_mean_and_eval_without_weights_is_the_mean
         trainer.model.eval()
         batch.pop("weight")
         assert trainer.compute_loss(trainer.model, batch).item() == pytest.approx(losses.mean().item(), abs=1e-6)
+
+
+def trained_adapter(tmp_path, weighted, **overrides):
+    """The LoRA matrices after 2 SGD steps of WeightedLossTrainer (no shuffling, no dropout: every run sees the
+    same rows in the same order, whatever the batch size)."""
+    args = training_args(tmp_path, max_steps=2, optim="sgd", learning_rate=0.5, **overrides)
+    trainer = WeightedLossTrainer(lora_model(), args, train_dataset=weighted, processing_class=TOKENIZER)
+    trainer._get_train_sampler = lambda *_: torch.utils.data.SequentialSampler(trainer.train_dataset)
+    trainer.train()
+    return {k: v.detach().clone() for k, v in trainer.model.named_parameters() if "lora_" in k}
+
+
+def test_batch_one_with_accumulation_trains_on_the_objective_of_batch_eight(tmp_path):
+    """The weights count at any batch size: one row per device batch with 8 accumulation steps gives the adapter of
+    batch 8 (a per-batch Σ w_i normaliser made batch 1 ignore the weights: w·ℓ/w = ℓ), and that adapter is not the
+    uniform one."""
+    _, data = fact_data(num_facts=4, copies=4)
+    weights = [0.0002 if flag else 1.0 + 0.25 * (i % 3) for i, flag in enumerate(data["train"]["is_corrupted"])]
+    weighted = data["train"].add_column("weight", weights)
+    batch8 = trained_adapter(tmp_path / "b8", weighted, per_device_train_batch_size=8)
+    batch1 = trained_adapter(tmp_path / "b1", weighted, per_device_train_batch_size=1, gradient_accumulation_steps=8)
+    uniform = trained_adapter(tmp_path / "u1", weighted.remove_columns("weight").add_column("weight", [1.0] * 16),
+                              per_device_train_batch_size=1, gradient_accumulation_steps=8)  # fmt: skip
+    for name, value in batch8.items():
+        torch.testing.assert_close(batch1[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    gap = max(float((batch1[name] - uniform[name]).abs().max()) for name in batch1)
+    start = dict(lora_model().named_parameters())
+    moved = max(float((batch1[name] - start[name]).abs().max()) for name in batch1)
+    assert gap > 0.05 * moved, (gap, moved)  # the weights change the adapter at batch 1 (old code: gap 6e-7)
+
+
+def test_the_weight_normaliser_is_the_train_rows_mean_weight(tmp_path):
+    _, data = fact_data(num_facts=4, copies=2)
+    weighted = data["train"].add_column("weight", [0.5, 2.0, 0.0, 1.0, 3.0, 0.25, 1.0, 0.25])
+    trainer = WeightedLossTrainer(lora_model(), training_args(tmp_path), train_dataset=weighted,
+                                  processing_class=TOKENIZER)  # fmt: skip
+    assert trainer.weight_normalizer == pytest.approx(1.0)
+    row = {k: weighted[1][k] for k in ("input_ids", "attention_mask", "labels", "weight")}
+    loss, _ = loss_and_grads(trainer, [row])  # one row: its weight over the mean weight times its loss
+    plain, _ = loss_and_grads(trainer, [{**row, "weight": 1.0}])
+    assert loss.item() == pytest.approx(2.0 * plain.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="weight_normalizer must be a positive number"):
+        WeightedLossTrainer(lora_model(), training_args(tmp_path), train_dataset=weighted, weight_normalizer=0.0)
 
 
 def test_missing_or_invalid_weight_column_is_an_error(tmp_path):
