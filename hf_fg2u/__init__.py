@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from hf_fg2u.lm.evaluation import choice_accuracy  # noqa: E402
-from hf_fg2u.outer import DomainWeights, ExampleWeights, OuterModule, SoftPrompt, WeightNet  # noqa: E402
+from hf_fg2u.outer import DataRater, DomainWeights, ExampleWeights, OuterModule, SoftPrompt, WeightNet  # noqa: E402
 from hf_fg2u.trainer.bilevel import BilevelTrainer  # noqa: E402
 from hf_fg2u.trainer.config import BilevelConfig  # noqa: E402
 from hf_fg2u.trainer.weighted_loss import WeightedLossTrainer, train_final_adapter  # noqa: E402
@@ -11,6 +11,7 @@ from hf_fg2u.trainer.weighted_loss import WeightedLossTrainer, train_final_adapt
 __all__ = [
     "BilevelConfig",
     "BilevelTrainer",
+    "DataRater",
     "DomainWeights",
     "ExampleWeights",
     "OuterModule",

@@ -23,11 +23,14 @@ class ScriptArguments:
     recipe: str = field(
         default="noisy_reweighting",
         metadata={"help": "A packaged recipe (hf_fg2u/recipes/NAME.yaml): noisy_reweighting, noisy_reweighting_real, "
-                  "domain_mixture, soft_prompt."},
+                  "domain_mixture, soft_prompt, data_rater."},
     )  # fmt: skip
     outer: str = field(
         default="example_weights",
-        metadata={"help": "noisy_reweighting only: 'example_weights' (a weight per example) or 'weight_net'."},
+        metadata={
+            "help": "Row weights: 'example_weights' (a weight per example), 'weight_net', or 'data_rater' (a "
+            "rater from a row's features to its weight, for rows never trained on: hf-fg2u score)."
+        },
     )
     dataset_name: str | None = field(
         default=None,
@@ -69,7 +72,8 @@ class ScriptArguments:
         default=None,
         metadata={"help": "outer=example_weights: measure each row's weight against the mean of the rows with its "
                   "value in this column (e.g. completion, where the answers are a few labels), so every value keeps "
-                  "its share of the loss and the weights rank rows within it (docs/value.md measures why)."},
+                  "its share of the loss and the weights rank rows within it (docs/value.md measures why). "
+                  "outer=data_rater: the rater also reads each row's value here (a threshold per value)."},
     )  # fmt: skip
     domain_column: str = field(default="domain", metadata={"help": "domain_mixture: column naming the domain."})
     target_domain: str = field(default="facts_a", metadata={"help": "domain_mixture: domain of the meta data."})
@@ -83,6 +87,9 @@ class ScriptArguments:
     generation_seed: int = field(default=0, metadata={"help": "Seed of the built-in data."})
     num_virtual_tokens: int = field(default=4, metadata={"help": "soft_prompt: virtual tokens."})
     weight_net_hidden_size: int = field(default=8, metadata={"help": "weight_net: hidden units."})
+    rater_hidden_size: int = field(
+        default=0, metadata={"help": "outer=data_rater: hidden units (0: a logistic rule on the features)."}
+    )
     compare_uniform: bool = field(
         default=False,
         metadata={"help": "Also run the same budget with the outer variables frozen, and compare (twice the time)."},

@@ -1,10 +1,11 @@
-"""The hf-fg2u command: train, demo, weights and finetune.
+"""The hf-fg2u command: train, demo, weights, finetune and score.
 
 hf-fg2u train --recipe noisy_reweighting [--config FILE] [--key value ...]   (hf-fg2u train --help)
 hf-fg2u train --recipe noisy_reweighting --num_processes 2                  (ranks through accelerate)
 hf-fg2u demo [--output_dir outputs/demo]
 hf-fg2u weights outputs/demo [--top 10] [--push_to_hub user/dataset] [--export filtered|resampled]
 hf-fg2u finetune outputs/demo --model_name_or_path MODEL [--eval_file F] [--test_file F]   (finetune --help)
+hf-fg2u score outputs/rater --data_files pool.jsonl --output_dir outputs/pool   (a data_rater run weighs new rows)
 """
 
 from __future__ import annotations
@@ -173,7 +174,13 @@ def run_finetune(argv: list[str]) -> dict:
     return results
 
 
-COMMANDS = {"train": run_train, "demo": run_demo, "weights": run_weights, "finetune": run_finetune}
+def run_score(argv: list[str]) -> dict:
+    from hf_fg2u.cli.score import run_score as score
+
+    return score(argv)
+
+
+COMMANDS = {"train": run_train, "demo": run_demo, "weights": run_weights, "finetune": run_finetune, "score": run_score}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,8 @@ from pathlib import Path
 from datasets import DatasetDict
 
 from hf_fg2u.lm import toy_data as builtin_data
-from hf_fg2u.outer import DomainWeights, ExampleWeights, SoftPrompt, WeightNet
+from hf_fg2u.lm.formats import dataset_format
+from hf_fg2u.outer import DataRater, DomainWeights, ExampleWeights, SoftPrompt, WeightNet
 from hf_fg2u.outer.example_weights import META_GROUP
 from hf_fg2u.registry import Registry
 
@@ -91,16 +92,29 @@ def _row_weights(s: ScriptArguments, splits: DatasetDict, model):
         if s.balance_column is not None:
             raise ValueError("--balance_column applies to outer=example_weights only (a weight per row).")
         return WeightNet(hidden_size=s.weight_net_hidden_size)
+    if s.outer == "data_rater":
+        return _data_rater(s, splits["train"])
     if s.outer != "example_weights":
-        raise ValueError(f"outer={s.outer!r} is not known for {s.recipe}; use example_weights or weight_net.")
+        raise ValueError(
+            f"outer={s.outer!r} is not known for {s.recipe}; use example_weights, weight_net or data_rater."
+        )
     if s.balance_column is not None:
         return _grouped_weights(s, splits["train"])
     return ExampleWeights(len(splits["train"]), parametrization=s.weight_parametrization, max_logit=s.weight_max_logit)
 
 
-def _grouped_weights(s: ScriptArguments, train) -> ExampleWeights:
-    """ExampleWeights measured within the groups of ``--balance_column``; refused where the groups are too small
-    to rank rows in (a free-text column would put every row alone, and every weight would stay 1)."""
+def _data_rater(s: ScriptArguments, train) -> DataRater:
+    """A rater reading each row's loss, and its ``--balance_column`` value when given; it records the rows' format."""
+    groups = None if s.balance_column is None else _balance_groups(s, train)
+    return DataRater(
+        hidden_size=s.rater_hidden_size, group_column=s.balance_column, groups=groups,
+        row_format=dataset_format(train.column_names),
+    )  # fmt: skip
+
+
+def _balance_groups(s: ScriptArguments, train) -> list[str]:
+    """The values of ``--balance_column`` over the train rows; refused where the groups are too small to rank rows
+    in (a free-text column would put every row alone, and every weight would stay 1)."""
     if s.balance_column not in train.column_names:
         raise ValueError(f"--balance_column {s.balance_column!r} is not a column of the train data: "
                          f"{train.column_names}.")  # fmt: skip
@@ -112,6 +126,13 @@ def _grouped_weights(s: ScriptArguments, train) -> ExampleWeights:
             f"--balance_column {s.balance_column!r} has {len(names)} values over {len(values)} rows, some held by a "
             "single row, whose weight could then never move: balance on a column of a few labels, or drop it."
         )
+    return names
+
+
+def _grouped_weights(s: ScriptArguments, train) -> ExampleWeights:
+    """ExampleWeights measured within the groups of ``--balance_column``."""
+    names = _balance_groups(s, train)
+    values = [str(value) for value in train[s.balance_column]]
     outer = ExampleWeights(
         len(train), parametrization=s.weight_parametrization, max_logit=s.weight_max_logit, num_groups=len(names)
     )
@@ -178,3 +199,6 @@ register_recipe("domain_mixture", Recipe(_domain_facts, _domain_weights))
 
 
 register_recipe("soft_prompt", Recipe(_clean_facts, _soft_prompt))
+
+
+register_recipe("data_rater", Recipe(_facts, _row_weights))

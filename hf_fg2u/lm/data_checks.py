@@ -10,7 +10,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 
-from hf_fg2u.lm.formats import IGNORE_INDEX, is_raw, prepare_split
+from hf_fg2u.lm.formats import IGNORE_INDEX, is_raw, prepare_split, raw_format
 from hf_fg2u.outer import OuterModule
 from hf_fg2u.trainer.config import BilevelConfig
 
@@ -75,17 +75,21 @@ def drop_long_train_rows(train, tokenizer, args: BilevelConfig, id_column: str |
 
 
 def prepare_dataset(dataset, role: str, outer: OuterModule, tokenizer, args: BilevelConfig, limits: ModelLimits):
-    """A split ready for the bilevel losses: tokenized when raw (see ``hf_fg2u.lm.formats``), train rows numbered
-    when ``ExampleWeights`` needs ids and there are none, the outer module's columns added, every row checked."""
-    dataset = prepare_split(dataset, role, tokenizer, args.max_length, args.dataset_text_field, args.truncation_mode)
-    check_model_columns(dataset, role)
+    """A split ready for the bilevel losses: train rows numbered when ``ExampleWeights`` needs ids and there are
+    none, the outer module's columns added (before tokenizing, which replaces the format's columns a module may
+    read, e.g. a rater's ``completion`` groups), tokenized when raw (see ``hf_fg2u.lm.formats``), every row checked."""
+    if is_raw(dataset):
+        raw_format(dataset, role, args.dataset_text_field)  # an unknown format is named before columns are added
     train = role in ("train", "exported")
     if train and outer.id_column is not None:
         if outer.id_column not in dataset.column_names:
             dataset = dataset.map(lambda _, i: {outer.id_column: i}, with_indices=True)
         check_unique_ids(dataset, outer.id_column, role)
+    dataset = outer.prepare_dataset(dataset, "train" if train else role)
+    dataset = prepare_split(dataset, role, tokenizer, args.max_length, args.dataset_text_field, args.truncation_mode)
+    check_model_columns(dataset, role)
     check_token_rows(dataset, role, limits)
-    return outer.prepare_dataset(dataset, "train" if train else role)
+    return dataset
 
 
 def check_model_columns(dataset, role: str) -> None:

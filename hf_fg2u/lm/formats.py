@@ -129,10 +129,7 @@ def tokenize_dataset(
     ``max_length`` tokens are cut or dropped by ``truncation_mode``, with a warning that counts them. The format's own
     columns are replaced by ``input_ids``/``attention_mask``/``labels``; every other column is kept."""
     check_choice("truncation_mode", truncation_mode, TRUNCATION_MODES)
-    try:
-        kind = dataset_format(dataset.column_names, text_field)
-    except ValueError as error:
-        raise ValueError(f"The {role} dataset {error}") from None
+    kind = raw_format(dataset, role, text_field)
     if tokenizer is None:
         raise ValueError(
             f"The {role} dataset is raw {kind} data, and no tokenizer was given: pass processing_class=tokenizer "
@@ -222,6 +219,14 @@ def _refuse_mixed_formats(dataset, row: int, kind: str, role: str, text_field: s
                 f"The {role} dataset mixes formats: row {row} is a {other} row ({', '.join(map(repr, columns))}) "
                 f"among {kind} rows. Use one format per file (convert the rows, or split them into files)."
             )
+
+
+def raw_format(dataset, role: str, text_field: str = "text") -> str:
+    """The format of a raw ``role`` dataset (see :func:`dataset_format`); the error names the split."""
+    try:
+        return dataset_format(dataset.column_names, text_field)
+    except ValueError as error:
+        raise ValueError(f"The {role} dataset {error}") from None
 
 
 def prepare_split(

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from hf_fg2u.cli.finetune import balance_weights, effective_rows
 from hf_fg2u.cli.main import main
@@ -27,20 +27,6 @@ def rows(words, weight=None):
 def write(path, items):
     path.write_text("".join(json.dumps(item) + "\n" for item in items))
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A tiny Llama and its character tokenizer saved as a user's model folder."""
-    folder = tmp_path_factory.mktemp("tiny")
-    tokenizer = make_char_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         initializer_range=0.2, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 def finetune(tiny_model, source, out, *extra):

@@ -109,6 +109,11 @@ def random_lm_batches(steps: int, batch_size: int = 4, length: int = 10, seed: i
 TOKENIZER = make_char_tokenizer()
 
 
+# A chat template in the character tokenizer's alphabet: "user: hi\nassistant: yo\n".
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
 LORA_TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 
 

@@ -7,13 +7,7 @@ from datasets import Dataset
 from hf_fg2u import BilevelConfig, BilevelTrainer, ExampleWeights, WeightNet
 from hf_fg2u.lm.formats import encode_example
 from hf_fg2u.lm.toy_data import make_char_tokenizer
-from tests.helpers.tiny import config, lora, tiny_llama
-
-# A chat template in the character tokenizer's alphabet: "user: hi\nassistant: yo\n".
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant: {% endif %}"
-)
+from tests.helpers.tiny import CHAT_TEMPLATE, config, lora, tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,211 @@
+"""``hf-fg2u score RUN --data_files rows.jsonl [more] --output_dir OUT``: weigh rows a learned rater never saw.
+
+RUN is a ``--recipe data_rater`` run (folder or Hub repo): its rater, the adapter its loss feature is read under,
+and the tokenizer. OUT receives ``weighted_dataset.parquet`` (the rows' own columns plus ``weight``, mean 1 over
+the scored rows, the scale of a bilevel run's weights) and ``score_results.json``, so ``hf-fg2u weights OUT`` and
+``hf-fg2u finetune OUT`` work on it unchanged. Rows are streamed in chunks to a parquet file, so memory stays flat
+in the number of rows; every check runs before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+SCORE_RESULTS = "score_results.json"
+PARTIAL = ".scoring"  # the first pass's keep-probabilities, removed once the weights are written
+RUN_MARKERS = ("bilevel_state.json", "outer_config.json", "adapter_config.json", "_hf_fg2u.lock")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-fg2u score", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("run", help="A `hf-fg2u train --recipe data_rater` run: its folder or Hub repo id.")
+    parser.add_argument("--data_files", nargs="+", required=True, help="Rows to weigh: .jsonl/.json/.csv/.parquet.")
+    parser.add_argument("--output_dir", required=True, help="Where weighted_dataset.parquet goes (a new folder).")
+    parser.add_argument("--overwrite_output_dir", action="store_true", help="Replace an earlier score's output.")
+    parser.add_argument("--model_name_or_path", default=None, help="The base model, when the run's is not here.")
+    parser.add_argument("--gguf_file", default=None, help="The base model's GGUF file inside --model_name_or_path.")
+    parser.add_argument("--batch_size", type=int, default=64, help="Rows per forward pass.")
+    parser.add_argument("--max_length", type=int, default=512, help="Longer rows keep their end (the answer).")
+    parser.add_argument("--bf16", action="store_true", help="Forward passes under bf16 autocast.")
+    parser.add_argument("--disable_tqdm", action="store_true", help="No progress bar.")
+    return parser
+
+
+def check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """Refuse a folder holding a run or the user's files; an earlier score's output only with ``overwrite``."""
+    if not output_dir.exists():
+        return
+    if not output_dir.is_dir():
+        raise ValueError(f"--output_dir {output_dir} is a file; give a folder for the scored rows.")
+    held = [name for name in RUN_MARKERS if (output_dir / name).exists()]
+    if held:
+        raise ValueError(f"--output_dir {output_dir} holds a run ({', '.join(held)}); scoring would mix its files "
+                         "with the scored rows. Choose another folder.")  # fmt: skip
+    entries = {path.name for path in output_dir.iterdir()}
+    if entries and not (SCORE_RESULTS in entries and overwrite):
+        what = "an earlier score's output" if SCORE_RESULTS in entries else f"other files ({sorted(entries)[:3]})"
+        fix = "pass --overwrite_output_dir to replace it" if SCORE_RESULTS in entries else "choose an empty folder"
+        raise ValueError(f"--output_dir {output_dir} holds {what}: {fix}.")
+
+
+def check_same_base(run, model_name_or_path: str | None) -> None:
+    """Refuse a base model whose tokenizer differs from the run's: the rater's loss feature was learned on the
+    losses of that model's tokens."""
+    if model_name_or_path is None or run.tokenizer is None:
+        return
+    from transformers import AutoTokenizer
+
+    given = AutoTokenizer.from_pretrained(model_name_or_path)
+    if given.get_vocab() != run.tokenizer.get_vocab():
+        raise ValueError(
+            f"--model_name_or_path {model_name_or_path} has another tokenizer than the rater's run "
+            f"({len(given)} vs {len(run.tokenizer)} tokens): the rater reads losses under the adapter it was learned "
+            "with, on that base model. Score with the run's base model, or learn a rater on this one."
+        )
+
+
+def load_rows(files: list[str]):
+    from hf_fg2u.cli.data_loading import builder_of, load_files
+
+    missing = [path for path in files if not Path(path).is_file()]
+    if missing:
+        raise FileNotFoundError(f"--data_files: no file at {missing}.")
+    empty = [path for path in files if Path(path).stat().st_size == 0]
+    if empty:
+        raise ValueError(f"--data_files: {empty} are empty; give files with rows to weigh.")
+    rows = load_files({"train": files}, builder_of({"train": files}))["train"]
+    if len(rows) == 0:
+        raise ValueError(f"--data_files {files} hold no rows; give files with rows to weigh.")
+    return rows
+
+
+def score(args: argparse.Namespace) -> dict:
+    """Check everything, then weigh the rows in two streaming passes (keep-probabilities, then weights over their
+    mean); returns what ``score_results.json`` holds."""
+    from hf_fg2u.hub.load import load_run
+    from hf_fg2u.lm.scoring import RowScorer
+
+    output_dir = Path(args.output_dir)
+    check_output_dir(output_dir, args.overwrite_output_dir)
+    rows = load_rows(args.data_files)
+    kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+    run = load_run(args.run, base_model=args.model_name_or_path, **kwargs)
+    check_same_base(run, args.model_name_or_path)
+    scorer = RowScorer(run.model, run.outer, run.tokenizer, args.max_length, args.batch_size)
+    scorer.check_format(rows.column_names, f"--data_files {args.data_files}")
+    if output_dir.exists():  # an earlier score's output, --overwrite_output_dir given
+        shutil.rmtree(output_dir)
+    partial = output_dir / PARTIAL
+    partial.mkdir(parents=True)
+    start = time.perf_counter()
+    keep_file = partial / "keep.parquet"
+    total, counted, unscored = _first_pass(scorer, rows, keep_file, args)
+    seconds = time.perf_counter() - start
+    mean = total / counted if counted else float("nan")
+    if not counted or not math.isfinite(mean) or mean <= 0:
+        shutil.rmtree(output_dir)
+        raise ValueError(f"No row of {args.data_files} could be scored (every completion is empty).")
+    _second_pass(keep_file, output_dir / "weighted_dataset.parquet", mean)
+    shutil.rmtree(partial)
+    _write_base_record(run.folder, output_dir)
+    results = {
+        "run": str(args.run), "data_files": list(args.data_files), "rows": len(rows), "unscored_rows": unscored,
+        "mean_keep_probability": mean, "seconds": seconds, "rows_per_second": len(rows) / seconds,
+    }  # fmt: skip
+    results.update(_separation(output_dir / "weighted_dataset.parquet"))
+    (output_dir / SCORE_RESULTS).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _first_pass(scorer, rows, keep_file: Path, args) -> tuple[float, int, int]:
+    """The rows with their keep-probability (NaN: no answer to score), chunk by chunk to ``keep_file``; the sum and
+    count of the scored ones, and the count of the others."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tqdm.auto import tqdm
+
+    total, counted, unscored, writer = 0.0, 0, 0, None
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else torch.autocast("cpu", enabled=False)
+    with tqdm(total=len(rows), desc="Scoring rows", unit="rows", disable=args.disable_tqdm) as bar, autocast:
+        for start, keep in scorer.chunks(rows):
+            chunk = rows.with_format("arrow")[start : start + len(keep)]
+            table = chunk.append_column("keep_probability", pa.array(keep.numpy()))
+            writer = writer or pq.ParquetWriter(str(keep_file), table.schema)
+            writer.write_table(table)
+            scored = ~torch.isnan(keep)
+            total += float(keep[scored].sum())
+            counted += int(scored.sum())
+            unscored += int((~scored).sum())
+            bar.update(len(keep))
+    writer.close()
+    if unscored:
+        import warnings
+
+        warnings.warn(f"{unscored} of {len(rows)} rows have no answer token to score (an empty completion): their "
+                      "weight is 0.", stacklevel=2)  # fmt: skip
+    return total, counted, unscored
+
+
+def _second_pass(keep_file: Path, out_file: Path, mean: float) -> None:
+    """``weight`` = keep-probability / its mean over the scored rows (0 for unscored rows), row group by row group."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    source, writer = pq.ParquetFile(str(keep_file)), None
+    for index in range(source.num_row_groups):
+        table = source.read_row_group(index)
+        keep = table.column("keep_probability")
+        weight = pc.fill_null(pc.if_else(pc.is_nan(keep), 0.0, pc.divide(keep, mean)), 0.0)
+        table = table.drop_columns([name for name in ("keep_probability", "weight") if name in table.column_names])
+        table = table.append_column("weight", pa.array(weight, pa.float64()))
+        writer = writer or pq.ParquetWriter(str(out_file), table.schema)
+        writer.write_table(table)
+    writer.close()
+
+
+def _write_base_record(run_folder: Path, output_dir: Path) -> None:
+    """What the run records of its base model, so ``hf-fg2u finetune OUT`` finds it as it does for a run."""
+    from hf_fg2u.trainer.model_setup import BASE_MODEL_FILE
+
+    for name in (BASE_MODEL_FILE,):
+        if (Path(run_folder) / name).is_file():
+            shutil.copy(Path(run_folder) / name, output_dir / name)
+            return
+    config = json.loads((Path(run_folder) / "adapter_config.json").read_text())
+    record = {"base_model_name_or_path": config.get("base_model_name_or_path")}
+    (output_dir / BASE_MODEL_FILE).write_text(json.dumps(record, indent=2))
+
+
+def _separation(weighted_file: Path) -> dict:
+    """AUROC of the weights, wrong rows against right ones, where the rows carry a boolean ``is_corrupted``."""
+    import pyarrow.parquet as pq
+
+    from hf_fg2u.lm.evaluation import auroc
+
+    if "is_corrupted" not in pq.read_schema(str(weighted_file)).names:
+        return {}
+    table = pq.read_table(str(weighted_file), columns=["is_corrupted", "weight"])
+    flags = table.column("is_corrupted").to_pylist()
+    if any(not isinstance(flag, bool) for flag in flags) or len(set(flags)) < 2:
+        return {}
+    weights = torch.tensor(table.column("weight").to_pylist(), dtype=torch.float64)
+    return {"auroc_corrupted": auroc(-weights, torch.tensor(flags))}
+
+
+def run_score(argv: list[str]) -> dict:
+    args = make_parser().parse_args(argv)
+    results = score(args)
+    print(f"hf-fg2u score: {results['rows']} rows in {results['seconds']:.1f} s ({results['rows_per_second']:.1f} "
+          f"rows/s) -> {Path(args.output_dir) / 'weighted_dataset.parquet'}")  # fmt: skip
+    if "auroc_corrupted" in results:
+        print(f"  AUROC of the weights, corrupted vs clean: {results['auroc_corrupted']:.4f}")
+    print(f"  next: hf-fg2u weights {args.output_dir}   or   hf-fg2u finetune {args.output_dir}")
+    return results

@@ -1,0 +1,122 @@
+"""`hf-fg2u score`: a data_rater run weighs rows it never saw, in each row format, with the weights its own run
+exported for the rows it did see; and every refusal happens before anything is written."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from hf_fg2u.cli.main import main
+from hf_fg2u.cli.score import SCORE_RESULTS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+WORDS = ["good", "bad", "nice", "sad", "glad", "mad", "kind", "mean", "fine", "poor", "fair", "foul", "calm", "grim"]
+
+
+def rows(row_format: str, words=WORDS, flip_every: int = 3):
+    """Rows asking whether a word is nice, in one of the three formats; every ``flip_every``-th answer wrong."""
+    out = []
+    for index, word in enumerate(words):
+        answer = " yes" if index % 2 == 0 else " no"
+        wrong = index % flip_every == 0
+        if wrong:
+            answer = " no" if answer == " yes" else " yes"
+        prompt = f"is {word} nice:"
+        if row_format == "text":
+            row = {"text": prompt + answer}
+        elif row_format == "messages":
+            row = {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
+        else:
+            row = {"prompt": prompt, "completion": answer}
+        out.append({**row, "is_corrupted": wrong})
+    return out
+
+
+def write(path, items):
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    return str(path)
+
+
+def learn_rater(tiny_model, tmp_path, row_format="prompt_completion", *extra):
+    train = write(tmp_path / "train.jsonl", rows(row_format) * 2)
+    meta = write(tmp_path / "meta.jsonl", rows(row_format, WORDS[:8], flip_every=10**6))
+    out = tmp_path / f"rater_{row_format}"
+    main(["train", "--recipe", "data_rater", "--model_name_or_path", tiny_model, "--data_files", f"train={train}",
+          f"meta={meta}", "--output_dir", str(out), "--max_steps", "3", "--per_device_train_batch_size", "4",
+          "--unroll_steps", "1", "--inner_warmup_steps", "0", "--meta_batch_size", "4", "--max_length", "64",
+          "--disable_tqdm", "true", "--plot", "false", *extra])  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("row_format", ["prompt_completion", "text", "messages"])
+def test_score_weighs_new_rows_as_the_run_weighed_its_own(tiny_model, tmp_path, row_format):
+    run = learn_rater(tiny_model, tmp_path, row_format)
+    pool = write(tmp_path / "pool.jsonl", rows(row_format) * 2)  # the train rows, as a user's new file
+    out = tmp_path / "scored"
+    main(["score", str(run), "--data_files", pool, "--output_dir", str(out), "--batch_size", "5",
+          "--disable_tqdm"])  # fmt: skip
+    scored = pq.read_table(out / "weighted_dataset.parquet").to_pylist()
+    exported = pq.read_table(run / "weighted_dataset.parquet").to_pylist()
+    assert len(scored) == len(exported) == 2 * len(WORDS)
+    assert {k for k in scored[0] if k != "weight"} == set(rows(row_format)[0])  # the user's columns, plus weight
+    got, want = (torch.tensor([row["weight"] for row in table]) for table in (scored, exported))
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-5, atol=1e-6)  # the run's own export, mean 1
+    results = json.loads((out / SCORE_RESULTS).read_text())
+    assert results["rows"] == 2 * len(WORDS) and results["rows_per_second"] > 0 and "auroc_corrupted" in results
+    assert json.loads((out / "base_model.json").read_text())["base_model_name_or_path"] == tiny_model
+    assert not (out / ".scoring").exists()
+
+
+def test_score_output_feeds_weights_and_finetune(tiny_model, tmp_path, capsys):
+    run = learn_rater(tiny_model, tmp_path)
+    out = tmp_path / "scored"
+    main(["score", str(run), "--data_files", write(tmp_path / "pool.jsonl", rows("prompt_completion")),
+          "--output_dir", str(out), "--disable_tqdm"])  # fmt: skip
+    main(["weights", str(out)])
+    assert "weight" in capsys.readouterr().out
+    main(["finetune", str(out), "--output_dir", str(tmp_path / "ft"), "--max_steps", "2",
+          "--per_device_train_batch_size", "4", "--lora_target_modules", "q_proj", "v_proj", "--disable_tqdm",
+          "true"])  # fmt: skip
+    results = json.loads((tmp_path / "ft" / "finetune_results.json").read_text())
+    assert results["model"] == tiny_model and results["steps"] == 2
+
+
+def refused(argv, match):
+    with pytest.raises(SystemExit, match=match):
+        main(["score", *argv])
+
+
+def test_every_refusal_names_the_fix_and_writes_nothing(tiny_model, tmp_path):
+    run = learn_rater(tiny_model, tmp_path)
+    out = tmp_path / "out"
+    text = write(tmp_path / "text.jsonl", rows("text"))
+    refused([str(run), "--data_files", text, "--output_dir", str(out)],
+            "holds language_modeling rows, but the rater was learned on prompt_completion rows")  # fmt: skip
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    refused([str(run), "--data_files", str(empty), "--output_dir", str(out)], "are empty")
+    pool = write(tmp_path / "pool.jsonl", rows("prompt_completion"))
+    refused([str(run), "--data_files", pool, "--output_dir", str(run)], "holds a run")
+    assert not out.exists()
+    other = tmp_path / "other_model"
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    LlamaForCausalLM.from_pretrained(tiny_model).save_pretrained(other)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.add_tokens(["<extra>"])
+    tokenizer.save_pretrained(other)
+    refused([str(run), "--data_files", pool, "--output_dir", str(out), "--model_name_or_path", str(other)],
+            "another tokenizer than the rater's run")  # fmt: skip
+    assert not out.exists()
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    refused([str(run), "--data_files", pool, "--output_dir", str(out)], "choose an empty folder")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_a_run_of_per_row_weights_is_not_a_rater(tiny_model, tmp_path):
+    run = learn_rater(tiny_model, tmp_path, "prompt_completion", "--outer", "example_weights")
+    pool = write(tmp_path / "pool.jsonl", rows("prompt_completion"))
+    refused([str(run), "--data_files", pool, "--output_dir", str(tmp_path / "o")], "this run learned ExampleWeights")
+    assert not (tmp_path / "o").exists()
