@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 
 from hf_fg2u.lm.evaluation import auroc
 from hf_fg2u.outer import DataRater, OuterModule
@@ -75,14 +75,15 @@ def test_bad_settings_are_refused(kwargs, message):
 
 
 def test_the_bilevel_loop_teaches_it_to_down_weight_wrong_rows_it_never_saw(tmp_path):
-    """Trained on one draw of the toy facts (40% wrong answers), the rater separates the wrong rows of another draw,
-    rows no unroll reached: it reads their losses under the adapter trained alongside it, never their ids."""
-    _, data = fact_data(seed=0)
-    _, unseen = fact_data(seed=1)
-    trainer = trainer_for(tmp_path, DataRater(), data, method="rgu", max_steps=48, learning_rate=0.3,
-                          optim="sgd", normalize_hypergradient=True, inner_optimizer="adam", inner_lr=1e-2)  # fmt: skip
+    """Trained on half the rows of the toy facts (40% wrong answers), the rater separates the wrong rows of the other
+    half, rows no unroll reached: it reads their losses under the adapter trained alongside it, never their ids."""
+    _, data = fact_data(copies=16)
+    order = torch.randperm(len(data["train"]), generator=torch.Generator().manual_seed(0)).tolist()
+    seen, unseen = data["train"].select(order[:64]), data["train"].select(order[64:])
+    trainer = trainer_for(tmp_path, DataRater(), DatasetDict({**data, "train": seen}), method="rgu", max_steps=24,
+                          learning_rate=0.3, optim="sgd", normalize_hypergradient=True, inner_optimizer="adam",
+                          inner_lr=1e-2)  # fmt: skip
     trainer.train()
-    assert trainer.outer.summary()["rater_loss_slope"] < 0  # a higher loss, a lower weight
-    weights = trainer.dataset_weights(unseen["train"])
-    separation = auroc(-weights.double(), torch.tensor(unseen["train"]["is_corrupted"]))
-    assert separation > 0.9, separation
+    assert trainer.outer.summary()["rater_loss_slope"] < -1.0  # a higher loss, a lower weight (seed 0: -2.5)
+    weights = trainer.dataset_weights(unseen)
+    assert auroc(-weights.double(), torch.tensor(unseen["is_corrupted"])) > 0.95  # seed 0: 1.0
