@@ -172,6 +172,7 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
         self._problems: dict[bool, tuple] = {}
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._outer_before: tuple[dict, dict] | None = None  # φ and the outer optimizer state before the update
+        self._inner_before: tuple | None = None  # θ, the inner optimizer state and the reset policy's, likewise
         self._outer_buffers: list | None = None  # where they are copied, reused every step
         self._save_error: Exception | None = None  # rank 0's checkpoint write failure, reported to every rank
         self._steps_run, self._steps_skipped, self._meta_loss_sum = 0, 0, 0.0
@@ -347,6 +348,7 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
                 "coefficient."
             )  # fmt: skip
         self._outer_before = self._snapshot_outer()
+        self._inner_before = (self._inner_params, self._inner_state, self._resets.state_dict())
         for name, parameter in self.outer.named_parameters():
             parameter.grad = grads[name].to(parameter.dtype)
         self._inner_params, self._inner_state = result.params, result.optimizer_state
