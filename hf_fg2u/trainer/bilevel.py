@@ -196,22 +196,45 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
         self._warn_if_truncation_hides_rows()
 
     def _check_direction_count(self) -> None:
-        """More random directions than φ has coordinates cost more than the exact answer, which that many orthogonal
-        directions already give: a warning, and an error past MAX_SURPLUS_DIRECTIONS (10**9 directions would run
-        for days with no sign of progress)."""
-        size = sum(value.numel() for value in self.outer.outer_dict().values())
+        """More random directions than one unroll's coordinates cost more than the exact answer, which that many
+        orthogonal directions already give: a warning, and an error past MAX_SURPLUS_DIRECTIONS (10**9 directions
+        would run for days with no sign of progress). Basis directions are distinct coordinates among those, so more
+        of them than there are would fail at step 0: refused now."""
         directional = [name for name, method in self._methods.items() if method.directional]
         b = self.args.num_directions
+        size, what = self._unroll_coordinates()
         if not directional or b <= size:
             return
+        if self.args.directions == "basis":
+            raise ValueError(
+                f"directions='basis' with num_directions={b}, but {what}: basis directions are distinct coordinates "
+                f"among them, so step 0 would fail. Set num_directions <= {size} ({size} gives the exact "
+                "hypergradient), or use random directions (directions='orthogonal')."
+            )
         message = (
-            f"num_directions={b} exceeds the {size} coordinates of the outer variables ({type(self.outer).__name__}):"
-            f" {size} orthogonal directions (directions='orthogonal') already give the exact hypergradient of "
-            f"{directional[0]!r}. Use at most {size}, or an exact method such as rgu."
+            f"num_directions={b} exceeds {what}: {size} orthogonal directions (directions='orthogonal') already give "
+            f"the exact hypergradient of {directional[0]!r}. Use at most {size}, or an exact method such as rgu."
         )
         if b > MAX_SURPLUS_DIRECTIONS:
             raise ValueError(message)
         warnings.warn(message, stacklevel=3)
+
+    def _unroll_coordinates(self) -> tuple[int, str]:
+        """How many coordinates of φ one unroll can affect, and what they are: every coordinate, or for per-row
+        outer variables (``per_row_coordinates``) at most one per row of the unroll, which all processes share
+        (gathered for process_split='directions', the union over ranks for 'data')."""
+        size = sum(value.numel() for value in self.outer.outer_dict().values())
+        whole = f"the {size} coordinates of the outer variables ({type(self.outer).__name__})"
+        if not self.outer.per_row_coordinates:
+            return size, whole
+        args, world = self.args, self.processes.world
+        rows = args.unroll_steps * self._train_batch_size * world
+        if rows >= size:
+            return size, whole
+        return rows, (
+            f"the {rows} coordinates one unroll can affect (unroll_steps={args.unroll_steps} × "
+            f"{self._train_batch_size} rows × {world} processes, of the {size} of {type(self.outer).__name__})"
+        )
 
     def _warn_if_truncation_hides_rows(self) -> None:
         """trgu differentiates only the last K steps: outer variables tied to rows (per-example weights) of the
