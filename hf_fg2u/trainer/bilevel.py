@@ -181,6 +181,7 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
     def _check_methods(self) -> None:
         """What the chosen methods cannot do with this run, refused (or warned about) before any compute."""
         self.processes.check_direction_shares(self._methods)
+        self.processes.warn_if_unroll_repeated(self._methods)
         self._check_direction_count()
         if self.args.project_group_shift and self.outer.num_groups > 1 and "fg2u_zo" in self._methods:
             raise ValueError("fg2u_zo never forms the meta gradient, so the group-shift projection of grouped weights "
