@@ -119,6 +119,11 @@ def main() -> None:
         "rounding. A larger `inner_eps` bounds that weight (the trainer warns on a bf16/fp16 model below 1e-4); SGD "
         "and momentum have no such division. Finite differences (`hessian_free`'s, `fg2u_zo`'s) step below bf16's "
         "resolution.",
+        "",
+        "A full-parameter θ in fp16 is refused when the trainer is built: its hypergradients overflow to inf/NaN (on "
+        "the tiny GPT-2 above, rgu and fg2u with SGD and fg2u with Adam at ε 1e-4 all did), while LoRA on an fp16 "
+        "base stayed within 0.06 of float64. Load the model in bf16 (float32's range) or fp32 for full-parameter "
+        "θ, or train a LoRA adapter.",
     ]
     args.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")

@@ -10,6 +10,7 @@ group's share (docs/group_shift.md).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -77,9 +78,10 @@ def grouped_meta_gradient(losses: Callable, groups_of: Callable, num_groups: int
     return meta_gradient
 
 
-def check_meta_groups(meta, column: str, num_groups: int, meta_batch_size: int = 2) -> list[int]:
+def check_meta_groups(meta, column: str, num_groups: int, meta_batch_size: int | None = None) -> list[int]:
     """Each meta row's group; refused, before training, where they cannot give a shift direction: no ``column``, a
-    group outside [-1, num_groups), fewer than two groups among them, or meta batches of one row."""
+    group outside [-1, num_groups), fewer than two groups among them, or meta batches too small to hold a row of
+    every group present (``with_every_group`` then could not leave a group's shift out of no batch)."""
     if column not in meta.column_names:
         raise ValueError(
             f"project_group_shift takes the answer-shift directions on the meta rows, so the meta dataset needs a "
@@ -99,26 +101,30 @@ def check_meta_groups(meta, column: str, num_groups: int, meta_batch_size: int =
             "answer-shift direction can be taken on them: give the meta set rows of at least two answers, or set "
             "project_group_shift=False."
         )
-    if meta_batch_size < 2:
-        raise ValueError(f"project_group_shift takes the shift directions on each meta batch, which then needs rows "
-                         f"of two groups: meta_batch_size={meta_batch_size} is too small.")  # fmt: skip
+    if meta_batch_size is not None and meta_batch_size < len(present):
+        raise ValueError(
+            f"project_group_shift takes the shift directions on each meta batch, which then needs a row of each of "
+            f"the {len(present)} groups of the meta rows ({present}): meta_batch_size={meta_batch_size} is too "
+            f"small. Set meta_batch_size >= {len(present)}, or project_group_shift=False."
+        )
     return groups.tolist()
 
 
-def with_two_groups(rows: list[int], order: list[int], groups: list[int]) -> list[int]:
-    """A meta batch's rows (the first of a seeded ``order`` of the meta rows) that hold at least two known groups:
-    where the draw holds fewer, its last replaceable rows (of no group, or of a group held twice) give way to the
-    next rows of ``order`` of a group it lacks. A batch of one group gives no shift direction, and its step would
-    credit the shift in full. Unchanged where the draw already holds two (``check_meta_groups`` made sure the meta
-    rows hold two, and the trainer that ``len(rows) >= 2``)."""
+def with_every_group(rows: list[int], order: list[int], groups: list[int]) -> list[int]:
+    """A meta batch's rows (the first of a seeded ``order`` of the meta rows) that hold every known group of the meta
+    rows: where the draw lacks one, its last replaceable rows (of no group, or of a group held twice) give way to the
+    next rows of ``order`` of a group it lacks. A group missing from the batch gives no shift direction, and its step
+    would credit that group's shift in full. Unchanged where the draw already holds every group (``check_meta_groups``
+    made sure that ``len(rows)`` is at least the number of groups, so a replaceable row is always left)."""
     rows = list(rows)
+    wanted = set(groups) - {-1}
     known = {groups[i] for i in rows} - {-1}
     for candidate in order[len(rows) :]:
-        if len(known) >= 2:
+        if known >= wanted:
             break
         if groups[candidate] == -1 or groups[candidate] in known:
             continue
-        counts = {g: sum(groups[i] == g for i in rows) for g in known}
+        counts = Counter(groups[i] for i in rows)
         slot = max(k for k, i in enumerate(rows) if groups[i] == -1 or counts[groups[i]] > 1)
         rows[slot] = candidate
         known.add(groups[candidate])

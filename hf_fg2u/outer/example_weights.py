@@ -100,12 +100,24 @@ class ExampleWeights(OuterModule):
             raise ValueError(
                 f"set_groups needs one group per example ({self.groups.numel()}), got {tuple(groups.shape)}."
             )
-        counts = torch.bincount(groups.clamp_min(0), minlength=self.num_groups)
+        counts = _group_counts(groups, self.num_groups)
         if int(groups.min()) < 0 or int(groups.max()) >= self.num_groups or bool((counts == 0).any()):
             raise ValueError(
                 f"Groups must lie in [0, {self.num_groups}) and each have a row; counts {counts.tolist()}."
             )
         self.groups.copy_(groups)
+
+    def check_groups(self) -> None:
+        """Refuse grouped weights whose groups were never set: every row would sit in group 0 and the weights would
+        silently be measured against one dataset-wide mean. ``set_groups`` gives every group a row, so a group
+        without one means it was never called (groups loaded with ``from_pretrained`` pass)."""
+        counts = _group_counts(self.groups, self.num_groups)
+        if self.num_groups > 1 and bool((counts == 0).any()):
+            raise ValueError(
+                f"ExampleWeights(num_groups={self.num_groups}) has {counts.tolist()} rows per group: its groups were "
+                "never set, so every row would sit in group 0. Call set_groups(groups) with each example's group in "
+                f"[0, {self.num_groups}) before training (hf-fg2u train --balance_column does), or use num_groups=1."
+            )
 
     def log_shares(self, logits: torch.Tensor) -> torch.Tensor:
         """log of each row's unnormalised share: z (softmax) or log σ(z) (sigmoid); weights are their softmax."""
@@ -146,6 +158,7 @@ class ExampleWeights(OuterModule):
     def prepare_dataset(self, dataset, role):
         if role != "train":
             return dataset
+        self.check_groups()
         require_columns(dataset, self.required_columns, role, "ExampleWeights")
         ids = torch.as_tensor(dataset[self.id_column])
         if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= self.logits.numel()):
@@ -193,3 +206,8 @@ class ExampleWeights(OuterModule):
             "weight_min": float(weights.min()),
             "weight_max": float(weights.max()),
         }
+
+
+def _group_counts(groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Rows per group [num_groups] (a row below 0 counts in group 0; ``set_groups`` refuses those)."""
+    return torch.bincount(groups.clamp_min(0), minlength=num_groups)

@@ -172,6 +172,7 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
         self._problems: dict[bool, tuple] = {}
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._outer_before: tuple[dict, dict] | None = None  # φ and the outer optimizer state before the update
+        self._inner_before: tuple | None = None  # θ, the inner optimizer state and the reset policy's, likewise
         self._outer_buffers: list | None = None  # where they are copied, reused every step
         self._save_error: Exception | None = None  # rank 0's checkpoint write failure, reported to every rank
         self._steps_run, self._steps_skipped, self._meta_loss_sum = 0, 0, 0.0
@@ -180,6 +181,7 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
     def _check_methods(self) -> None:
         """What the chosen methods cannot do with this run, refused (or warned about) before any compute."""
         self.processes.check_direction_shares(self._methods)
+        self.processes.warn_if_unroll_repeated(self._methods)
         self._check_direction_count()
         if self.args.project_group_shift and self.outer.num_groups > 1 and "fg2u_zo" in self._methods:
             raise ValueError("fg2u_zo never forms the meta gradient, so the group-shift projection of grouped weights "
@@ -195,22 +197,45 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
         self._warn_if_truncation_hides_rows()
 
     def _check_direction_count(self) -> None:
-        """More random directions than φ has coordinates cost more than the exact answer, which that many orthogonal
-        directions already give: a warning, and an error past MAX_SURPLUS_DIRECTIONS (10**9 directions would run
-        for days with no sign of progress)."""
-        size = sum(value.numel() for value in self.outer.outer_dict().values())
+        """More random directions than one unroll's coordinates cost more than the exact answer, which that many
+        orthogonal directions already give: a warning, and an error past MAX_SURPLUS_DIRECTIONS (10**9 directions
+        would run for days with no sign of progress). Basis directions are distinct coordinates among those, so more
+        of them than there are would fail at step 0: refused now."""
         directional = [name for name, method in self._methods.items() if method.directional]
         b = self.args.num_directions
+        size, what = self._unroll_coordinates()
         if not directional or b <= size:
             return
+        if self.args.directions == "basis":
+            raise ValueError(
+                f"directions='basis' with num_directions={b}, but {what}: basis directions are distinct coordinates "
+                f"among them, so step 0 would fail. Set num_directions <= {size} ({size} gives the exact "
+                "hypergradient), or use random directions (directions='orthogonal')."
+            )
         message = (
-            f"num_directions={b} exceeds the {size} coordinates of the outer variables ({type(self.outer).__name__}):"
-            f" {size} orthogonal directions (directions='orthogonal') already give the exact hypergradient of "
-            f"{directional[0]!r}. Use at most {size}, or an exact method such as rgu."
+            f"num_directions={b} exceeds {what}: {size} orthogonal directions (directions='orthogonal') already give "
+            f"the exact hypergradient of {directional[0]!r}. Use at most {size}, or an exact method such as rgu."
         )
         if b > MAX_SURPLUS_DIRECTIONS:
             raise ValueError(message)
         warnings.warn(message, stacklevel=3)
+
+    def _unroll_coordinates(self) -> tuple[int, str]:
+        """How many coordinates of φ one unroll can affect, and what they are: every coordinate, or for per-row
+        outer variables (``per_row_coordinates``) at most one per row of the unroll, which all processes share
+        (gathered for process_split='directions', the union over ranks for 'data')."""
+        size = sum(value.numel() for value in self.outer.outer_dict().values())
+        whole = f"the {size} coordinates of the outer variables ({type(self.outer).__name__})"
+        if not self.outer.per_row_coordinates:
+            return size, whole
+        args, world = self.args, self.processes.world
+        rows = args.unroll_steps * self._train_batch_size * world
+        if rows >= size:
+            return size, whole
+        return rows, (
+            f"the {rows} coordinates one unroll can affect (unroll_steps={args.unroll_steps} × "
+            f"{self._train_batch_size} rows × {world} processes, of the {size} of {type(self.outer).__name__})"
+        )
 
     def _warn_if_truncation_hides_rows(self) -> None:
         """trgu differentiates only the last K steps: outer variables tied to rows (per-example weights) of the
@@ -347,6 +372,7 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
                 "coefficient."
             )  # fmt: skip
         self._outer_before = self._snapshot_outer()
+        self._inner_before = (self._inner_params, self._inner_state, self._resets.state_dict())
         for name, parameter in self.outer.named_parameters():
             parameter.grad = grads[name].to(parameter.dtype)
         self._inner_params, self._inner_state = result.params, result.optimizer_state

@@ -84,9 +84,10 @@ class BilevelConfig(TrainingArguments):
         default="directions",
         metadata={"help": f"How several processes share an outer step, one of {PROCESS_SPLITS}. 'directions': every "
                   "process runs the same unroll on all ranks' rows and takes b/P of the directions (one all-reduce "
-                  "per outer step). 'data': every process keeps its own rows and all b directions; the inner "
-                  "gradient and its tangents are averaged across processes at every inner step (for batches that "
-                  "do not fit one device; fg2u only)."},
+                  "per outer step; a method without directions, such as rgu, repeats the whole unroll on every "
+                  "process). 'data': every process keeps its own rows and all b directions; the inner gradient and "
+                  "its tangents (or VJPs) are averaged across processes at every inner step (for batches that do "
+                  "not fit one device; fg2u, rgu and trgu)."},
     )  # fmt: skip
 
     # -- inner optimizer ---------------------------------------------------------------------------------------

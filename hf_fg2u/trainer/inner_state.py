@@ -10,7 +10,7 @@ from transformers.utils import logging
 
 from hf_fg2u.hypergrad.unroll import clone_tree, run_inner_loop
 from hf_fg2u.lm.collator import PaddingCollator
-from hf_fg2u.lm.group_shift import grouped_meta_gradient, with_two_groups
+from hf_fg2u.lm.group_shift import grouped_meta_gradient, with_every_group
 from hf_fg2u.lm.losses import losses_to_problem, make_lm_losses
 from hf_fg2u.lm.params import load_parameters, trainable_parameters
 
@@ -84,11 +84,12 @@ class InnerStateMixin:
 
     def meta_batch(self, step: int) -> dict:
         """The meta batch of outer step ``step``: a seeded draw without replacement, so resuming at any step
-        draws the same batches without saving a data position."""
+        draws the same batches without saving a data position; with the meta rows' groups, one that holds a row of
+        every group (``with_every_group``)."""
         generator = torch.Generator().manual_seed(self.args.seed * META_BATCH_SEED_STRIDE + step)
         size = min(self.args.meta_batch_size, len(self.meta_dataset))
         order = torch.randperm(len(self.meta_dataset), generator=generator).tolist()
-        rows = order[:size] if self._meta_groups is None else with_two_groups(order[:size], order, self._meta_groups)
+        rows = order[:size] if self._meta_groups is None else with_every_group(order[:size], order, self._meta_groups)
         return self.data_collator([self.meta_dataset[i] for i in rows])
 
     def _problem(self, model, method: str):

@@ -81,9 +81,24 @@ def prepare_model(model, args, peft_config):
         model = wrap_with_peft(model, peft_config, args.seed)
     if args.inner_parameters:
         select_inner_parameters(model, args.inner_parameters)
-    trainable_parameters(model)  # raises a clear error when nothing is trainable
+    theta = trainable_parameters(model)  # raises a clear error when nothing is trainable
+    refuse_float16_full_theta(model, theta)
     warn_if_adam_eps_below_half_precision(model, args)
     return model, name
+
+
+def refuse_float16_full_theta(model, theta: dict[str, torch.Tensor]) -> None:
+    """A θ of the model's own weights (no peft adapter) in float16: its hypergradients overflow to inf/NaN
+    (docs/low_precision.md), and every step would then be skipped or stop the run as if it diverged. fp16 LoRA
+    stays close to float64 there, and bf16 has float32's range."""
+    half = [name for name, value in theta.items() if value.dtype == torch.float16]
+    if half and not hasattr(model, "peft_config"):
+        raise ValueError(
+            f"θ holds {len(half)} float16 weights of the model itself (e.g. {half[0]!r}), with no peft adapter: a "
+            "full-parameter θ in float16 gives non-finite hypergradients (its range overflows; docs/low_precision.md). "
+            'Load the model in bfloat16 or float32 (model_init_kwargs=\'{"dtype": "bfloat16"}\'), or train a LoRA '
+            "adapter on the float16 model (peft_config)."
+        )
 
 
 HALF_PRECISION_INNER_EPS = 1e-4  # docs/low_precision.md: cosine >= 0.99 to the float64 hypergradient (0.33 at 1e-8)

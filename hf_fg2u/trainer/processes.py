@@ -19,6 +19,7 @@ import warnings
 import torch
 
 from hf_fg2u.hypergrad import METHOD_SPECS
+from hf_fg2u.hypergrad.methods import data_parallel_methods
 from hf_fg2u.lm.params import load_parameters
 from hf_fg2u.trainer.checkpointing import flatten_state
 
@@ -61,6 +62,23 @@ class ProcessPolicy:
                 f"direction, which method {refused[0]!r} does not support. Set num_directions >= {self.world} (a "
                 "multiple of it balances the work), or use fewer processes."
             )
+
+    def warn_if_unroll_repeated(self, methods: dict) -> None:
+        """Under process_split='directions' a method that draws no directions has nothing to split: every process
+        runs the whole unroll on all ranks' rows and gets the same result, P times the work of one process."""
+        repeated = [name for name, method in methods.items() if not method.directional]
+        if not self.shares_unroll or not repeated:
+            return
+        parallel = data_parallel_methods()
+        if all(name in parallel for name in repeated):
+            fix = "Set process_split='data': each process then unrolls its own rows, the inner gradients averaged."
+        else:
+            fix = f"Run it on one process, or use a method that process_split='data' splits by rows ({parallel})."
+        warnings.warn(
+            f"Method {repeated} draws no directions, so process_split='directions' gives each of the {self.world} "
+            f"processes the whole unroll on every rank's rows: each repeats the same work and nothing is split. {fix}",
+            stacklevel=3,
+        )
 
     def gather_unroll(self, inputs: dict[str, torch.Tensor], fill: dict[str, int]) -> dict[str, torch.Tensor]:
         """Every rank's rows of the unroll, concatenated in rank order — the rows one process with

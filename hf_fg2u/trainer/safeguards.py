@@ -1,5 +1,5 @@
 """Safeguards of the outer step: a non-finite hypergradient or update skips the step (or stops the run)
-and puts φ and the outer optimizer back as they were."""
+and puts φ, the outer optimizer, θ and the inner optimizer back as they were."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from hf_fg2u.hypergrad import NonFiniteHypergradientError
+from hf_fg2u.lm.params import load_parameters
 
 logger = logging.get_logger(__name__)
 
@@ -59,9 +60,11 @@ class OuterStepSafeguards:
 
     def _check_outer_update(self) -> None:
         """After the outer optimizer's step: a non-finite φ (an overflowing learning rate or moment) is put back
-        as it was before the step, with the optimizer state, and the step counts as skipped; a finite one is
+        as it was before the step, with the optimizer state, θ and the inner optimizer state (the unroll that
+        advanced them belongs to the step that did not happen), and the step counts as skipped; a finite one is
         projected onto its feasible set (``OuterModule.project_``)."""
         before, self._outer_before = self._outer_before, None
+        inner_before, self._inner_before = self._inner_before, None
         if before is None:
             return
         bad = [name for name, value in self.outer.state_dict().items() if not torch.isfinite(value).all()]
@@ -74,8 +77,16 @@ class OuterStepSafeguards:
         if before[1] is not None:
             self.optimizer.load_state_dict(before[1])
             self._outer_buffers = None  # the optimizer's state may now be these buffers: take new ones next step
+        self._restore_inner(inner_before)
         self._metrics["meta_loss"].pop()  # that step's update did not happen
         self._skip_step(
             self.state.global_step, f"the outer update made {bad} non-finite (learning_rate="
-            f"{self.args.learning_rate:g}, optim={self.args.optim!r}); φ was restored. Lower learning_rate."
+            f"{self.args.learning_rate:g}, optim={self.args.optim!r}); φ, θ and the inner optimizer state were "
+            "restored. Lower learning_rate."
         )  # fmt: skip
+
+    def _restore_inner(self, before: tuple) -> None:
+        """θ (in the model too), the inner optimizer state and the reset policy's counters as before the step."""
+        self._inner_params, self._inner_state, resets = before
+        self._resets.load_state_dict(resets)
+        load_parameters(self.model, self._inner_params)

@@ -1,14 +1,17 @@
 """The grouped meta gradient against autograd on a tiny LM: the mean meta loss and its gradient less the projection on
 ∇ of the groups' mean-loss differences, all from one pass per group."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from datasets import Dataset
 
 from hf_fg2u.hypergrad.projection import project_out
-from hf_fg2u.lm.group_shift import check_meta_groups, group_parts, grouped_meta_gradient, with_two_groups
+from hf_fg2u.lm.group_shift import check_meta_groups, group_parts, grouped_meta_gradient, with_every_group
 from hf_fg2u.lm.losses import make_lm_losses
 from hf_fg2u.lm.params import trainable_parameters
+from hf_fg2u.trainer.inner_state import InnerStateMixin
 from tests.helpers.tiny import random_lm_batches, tiny_lm
 
 
@@ -68,10 +71,41 @@ def test_meta_groups_are_checked_before_training():
 def test_a_meta_batch_of_one_group_takes_rows_of_another():
     groups = [0, 0, 0, -1, 0, 1, 1, -1]
     order = [0, 1, 3, 2, 4, 7, 5, 6]  # the seeded permutation; the first 3 are the draw
-    assert with_two_groups(order[:3], order, groups) == [0, 1, 5]  # the row of no group gives way first
-    assert with_two_groups([0, 1], [0, 1, 2, 5], groups) == [0, 5]  # a row of a group held twice
-    assert with_two_groups([3, 7], [3, 7, 5, 0], groups) == [0, 5]  # no known group: two rows give way
-    assert with_two_groups([0, 5, 1], order, groups) == [0, 5, 1]  # two groups already: the draw as it was
+    assert with_every_group(order[:3], order, groups) == [0, 1, 5]  # the row of no group gives way first
+    assert with_every_group([0, 1], [0, 1, 2, 5], groups) == [0, 5]  # a row of a group held twice
+    assert with_every_group([3, 7], [3, 7, 5, 0], groups) == [0, 5]  # no known group: two rows give way
+    assert with_every_group([0, 5, 1], order, groups) == [0, 5, 1]  # two groups already: the draw as it was
+
+
+def test_every_meta_batch_holds_every_group_of_the_meta_rows():
+    """Issue 36: with three groups a draw that missed one left that group's shift in the hypergradient. Now every
+    batch of the trainer's seeded draw holds all three; a draw that already did is kept as it was."""
+    groups = [0, 0, 0, 0, 0, 0, 1, 1, 1, -1, 2, 2]
+    assert with_every_group([0, 1, 6], [0, 1, 6, 2, 10, 7], groups) == [0, 10, 6]  # group 0 held twice gives way
+    assert with_every_group([9, 0, 1], [9, 0, 1, 7, 11], groups) == [11, 0, 7]  # the last replaceable row first
+    meta = Dataset.from_dict({"meta_group": groups})
+
+    def collate(rows):
+        return [row["meta_group"] for row in rows]
+
+    trainer = SimpleNamespace(args=SimpleNamespace(seed=0, meta_batch_size=3), meta_dataset=meta, _meta_groups=groups,
+                              data_collator=collate)  # fmt: skip
+    plain = SimpleNamespace(**{**vars(trainer), "_meta_groups": None})
+    kept = 0
+    for step in range(40):
+        batch, draw = InnerStateMixin.meta_batch(trainer, step), InnerStateMixin.meta_batch(plain, step)
+        assert sorted(batch) == [0, 1, 2], (step, draw, batch)
+        if sorted(draw) == [0, 1, 2]:
+            assert batch == draw
+            kept += 1
+    assert 0 < kept < 40  # both cases were drawn
+
+
+def test_meta_batches_smaller_than_the_groups_are_refused():
+    three = Dataset.from_dict({"meta_group": [0, 1, 2, -1]})
+    with pytest.raises(ValueError, match=r"each of the 3 groups .*meta_batch_size=2 is too small. Set meta_batch_siz"):
+        check_meta_groups(three, "meta_group", 3, meta_batch_size=2)
+    assert check_meta_groups(three, "meta_group", 3, meta_batch_size=3) == [0, 1, 2, -1]
 
 
 def test_meta_groups_outside_the_range_or_not_integers_are_refused():

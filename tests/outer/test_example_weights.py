@@ -182,6 +182,19 @@ def test_groups_survive_save_and_load_and_bad_groups_are_refused(tmp_path):
         ExampleWeights(5, num_groups=2).set_groups([0, 1])
 
 
+def test_grouped_weights_whose_groups_were_never_set_are_refused(tmp_path):
+    """Issue 36: ExampleWeights(num_groups=2) without set_groups put every row in group 0 and trained silently."""
+    data = fact_data(num_facts=8, copies=2)[1]
+    data = {**data, "meta": data["meta"].add_column("meta_group", [i % 2 for i in range(len(data["meta"]))])}
+    common = dict(num_directions=2, per_device_train_batch_size=4, meta_batch_size=4, max_steps=1)
+    with pytest.raises(ValueError, match=r"num_groups=2\) has \[16, 0\] rows per group: .*never set.*set_groups"):
+        trainer_for(tmp_path / "unset", ExampleWeights(16, num_groups=2), data, **common)
+    outer = ExampleWeights(16, num_groups=2)
+    outer.set_groups([i % 2 for i in range(16)])
+    trainer_for(tmp_path / "set", outer, data, **common)  # set: accepted
+    ExampleWeights(16).check_groups()  # one group needs none
+
+
 def test_recipe_balance_column_groups_the_rows_by_its_values():
     from datasets import Dataset
 

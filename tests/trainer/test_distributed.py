@@ -163,3 +163,34 @@ def test_fg2u_zo_with_fewer_directions_than_processes_is_refused_at_start():
     policy.check_direction_shares({"fg2u": make_method("fg2u")})  # fg2u runs an empty share
     with pytest.raises(ValueError, match=r"num_directions=8 < 16 processes: 8 processes would get no direction"):
         policy.check_direction_shares({"fg2u_zo": make_method("fg2u_zo")})
+
+
+@pytest.mark.parametrize(
+    ("methods", "fix"),
+    [
+        (["rgu"], r"Set process_split='data'"),
+        (["fg2u", "hessian_free"], r"Run it on one process, or .*\['fg2u', 'rgu'"),
+    ],
+)
+def test_a_method_without_directions_split_by_directions_is_warned_about(methods, fix):
+    """Issue 36: rgu under process_split='directions' ran the whole unroll on every rank without a word."""
+    import re
+    import warnings
+    from types import SimpleNamespace
+
+    from hf_fg2u.hypergrad import make_method
+
+    def policy(world, split="directions"):
+        return ProcessPolicy(SimpleNamespace(num_processes=world, process_index=0),
+                             SimpleNamespace(num_directions=8, process_split=split))  # fmt: skip
+
+    built = {name: make_method(name) for name in methods}
+    repeated = [name for name in methods if name != "fg2u"]
+    seen = re.escape(f"Method {repeated} draws no directions, so process_split='directions' gives each of the 2")
+    with pytest.warns(UserWarning, match=rf"{seen} processes .*{fix}"):
+        policy(2).warn_if_unroll_repeated(built)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        policy(1).warn_if_unroll_repeated(built)  # one process: nothing repeated
+        policy(2, "data").warn_if_unroll_repeated(built)  # rows split
+        policy(2).warn_if_unroll_repeated({"fg2u": make_method("fg2u")})  # directions split

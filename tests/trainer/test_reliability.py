@@ -13,6 +13,7 @@ import hf_fg2u.trainer.bilevel as trainer_module
 import hf_fg2u.trainer.saving as saving_module
 from hf_fg2u import BilevelTrainer, ExampleWeights
 from hf_fg2u.hypergrad import NonFiniteHypergradientError
+from hf_fg2u.lm.params import trainable_parameters
 from hf_fg2u.trainer.run_folder import LOCK_NAME
 from tests.helpers.tiny import LORA_TARGETS, TOKENIZER, config, fact_data, tiny_llama, trainer_for
 
@@ -85,23 +86,29 @@ def test_output_dir_that_is_a_file_or_unwritable_is_refused_at_start(tmp_path, d
 # -- case 3: φ checked after the outer update ------------------------------------------------------------------------
 @pytest.mark.parametrize("policy", ["skip", "stop"])
 def test_outer_update_that_overflows_is_undone(tmp_path, data, policy):
-    """An outer optimizer whose step overflows (here SGD with an infinite learning rate, which torch accepts)."""
+    """An outer optimizer whose step overflows (here SGD with an infinite learning rate, which torch accepts): φ, θ
+    (in the model too) and the inner optimizer state are as before the step (issue 36: θ stayed advanced)."""
     outer = ExampleWeights(16)
     trainer = BilevelTrainer(
-        tiny_llama(), config(tmp_path, max_steps=3, nonfinite_policy=policy, **FAST), train_dataset=data["train"],
-        meta_dataset=data["meta"], outer=outer, peft_config=LoraConfig(r=8, target_modules=LORA_TARGETS),
+        tiny_llama(), config(tmp_path, max_steps=3, nonfinite_policy=policy, inner_reset_every=2, **FAST),
+        train_dataset=data["train"], meta_dataset=data["meta"], outer=outer,
+        peft_config=LoraConfig(r=8, target_modules=LORA_TARGETS),
         optimizers=(torch.optim.SGD(outer.parameters(), lr=float("inf")), None),
     )  # fmt: skip
+    theta = trainable_parameters(trainer.model)
     if policy == "stop":
         with pytest.raises(NonFiniteHypergradientError, match=r"outer update made \['logits'\] non-finite"):
             trainer.train()
-        assert torch.equal(outer.logits.detach(), torch.zeros(16))
-        return
-    restored = r"Outer step 0 skipped.*non-finite.*φ was restored. Lower learning_rate"
-    with pytest.warns(UserWarning, match=restored), pytest.raises(RuntimeError, match="All 3 outer steps were skip"):
-        trainer.train()
+    else:
+        restored = r"Outer step 0 skipped.*non-finite.*φ, θ and the inner optimizer state were restored. Lower"
+        with pytest.warns(UserWarning, match=restored), pytest.raises(RuntimeError, match="All 3 outer steps"):
+            trainer.train()
+        assert trainer.state.log_history[-1]["skipped_steps"] == 3.0
     assert torch.equal(outer.logits.detach(), torch.zeros(16))
-    assert trainer.state.log_history[-1]["skipped_steps"] == 3.0
+    for name, value in trainable_parameters(trainer.model).items():
+        assert torch.equal(value, theta[name]) and torch.equal(trainer._inner_params[name], theta[name]), name
+    assert trainer._inner_state is None  # no inner step kept: a fresh Adam state
+    assert trainer._resets.steps_since_reset == 0  # no step counted towards inner_reset_every
 
 
 # -- case 9: skipped steps in the logs and the card -------------------------------------------------------------------

@@ -261,6 +261,21 @@ def test_truncation_that_hides_rows_from_per_example_weights_warns(tmp_path):
         trainer_for(tmp_path, ExampleWeights(32), data, method="trgu", truncation=2, unroll_steps=2)
 
 
+def test_directions_are_counted_against_the_rows_of_one_unroll(tmp_path):
+    """Issue 36: 32 basis directions on 64 per-row weights passed construction and failed at step 0, where one unroll
+    (2 steps × 8 rows) has 16 coordinates; 32 random directions there were not warned about."""
+    _, data = fact_data()  # 64 train rows
+    outer = ExampleWeights(len(data["train"]))
+    unroll = r"the 16 coordinates one unroll can affect \(unroll_steps=2 × 8 rows × 1 processes, of the 64 of Exa"
+    with pytest.raises(ValueError, match=rf"directions=.basis. with num_directions=32, but {unroll}.*step 0 would"):
+        trainer_for(tmp_path, outer, data, directions="basis", num_directions=32)
+    with pytest.warns(UserWarning, match=rf"num_directions=32 exceeds {unroll}.*Use at most 16"):
+        trainer_for(tmp_path, outer, data, directions="rademacher", num_directions=32)
+    trainer = trainer_for(tmp_path, outer, data, directions="basis", num_directions=16, max_steps=1)
+    trainer.train()  # what step 0 needs: it runs
+    assert trainer.state.global_step == 1 and math.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
