@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from hf_fg2u.hub.load import load_run  # noqa: E402
 from hf_fg2u.lm.evaluation import choice_accuracy  # noqa: E402
 from hf_fg2u.outer import DataRater, DomainWeights, ExampleWeights, OuterModule, SoftPrompt, WeightNet  # noqa: E402
 from hf_fg2u.trainer.bilevel import BilevelTrainer  # noqa: E402
@@ -19,6 +20,7 @@ __all__ = [
     "WeightNet",
     "WeightedLossTrainer",
     "choice_accuracy",
+    "load_run",
     "train_final_adapter",
     "__version__",
 ]

@@ -23,9 +23,10 @@ import torch
 from huggingface_hub import ModelCard, ModelCardData
 from transformers import HfArgumentParser, TrainingArguments
 
+from hf_fg2u.hub.base_model import BASE_MODEL_FILE
 from hf_fg2u.lm.evaluation import MAX_CHOICES, answer_choices, choice_accuracy
 from hf_fg2u.lm.formats import prepare_split
-from hf_fg2u.trainer.model_setup import BASE_MODEL_FILE, wrap_with_peft
+from hf_fg2u.trainer.model_setup import wrap_with_peft
 from hf_fg2u.trainer.weighted_loss import WeightedLossTrainer, check_weight_column
 
 RESULTS_FILE = "finetune_results.json"

@@ -13,6 +13,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from hf_fg2u.lm import toy_data as builtin_data
+from hf_fg2u.trainer.model_setup import trainable_base
 
 
 # -- model and data ---------------------------------------------------------------------------------------------
@@ -37,9 +38,8 @@ def load_model_and_tokenizer(model_args: ModelArguments, seed: int, init_kwargs:
         tokenizer.pad_token = tokenizer.eos_token
     kwargs = from_pretrained_kwargs(model_args, init_kwargs)
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
-    if model_args.gguf_file:
-        model = dequantized_copy(model, kwargs["dtype"])
-        model.config.gguf_file = model_args.gguf_file  # saved with the run, so that load_run finds the base again
+    if model_args.gguf_file:  # dequantised but marked quantised: the trainers unmark it, here before the cast
+        model = trainable_base(model).to(torch.float32 if kwargs["dtype"] == "auto" else kwargs["dtype"])
     return model, tokenizer
 
 
@@ -53,17 +53,6 @@ def from_pretrained_kwargs(model_args: ModelArguments, init_kwargs: dict | None 
     dtype = model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
     kwargs = tokenizer_kwargs(model_args) | {"attn_implementation": model_args.attn_implementation, "dtype": dtype}
     return kwargs | dict(init_kwargs or {})
-
-
-def dequantized_copy(model, dtype=torch.float32):
-    """A GGUF-loaded model is already dequantised to fp32 but still marked quantized, which the Trainer refuses
-    to train and save; rebuild the architecture from its config without the mark and load the weights."""
-    config = model.config
-    config.quantization_config = None
-    delattr(config, "quantization_config")
-    fresh = AutoModelForCausalLM.from_config(config, attn_implementation=config._attn_implementation)
-    fresh.load_state_dict(model.state_dict())
-    return fresh.to(torch.float32 if dtype == "auto" else dtype)
 
 
 def lora_config(model_args: ModelArguments) -> LoraConfig:

@@ -73,13 +73,14 @@ print(type(run.outer).__name__, run.outer.summary())
 from peft import AutoPeftModelForCausalLM
 from hf_fg2u.outer import OuterModule
 
-model = AutoPeftModelForCausalLM.from_pretrained("{location}")
+model = AutoPeftModelForCausalLM.from_pretrained("{location}"{base_kwargs})
 outer = OuterModule.from_pretrained("{location}")"""
 
 
-def quick_start(location: str, base: str | None) -> str:
-    """The snippet that loads the run; where the adapter names no base model it says what to pass."""
-    snippet = SNIPPET.format(location=location)
+def quick_start(location: str, base: str | None, gguf_file: str | None = None) -> str:
+    """The snippet that loads the run; where the adapter names no base model it says what to pass, and a base
+    loaded from a GGUF file is named to peft (which passes ``gguf_file`` on to the base's ``from_pretrained``)."""
+    snippet = SNIPPET.format(location=location, base_kwargs=f", gguf_file={json.dumps(gguf_file)}" if gguf_file else "")
     if not base:
         return "# This adapter names no base model: pass load_run(..., base_model=your_model).\n" + snippet
     return snippet
@@ -149,7 +150,7 @@ def build_model_card(trainer, directory: Path, model_name: str | None = None, **
         method=args.method,
         phase=f" (after {args.phase1_steps} steps of {args.phase1_method})" if args.phase1_method else "",
         base=f" on top of `{base}`" if base else "",
-        snippet=quick_start(location, base),
+        snippet=quick_start(location, base, getattr(getattr(trainer.model, "config", None), "gguf_file", None)),
         weighted_dataset=f"- `{WEIGHTED_DATASET_FILE}`: the training rows with their learned `weight` column "
         '(`datasets.load_dataset("parquet", data_files=...)`).\n' if has_weighted else "",
         summary=table(trainer.outer.summary(), "no summary for this outer module"),

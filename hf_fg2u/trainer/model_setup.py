@@ -1,16 +1,18 @@
-"""Turning a base model into the inner problem's model: a peft adapter seeded apart from loading, and a
-record of how to load the base back."""
+"""Turning a base model into the inner problem's model: a GGUF-loaded base made trainable, a peft adapter seeded
+apart from loading, and a record of how to load the base back."""
 
 from __future__ import annotations
 
-import json
+import copy
 import warnings
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from transformers import AutoModelForCausalLM, set_seed
 from transformers.utils import logging
 
+from hf_fg2u.hub.base_model import save_base_model_record
 from hf_fg2u.lm.params import select_inner_parameters, trainable_parameters
 from hf_fg2u.outer import OuterModule
 from hf_fg2u.trainer.run_folder import check_output_dir
@@ -18,16 +20,63 @@ from hf_fg2u.trainer.run_folder import check_output_dir
 logger = logging.get_logger(__name__)
 
 
-BASE_MODEL_FILE = "base_model.json"  # how load_run loads the base when the name alone is not enough (GGUF)
+def gguf_file_of(model) -> str | None:
+    """The GGUF file ``model`` was loaded from (``from_pretrained(folder, gguf_file=...)`` leaves it on
+    ``config.quantization_config``; :func:`trainable_base` moves it to ``config.gguf_file``), else None."""
+    config = getattr(model, "config", None)
+    quantization = getattr(config, "quantization_config", None)
+    marked = quantization is not None and _is_gguf(quantization)
+    return (_field(quantization, "gguf_file") if marked else None) or getattr(config, "gguf_file", None)
 
 
-def write_base_model_file(output_dir: Path, model, name: str | None) -> None:
-    """Record the GGUF file a base model was loaded from (``config.gguf_file``, set by the recipe's loader): the
-    adapter config names only the folder, from which ``from_pretrained`` alone cannot load it."""
-    gguf_file = getattr(getattr(model, "config", None), "gguf_file", None)
-    if gguf_file:
-        record = {"base_model_name_or_path": name, "gguf_file": gguf_file}
-        (Path(output_dir) / BASE_MODEL_FILE).write_text(json.dumps(record, indent=2))
+def _field(quantization, name: str):
+    return quantization.get(name) if isinstance(quantization, dict) else getattr(quantization, name, None)
+
+
+def _is_gguf(quantization) -> bool:
+    method = _field(quantization, "quant_method")
+    return str(getattr(method, "value", method)) == "gguf"
+
+
+def trainable_base(model):
+    """``model`` as one the Trainer trains and saves. ``AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)``
+    dequantises every weight to a dense tensor but leaves the model marked quantised, which the Trainer refuses to
+    train and ``save_pretrained`` to save: such a model is rebuilt from its config without the mark, on the same
+    parameter tensors (no copy of the weights), with the GGUF file kept in ``config.gguf_file`` for the base-model
+    record. Any other model is returned as it is."""
+    config = getattr(model, "config", None)
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is None or not _is_gguf(quantization):
+        return model
+    if hasattr(model, "peft_config"):
+        raise ValueError(
+            "The model is a peft adapter on a GGUF-loaded base, which the Trainer refuses to train. Pass the base "
+            "model itself with peft_config=..., or wrap hf_fg2u.trainer.model_setup.trainable_base(base) instead."
+        )
+    packed = [name for name, module in model.named_modules() if type(module).__name__.startswith("Gguf")]
+    if packed:
+        raise ValueError(
+            f"The GGUF model keeps {len(packed)} modules packed in GGUF blocks (e.g. {packed[0]}), which cannot be "
+            "trained. Load it dequantised: from_pretrained(..., gguf_file=..., "
+            "quantization_config=transformers.GgufConfig(dequantize=True))."
+        )
+    config = copy.deepcopy(config)
+    del config.quantization_config
+    config.gguf_file = gguf_file_of(model)
+    with init_empty_weights(include_buffers=False):  # the weights come from the GGUF load: allocate none here
+        fresh = AutoModelForCausalLM.from_config(config, attn_implementation=config._attn_implementation)
+    fresh.load_state_dict(model.state_dict(keep_vars=True), assign=True)
+    fresh.generation_config = copy.deepcopy(model.generation_config)
+    return fresh.train(model.training)
+
+
+def write_base_model_file(output_dir: str | Path, model, name: str | None = None) -> None:
+    """Record the GGUF file a base model was loaded from: the adapter config names only the folder, from which
+    ``from_pretrained`` alone cannot load it. ``name``: the base's folder, by default its config's."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    name = name or getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    save_base_model_record(output_dir, name, gguf_file_of(model))
 
 
 def wrap_with_peft(model, peft_config, seed: int | None = None):
@@ -72,6 +121,7 @@ def prepare_model(model, args, peft_config):
         model = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
     else:
         name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    model = trainable_base(model)
     if peft_config is not None:
         if hasattr(model, "peft_config"):
             raise ValueError(

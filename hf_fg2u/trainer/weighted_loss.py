@@ -24,7 +24,7 @@ from hf_fg2u.lm.losses import (
     token_labels,
     weighted_row_loss,
 )
-from hf_fg2u.trainer.model_setup import wrap_with_peft
+from hf_fg2u.trainer.model_setup import trainable_base, wrap_with_peft, write_base_model_file
 
 WEIGHT_HINT = (
     "Add the learned weights with BilevelTrainer.export_weights(), or pass weight_column= the column that holds them."
@@ -39,7 +39,9 @@ class WeightedLossTrainer(Trainer):
     ``weight_normalizer`` w̄: fixed for the run, by default the train dataset's mean weight, so a row's share of the
     objective never depends on its batch-mates and any per-device batch size, gradient accumulation and number of
     processes train on the same objective (at batch 1 a per-batch Σ w_i would cancel the weight). Evaluation
-    batches without weights get the plain mean. The default collator is :class:`PaddingCollator`.
+    batches without weights get the plain mean. The default collator is :class:`PaddingCollator`. A model loaded
+    from a GGUF file is made trainable (:func:`~hf_fg2u.trainer.model_setup.trainable_base`) and the save records
+    it in ``base_model.json``.
     """
 
     _tag_names = ["hf_fg2u", "weighted-loss", "data-reweighting"]
@@ -66,6 +68,7 @@ class WeightedLossTrainer(Trainer):
         if weight_normalizer is not None and not (math.isfinite(weight_normalizer) and weight_normalizer > 0):
             raise ValueError(f"weight_normalizer must be a positive number (the mean weight), got {weight_normalizer}.")
         self.weight_normalizer = weight_normalizer
+        model = trainable_base(model)
         if data_collator is None:
             data_collator = PaddingCollator.for_tokenizer(processing_class, model)
         super().__init__(
@@ -77,6 +80,14 @@ class WeightedLossTrainer(Trainer):
         self._keep_logits = takes_logits_to_keep(self.model)  # only the logits that predict an answer token
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """The Trainer's save, and beside an adapter how to load its base where the name is not enough (a GGUF
+        file); a full model's own config.json loads it."""
+        super()._save(output_dir, state_dict=state_dict)
+        model = self.accelerator.unwrap_model(self.model)
+        if self.args.should_save and hasattr(model, "peft_config"):
+            write_base_model_file(output_dir or self.args.output_dir, model)
 
     def _set_signature_columns_if_needed(self):
         # Keep the weight column through remove_unused_columns; compute_loss pops it before the forward pass.
@@ -160,6 +171,7 @@ def train_final_adapter(
             "The model already has a peft adapter; the final stage trains a fresh one. Pass the base model "
             "(e.g. peft_model.get_base_model() of a fresh load, or the model name)."
         )
+    model = trainable_base(model)  # before the adapter: a GGUF-loaded base is unmarked, not wrapped
     if peft_config is None:
         raise ValueError("peft_config is required: the final stage trains a fresh adapter (e.g. a LoraConfig).")
 

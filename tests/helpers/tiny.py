@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from datasets import DatasetDict
 from peft import LoraConfig, get_peft_model
@@ -127,6 +129,48 @@ def tiny_llama(seed: int = 0, attn: str = "eager"):
         pad_token_id=TOKENIZER.pad_token_id,
     )  # fmt: skip
     return LlamaForCausalLM(config)
+
+
+def write_tiny_gguf(folder, name: str = "tiny.gguf", seed: int = 0) -> str:
+    """A 2-layer Llama as a float32 GGUF file in ``folder`` (for ``from_pretrained(folder, gguf_file=name)``), sized
+    like :func:`tiny_llama` for ``TOKENIZER``'s ids, with the output head tied to the embeddings as in SmolLM2's.
+    It holds no tokenizer: transformers' loader needs none for the model. Needs the ``gguf`` package."""
+    import gguf
+    import numpy as np
+
+    vocab, hidden, intermediate, layers, heads, kv_heads = len(TOKENIZER), 32, 64, 2, 4, 2
+    writer = gguf.GGUFWriter(str(Path(folder) / name), "llama")
+    writer.add_context_length(64)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(intermediate)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_vocab_size(vocab)
+    rng = np.random.default_rng(seed)
+
+    def add(tensor_name, *shape):  # std 0.2, as tiny_llama's initializer_range; RMSNorm weights 1
+        values = np.ones(shape) if len(shape) == 1 else 0.2 * rng.standard_normal(shape)
+        writer.add_tensor(tensor_name, values.astype(np.float32))
+
+    add("token_embd.weight", vocab, hidden)
+    add("output_norm.weight", hidden)
+    kv_width = hidden * kv_heads // heads
+    for block in range(layers):
+        for part, shape in [
+            ("attn_norm", (hidden,)), ("ffn_norm", (hidden,)), ("attn_q", (hidden, hidden)),
+            ("attn_k", (kv_width, hidden)), ("attn_v", (kv_width, hidden)), ("attn_output", (hidden, hidden)),
+            ("ffn_gate", (intermediate, hidden)), ("ffn_up", (intermediate, hidden)),
+            ("ffn_down", (hidden, intermediate)),
+        ]:  # fmt: skip
+            add(f"blk.{block}.{part}.weight", *shape)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return name
 
 
 def lora():

@@ -175,3 +175,10 @@ def test_model_config_options_reach_from_pretrained_and_a_gguf_base_is_recorded(
     (run / "adapter_config.json").write_text(json.dumps(adapter | {"base_model_name_or_path": str(folder)}))
     load_run(run)
     assert seen == {"gguf_file": "model.Q4_1.gguf"}
+
+
+def test_load_run_of_a_full_model_names_its_loader(tmp_path):
+    """A full fine-tune (hf-fg2u finetune --full_finetune true) holds no adapter: the error says what loads it."""
+    tiny_llama().save_pretrained(tmp_path / "full")
+    with pytest.raises(ValueError, match=r"holds no adapter .* AutoModelForCausalLM.from_pretrained\(folder\)"):
+        load_run(tmp_path / "full")
