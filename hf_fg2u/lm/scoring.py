@@ -33,8 +33,12 @@ class RowScorer:
     def __post_init__(self):
         if not isinstance(self.rater, DataRater):
             raise ValueError(
-                f"Rows are scored by a DataRater (hf-fg2u train --recipe data_rater); this run learned "
-                f"{type(self.rater).__name__}, whose weights belong to its own rows (hf-fg2u weights)."
+                "Rows are scored by a DataRater (hf-fg2u train --recipe data_rater); this run learned "
+                + (
+                    "no outer variables (a fine-tune's output)."
+                    if self.rater is None
+                    else f"{type(self.rater).__name__}, whose weights belong to its own rows (hf-fg2u weights)."
+                )
             )
         self.model.eval()
         self._collate = PaddingCollator.for_tokenizer(self.tokenizer, self.model)
