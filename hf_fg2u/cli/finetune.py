@@ -154,8 +154,10 @@ def finetune(args: FinetuneArguments, model_args, training_args: TrainingArgumen
         if path
     }
     if "eval" in splits:  # early stopping on the eval rows, by the Trainer's own best-checkpoint logic
+        steps = training_args.eval_strategy == "steps"  # every --eval_steps steps (a step budget), else every epoch
         training_args = dataclasses.replace(
-            training_args, eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True,
+            training_args, eval_strategy="steps" if steps else "epoch", save_strategy="steps" if steps else "epoch",
+            save_steps=training_args.eval_steps if steps else training_args.save_steps, load_best_model_at_end=True,
             metric_for_best_model="eval_loss", greater_is_better=False, save_total_limit=1,
         )  # fmt: skip
     if not args.full_finetune:
