@@ -236,7 +236,9 @@ def parse_finetune_args(argv: list[str]):
 
     if argv and not argv[0].startswith("-"):
         argv = ["--source", argv[0], *argv[1:]]
-    parser = HfArgumentParser((FinetuneArguments, ModelArguments, TrainingArguments), prog="hf-fg2u finetune")
+    parser = HfArgumentParser(
+        (FinetuneArguments, ModelArguments, TrainingArguments), prog="hf-fg2u finetune", allow_abbrev=False
+    )
     defaults = {"output_dir": "outputs/finetune", "report_to": "none", "save_strategy": "no", "logging_steps": 10}
     parser.set_defaults(**defaults)
     return parser.parse_args_into_dataclasses(argv)

@@ -34,7 +34,7 @@ def run_train(argv: list[str]) -> dict:
         print_train_summary(results)
         return results
     _, training_args, _ = arguments.parse_args(argv)  # bad options fail here, before any rank starts
-    public, secret = launch.split_secret_args(argv)
+    public, secret = launch.split_secret_args(argv, arguments.make_parser())
     command = launch.launch_command(launch_args.num_processes, launch_args.accelerate_config, public)
     env = launch.launch_env(launch_args.accelerate_config)
     line = launch.echo_command(command, env)
@@ -44,7 +44,7 @@ def run_train(argv: list[str]) -> dict:
             f"   # {', '.join(n.partition('=')[0] for n in names)}: passed to the ranks in ${launch.SECRET_ARGS_ENV}"
         )
     print("[hf_fg2u] " + line)
-    hidden = {launch.SECRET_ARGS_ENV: json.dumps(secret)} if secret else {}
+    hidden = {launch.SECRET_ARGS_ENV: json.dumps(secret)}  # always: never one inherited from elsewhere
     done = subprocess.run(command, check=False, env={**os.environ, **env, **hidden})
     if done.returncode != 0:
         raise RuntimeError(f"accelerate launch exited with status {done.returncode} (command above).")
