@@ -407,6 +407,29 @@ def test_resume_from_checkpoint_on_the_command_line_continues_and_a_finished_run
     assert [entry["step"] for entry in keep.history if "meta_loss" in entry] == [1, 2, 3, 4, 5, 6]
     cli.run_train([*base, "--max_steps", "2", "--overwrite_output_dir", "true"])  # replacing it is asked for
     assert json.loads((out / "results.json").read_text())["bilevel_outer_steps"] == 2
+    # issue 36 (e5): the replaced run's checkpoint-4 and -6 are gone, so a resume cannot continue that run
+    assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+def test_resuming_a_run_stopped_in_its_uniform_baseline_trains_the_baseline_again(tmp_path):
+    """Issue 36 case 3: a new run into a folder with checkpoints of an unfinished run is refused, but a resumed
+    recipe run trains its uniform baseline from the start over the checkpoints the stopped baseline left."""
+    import shutil
+
+    out = tmp_path / "run"
+    base = ["--recipe", "noisy_reweighting", "--output_dir", str(out), "--plot", "false", "--max_steps", "2",
+            "--save_strategy", "steps", "--save_steps", "1", "--compare_uniform", "true"]  # fmt: skip
+    cli.run_train(base)
+    for path in out.iterdir():  # as if stopped in the baseline: no finished run at the top, uniform/ unfinished
+        if path.is_file():
+            path.unlink()
+    for path in (out / "uniform").iterdir():
+        if path.name != "checkpoint-1":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    with pytest.raises(ValueError, match="holds checkpoints of a run that did not finish"):
+        cli.run_train(base)
+    results = cli.run_train([*base, "--resume_from_checkpoint", "true"])
+    assert results["uniform_outer_steps"] == 2 and (out / "uniform" / "checkpoint-2").is_dir()
 
 
 def test_train_ends_with_a_summary_states_the_baseline_and_logs_each_tag_once(tmp_path, capsys, recwarn):

@@ -262,6 +262,29 @@ def test_ctrl_c_during_an_outer_step_loses_nothing(tmp_path, data, monkeypatch):
     assert resumed.state.global_step == 3
 
 
+def test_a_new_run_into_an_interrupted_runs_folder_is_refused_and_overwrite_deletes_its_checkpoints(
+    tmp_path, data, monkeypatch
+):
+    """Issue 36 case 3: a new run (resume forgotten) into a killed run's folder replaced its checkpoint-1 and kept
+    its checkpoint-2, so --resume_from_checkpoint true would have continued the killed run."""
+    monkeypatch.setattr(trainer_module, "estimate_hypergradient", failing_estimate({2: KeyboardInterrupt()}))
+    run, steps = tmp_path / "run", dict(save_strategy="steps", save_steps=1)
+    with pytest.raises(KeyboardInterrupt):
+        fast_trainer(tmp_path, data, max_steps=4, **steps).train()
+    monkeypatch.undo()
+    assert sorted(os.listdir(run)) == ["checkpoint-1", "checkpoint-2"]
+    before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    refused = r"holds checkpoints of a run that did not finish \(checkpoint-2 is the latest\).*--resume_from_checkpoint"
+    with pytest.raises(ValueError, match=refused + r" true.*--overwrite_output_dir true.*another output_dir"):
+        fast_trainer(tmp_path, data, max_steps=1, learning_rate=0.5, **steps).train()
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before  # nothing written
+    outer = ExampleWeights(16)
+    fast_trainer(tmp_path, data, outer, max_steps=1, learning_rate=0.5, overwrite_output_dir=True, **steps).train()
+    assert sorted(path.name for path in run.glob("checkpoint-*")) == ["checkpoint-1"]  # the old checkpoint-2 is gone
+    saved = saving_module.OuterModule.from_pretrained(run / "checkpoint-1")
+    torch.testing.assert_close(outer.logits, saved.logits, rtol=0, atol=0)  # the new run's, not the old one's
+
+
 def test_hub_push_that_fails_half_way_can_be_retried(hub, tmp_path, data, monkeypatch):
     from tests.helpers.fake_hub import _Reply
 
