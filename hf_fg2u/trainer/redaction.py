@@ -3,6 +3,8 @@ shape (URL userinfo, HTTP auth schemes, well-known token prefixes) under any key
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import re
 
 CREDENTIAL = re.compile(r"token|secret|key|password|credential", re.IGNORECASE)
@@ -39,3 +41,25 @@ def _redact_item(key: str, value):
     if CREDENTIAL.search(key) and isinstance(value, str):
         return REDACTED
     return redact(value)
+
+
+def redacted_fields(args) -> dict:
+    """The fields of training arguments (a dataclass) that hold credentials, redacted: ``None`` for a string field
+    named like a token, secret, key or password (``hub_token``), dict fields redacted (``model_init_kwargs``)."""
+    clean = {}
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        if CREDENTIAL.search(field.name) and isinstance(value, str):
+            clean[field.name] = None
+        elif isinstance(value, dict):
+            clean[field.name] = redact(value)
+    return clean
+
+
+def redacted_args(args):
+    """A copy of training arguments without credentials (``redacted_fields``): what ``training_args.bin``, which
+    the Trainer pickles and ``push_to_hub`` uploads, may hold."""
+    clean = copy.copy(args)
+    for name, value in redacted_fields(args).items():
+        setattr(clean, name, value)
+    return clean

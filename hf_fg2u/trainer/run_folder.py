@@ -19,11 +19,17 @@ from hf_fg2u.trainer.checkpointing import PARTIAL_PREFIX, STATE_CONFIG_NAME
 LOCK_NAME = "_hf_fg2u.lock"  # "_*" files are never uploaded by push_to_hub
 
 
-def is_run_folder(directory: Path) -> bool:
-    """Whether ``directory`` was written by a BilevelTrainer: a saved state at the top or one level down (a
-    checkpoint, a recipe's uniform run), a partial checkpoint or a run lock."""
-    markers = [STATE_CONFIG_NAME, f"*/{STATE_CONFIG_NAME}", f"{PARTIAL_PREFIX}*", LOCK_NAME]
+def holds_bilevel_run(directory: Path) -> bool:
+    """Whether ``directory`` holds what a BilevelTrainer saves: a state at the top or one level down (a
+    checkpoint, a recipe's uniform run) or a partial checkpoint."""
+    markers = [STATE_CONFIG_NAME, f"*/{STATE_CONFIG_NAME}", f"{PARTIAL_PREFIX}*"]
     return any(next(directory.glob(pattern), None) is not None for pattern in markers)
+
+
+def is_run_folder(directory: Path) -> bool:
+    """Whether ``directory`` was written by a BilevelTrainer: its saved state (``holds_bilevel_run``) or a run
+    lock."""
+    return holds_bilevel_run(directory) or (directory / LOCK_NAME).exists()
 
 
 def check_output_dir(output_dir: str, overwrite: bool) -> None:
