@@ -361,6 +361,22 @@ def test_weights_export_filtered_and_resampled_rows_without_weights(tmp_path):
         cli.run_weights([str(run), "--export", "filtered", "--threshold", "9"])
 
 
+def test_weights_export_never_replaces_an_existing_file_unless_asked(tmp_path, capsys):
+    """Issue 36 case 6: `hf-fg2u weights RUN --export filtered --output_dir exp` replaced the user's
+    exp/train.jsonl with the exported rows, silently."""
+    from datasets import load_dataset
+
+    run, exp = weighted_run(tmp_path / "run"), tmp_path / "exp"
+    exp.mkdir()
+    (exp / "train.jsonl").write_text('{"text": "my own data"}\n')
+    argv = [str(run), "--export", "filtered", "--output_dir", str(exp)]
+    with pytest.raises(ValueError, match=rf"{exp / 'train.jsonl'} exists.*--overwrite_output_dir true"):
+        cli.run_weights(argv)
+    assert (exp / "train.jsonl").read_text() == '{"text": "my own data"}\n' and capsys.readouterr().out == ""
+    cli.run_weights([*argv, "--overwrite_output_dir", "true"])
+    assert len(load_dataset(str(exp), split="train")) == 6  # the rows of weight >= the mean (0.9)
+
+
 def test_weights_push_to_hub_uploads_the_weighted_dataset(tmp_path, hub, monkeypatch):
     """Issue 23 item 10: `hf-fg2u weights RUN --push_to_hub` against the stand-in Hub."""
     monkeypatch.setenv("HF_TOKEN", "hf_fake")
