@@ -169,4 +169,22 @@ def user_splits(script_args: ScriptArguments) -> DatasetDict:
             )
     if eval_name is not None:
         splits["eval"] = _split(loaded, eval_name, source, "--dataset_eval_split")
+    check_corrupted_column(splits["train"], source)
     return DatasetDict(splits)
+
+
+def check_corrupted_column(train, source: str) -> None:
+    """The optional ``is_corrupted`` column holds true/false (or 1/0) in every row: each epoch's end and the run's
+    summary score the weights' AUROC on it, after the training a bad value would lose."""
+    from hf_fg2u.hub.report import CORRUPTED_COLUMN
+
+    if CORRUPTED_COLUMN not in train.column_names:
+        return
+    for row, value in enumerate(train[CORRUPTED_COLUMN]):
+        if not (isinstance(value, bool) or (isinstance(value, int | float) and value in (0, 1))):
+            shown = "null" if value is None else f"{type(value).__name__} {value!r:.40}"
+            raise ValueError(
+                f"Row {row} of the train data ({source}) has {shown} in column {CORRUPTED_COLUMN!r}, which must be "
+                "true/false (or 1/0) in every row: the AUROC of the learned weights is scored on it. Fix that row, "
+                f"or drop or rename the column to train without the AUROC."
+            )
