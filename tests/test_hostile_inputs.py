@@ -295,3 +295,18 @@ def test_a_bad_is_corrupted_value_is_refused_before_training_naming_the_row(tmp_
     with pytest.raises(ValueError, match=refused):
         cli.run_train(argv)
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_train_rows_with_a_weight_column_train_and_get_the_learned_weights_in_its_place(tmp_path):
+    """Issue 36 case 8: a train file with a weight column (a run's weighted_dataset.parquet fed back) crashed at
+    the first epoch end ("duplicated columns") and saved nothing."""
+    import pandas
+
+    from hf_fg2u.cli import main as cli
+
+    argv = write_fact_files(tmp_path, weight=[9.0] * 16, is_corrupted=[row % 4 == 0 for row in range(16)])
+    with pytest.warns(UserWarning, match=r"has a 'weight' column \(an earlier run's weights\?\); it is left out"):
+        results = cli.run_train(argv)
+    saved = pandas.read_parquet(tmp_path / "run" / "weighted_dataset.parquet")
+    assert list(saved.columns) == ["prompt", "completion", "is_corrupted", "weight"]
+    assert saved["weight"].mean() == pytest.approx(1.0, abs=1e-5) and 0.0 <= results["auroc_corrupted"] <= 1.0

@@ -4,6 +4,7 @@ and the train/meta/eval splits a run needs, distinct from each other."""
 from __future__ import annotations
 
 import json
+import warnings
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -170,7 +171,11 @@ def user_splits(script_args: ScriptArguments) -> DatasetDict:
     if eval_name is not None:
         splits["eval"] = _split(loaded, eval_name, source, "--dataset_eval_split")
     check_corrupted_column(splits["train"], source)
+    splits["train"] = without_weight_column(splits["train"], source)
     return DatasetDict(splits)
+
+
+WEIGHT_COLUMN = "weight"  # where a run writes its learned weights (BilevelTrainer.export_weights)
 
 
 def check_corrupted_column(train, source: str) -> None:
@@ -188,3 +193,16 @@ def check_corrupted_column(train, source: str) -> None:
                 "true/false (or 1/0) in every row: the AUROC of the learned weights is scored on it. Fix that row, "
                 f"or drop or rename the column to train without the AUROC."
             )
+
+
+def without_weight_column(train, source: str):
+    """The train rows without a ``weight`` column (a run's weighted_dataset.parquet fed back): the run writes its
+    own learned weights under that name."""
+    if WEIGHT_COLUMN not in train.column_names:
+        return train
+    warnings.warn(
+        f"The train data ({source}) has a {WEIGHT_COLUMN!r} column (an earlier run's weights?); it is left out: this "
+        "run learns its own and writes them in that column. Rename yours to keep it beside them.",
+        stacklevel=3,
+    )
+    return train.remove_columns(WEIGHT_COLUMN)
