@@ -99,6 +99,7 @@ def load_weighted_rows(source: str, weight_column: str = "weight", uniform: bool
     """The rows of ``source`` with their weights in ``weight_column`` (all 1 with ``uniform``), balanced over
     ``balance_column`` when given, rows of weight 0 left out; ``ValueError`` for missing, negative or non-finite
     weights."""
+    from hf_fg2u.cli.registry import check_balance_groups
     from hf_fg2u.hub.report import load_weighted_dataset
 
     path = Path(source)
@@ -112,6 +113,7 @@ def load_weighted_rows(source: str, weight_column: str = "weight", uniform: bool
     if balance_column is not None:
         if balance_column not in rows.column_names:
             raise ValueError(f"--balance_column {balance_column!r} is not a column of {source}: {rows.column_names}.")
+        check_balance_groups(balance_column, rows[balance_column])
         balanced = balance_weights(rows[weight_column], rows[balance_column])
         rows = rows.remove_columns(weight_column).add_column(weight_column, balanced)
     return rows.filter(lambda row: row[weight_column] > 0)

@@ -117,6 +117,16 @@ def test_bad_weights_are_refused_before_training(tiny_model, tmp_path, content, 
     assert not (tmp_path / "out" / "finetune_results.json").exists()
 
 
+def test_a_balance_column_of_mostly_distinct_values_is_refused_as_train_refuses_it(tiny_model, tmp_path):
+    """Issue 36 review: --balance_column prompt (every row its own value) silently made every weight equal."""
+    source = write(tmp_path / "w.jsonl", rows(WORDS, lambda i: 0.5 + i))
+    with pytest.raises(
+        SystemExit, match=r"--balance_column 'prompt' has 12 values over 12 rows, some held by a single"
+    ):
+        finetune(tiny_model, source, tmp_path / "out", "--balance_column", "prompt")
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_hub_token_is_in_no_file_written_or_pushed(tiny_model, tmp_path, hub):
     """Issue 36 case 4: training_args.bin of the model, of each epoch's checkpoint and of the pushed repo held
     --hub_token in clear (train redacted it, finetune did not)."""
