@@ -11,7 +11,6 @@ completions are a few answers, by forced-choice accuracy. The model, a card nami
 
 from __future__ import annotations
 
-import copyreg
 import dataclasses
 import json
 import math
@@ -28,7 +27,7 @@ from hf_fg2u.lm.evaluation import MAX_CHOICES, answer_choices, choice_accuracy
 from hf_fg2u.lm.formats import prepare_split
 from hf_fg2u.trainer.checkpointing import STATE_CONFIG_NAME
 from hf_fg2u.trainer.model_setup import BASE_MODEL_FILE, wrap_with_peft
-from hf_fg2u.trainer.redaction import redacted_fields
+from hf_fg2u.trainer.redaction import PicklesRedacted
 from hf_fg2u.trainer.run_folder import LOCK_NAME, RunLock, check_output_dir, clear_checkpoints, holds_bilevel_run
 from hf_fg2u.trainer.weighted_loss import WeightedLossTrainer, check_weight_column
 
@@ -128,14 +127,11 @@ def base_model_of(source: str) -> dict:
     return {}
 
 
-class FinetuneTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` whose pickle holds no credential: the Trainer pickles its args into the
-    ``training_args.bin`` of every save, checkpoint and push (``hub_token`` included), and this one is written as
-    plain ``TrainingArguments`` with them redacted; the run itself keeps them (the push needs the token)."""
+class FinetuneTrainingArguments(PicklesRedacted, TrainingArguments):
+    """``TrainingArguments`` whose ``training_args.bin`` (every save, checkpoint and push) is a plain
+    ``TrainingArguments`` without credentials."""
 
-    def __reduce_ex__(self, protocol):
-        # The reconstructor of pickle protocols 0-1 (stdlib): the file loads without hf_fg2u installed.
-        return copyreg._reconstructor, (TrainingArguments, object, None), {**vars(self), **redacted_fields(self)}
+    pickled_as = TrainingArguments
 
 
 class FinetuneTrainer(WeightedLossTrainer):

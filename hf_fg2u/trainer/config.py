@@ -20,7 +20,7 @@ from hf_fg2u.hypergrad.inner_optimizers import INNER_OPTIMIZERS
 from hf_fg2u.hypergrad.methods import data_parallel_methods, needs_second_order
 from hf_fg2u.hypergrad.zeroth_order import ZO_SCHEMES
 from hf_fg2u.registry import check_choice
-from hf_fg2u.trainer.redaction import redact, redacted_args
+from hf_fg2u.trainer.redaction import PicklesRedacted, redact, redacted_args
 
 NONFINITE_POLICIES = ("skip", "stop")
 PROCESS_SPLITS = ("directions", "data")
@@ -43,7 +43,7 @@ def _check_range(name: str, value, low: float, high: float, low_open: bool = Fal
 
 
 @dataclass
-class BilevelConfig(TrainingArguments):
+class BilevelConfig(PicklesRedacted, TrainingArguments):
     """Configuration of :class:`~hf_fg2u.BilevelTrainer`: ``TrainingArguments`` plus the bilevel options.
 
     The Trainer's own fields drive the *outer* problem (φ: the weights, the soft prompt): ``learning_rate``,

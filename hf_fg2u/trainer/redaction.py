@@ -4,6 +4,7 @@ shape (URL userinfo, HTTP auth schemes, well-known token prefixes) under any key
 from __future__ import annotations
 
 import copy
+import copyreg
 import dataclasses
 import re
 
@@ -63,3 +64,18 @@ def redacted_args(args):
     for name, value in redacted_fields(args).items():
         setattr(clean, name, value)
     return clean
+
+
+class PicklesRedacted:
+    """Training arguments whose pickle holds no credential (``redacted_fields``), as ``pickled_as`` (default: their
+    own class): the Trainer pickles its args into the ``training_args.bin`` of every save and of every checkpoint
+    push (``_push_from_checkpoint`` writes it beside the pushed files, outside ``_save``), ``hub_token`` included.
+    The object itself keeps its credentials: the push needs the token."""
+
+    pickled_as: type | None = None
+
+    def __reduce_ex__(self, protocol):
+        # The reconstructor of pickle protocols 0-1 (stdlib): no class of this package is needed to load the file
+        # when ``pickled_as`` is a transformers class.
+        cls = self.pickled_as or type(self)
+        return copyreg._reconstructor, (cls, object, None), {**vars(self), **redacted_fields(self)}

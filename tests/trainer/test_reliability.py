@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,6 +56,27 @@ def test_no_credential_in_any_written_file(tmp_path, data):
     saved = json.loads((tmp_path / "run" / "bilevel_state.json").read_text())["settings"]
     assert saved["model_init_kwargs"] == {"token": "<redacted>", "nested": {"api_key": "<redacted>"}}
     assert trainer.args.model_init_kwargs["token"] == SECRET  # the run itself keeps it
+
+
+def test_no_credential_in_the_args_a_checkpoint_push_writes(hub, tmp_path, data, monkeypatch):
+    """Issue 36 (found beside case 4): with push_to_hub and checkpoints, the Trainer's checkpoint push re-saved the
+    args, hub_token in clear, as output_dir/training_args.bin and uploaded it in each intermediate commit (the
+    final save then replaced it, so the repo's last state looked clean)."""
+    import transformers.trainer
+
+    pickled, save = [], torch.save
+
+    def recording_save(obj, path, *args, **kwargs):
+        save(obj, path, *args, **kwargs)
+        if str(path).endswith("training_args.bin"):
+            pickled.append(Path(path).read_bytes())
+
+    monkeypatch.setattr(transformers.trainer.torch, "save", recording_save)
+    trainer = fast_trainer(tmp_path, data, max_steps=2, save_strategy="steps", save_steps=1, push_to_hub=True,
+                           hub_model_id="tester/pushed", hub_token="hf_fake")  # fmt: skip
+    trainer.train()
+    assert len(pickled) >= 4 and [data for data in pickled if b"hf_fake" in data] == []  # 2 checkpoints, 2 pushes
+    assert trainer.args.hub_token == "hf_fake"  # the run keeps it: the pushes authenticated with it
 
 
 # -- case 2: output_dir of something else, unwritable, a file ---------------------------------------------------------
