@@ -265,3 +265,48 @@ def test_train_and_meta_files_in_different_formats_train_together(tmp_path):
     ])  # fmt: skip
     assert results["bilevel_meta_loss"] > 0 and results["bilevel_eval_loss"] > 0
     assert results["bilevel_meta_loss"] != results["bilevel_eval_loss"]
+
+
+def write_fact_files(tmp_path, **train_columns):
+    """train.jsonl (16 fact rows, plus ``train_columns``: column -> a value per row) and meta.jsonl (4 rows)."""
+    facts = [(f"fact {i:02d} is ", str(10 + i)) for i in range(20)]
+    rows = [{"prompt": p, "completion": c} for p, c in facts[:16]]
+    for column, values in train_columns.items():
+        rows = [{**row, column: value} for row, value in zip(rows, values, strict=True)]
+    train, meta = tmp_path / "train.jsonl", tmp_path / "meta.jsonl"
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    Dataset.from_list([{"prompt": p, "completion": c} for p, c in facts[16:]]).to_json(str(meta))
+    return ["--data_files", f"train={train}", f"meta={meta}", "--output_dir", str(tmp_path / "run"), "--max_steps",
+            "1", "--per_device_train_batch_size", "4", "--unroll_steps", "2", "--num_directions", "2",
+            "--max_length", "32", "--report_to", "none", "--save_strategy", "no", "--plot", "false"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "bad, shown", [(float("nan"), "(null|float nan)"), (None, "null"), ("yes", "str 'yes'"), (0.5, "float 0.5")]
+)
+def test_a_bad_is_corrupted_value_is_refused_before_training_naming_the_row(tmp_path, bad, shown):
+    """Issue 36 case 7: NaN, null or "yes" in one row of is_corrupted trained the run, then the epoch-end AUROC
+    raised and nothing was saved."""
+    from hf_fg2u.cli import main as cli
+
+    flags = [bad if row == 2 else row % 4 == 0 for row in range(16)]
+    argv = write_fact_files(tmp_path, is_corrupted=flags)
+    refused = rf"Row 2 of the train data \(--data_files train=.*\) has {shown} in column 'is_corrupted'.*Fix that row"
+    with pytest.raises(ValueError, match=refused):
+        cli.run_train(argv)
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_train_rows_with_a_weight_column_train_and_get_the_learned_weights_in_its_place(tmp_path):
+    """Issue 36 case 8: a train file with a weight column (a run's weighted_dataset.parquet fed back) crashed at
+    the first epoch end ("duplicated columns") and saved nothing."""
+    import pandas
+
+    from hf_fg2u.cli import main as cli
+
+    argv = write_fact_files(tmp_path, weight=[9.0] * 16, is_corrupted=[row % 4 == 0 for row in range(16)])
+    with pytest.warns(UserWarning, match=r"has a 'weight' column \(an earlier run's weights\?\); it is left out"):
+        results = cli.run_train(argv)
+    saved = pandas.read_parquet(tmp_path / "run" / "weighted_dataset.parquet")
+    assert list(saved.columns) == ["prompt", "completion", "is_corrupted", "weight"]
+    assert saved["weight"].mean() == pytest.approx(1.0, abs=1e-5) and 0.0 <= results["auroc_corrupted"] <= 1.0

@@ -4,6 +4,7 @@ and the train/meta/eval splits a run needs, distinct from each other."""
 from __future__ import annotations
 
 import json
+import warnings
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -169,4 +170,39 @@ def user_splits(script_args: ScriptArguments) -> DatasetDict:
             )
     if eval_name is not None:
         splits["eval"] = _split(loaded, eval_name, source, "--dataset_eval_split")
+    check_corrupted_column(splits["train"], source)
+    splits["train"] = without_weight_column(splits["train"], source)
     return DatasetDict(splits)
+
+
+WEIGHT_COLUMN = "weight"  # where a run writes its learned weights (BilevelTrainer.export_weights)
+
+
+def check_corrupted_column(train, source: str) -> None:
+    """The optional ``is_corrupted`` column holds true/false (or 1/0) in every row: each epoch's end and the run's
+    summary score the weights' AUROC on it, after the training a bad value would lose."""
+    from hf_fg2u.hub.report import CORRUPTED_COLUMN
+
+    if CORRUPTED_COLUMN not in train.column_names:
+        return
+    for row, value in enumerate(train[CORRUPTED_COLUMN]):
+        if not (isinstance(value, bool) or (isinstance(value, int | float) and value in (0, 1))):
+            shown = "null" if value is None else f"{type(value).__name__} {value!r:.40}"
+            raise ValueError(
+                f"Row {row} of the train data ({source}) has {shown} in column {CORRUPTED_COLUMN!r}, which must be "
+                "true/false (or 1/0) in every row: the AUROC of the learned weights is scored on it. Fix that row, "
+                f"or drop or rename the column to train without the AUROC."
+            )
+
+
+def without_weight_column(train, source: str):
+    """The train rows without a ``weight`` column (a run's weighted_dataset.parquet fed back): the run writes its
+    own learned weights under that name."""
+    if WEIGHT_COLUMN not in train.column_names:
+        return train
+    warnings.warn(
+        f"The train data ({source}) has a {WEIGHT_COLUMN!r} column (an earlier run's weights?); it is left out: this "
+        "run learns its own and writes them in that column. Rename yours to keep it beside them.",
+        stacklevel=3,
+    )
+    return train.remove_columns(WEIGHT_COLUMN)

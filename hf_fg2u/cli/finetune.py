@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,10 @@ from transformers import HfArgumentParser, TrainingArguments
 from hf_fg2u.hub.base_model import BASE_MODEL_FILE
 from hf_fg2u.lm.evaluation import MAX_CHOICES, answer_choices, choice_accuracy
 from hf_fg2u.lm.formats import prepare_split
+from hf_fg2u.trainer.checkpointing import STATE_CONFIG_NAME
 from hf_fg2u.trainer.model_setup import wrap_with_peft
+from hf_fg2u.trainer.redaction import PicklesRedacted
+from hf_fg2u.trainer.run_folder import LOCK_NAME, RunLock, check_output_dir, clear_checkpoints, holds_bilevel_run
 from hf_fg2u.trainer.weighted_loss import WeightedLossTrainer, check_weight_column
 
 RESULTS_FILE = "finetune_results.json"
@@ -63,6 +67,11 @@ class FinetuneArguments:
                   "choices": ["keep_start", "keep_end", "drop"]},
     )  # fmt: skip
     full_finetune: bool = field(default=False, metadata={"help": "Train every parameter instead of a LoRA adapter."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Allow an output_dir that holds files of something other than an earlier fine-tune (they "
+                  "may be replaced). A folder holding a bilevel run is refused either way."},
+    )  # fmt: skip
 
 
 def _read_rows(path: str):
@@ -91,6 +100,7 @@ def load_weighted_rows(source: str, weight_column: str = "weight", uniform: bool
     """The rows of ``source`` with their weights in ``weight_column`` (all 1 with ``uniform``), balanced over
     ``balance_column`` when given, rows of weight 0 left out; ``ValueError`` for missing, negative or non-finite
     weights."""
+    from hf_fg2u.cli.registry import check_balance_groups
     from hf_fg2u.hub.report import load_weighted_dataset
 
     path = Path(source)
@@ -104,6 +114,7 @@ def load_weighted_rows(source: str, weight_column: str = "weight", uniform: bool
     if balance_column is not None:
         if balance_column not in rows.column_names:
             raise ValueError(f"--balance_column {balance_column!r} is not a column of {source}: {rows.column_names}.")
+        check_balance_groups(balance_column, rows[balance_column])
         balanced = balance_weights(rows[weight_column], rows[balance_column])
         rows = rows.remove_columns(weight_column).add_column(weight_column, balanced)
     return rows.filter(lambda row: row[weight_column] > 0)
@@ -116,6 +127,13 @@ def base_model_of(source: str) -> dict:
         if record.is_file():
             return json.loads(record.read_text())
     return {}
+
+
+class FinetuneTrainingArguments(PicklesRedacted, TrainingArguments):
+    """``TrainingArguments`` whose ``training_args.bin`` (every save, checkpoint and push) is a plain
+    ``TrainingArguments`` without credentials."""
+
+    pickled_as = TrainingArguments
 
 
 class FinetuneTrainer(WeightedLossTrainer):
@@ -135,10 +153,36 @@ def effective_rows(weights: torch.Tensor) -> float:
     return float(weights.sum() ** 2 / weights.pow(2).sum())
 
 
-def finetune(args: FinetuneArguments, model_args, training_args: TrainingArguments) -> dict:
-    """Train, score and save the fine-tuned model; returns (and writes) the numbers of ``RESULTS_FILE``."""
-    from hf_fg2u.cli.models import load_model_and_tokenizer, lora_config
+def check_finetune_output_dir(output_dir: str, overwrite: bool) -> bool:
+    """Refuse, before anything is loaded, a folder holding a bilevel run (always: its adapter, card and
+    training_args.bin would be replaced beside its state) and a non-empty folder of something other than an
+    earlier fine-tune (unless ``overwrite``), a file or an unwritable folder. Returns whether an earlier fine-tune
+    is replaced (warned about)."""
+    directory = Path(output_dir)
+    if directory.is_dir() and holds_bilevel_run(directory):
+        raise ValueError(
+            f"output_dir={output_dir!r} holds a bilevel run ({STATE_CONFIG_NAME}): a fine-tune would replace its "
+            "adapter, card and training_args.bin and leave a run folder with a foreign adapter. Choose another "
+            "output_dir; pass the run folder as the source to fine-tune on its weights."
+        )
+    earlier = (directory / RESULTS_FILE).is_file()
+    others = directory.is_dir() and any(path.name != LOCK_NAME for path in directory.iterdir())
+    if others and not earlier and not overwrite:
+        raise ValueError(
+            f"output_dir={output_dir!r} is not empty and holds no earlier fine-tune (no {RESULTS_FILE}): its files "
+            "would be replaced. Choose a new or empty output_dir, or pass --overwrite_output_dir true to allow it."
+        )
+    check_output_dir(output_dir, overwrite=True)  # a file, or a folder that cannot be written
+    if earlier:
+        warnings.warn(f"output_dir={output_dir!r} holds an earlier fine-tune: it is replaced.", stacklevel=3)
+    return earlier or overwrite
 
+
+def finetune(args: FinetuneArguments, model_args, training_args: TrainingArguments) -> dict:
+    """Train, score and save the fine-tuned model; returns (and writes) the numbers of ``RESULTS_FILE``. The
+    output_dir and the rows are checked first, then the folder's run lock is held throughout: a live run writing
+    there refuses the fine-tune."""
+    replaces = check_finetune_output_dir(training_args.output_dir, args.overwrite_output_dir)
     recorded = base_model_of(args.source)
     if model_args.model_name_or_path is None:
         if not recorded.get("base_model_name_or_path"):
@@ -146,6 +190,15 @@ def finetune(args: FinetuneArguments, model_args, training_args: TrainingArgumen
         model_args.model_name_or_path = recorded["base_model_name_or_path"]
         model_args.gguf_file = model_args.gguf_file or recorded.get("gguf_file")
     rows = load_weighted_rows(args.source, args.weight_column, args.uniform, args.balance_column)
+    with RunLock(training_args.output_dir):
+        if replaces:
+            clear_checkpoints(training_args.output_dir)  # an earlier fine-tune's: never the new one's best epoch
+        return _train_and_score(args, model_args, training_args, rows)
+
+
+def _train_and_score(args: FinetuneArguments, model_args, training_args: TrainingArguments, rows) -> dict:
+    from hf_fg2u.cli.models import load_model_and_tokenizer, lora_config
+
     model, tokenizer = load_model_and_tokenizer(model_args, training_args.seed)
     train = prepare_split(rows, "train", tokenizer, args.max_length, truncation_mode=args.truncation_mode)
     splits = {
@@ -241,7 +294,9 @@ def parse_finetune_args(argv: list[str]):
 
     if argv and not argv[0].startswith("-"):
         argv = ["--source", argv[0], *argv[1:]]
-    parser = HfArgumentParser((FinetuneArguments, ModelArguments, TrainingArguments), prog="hf-fg2u finetune")
+    parser = HfArgumentParser(
+        (FinetuneArguments, ModelArguments, FinetuneTrainingArguments), prog="hf-fg2u finetune", allow_abbrev=False
+    )
     defaults = {"output_dir": "outputs/finetune", "report_to": "none", "save_strategy": "no", "logging_steps": 10}
     parser.set_defaults(**defaults)
     return parser.parse_args_into_dataclasses(argv)

@@ -66,20 +66,24 @@ def launch_command(num_processes: int, accelerate_config: str | None, argv: list
 SECRET_ARGS_ENV = "HF_FG2U_SECRET_ARGS"
 
 
-def split_secret_args(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(public, secret) options of ``argv``: ``--hub_token`` and any option named like a token, secret, key or
-    password, and a ``--model_init_kwargs`` that holds a credential, go to the ranks through the environment —
-    argv is printed and visible to every user of the machine in ``ps``."""
+def split_secret_args(argv: list[str], parser: argparse.ArgumentParser) -> tuple[list[str], list[str]]:
+    """(public, secret) options of ``argv``: ``--hub_token`` and any option whose destination names a token,
+    secret, key or password, and a ``--model_init_kwargs`` that holds a credential, go to the ranks through the
+    environment — argv is printed and visible to every user of the machine in ``ps``. Secrecy follows the option's
+    destination in ``parser`` (which must not accept abbreviations), so ``--model-init-kwargs`` is the same option
+    as ``--model_init_kwargs``."""
     from hf_fg2u.trainer.redaction import CREDENTIAL, redact
 
     def secret(name: str, value: str | None) -> bool:
-        if name == "--model_init_kwargs" and value is not None:
+        action = parser._option_string_actions.get(name)
+        dest = action.dest if action is not None else name.lstrip("-").replace("-", "_")
+        if dest == "model_init_kwargs" and value is not None:
             try:
                 parsed = json.loads(value)
             except ValueError:
                 return False
             return redact(parsed) != parsed
-        return bool(CREDENTIAL.search(name.lstrip("-")))
+        return bool(CREDENTIAL.search(dest))
 
     public, hidden, index = [], [], 0
     while index < len(argv):

@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from transformers.hf_argparser import string_to_bool
+
 from hf_fg2u.cli import arguments, launch, recipe_run
 from hf_fg2u.hub.report import EXPORTS
 
@@ -35,7 +37,7 @@ def run_train(argv: list[str]) -> dict:
         print_train_summary(results)
         return results
     _, training_args, _ = arguments.parse_args(argv)  # bad options fail here, before any rank starts
-    public, secret = launch.split_secret_args(argv)
+    public, secret = launch.split_secret_args(argv, arguments.make_parser())
     command = launch.launch_command(launch_args.num_processes, launch_args.accelerate_config, public)
     env = launch.launch_env(launch_args.accelerate_config)
     line = launch.echo_command(command, env)
@@ -45,7 +47,7 @@ def run_train(argv: list[str]) -> dict:
             f"   # {', '.join(n.partition('=')[0] for n in names)}: passed to the ranks in ${launch.SECRET_ARGS_ENV}"
         )
     print("[hf_fg2u] " + line)
-    hidden = {launch.SECRET_ARGS_ENV: json.dumps(secret)} if secret else {}
+    hidden = {launch.SECRET_ARGS_ENV: json.dumps(secret)}  # always: never one inherited from elsewhere
     done = subprocess.run(command, check=False, env={**os.environ, **env, **hidden})
     if done.returncode != 0:
         raise RuntimeError(f"accelerate launch exited with status {done.returncode} (command above).")
@@ -122,6 +124,10 @@ def run_weights(argv: list[str]) -> str:
         "--export", choices=EXPORTS, help="filtered: drop low-weight rows; resampled: draw rows ∝ weight."
     )
     export.add_argument("--output_dir", metavar="DIR", help="Where DIR/train.jsonl goes (default RUN/export_KIND).")
+    export.add_argument(
+        "--overwrite_output_dir", type=string_to_bool, nargs="?", const=True, default=False, metavar="BOOL",
+        help="Replace an existing DIR/train.jsonl (refused otherwise).",
+    )  # fmt: skip
     export.add_argument("--threshold", type=float, help="filtered: keep rows with weight >= this (default: the mean).")
     export.add_argument("--keep_fraction", type=float, help="filtered: keep this fraction of the rows, by weight.")
     export.add_argument("--num_rows", type=int, help="resampled: rows to draw (default: as many as the data has).")
@@ -129,6 +135,12 @@ def run_weights(argv: list[str]) -> str:
     args = parser.parse_args(argv)
     from hf_fg2u.hub.report import export_weighted, load_weighted_dataset, report_weights
 
+    path = Path(args.output_dir or args.run / f"export_{args.export}") / "train.jsonl"
+    if args.export and path.exists() and not args.overwrite_output_dir:
+        raise ValueError(
+            f"{path} exists: the export would replace it. Pass another --output_dir, or --overwrite_output_dir true "
+            "to replace it."
+        )
     text = report_weights(args.run, k=args.top)
     print(text)
     weighted = None
@@ -136,7 +148,6 @@ def run_weights(argv: list[str]) -> str:
         weighted = load_weighted_dataset(args.run)
     if args.export:
         rows = export_weighted(weighted, args.export, args.threshold, args.keep_fraction, args.num_rows, args.seed)
-        path = Path(args.output_dir or args.run / f"export_{args.export}") / "train.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         rows.to_json(str(path))
         print(f"{args.export}: {len(rows)} of {len(weighted)} rows, without weights, in {path}")

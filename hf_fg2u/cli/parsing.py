@@ -26,6 +26,8 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
 
+from hf_fg2u.cli.launch import SECRET_ARGS_ENV
+
 TRAINER_GROUP = "transformers.TrainingArguments (the outer optimizer, logging, saving, the Hub)"
 _BOOL_TAG = "tag:yaml.org,2002:bool"
 BUILTIN_DATA = "builtin_data"  # a YAML section of options that apply only to a script's built-in data
@@ -88,6 +90,9 @@ class ConfigParser(HfArgumentParser):
     """Parse dataclasses from ``--config FILE`` (optional) and CLI flags, CLI winning."""
 
     def __init__(self, dataclass_types, **kwargs):
+        # No abbreviations: `--hub_tok` must not reach an option that `--hub_token` names (the launcher decides by
+        # the full name what stays out of argv), and a prefix may silently change meaning when an option is added.
+        kwargs.setdefault("allow_abbrev", False)
         self._own_group = self._trainer_group = None
         self.builtin_data_defaults: dict = {}
         super().__init__(dataclass_types, **kwargs)
@@ -124,6 +129,20 @@ class ConfigParser(HfArgumentParser):
         if path is not None:
             self.set_defaults(**self.typed_config(path))
         return self.parse_args_into_dataclasses(args=args)
+
+    def parse_args_into_dataclasses(self, args=None, return_remaining_strings=False, **kwargs):
+        """The Trainer's parse; an option it does not know is an error naming the option, never its value (a
+        mistyped ``--hub_tokn`` is followed by a token)."""
+        *parsed, remaining = super().parse_args_into_dataclasses(args, return_remaining_strings=True, **kwargs)
+        if return_remaining_strings:
+            return (*parsed, remaining)
+        if remaining:
+            names = [arg.partition("=")[0] for arg in remaining if arg.startswith("-")]
+            raise ValueError(
+                f"Unknown option(s) {names or '(values that follow no option)'}: write each option's full name "
+                f"(abbreviations are not accepted); `{self.prog} --help` lists them."
+            )
+        return tuple(parsed)
 
     @staticmethod
     def _builtin_data_section(path, values: dict) -> dict:
@@ -171,10 +190,20 @@ YAML_ENV_ALLOWED = frozenset({
     "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_DISTRIBUTED_DEBUG", "WANDB_PROJECT", "WANDB_MODE", "WANDB_RUN_GROUP",
 })  # fmt: skip
 YAML_ENV_PREFIX = "HF_FG2U_"
+# HF_FG2U_* variables that hf_fg2u itself reads to carry arguments: one set by a YAML would hand every rank options
+# the command line does not show (a model with remote code, another output_dir).
+YAML_ENV_RESERVED = frozenset({SECRET_ARGS_ENV})
 
 
 def export_yaml_env(path: str | Path, env: dict) -> None:
     """Set the YAML's ``env:`` variables that are allowed and unset; refuse the rest before anything is set."""
+    reserved = sorted(str(name).strip() for name in env if str(name).strip() in YAML_ENV_RESERVED)
+    if reserved:
+        raise ValueError(
+            f"{path}: env may not set {reserved}: hf_fg2u reads it to pass options to the ranks of --num_processes, "
+            "so a YAML setting it would run them with options the command line does not show. Remove it from the "
+            "env: block; put options in the YAML itself or on the command line."
+        )
     refused = sorted(str(name) for name in env if str(name) not in YAML_ENV_ALLOWED
                      and not str(name).startswith(YAML_ENV_PREFIX))  # fmt: skip
     if refused:

@@ -50,7 +50,10 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
         if name == "uniform":  # the same budget with φ frozen: what plain fine-tuning would give
             frozen = {"learning_rate": 0.0, "method": "hessian_free", "phase1_method": None, "phase1_steps": 0,
                       "project_group_shift": False}  # fmt: skip
-            args = clone_config(training_args, output_dir=str(output_dir / "uniform"), push_to_hub=False, **frozen)
+            # A resumed run trains its uniform baseline again from the start: over what an interrupted one left.
+            overwrite = training_args.overwrite_output_dir or resume is not None
+            args = clone_config(training_args, output_dir=str(output_dir / "uniform"), push_to_hub=False,
+                                overwrite_output_dir=overwrite, **frozen)  # fmt: skip
         trainer = build_trainer(script_args, args, model_args, raw)
         if script_args.time_budget_s is not None:
             trainer.add_callback(TimeBudget(script_args.time_budget_s))

@@ -120,12 +120,7 @@ def _balance_groups(s: ScriptArguments, train) -> list[str]:
                          f"{train.column_names}.")  # fmt: skip
     values = [str(value) for value in train[s.balance_column]]
     names = group_names(train, s.balance_column)
-    smallest = min(Counter(values).values())
-    if smallest < 2:
-        raise ValueError(
-            f"--balance_column {s.balance_column!r} has {len(names)} values over {len(values)} rows, some held by a "
-            "single row, whose weight could then never move: balance on a column of a few labels, or drop it."
-        )
+    check_balance_groups(s.balance_column, values)
     return names
 
 
@@ -143,6 +138,18 @@ def _grouped_weights(s: ScriptArguments, train) -> ExampleWeights:
         groups[row_id] = index[value]
     outer.set_groups(groups)
     return outer
+
+
+def check_balance_groups(column: str, values: list) -> None:
+    """Refuse a ``--balance_column`` with a value held by a single row: balancing fixes such a row's weight (its
+    group's share is its own), so a column of mostly distinct values (free text, ids) would make every weight
+    equal, silently."""
+    counts = Counter(str(value) for value in values)
+    if min(counts.values()) < 2:
+        raise ValueError(
+            f"--balance_column {column!r} has {len(counts)} values over {len(values)} rows, some held by a single "
+            "row, whose weight could then never move: balance on a column of a few labels, or drop it."
+        )
 
 
 def group_names(train, column: str) -> list[str]:

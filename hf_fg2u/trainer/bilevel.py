@@ -32,14 +32,14 @@ from hf_fg2u.lm.formats import MODEL_INPUT_COLUMNS
 from hf_fg2u.lm.group_shift import check_meta_groups
 from hf_fg2u.lm.params import load_parameters, trainable_parameters, unwrap_model
 from hf_fg2u.outer import OuterModule
-from hf_fg2u.trainer.checkpointing import STATE_CONFIG_NAME, run_settings, verify_checkpoint
+from hf_fg2u.trainer.checkpointing import run_settings, verify_checkpoint
 from hf_fg2u.trainer.config import BilevelConfig
 from hf_fg2u.trainer.inner_resets import ResetPolicy
 from hf_fg2u.trainer.inner_state import InnerStateMixin, outer_step_seed
 from hf_fg2u.trainer.metrics import LogLastStep, MetricsMixin
 from hf_fg2u.trainer.model_setup import check_datasets, check_trainer_inputs, prepare_model
 from hf_fg2u.trainer.processes import ProcessPolicy, check_same_settings
-from hf_fg2u.trainer.run_folder import RunLock
+from hf_fg2u.trainer.run_folder import RunLock, check_new_run, clear_checkpoints
 from hf_fg2u.trainer.safeguards import OuterStepSafeguards, OuterUpdateGuard
 from hf_fg2u.trainer.saving import SavingMixin
 from hf_fg2u.trainer.weights_export import WeightExportMixin
@@ -264,13 +264,8 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
                 raise ValueError(f"No checkpoint-N folder to resume from in output_dir={self.args.output_dir!r}.")
         if resume_from_checkpoint:
             verify_checkpoint(Path(resume_from_checkpoint))
-        elif not self.args.overwrite_output_dir and (Path(self.args.output_dir) / STATE_CONFIG_NAME).is_file():
-            raise ValueError(
-                f"output_dir={self.args.output_dir!r} holds a finished run; a new run would replace its model and "
-                "results and mix them with its checkpoints. Resume it (resume_from_checkpoint, or "
-                "--resume_from_checkpoint true for the latest checkpoint), pass overwrite_output_dir=True to replace "
-                "it, or choose another output_dir."
-            )
+        else:
+            check_new_run(self.args.output_dir, self.args.overwrite_output_dir)
         self._steps_run, self._steps_skipped, self._meta_loss_sum = 0, 0, 0.0
         with contextlib.ExitStack() as held:
             refused = None
@@ -280,6 +275,8 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
                 except Exception as error:  # another live run holds the lock, or the folder cannot be written
                     refused = error
             self.processes.agree(refused, f"The run lock of output_dir={self.args.output_dir!r}")
+            if not resume_from_checkpoint and self.args.overwrite_output_dir and self.args.should_save:
+                clear_checkpoints(self.args.output_dir)  # held by this run now: no other writes there
             output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
         entropy = self.outer.summary().get("weight_entropy")
         if self._steps_run and self.outer.per_row_coordinates and entropy is not None and entropy < COLLAPSED_ENTROPY:

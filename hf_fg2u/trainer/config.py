@@ -7,7 +7,6 @@ The Trainer's own fields keep their meaning for the *outer* problem: ``learning_
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -21,7 +20,7 @@ from hf_fg2u.hypergrad.inner_optimizers import INNER_OPTIMIZERS
 from hf_fg2u.hypergrad.methods import data_parallel_methods, needs_second_order
 from hf_fg2u.hypergrad.zeroth_order import ZO_SCHEMES
 from hf_fg2u.registry import check_choice
-from hf_fg2u.trainer.redaction import CREDENTIAL, redact
+from hf_fg2u.trainer.redaction import PicklesRedacted, redact, redacted_args
 
 NONFINITE_POLICIES = ("skip", "stop")
 PROCESS_SPLITS = ("directions", "data")
@@ -44,7 +43,7 @@ def _check_range(name: str, value, low: float, high: float, low_open: bool = Fal
 
 
 @dataclass
-class BilevelConfig(TrainingArguments):
+class BilevelConfig(PicklesRedacted, TrainingArguments):
     """Configuration of :class:`~hf_fg2u.BilevelTrainer`: ``TrainingArguments`` plus the bilevel options.
 
     The Trainer's own fields drive the *outer* problem (φ: the weights, the soft prompt): ``learning_rate``,
@@ -325,14 +324,7 @@ class BilevelConfig(TrainingArguments):
 
     def redacted(self) -> BilevelConfig:
         """A copy without credentials (hub_token, tokens inside model_init_kwargs): what may be written or pushed."""
-        clean = copy.copy(self)
-        for name in self.__dataclass_fields__:
-            value = getattr(self, name)
-            if CREDENTIAL.search(name) and isinstance(value, str):
-                setattr(clean, name, None)
-            elif isinstance(value, dict):
-                setattr(clean, name, redact(value))
-        return clean
+        return redacted_args(self)
 
     def to_dict(self) -> dict:
         """The Trainer's dict of the args (what report_to integrations log), credentials redacted."""

@@ -3,6 +3,9 @@ shape (URL userinfo, HTTP auth schemes, well-known token prefixes) under any key
 
 from __future__ import annotations
 
+import copy
+import copyreg
+import dataclasses
 import re
 
 CREDENTIAL = re.compile(r"token|secret|key|password|credential", re.IGNORECASE)
@@ -39,3 +42,40 @@ def _redact_item(key: str, value):
     if CREDENTIAL.search(key) and isinstance(value, str):
         return REDACTED
     return redact(value)
+
+
+def redacted_fields(args) -> dict:
+    """The fields of training arguments (a dataclass) that hold credentials, redacted: ``None`` for a string field
+    named like a token, secret, key or password (``hub_token``), dict fields redacted (``model_init_kwargs``)."""
+    clean = {}
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        if CREDENTIAL.search(field.name) and isinstance(value, str):
+            clean[field.name] = None
+        elif isinstance(value, dict):
+            clean[field.name] = redact(value)
+    return clean
+
+
+def redacted_args(args):
+    """A copy of training arguments without credentials (``redacted_fields``): what ``training_args.bin``, which
+    the Trainer pickles and ``push_to_hub`` uploads, may hold."""
+    clean = copy.copy(args)
+    for name, value in redacted_fields(args).items():
+        setattr(clean, name, value)
+    return clean
+
+
+class PicklesRedacted:
+    """Training arguments whose pickle holds no credential (``redacted_fields``), as ``pickled_as`` (default: their
+    own class): the Trainer pickles its args into the ``training_args.bin`` of every save and of every checkpoint
+    push (``_push_from_checkpoint`` writes it beside the pushed files, outside ``_save``), ``hub_token`` included.
+    The object itself keeps its credentials: the push needs the token."""
+
+    pickled_as: type | None = None
+
+    def __reduce_ex__(self, protocol):
+        # The reconstructor of pickle protocols 0-1 (stdlib): no class of this package is needed to load the file
+        # when ``pickled_as`` is a transformers class.
+        cls = self.pickled_as or type(self)
+        return copyreg._reconstructor, (cls, object, None), {**vars(self), **redacted_fields(self)}

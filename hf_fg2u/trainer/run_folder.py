@@ -5,21 +5,31 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import socket
 import tempfile
 import warnings
 from pathlib import Path
+
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_fg2u.trainer.checkpointing import PARTIAL_PREFIX, STATE_CONFIG_NAME
 
 LOCK_NAME = "_hf_fg2u.lock"  # "_*" files are never uploaded by push_to_hub
 
 
-def is_run_folder(directory: Path) -> bool:
-    """Whether ``directory`` was written by a BilevelTrainer: a saved state at the top or one level down (a
-    checkpoint, a recipe's uniform run), a partial checkpoint or a run lock."""
-    markers = [STATE_CONFIG_NAME, f"*/{STATE_CONFIG_NAME}", f"{PARTIAL_PREFIX}*", LOCK_NAME]
+def holds_bilevel_run(directory: Path) -> bool:
+    """Whether ``directory`` holds what a BilevelTrainer saves: a state at the top or one level down (a
+    checkpoint, a recipe's uniform run) or a partial checkpoint."""
+    markers = [STATE_CONFIG_NAME, f"*/{STATE_CONFIG_NAME}", f"{PARTIAL_PREFIX}*"]
     return any(next(directory.glob(pattern), None) is not None for pattern in markers)
+
+
+def is_run_folder(directory: Path) -> bool:
+    """Whether ``directory`` was written by a BilevelTrainer: its saved state (``holds_bilevel_run``) or a run
+    lock."""
+    return holds_bilevel_run(directory) or (directory / LOCK_NAME).exists()
 
 
 def check_output_dir(output_dir: str, overwrite: bool) -> None:
@@ -44,6 +54,45 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
             f"output_dir={output_dir!r} is not writable ({error}); checkpoints and the model would be lost at the "
             "first save. Choose a writable output_dir."
         ) from error
+
+
+def checkpoint_folders(directory: Path) -> list[Path]:
+    """The ``checkpoint-N`` folders of ``directory``, by step."""
+    pattern = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
+    found = [path for path in directory.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if pattern.fullmatch(path.name)]
+    return sorted((path for path in found if path.is_dir()), key=lambda path: int(path.name.rsplit("-", 1)[1]))
+
+
+def check_new_run(output_dir: str, overwrite: bool) -> None:
+    """Refuse a new run (not a resumed one) into a folder that holds a finished run, or the checkpoints of a run
+    that did not finish: it would replace some of them and keep the others, and a later resume would continue the
+    other run. ``overwrite`` allows it (``clear_checkpoints`` then removes the old checkpoints)."""
+    directory = Path(output_dir)
+    if overwrite or not directory.is_dir():
+        return
+    fixes = (
+        "Resume it (--resume_from_checkpoint true for the latest checkpoint, or a checkpoint-N folder), pass "
+        "--overwrite_output_dir true to replace it (its checkpoints are deleted), or choose another output_dir."
+    )
+    if (directory / STATE_CONFIG_NAME).is_file():
+        raise ValueError(
+            f"output_dir={output_dir!r} holds a finished run; a new run would replace its model and results and mix "
+            f"them with its checkpoints. {fixes}"
+        )
+    checkpoints = checkpoint_folders(directory)
+    if checkpoints:
+        raise ValueError(
+            f"output_dir={output_dir!r} holds checkpoints of a run that did not finish ({checkpoints[-1].name} is "
+            f"the latest); a new run would replace some of them and keep the others, and a later resume would "
+            f"continue the other run. {fixes}"
+        )
+
+
+def clear_checkpoints(output_dir: str) -> None:
+    """Delete the ``checkpoint-N`` folders a run started with ``overwrite_output_dir`` replaces, so that no resume
+    can continue the run it replaced."""
+    for checkpoint in checkpoint_folders(Path(output_dir)):
+        shutil.rmtree(checkpoint)
 
 
 class RunLock:

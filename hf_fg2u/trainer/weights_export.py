@@ -17,16 +17,16 @@ class WeightExportMixin:
 
     def export_weights(self, dataset=None, column: str = "weight"):
         """``dataset`` (default: the train dataset as given to the trainer) with every column it has except
-        token ids, plus a ``weight`` column from the learned outer variables (mean 1), ready for
-        ``push_to_hub``. A raw dataset is tokenized like the train dataset; rows without an id column are
-        numbered 0..n-1 in order."""
+        token ids, plus a ``weight`` column from the learned outer variables (mean 1; a ``weight`` column the
+        dataset had is replaced), ready for ``push_to_hub``. A raw dataset is tokenized like the train dataset;
+        rows without an id column are numbered 0..n-1 in order."""
         if dataset is None:
             dataset, tokenized = self.user_train_dataset, self.train_dataset
         else:
             limits = ModelLimits.of(unwrap_model(self.model))
             tokenized = prepare_dataset(dataset, "exported", self.outer, self.processing_class, self.args, limits)
         weights = self.dataset_weights(tokenized)
-        keep = [c for c in dataset.column_names if c not in MODEL_INPUT_COLUMNS]
+        keep = [c for c in dataset.column_names if c not in (*MODEL_INPUT_COLUMNS, column)]  # the learned replaces it
         return dataset.select_columns(keep).add_column(column, weights.tolist())
 
     @torch.no_grad()

@@ -150,6 +150,21 @@ def test_yaml_env_may_not_set_credentials_paths_or_loaders(tmp_path, monkeypatch
     assert name not in os.environ and "HF_FG2U_TEST_VAR" not in os.environ
 
 
+def test_yaml_env_may_not_set_the_variable_that_carries_arguments_to_the_ranks(tmp_path, monkeypatch):
+    """Issue 36 case 1: HF_FG2U_SECRET_ARGS in a YAML's env: block was appended to every rank's argv after the
+    user's flags (a model's remote code ran, another output_dir was written); now refused before anything runs."""
+    monkeypatch.delenv("HF_FG2U_SECRET_ARGS", raising=False)
+    monkeypatch.delenv("HF_FG2U_TEST_VAR", raising=False)
+    hidden = json.dumps(["--trust_remote_code", "true", "--output_dir", str(tmp_path / "hidden")])
+    config = write_yaml(tmp_path, f"max_steps: 2\nenv:\n  HF_FG2U_TEST_VAR: 1\n  HF_FG2U_SECRET_ARGS: '{hidden}'\n")
+    monkeypatch.setattr(cli.subprocess, "run", lambda *args, **kwargs: pytest.fail("a rank was started"))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match=r"env may not set \['HF_FG2U_SECRET_ARGS'\]: hf_fg2u reads it"):
+        cli.run_train(["--config", config, "--num_processes", "2", "--output_dir", str(tmp_path / "user")])
+    assert "HF_FG2U_SECRET_ARGS" not in os.environ and "HF_FG2U_TEST_VAR" not in os.environ
+    assert not (tmp_path / "hidden").exists() and not (tmp_path / "user").exists()
+
+
 def test_yaml_env_keeps_what_the_user_set_and_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "7")
     config = write_yaml(tmp_path, "max_steps: 2\nenv:\n  OMP_NUM_THREADS: 1\n")
@@ -346,6 +361,22 @@ def test_weights_export_filtered_and_resampled_rows_without_weights(tmp_path):
         cli.run_weights([str(run), "--export", "filtered", "--threshold", "9"])
 
 
+def test_weights_export_never_replaces_an_existing_file_unless_asked(tmp_path, capsys):
+    """Issue 36 case 6: `hf-fg2u weights RUN --export filtered --output_dir exp` replaced the user's
+    exp/train.jsonl with the exported rows, silently."""
+    from datasets import load_dataset
+
+    run, exp = weighted_run(tmp_path / "run"), tmp_path / "exp"
+    exp.mkdir()
+    (exp / "train.jsonl").write_text('{"text": "my own data"}\n')
+    argv = [str(run), "--export", "filtered", "--output_dir", str(exp)]
+    with pytest.raises(ValueError, match=rf"{exp / 'train.jsonl'} exists.*--overwrite_output_dir true"):
+        cli.run_weights(argv)
+    assert (exp / "train.jsonl").read_text() == '{"text": "my own data"}\n' and capsys.readouterr().out == ""
+    cli.run_weights([*argv, "--overwrite_output_dir", "true"])
+    assert len(load_dataset(str(exp), split="train")) == 6  # the rows of weight >= the mean (0.9)
+
+
 def test_weights_push_to_hub_uploads_the_weighted_dataset(tmp_path, hub, monkeypatch):
     """Issue 23 item 10: `hf-fg2u weights RUN --push_to_hub` against the stand-in Hub."""
     monkeypatch.setenv("HF_TOKEN", "hf_fake")
@@ -392,6 +423,29 @@ def test_resume_from_checkpoint_on_the_command_line_continues_and_a_finished_run
     assert [entry["step"] for entry in keep.history if "meta_loss" in entry] == [1, 2, 3, 4, 5, 6]
     cli.run_train([*base, "--max_steps", "2", "--overwrite_output_dir", "true"])  # replacing it is asked for
     assert json.loads((out / "results.json").read_text())["bilevel_outer_steps"] == 2
+    # issue 36 (e5): the replaced run's checkpoint-4 and -6 are gone, so a resume cannot continue that run
+    assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+def test_resuming_a_run_stopped_in_its_uniform_baseline_trains_the_baseline_again(tmp_path):
+    """Issue 36 case 3: a new run into a folder with checkpoints of an unfinished run is refused, but a resumed
+    recipe run trains its uniform baseline from the start over the checkpoints the stopped baseline left."""
+    import shutil
+
+    out = tmp_path / "run"
+    base = ["--recipe", "noisy_reweighting", "--output_dir", str(out), "--plot", "false", "--max_steps", "2",
+            "--save_strategy", "steps", "--save_steps", "1", "--compare_uniform", "true"]  # fmt: skip
+    cli.run_train(base)
+    for path in out.iterdir():  # as if stopped in the baseline: no finished run at the top, uniform/ unfinished
+        if path.is_file():
+            path.unlink()
+    for path in (out / "uniform").iterdir():
+        if path.name != "checkpoint-1":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    with pytest.raises(ValueError, match="holds checkpoints of a run that did not finish"):
+        cli.run_train(base)
+    results = cli.run_train([*base, "--resume_from_checkpoint", "true"])
+    assert results["uniform_outer_steps"] == 2 and (out / "uniform" / "checkpoint-2").is_dir()
 
 
 def test_train_ends_with_a_summary_states_the_baseline_and_logs_each_tag_once(tmp_path, capsys, recwarn):
@@ -461,6 +515,7 @@ def test_cpu_launch_echoes_the_environment_that_makes_cpu_ranks(tmp_path, monkey
     assert echoed.startswith(f"[hf_fg2u] ACCELERATE_USE_CPU=1 {sys.executable} -m accelerate.commands.launch")
     assert "--multi_gpu" in echoed and "# CPU ranks (gloo)" in echoed
     assert seen["env"]["ACCELERATE_USE_CPU"] == "1"
+    assert seen["env"]["HF_FG2U_SECRET_ARGS"] == "[]"  # set, empty: never one inherited from elsewhere
 
 
 def test_launch_keeps_secrets_out_of_the_echo_and_argv_and_the_ranks_get_them(tmp_path, monkeypatch, capsys):
@@ -496,6 +551,33 @@ def test_launch_keeps_secrets_out_of_the_echo_and_argv_and_the_ranks_get_them(tm
     monkeypatch.setattr(recipe_run, "main", lambda *args: {})
     cli.run_train(rank_argv)
     assert parsed == [[*rank_argv, *secret]] and "HF_FG2U_SECRET_ARGS" not in os.environ
+
+
+def test_launch_hides_secrets_by_option_not_by_spelling_and_refuses_abbreviations(tmp_path, monkeypatch, capsys):
+    """Issue 36 case 2: --model-init-kwargs (the dash spelling --help lists) and --hub_tok (an abbreviation argparse
+    accepted) carried their tokens into the echoed launch line and every rank's argv."""
+    seen, token = {}, "hf_" + "D" * 30
+
+    def fake_run(command, check, env=None):
+        seen.update(env=env, command=command)
+        (tmp_path / "results.json").write_text(json.dumps({"output_dir": str(tmp_path), "bilevel_meta_loss": 1.5}))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(cli.subprocess, "run", fake_run)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    kwargs = json.dumps({"token": token})
+    base = ["--recipe", "soft_prompt", "--output_dir", str(tmp_path), "--num_processes", "2"]
+    cli.run_train([*base, "--model-init-kwargs", kwargs, "--hub-token", token])
+    printed = capsys.readouterr().out
+    assert token not in printed and not [arg for arg in seen["command"] if token in arg]
+    assert json.loads(seen["env"]["HF_FG2U_SECRET_ARGS"]) == ["--model-init-kwargs", kwargs, "--hub-token", token]
+    seen.clear()
+    for abbreviation in ("--hub_tok", "--model_init_kw"):
+        with pytest.raises(
+            ValueError, match=rf"Unknown option\(s\) \['{abbreviation}'\]: write each option's full"
+        ) as refused:
+            cli.run_train([*base, abbreviation, kwargs if "kw" in abbreviation else token])
+        assert token not in str(refused.value) and not seen  # refused before any rank starts, value not shown
 
 
 def test_only_the_first_rank_prints_warnings_and_progress_bars():

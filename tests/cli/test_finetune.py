@@ -103,6 +103,60 @@ def test_bad_weights_are_refused_before_training(tiny_model, tmp_path, content, 
     assert not (tmp_path / "out" / "finetune_results.json").exists()
 
 
+def test_a_balance_column_of_mostly_distinct_values_is_refused_as_train_refuses_it(tiny_model, tmp_path):
+    """Issue 36 review: --balance_column prompt (every row its own value) silently made every weight equal."""
+    source = write(tmp_path / "w.jsonl", rows(WORDS, lambda i: 0.5 + i))
+    with pytest.raises(
+        SystemExit, match=r"--balance_column 'prompt' has 12 values over 12 rows, some held by a single"
+    ):
+        finetune(tiny_model, source, tmp_path / "out", "--balance_column", "prompt")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_hub_token_is_in_no_file_written_or_pushed(tiny_model, tmp_path, hub):
+    """Issue 36 case 4: training_args.bin of the model, of each epoch's checkpoint and of the pushed repo held
+    --hub_token in clear (train redacted it, finetune did not)."""
+    source = write(tmp_path / "train.jsonl", rows(WORDS, lambda i: 1.0))
+    held = write(tmp_path / "held.jsonl", rows(["warm", "cold", "calm", "wild"]))
+    out = tmp_path / "out"
+    finetune(tiny_model, source, out, "--eval_file", held, "--push_to_hub", "true", "--hub_model_id", "tester/ft",
+             "--hub_token", "hf_fake")  # fmt: skip
+    written = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    assert "training_args.bin" in {path.name for path in written} and "training_args.bin" in hub.repos["tester/ft"]
+    assert [path for path, data in written.items() if b"hf_fake" in data] == []
+    assert [path for path, data in hub.repos["tester/ft"].items() if b"hf_fake" in data] == []
+    saved = torch.load(out / "training_args.bin", weights_only=False)
+    assert type(saved).__name__ == "TrainingArguments" and saved.hub_token is None and saved.seed == 3
+
+
+def test_output_dir_of_a_run_another_folder_or_a_live_run_is_refused_and_left_alone(tiny_model, tmp_path):
+    """Issue 36 case 5: finetune replaced a bilevel run's adapter and card (its state stayed: a run folder with a
+    foreign adapter), the files of any folder, and wrote beside a live run holding the folder's lock."""
+    import os
+
+    source = write(tmp_path / "train.jsonl", rows(WORDS, lambda i: 1.0))
+    run, other, busy = tmp_path / "run", tmp_path / "other", tmp_path / "busy"
+    for folder, name in ((run, "bilevel_state.json"), (other, "notes.txt"), (busy, "_hf_fg2u.lock")):
+        folder.mkdir()
+        (folder / name).write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename}))
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    refusals = {
+        run: r"holds a bilevel run \(bilevel_state.json\).*Choose another output_dir",
+        other: r"is not empty and holds no earlier fine-tune \(no finetune_results.json\).*--overwrite_output_dir true",
+        busy: r"Another run \(process \d+ on .*\) is writing to",
+    }
+    for folder, refused in refusals.items():
+        with pytest.raises(SystemExit, match=refused):
+            finetune(tiny_model, source, folder)
+    with pytest.raises(SystemExit, match="holds a bilevel run"):  # asking to overwrite does not make it a fine-tune's
+        finetune(tiny_model, source, run, "--overwrite_output_dir", "true")
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
+    first = finetune(tiny_model, source, other, "--overwrite_output_dir", "true")
+    with pytest.warns(UserWarning, match="holds an earlier fine-tune: it is replaced"):
+        again = finetune(tiny_model, source, other, "--learning_rate", "1e-3")
+    assert again["train_loss"] != first["train_loss"] and not (other / "_hf_fg2u.lock").exists()
+
+
 def test_forced_choice_accuracy_matches_log_likelihoods_by_hand(tiny_model):
     from datasets import Dataset
 

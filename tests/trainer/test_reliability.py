@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,6 +57,27 @@ def test_no_credential_in_any_written_file(tmp_path, data):
     saved = json.loads((tmp_path / "run" / "bilevel_state.json").read_text())["settings"]
     assert saved["model_init_kwargs"] == {"token": "<redacted>", "nested": {"api_key": "<redacted>"}}
     assert trainer.args.model_init_kwargs["token"] == SECRET  # the run itself keeps it
+
+
+def test_no_credential_in_the_args_a_checkpoint_push_writes(hub, tmp_path, data, monkeypatch):
+    """Issue 36 (found beside case 4): with push_to_hub and checkpoints, the Trainer's checkpoint push re-saved the
+    args, hub_token in clear, as output_dir/training_args.bin and uploaded it in each intermediate commit (the
+    final save then replaced it, so the repo's last state looked clean)."""
+    import transformers.trainer
+
+    pickled, save = [], torch.save
+
+    def recording_save(obj, path, *args, **kwargs):
+        save(obj, path, *args, **kwargs)
+        if str(path).endswith("training_args.bin"):
+            pickled.append(Path(path).read_bytes())
+
+    monkeypatch.setattr(transformers.trainer.torch, "save", recording_save)
+    trainer = fast_trainer(tmp_path, data, max_steps=2, save_strategy="steps", save_steps=1, push_to_hub=True,
+                           hub_model_id="tester/pushed", hub_token="hf_fake")  # fmt: skip
+    trainer.train()
+    assert len(pickled) >= 4 and [data for data in pickled if b"hf_fake" in data] == []  # 2 checkpoints, 2 pushes
+    assert trainer.args.hub_token == "hf_fake"  # the run keeps it: the pushes authenticated with it
 
 
 # -- case 2: output_dir of something else, unwritable, a file ---------------------------------------------------------
@@ -267,6 +289,29 @@ def test_ctrl_c_during_an_outer_step_loses_nothing(tmp_path, data, monkeypatch):
     resumed = fast_trainer(tmp_path, data, max_steps=3)
     resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 3
+
+
+def test_a_new_run_into_an_interrupted_runs_folder_is_refused_and_overwrite_deletes_its_checkpoints(
+    tmp_path, data, monkeypatch
+):
+    """Issue 36 case 3: a new run (resume forgotten) into a killed run's folder replaced its checkpoint-1 and kept
+    its checkpoint-2, so --resume_from_checkpoint true would have continued the killed run."""
+    monkeypatch.setattr(trainer_module, "estimate_hypergradient", failing_estimate({2: KeyboardInterrupt()}))
+    run, steps = tmp_path / "run", dict(save_strategy="steps", save_steps=1)
+    with pytest.raises(KeyboardInterrupt):
+        fast_trainer(tmp_path, data, max_steps=4, **steps).train()
+    monkeypatch.undo()
+    assert sorted(os.listdir(run)) == ["checkpoint-1", "checkpoint-2"]
+    before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    refused = r"holds checkpoints of a run that did not finish \(checkpoint-2 is the latest\).*--resume_from_checkpoint"
+    with pytest.raises(ValueError, match=refused + r" true.*--overwrite_output_dir true.*another output_dir"):
+        fast_trainer(tmp_path, data, max_steps=1, learning_rate=0.5, **steps).train()
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before  # nothing written
+    outer = ExampleWeights(16)
+    fast_trainer(tmp_path, data, outer, max_steps=1, learning_rate=0.5, overwrite_output_dir=True, **steps).train()
+    assert sorted(path.name for path in run.glob("checkpoint-*")) == ["checkpoint-1"]  # the old checkpoint-2 is gone
+    saved = saving_module.OuterModule.from_pretrained(run / "checkpoint-1")
+    torch.testing.assert_close(outer.logits, saved.logits, rtol=0, atol=0)  # the new run's, not the old one's
 
 
 def test_hub_push_that_fails_half_way_can_be_retried(hub, tmp_path, data, monkeypatch):
