@@ -27,10 +27,7 @@ class ScriptArguments:
     )  # fmt: skip
     outer: str = field(
         default="example_weights",
-        metadata={
-            "help": "Row weights: 'example_weights' (a weight per example), 'weight_net', or 'data_rater' (a "
-            "rater from a row's features to its weight, for rows never trained on: hf-fg2u score)."
-        },
+        metadata={"help": "'example_weights' (a weight per row), 'weight_net', 'data_rater' (for hf-fg2u score)."},
     )
     dataset_name: str | None = field(
         default=None,
@@ -87,9 +84,7 @@ class ScriptArguments:
     generation_seed: int = field(default=0, metadata={"help": "Seed of the built-in data."})
     num_virtual_tokens: int = field(default=4, metadata={"help": "soft_prompt: virtual tokens."})
     weight_net_hidden_size: int = field(default=8, metadata={"help": "weight_net: hidden units."})
-    rater_hidden_size: int = field(
-        default=0, metadata={"help": "outer=data_rater: hidden units (0: a logistic rule on the features)."}
-    )
+    rater_hidden_size: int = field(default=0, metadata={"help": "data_rater: hidden units (0: logistic)."})
     compare_uniform: bool = field(
         default=False,
         metadata={"help": "Also run the same budget with the outer variables frozen, and compare (twice the time)."},

@@ -302,7 +302,7 @@ def test_every_packaged_yaml_is_a_recipe_name_and_a_config_name(tmp_path, monkey
     with pytest.raises(FileNotFoundError) as error:
         arguments.parse_args(["--config", "nope.yaml"])
     assert "--recipe" not in str(error.value) and "noisy_reweighting_real" in str(error.value)
-    with pytest.raises(ValueError, match=r"recipe='nope' is not known; use one of \['domain_mixture', 'noisy"):
+    with pytest.raises(ValueError, match=r"recipe='nope' is not known; use one of \['data_rater', 'domain_mixture'"):
         arguments.parse_args(["--recipe", "nope"])
 
 
