@@ -7,6 +7,7 @@ from hf_fg2u.outer import DomainWeights, ExampleWeights, OuterModule, SoftPrompt
 from hf_fg2u.trainer.bilevel import BilevelTrainer  # noqa: E402
 from hf_fg2u.trainer.config import BilevelConfig  # noqa: E402
 from hf_fg2u.trainer.weighted_loss import WeightedLossTrainer, train_final_adapter  # noqa: E402
+from hf_fg2u.trainer.weighted_mixin import WeightCollator, WeightedLossMixin, check_keeps_weights  # noqa: E402
 
 __all__ = [
     "BilevelConfig",
@@ -16,7 +17,10 @@ __all__ = [
     "OuterModule",
     "SoftPrompt",
     "WeightNet",
+    "WeightCollator",
+    "WeightedLossMixin",
     "WeightedLossTrainer",
+    "check_keeps_weights",
     "choice_accuracy",
     "train_final_adapter",
     "__version__",
