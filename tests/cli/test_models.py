@@ -23,3 +23,16 @@ def test_dequantized_copy_drops_the_quantization_mark_and_keeps_every_weight(dty
     ids = torch.tensor([[1, 2, 3]])
     if expected == torch.float32:  # the same model: the same logits
         torch.testing.assert_close(copy(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_the_lora_adapter_is_saved_as_a_causal_lm_adapter(tmp_path):
+    """adapter_config.json says task_type CAUSAL_LM, as TRL writes it (it was null)."""
+    import json
+
+    from hf_fg2u.cli.arguments import ModelArguments
+    from hf_fg2u.cli.models import lora_config
+    from hf_fg2u.trainer.model_setup import wrap_with_peft
+
+    model = wrap_with_peft(tiny_llama(), lora_config(ModelArguments(lora_target_modules=["q_proj"])), seed=0)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
