@@ -21,6 +21,7 @@ from hf_fg2u.hub.report import EXPORTS
 
 # The demo is the noisy-data recipe on its packaged offline default (hf_fg2u/recipes/noisy_reweighting.yaml).
 DEMO_ARGS = ["--recipe", "noisy_reweighting", "--output_dir", "outputs/demo", "--compare_uniform", "true"]
+DEMO_MARKER = "demo_run.json"  # what the demo leaves in its folder: the next demo may replace that folder
 
 
 def run_train(argv: list[str]) -> dict:
@@ -88,7 +89,15 @@ def print_train_summary(results: dict) -> None:
 
 
 def run_demo(argv: list[str]) -> dict:
-    results = recipe_run.main(*arguments.parse_args(DEMO_ARGS + argv))
+    """The demo; a folder holding an earlier demo's run (its ``DEMO_MARKER``) is replaced, any other run refused as
+    ``hf-fg2u train`` refuses it, so ``make demo`` runs again and again but never over someone's run."""
+    script_args, training_args, model_args = arguments.parse_args(DEMO_ARGS + argv)
+    marker = Path(training_args.output_dir) / DEMO_MARKER
+    if marker.is_file():
+        training_args.overwrite_output_dir = True
+    results = recipe_run.main(script_args, training_args, model_args)
+    if training_args.should_save:
+        marker.write_text(json.dumps({"written_by": "hf-fg2u demo", "replaced_by": "the next hf-fg2u demo"}) + "\n")
     print_demo_summary(results)
     return results
 

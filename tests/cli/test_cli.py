@@ -548,6 +548,21 @@ def test_the_demo_meets_the_targets_it_prints(tmp_path):
     assert results["bilevel_meta_loss"] <= 0.95 * results["uniform_meta_loss"]
 
 
+def test_the_demo_runs_twice_in_a_row_and_still_refuses_another_run(tmp_path):
+    """`make demo` failed the second time: the demo's own earlier folder "holds a finished run". A demo replaces its
+    own earlier run (demo_run.json marks it) and still refuses a folder that holds another run."""
+    fast = ["--max_steps", "2", "--disable_tqdm", "true"]
+    demo = tmp_path / "demo"
+    first = cli.run_demo(["--output_dir", str(demo), *fast])
+    second = cli.run_demo(["--output_dir", str(demo), *fast])
+    assert second["bilevel_outer_steps"] == first["bilevel_outer_steps"] == 2
+    assert second["auroc_corrupted"] == pytest.approx(first["auroc_corrupted"], abs=1e-12)
+    assert (demo / cli.DEMO_MARKER).is_file()
+    (demo / cli.DEMO_MARKER).unlink()  # the same folder, no longer the demo's: refused as hf-fg2u train refuses it
+    with pytest.raises(ValueError, match="holds a finished run"):
+        cli.run_demo(["--output_dir", str(demo), *fast])
+
+
 def test_weights_push_to_hub_offline_says_why_and_where_the_rows_stay(tmp_path, monkeypatch, capsys):
     """Issue 25: offline, `hf-fg2u weights RUN --push_to_hub` was a raw traceback."""
     import huggingface_hub.constants
