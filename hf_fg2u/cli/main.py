@@ -134,6 +134,11 @@ def run_weights(argv: list[str]) -> str:
     export.add_argument("--keep_fraction", type=float, help="filtered: keep this fraction of the rows, by weight.")
     export.add_argument("--num_rows", type=int, help="resampled: rows to draw (default: as many as the data has).")
     export.add_argument("--seed", type=int, default=0, help="resampled: the draw's seed.")
+    export.add_argument(
+        "--drop_unscored", action="store_true",
+        help="Leave out the rows that never entered an unroll (column scored False, at their starting weight); "
+        "by default filtered keeps them all and resampled draws them at their starting weight.",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     from hf_fg2u.hub.report import export_weighted, load_weighted_dataset, report_weights
 
@@ -143,14 +148,30 @@ def run_weights(argv: list[str]) -> str:
     if args.push_to_hub or args.export:
         weighted = load_weighted_dataset(args.run)
     if args.export:
-        rows = export_weighted(weighted, args.export, args.threshold, args.keep_fraction, args.num_rows, args.seed)
+        rows = export_weighted(
+            weighted, args.export, args.threshold, args.keep_fraction, args.num_rows, args.seed, args.drop_unscored
+        )
         path = Path(args.output_dir or args.run / f"export_{args.export}") / "train.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         rows.to_json(str(path))
-        print(f"{args.export}: {len(rows)} of {len(weighted)} rows, without weights, in {path}")
+        note = unscored_note(weighted, args)
+        print(f"{args.export}: {len(rows)} of {len(weighted)} rows, without weights, in {path}{note}")
     if args.push_to_hub:
         push_weighted(weighted, args.push_to_hub, args.run)
     return text
+
+
+def unscored_note(weighted, args) -> str:
+    """What the export did with the rows that never entered an unroll (empty when there are none)."""
+    from hf_fg2u.hub.report import scored_flags
+
+    unscored = int((~scored_flags(weighted)).sum())
+    if not unscored:
+        return ""
+    if args.drop_unscored:
+        return f" ({unscored} never-scored rows left out: --drop_unscored)"
+    kept = "kept" if args.export == "filtered" else "drawn at their starting weight"
+    return f" ({unscored} never-scored rows {kept}; --drop_unscored leaves them out)"
 
 
 def push_weighted(weighted, repo_id: str, run: Path) -> None:

@@ -347,6 +347,7 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
                 "coefficient."
             )  # fmt: skip
         self._outer_before = self._snapshot_outer()
+        self.outer.mark_scored(active)  # undone with φ if the update is not finite
         for name, parameter in self.outer.named_parameters():
             parameter.grad = grads[name].to(parameter.dtype)
         self._inner_params, self._inner_state = result.params, result.optimizer_state

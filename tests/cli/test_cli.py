@@ -321,6 +321,32 @@ def weighted_run(folder: Path) -> Path:
     return folder
 
 
+def test_export_filtered_never_drops_an_unscored_row_silently(tmp_path, capsys):
+    """Rows that never entered an unroll keep their starting weight: `weights` counts them, filtered keeps them all
+    whatever their weight and ranks the scored rows only, and only --drop_unscored leaves them out, saying so."""
+    from datasets import Dataset, load_dataset
+
+    folder = tmp_path / "run"
+    rows = {"text": [f"row {i}" for i in range(8)], "weight": [0.1, 1.2, 1.1, 1.3, 0.2, 0.9, 1.0, 1.4]}
+    rows["scored"] = [True, True, False, True, False, True, True, True]  # rows 2 and 4 at their starting weight
+    folder.mkdir()
+    Dataset.from_dict(rows).to_parquet(str(folder / "weighted_dataset.parquet"))
+    cli.run_weights([str(folder), "--export", "filtered", "--output_dir", str(tmp_path / "f")])
+    out = capsys.readouterr().out
+    assert "Never scored: 2 of 8 rows" in out and "2 never-scored rows kept" in out
+    kept = load_dataset(str(tmp_path / "f"), split="train")
+    assert kept.column_names == ["text"]  # neither weight nor scored
+    # scored rows at or above their mean weight (0.9833: rows 1, 3, 6, 7), and both unscored rows (2, and 4 at 0.2)
+    assert kept["text"] == ["row 1", "row 2", "row 3", "row 4", "row 6", "row 7"]
+    cli.run_weights([str(folder), "--export", "filtered", "--drop_unscored", "--output_dir", str(tmp_path / "d")])
+    assert "2 never-scored rows left out" in capsys.readouterr().out
+    assert load_dataset(str(tmp_path / "d"), split="train")["text"] == ["row 1", "row 3", "row 6", "row 7"]
+    argv = [str(folder), "--export", "resampled", "--drop_unscored", "--num_rows", "200"]
+    cli.run_weights([*argv, "--output_dir", str(tmp_path / "r")])
+    drawn = set(load_dataset(str(tmp_path / "r"), split="train")["text"])
+    assert not drawn & {"row 2", "row 4"}
+
+
 def test_weights_export_filtered_and_resampled_rows_without_weights(tmp_path):
     """Issue 23 item 1 (export): plain rows that `trl sft --dataset_name DIR` trains on as the weights say."""
     from datasets import load_dataset
