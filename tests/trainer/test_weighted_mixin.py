@@ -83,6 +83,23 @@ def test_mixin_trains_the_adapter_of_the_weighted_fine_tune(tmp_path, kind):
     assert gap > 0.05 * moved, (gap, moved)
 
 
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+def test_two_processes_of_four_rows_train_the_adapter_of_batch_eight(tmp_path):
+    """DDP averages the ranks' gradients: 2 ranks × 4 rows per step end with WeightedLossTrainer's batch-8 adapter
+    (tolerance as above)."""
+    from safetensors.torch import load_file
+
+    from tests.trainer.test_distributed import launch
+
+    result = tmp_path / "ranks.safetensors"
+    launch("weighted_mixin_run.py", 2, ["--output", str(tmp_path / "ranks"), "--result", str(result)])
+    reference = adapter(build("finetune", tmp_path / "ref", weighted_rows(), per_device_train_batch_size=8))
+    ranks = load_file(str(result))
+    assert set(ranks) == set(reference)
+    for name, value in reference.items():
+        torch.testing.assert_close(ranks[name], value, **TOLERANCE, msg=name)
+
+
 def test_a_trainer_without_the_mixin_is_warned_that_it_drops_the_weights(tmp_path):
     rows = weighted_rows()
     plain = Trainer(lora_model(), arguments(tmp_path), train_dataset=rows)
