@@ -82,6 +82,7 @@ class WeightedLossMixin:
             raise ValueError(f"weight_normalizer must be a positive number (the mean weight), got {weight_normalizer}.")
         self.weight_normalizer = weight_normalizer
         self.data_collator = WeightCollator(self.data_collator, weight_column)
+        self.model_accepts_loss_kwargs = False  # transformers before loss_is_scaled_for_ga divide by GA steps then
         self._keep_logits = takes_logits_to_keep(self.model)
 
     def _set_signature_columns_if_needed(self):

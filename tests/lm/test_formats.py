@@ -142,7 +142,7 @@ def test_trainer_tokenizes_each_raw_format_and_trains(tmp_path, tokenizer, kind)
     meta_losses = [entry["meta_loss"] for entry in trainer.state.log_history if "meta_loss" in entry]
     assert len(meta_losses) == 1 and meta_losses[0] > 0.5  # logged at the last step although logging_steps=8
     exported = trainer.export_weights()
-    assert exported.column_names == [*rows, "source", "scored", "weight"]  # the user's columns, no token ids, no added id
+    assert exported.column_names == [*rows, "source", "scored", "weight"]  # no token ids, no added id
     assert torch.tensor(exported["weight"]).mean().item() == pytest.approx(1.0, rel=1e-5)
 
 
