@@ -8,6 +8,7 @@ from hf_fg2u.outer import DataRater, DomainWeights, ExampleWeights, OuterModule,
 from hf_fg2u.trainer.bilevel import BilevelTrainer  # noqa: E402
 from hf_fg2u.trainer.config import BilevelConfig  # noqa: E402
 from hf_fg2u.trainer.weighted_loss import WeightedLossTrainer, train_final_adapter  # noqa: E402
+from hf_fg2u.trainer.weighted_mixin import WeightCollator, WeightedLossMixin, check_keeps_weights  # noqa: E402
 
 __all__ = [
     "BilevelConfig",
@@ -18,7 +19,10 @@ __all__ = [
     "OuterModule",
     "SoftPrompt",
     "WeightNet",
+    "WeightCollator",
+    "WeightedLossMixin",
     "WeightedLossTrainer",
+    "check_keeps_weights",
     "choice_accuracy",
     "load_run",
     "train_final_adapter",

@@ -24,6 +24,7 @@ from hf_fg2u.hub.report import EXPORTS
 
 # The demo is the noisy-data recipe on its packaged offline default (hf_fg2u/recipes/noisy_reweighting.yaml).
 DEMO_ARGS = ["--recipe", "noisy_reweighting", "--output_dir", "outputs/demo", "--compare_uniform", "true"]
+DEMO_MARKER = "demo_run.json"  # what the demo leaves in its folder: the next demo may replace that folder
 
 
 def run_train(argv: list[str]) -> dict:
@@ -91,7 +92,15 @@ def print_train_summary(results: dict) -> None:
 
 
 def run_demo(argv: list[str]) -> dict:
-    results = recipe_run.main(*arguments.parse_args(DEMO_ARGS + argv))
+    """The demo; a folder holding an earlier demo's run (its ``DEMO_MARKER``) is replaced, any other run refused as
+    ``hf-fg2u train`` refuses it, so ``make demo`` runs again and again but never over someone's run."""
+    script_args, training_args, model_args = arguments.parse_args(DEMO_ARGS + argv)
+    marker = Path(training_args.output_dir) / DEMO_MARKER
+    if marker.is_file():
+        training_args.overwrite_output_dir = True
+    results = recipe_run.main(script_args, training_args, model_args)
+    if training_args.should_save:
+        marker.write_text(json.dumps({"written_by": "hf-fg2u demo", "replaced_by": "the next hf-fg2u demo"}) + "\n")
     print_demo_summary(results)
     return results
 
@@ -132,6 +141,11 @@ def run_weights(argv: list[str]) -> str:
     export.add_argument("--keep_fraction", type=float, help="filtered: keep this fraction of the rows, by weight.")
     export.add_argument("--num_rows", type=int, help="resampled: rows to draw (default: as many as the data has).")
     export.add_argument("--seed", type=int, default=0, help="resampled: the draw's seed.")
+    export.add_argument(
+        "--drop_unscored", action="store_true",
+        help="Leave out the rows that never entered an unroll (column scored False, at their starting weight); "
+        "by default filtered keeps them all and resampled draws them at their starting weight.",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     from hf_fg2u.hub.report import export_weighted, load_weighted_dataset, report_weights
 
@@ -147,13 +161,29 @@ def run_weights(argv: list[str]) -> str:
     if args.push_to_hub or args.export:
         weighted = load_weighted_dataset(args.run)
     if args.export:
-        rows = export_weighted(weighted, args.export, args.threshold, args.keep_fraction, args.num_rows, args.seed)
+        rows = export_weighted(
+            weighted, args.export, args.threshold, args.keep_fraction, args.num_rows, args.seed, args.drop_unscored
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         rows.to_json(str(path))
-        print(f"{args.export}: {len(rows)} of {len(weighted)} rows, without weights, in {path}")
+        note = unscored_note(weighted, args)
+        print(f"{args.export}: {len(rows)} of {len(weighted)} rows, without weights, in {path}{note}")
     if args.push_to_hub:
         push_weighted(weighted, args.push_to_hub, args.run)
     return text
+
+
+def unscored_note(weighted, args) -> str:
+    """What the export did with the rows that never entered an unroll (empty when there are none)."""
+    from hf_fg2u.hub.report import scored_flags
+
+    unscored = int((~scored_flags(weighted)).sum())
+    if not unscored:
+        return ""
+    if args.drop_unscored:
+        return f" ({unscored} never-scored rows left out: --drop_unscored)"
+    kept = "kept" if args.export == "filtered" else "drawn at their starting weight"
+    return f" ({unscored} never-scored rows {kept}; --drop_unscored leaves them out)"
 
 
 def push_weighted(weighted, repo_id: str, run: Path) -> None:

@@ -56,10 +56,11 @@ def from_pretrained_kwargs(model_args: ModelArguments, init_kwargs: dict | None 
 
 
 def lora_config(model_args: ModelArguments) -> LoraConfig:
-    """The LoRA adapter of the model arguments (the bilevel run's and the final stage's)."""
+    """The LoRA adapter of the model arguments (the bilevel run's and the final stage's), a causal LM's."""
     if model_args.lora_r < 1:
         raise ValueError(f"lora_r={model_args.lora_r} must be >= 1 (the adapter's rank; 8 or 16 are common).")
     return LoraConfig(
         r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
         target_modules=model_args.lora_target_modules, layers_to_transform=model_args.lora_layers,
+        task_type="CAUSAL_LM",  # as TRL writes it: peft's AutoPeftModelForCausalLM and the Hub read it
     )  # fmt: skip

@@ -17,73 +17,18 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import get_type_hints
 
-import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
 
 from hf_fg2u.cli.launch import SECRET_ARGS_ENV
+from hf_fg2u.recipe_yaml import PACKAGED_CONFIGS, Yaml12Loader, find_config, load_yaml_config  # noqa: F401
 
 TRAINER_GROUP = "transformers.TrainingArguments (the outer optimizer, logging, saving, the Hub)"
-_BOOL_TAG = "tag:yaml.org,2002:bool"
 BUILTIN_DATA = "builtin_data"  # a YAML section of options that apply only to a script's built-in data
-
-
-class Yaml12Loader(yaml.SafeLoader):
-    """A safe loader whose booleans are YAML 1.2's (``yes``/``no``/``on``/``off`` stay strings) and which refuses a
-    key given twice in one mapping (plain YAML keeps the last silently: a typo'd override wins unseen)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice (lines {seen[key] + 1} and "
-                    f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark,
-                )  # fmt: skip
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep=deep)
-
-
-Yaml12Loader.yaml_implicit_resolvers = {
-    first: [(tag, pattern) for tag, pattern in resolvers if tag != _BOOL_TAG]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-Yaml12Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-
-
-PACKAGED_CONFIGS = Path(__file__).parents[1] / "recipes"
-
-
-def find_config(path: str | Path) -> Path:
-    """``path`` when it is a file, else the packaged YAML of that name (``--config noisy_reweighting_real``,
-    ``--config noisy_reweighting.yaml``, ``--config hf_fg2u/recipes/noisy_reweighting.yaml`` from any directory)."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    packaged = PACKAGED_CONFIGS / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
-    if packaged.is_file():
-        return packaged
-    names = sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
-    raise FileNotFoundError(f"Config file {path} does not exist, and no packaged config has that name ({names}).")
-
-
-def load_yaml_config(path: str | Path) -> dict:
-    """The mapping in a YAML file (or a packaged one, by name); a missing file, bad YAML or a non-mapping is an
-    error naming the file."""
-    path = find_config(path)
-    try:
-        values = yaml.load(path.read_text(), Loader=Yaml12Loader) or {}
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path} is not valid YAML: {error}") from error
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a mapping of option: value, got {type(values).__name__}.")
-    return values
 
 
 class ConfigParser(HfArgumentParser):

@@ -152,7 +152,9 @@ def build_model_card(trainer, directory: Path, model_name: str | None = None, **
         base=f" on top of `{base}`" if base else "",
         snippet=quick_start(location, base, getattr(getattr(trainer.model, "config", None), "gguf_file", None)),
         weighted_dataset=f"- `{WEIGHTED_DATASET_FILE}`: the training rows with their learned `weight` column "
-        '(`datasets.load_dataset("parquet", data_files=...)`).\n' if has_weighted else "",
+        "and `scored` (False: the row never entered an unroll and keeps its starting weight) "
+        '(`datasets.load_dataset("parquet", data_files=...)`). A plain `Trainer` or TRL\'s `SFTTrainer` drops '
+        "`weight`: train with `hf_fg2u.WeightedLossMixin` or `hf-fg2u finetune`.\n" if has_weighted else "",
         summary=table(trainer.outer.summary(), "no summary for this outer module"),
         plot=f"\n\n![learned weights]({PLOT_NAME})" if (Path(directory) / PLOT_NAME).is_file() else "",
         metrics=table(final_metrics(trainer.state.log_history), "none yet"),

@@ -303,6 +303,7 @@ def report_weights(output_dir: str | Path, dataset=None, k: int = 10, histogram:
     corrupted = _column(dataset, CORRUPTED_COLUMN) if CORRUPTED_COLUMN in dataset.column_names else None
     parts = [
         format_summary(weight_summary(weights, corrupted)),
+        *[line for line in (unscored_line(dataset),) if line],
         format_most_downweighted(most_downweighted(dataset, k=min(k, len(dataset)))),
         format_most_downweighted(
             most_downweighted(dataset, k=min(k, len(dataset)), highest=True), title="most up-weighted"
@@ -318,35 +319,57 @@ def report_weights(output_dir: str | Path, dataset=None, k: int = 10, histogram:
 
 
 EXPORTS = ("filtered", "resampled")
+SCORED_COLUMN = "scored"  # False: a row that never entered an unroll, at its starting weight (export_weights)
 # Columns the run adds to the user's rows: a tool that reads the exported data (trl sft) must not see them.
-RUN_COLUMNS = ("weight",)
+RUN_COLUMNS = ("weight", SCORED_COLUMN)
+
+
+def scored_flags(dataset) -> torch.Tensor:
+    """Whether each row's weight was learned [N] (the ``scored`` column; all True for a run from before it)."""
+    if SCORED_COLUMN not in dataset.column_names:
+        return torch.ones(len(dataset), dtype=torch.bool)
+    return _as_tensor(_column(dataset, SCORED_COLUMN), torch.bool)
+
+
+def unscored_line(dataset) -> str | None:
+    """A line counting the rows that never entered an unroll, or None when every row did."""
+    unscored = int((~scored_flags(dataset)).sum())
+    if not unscored:
+        return None
+    return (
+        f"Never scored: {unscored} of {len(dataset)} rows never entered an unroll and keep their starting weight "
+        f"(column {SCORED_COLUMN!r} False). Exports keep them; --drop_unscored leaves them out; more outer steps "
+        "(an epoch or more) score them."
+    )
 
 
 def export_weighted(
     dataset, kind: str, threshold: float | None = None, keep_fraction: float | None = None,
-    num_rows: int | None = None, seed: int = 0,
+    num_rows: int | None = None, seed: int = 0, drop_unscored: bool = False,
 ):  # fmt: skip
     """The weighted rows as plain rows for a trainer that ignores weights (``trl sft``): ``filtered`` keeps the rows
     whose weight is at least ``threshold``, or the top ``keep_fraction`` of them by weight (default: above the mean
     weight); ``resampled`` draws ``num_rows`` rows (default: as many as there are) with replacement, each with
-    probability ∝ its weight, from ``seed``. Either way without the ``weight`` column."""
-    weights = _as_weights(_column(dataset, "weight")).double()
+    probability ∝ its weight, from ``seed``. Either way without the ``weight`` and ``scored`` columns.
+
+    Rows that never entered an unroll (``scored`` False) have no learned weight: ``filtered`` ranks the scored rows
+    only and keeps every unscored row, ``resampled`` draws them at their starting weight; ``drop_unscored`` leaves
+    them out of both."""
+    scored = scored_flags(dataset)
     if kind == "filtered":
-        if threshold is not None and keep_fraction is not None:
-            raise ValueError("Give --threshold or --keep_fraction, not both.")
-        if keep_fraction is not None:
-            if not 0 < keep_fraction <= 1:
-                raise ValueError(f"keep_fraction={keep_fraction} must be in (0, 1].")
-            count = max(1, round(keep_fraction * len(weights)))
-            keep = sorted(torch.argsort(weights, descending=True, stable=True)[:count].tolist())
-        else:
-            cut = weights.mean().item() if threshold is None else threshold
-            keep = torch.nonzero(weights >= cut).flatten().tolist()
+        ranked = scored.nonzero().flatten()
+        chosen = _filtered_rows(dataset.select(ranked.tolist()), threshold, keep_fraction)
+        unscored = [] if drop_unscored else (~scored).nonzero().flatten().tolist()
+        keep = sorted(ranked[torch.as_tensor(chosen, dtype=torch.long)].tolist() + unscored)
         if not keep:
-            raise ValueError(f"No row has a weight >= {threshold} (largest {weights.max():.4g}); lower --threshold.")
+            raise ValueError("No row entered an unroll, so none has a learned weight: train longer, or export "
+                             "without --drop_unscored.")  # fmt: skip
     elif kind == "resampled":
         if threshold is not None or keep_fraction is not None:
             raise ValueError("--threshold and --keep_fraction are for --export filtered; resampled uses --num_rows.")
+        weights = _as_weights(_column(dataset, "weight")).double()
+        if drop_unscored:
+            weights = torch.where(scored, weights, torch.zeros_like(weights))
         if not weights.sum() > 0:
             raise ValueError("Every weight is 0: nothing to resample.")
         generator = torch.Generator().manual_seed(seed)
@@ -355,3 +378,22 @@ def export_weighted(
     else:
         raise ValueError(f"export={kind!r} is not known; use one of {list(EXPORTS)}.")
     return dataset.select(keep).remove_columns([c for c in RUN_COLUMNS if c in dataset.column_names])
+
+
+def _filtered_rows(dataset, threshold: float | None, keep_fraction: float | None) -> list[int]:
+    """The rows of ``dataset`` that ``export_weighted(kind="filtered")`` keeps, by weight (none for no rows)."""
+    if threshold is not None and keep_fraction is not None:
+        raise ValueError("Give --threshold or --keep_fraction, not both.")
+    if not len(dataset):
+        return []
+    weights = _as_weights(_column(dataset, "weight")).double()
+    if keep_fraction is not None:
+        if not 0 < keep_fraction <= 1:
+            raise ValueError(f"keep_fraction={keep_fraction} must be in (0, 1].")
+        count = max(1, round(keep_fraction * len(weights)))
+        return sorted(torch.argsort(weights, descending=True, stable=True)[:count].tolist())
+    cut = weights.mean().item() if threshold is None else threshold
+    keep = torch.nonzero(weights >= cut).flatten().tolist()
+    if not keep:
+        raise ValueError(f"No row has a weight >= {threshold} (largest {weights.max():.4g}); lower --threshold.")
+    return keep

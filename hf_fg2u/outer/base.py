@@ -59,6 +59,7 @@ class OuterModule(torch.nn.Module):
     per_row_coordinates = False  # whether φ has coordinates tied to single rows (``active_coordinates``)
     id_column: str | None = None  # a column numbering the train rows, added 0..n-1 when the data has none
     meta_group_column: str | None = None  # a meta column of each meta row's group (grouped weights)
+    optional_state: tuple[str, ...] = ()  # state a file of an earlier version lacks; the module fills it in on load
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -110,6 +111,15 @@ class OuterModule(torch.nn.Module):
 
     def active_coordinates(self, inner_batches: list[dict]) -> dict[str, torch.Tensor] | None:
         """Boolean masks of the coordinates of φ the unroll can affect (default: all)."""
+        return None
+
+    def mark_scored(self, active: dict[str, torch.Tensor] | None) -> None:
+        """Record that the ``active`` coordinates (one outer step's, the union over ranks) got a hypergradient
+        (default: nothing to record, every row's weight is a function of the row)."""
+
+    def scored_rows(self, dataset) -> list[bool] | None:
+        """Whether each row of ``dataset`` ever entered an unroll, so its weight was learned, not its starting one;
+        None when every row's weight is a function of the row (a weighting network, domain weights)."""
         return None
 
     def restrict(self, inner_batches: list[dict], active: dict[str, torch.Tensor] | None) -> RestrictedOuter | None:
@@ -182,6 +192,8 @@ class OuterModule(torch.nn.Module):
                 "incompatible version; restore them from an earlier checkpoint."
             ) from error
         found = {name: tuple(t.shape) for name, t in state.items()}
+        optional = OUTER_TYPES[kind].optional_state
+        shapes = {name: shape for name, shape in shapes.items() if name in found or name not in optional}
         if found != shapes:
             raise ValueError(
                 f"{directory}: {CONFIG_NAME} declares tensors {shapes} but {WEIGHTS_NAME} holds {found}. The files "

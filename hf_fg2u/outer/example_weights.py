@@ -92,6 +92,15 @@ class ExampleWeights(OuterModule):
         self.meta_group_column = META_GROUP if num_groups > 1 else None
         # saved with the logits only when there are groups, so files from before groups existed still load
         self.register_buffer("groups", torch.zeros(num_examples, dtype=torch.long), persistent=num_groups > 1)
+        # which rows entered an unroll: the others keep their starting weight (an export flags them)
+        self.register_buffer("scored", torch.zeros(num_examples, dtype=torch.bool))
+
+    optional_state = ("scored",)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Files from before the record of scored rows: every row counts as scored, as exports then assumed.
+        state_dict.setdefault(prefix + "scored", torch.ones_like(self.scored))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_groups(self, groups) -> None:
         """Each row's group, an int in [0, num_groups) per example id; every group must have a row."""
@@ -174,6 +183,12 @@ class ExampleWeights(OuterModule):
         for batch in inner_batches:
             mask[batch[self.id_column]] = True
         return {"logits": mask}
+
+    def mark_scored(self, active):
+        self.scored |= active["logits"].to(self.scored.device)
+
+    def scored_rows(self, dataset):
+        return self.scored[torch.as_tensor(dataset[self.id_column], dtype=torch.long)].tolist()
 
     def restrict(self, inner_batches, active):
         """Only the logits of the ``active`` rows, and each batch told its rows' places among them and their mean

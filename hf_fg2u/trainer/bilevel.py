@@ -370,6 +370,7 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
             )  # fmt: skip
         self._outer_before = self._snapshot_outer()
         self._inner_before = (self._inner_params, self._inner_state, self._resets.state_dict())
+        self.outer.mark_scored(active)  # undone with φ if the update is not finite
         for name, parameter in self.outer.named_parameters():
             parameter.grad = grads[name].to(parameter.dtype)
         self._inner_params, self._inner_state = result.params, result.optimizer_state

@@ -7,6 +7,9 @@ The Trainer's own fields keep their meaning for the *outer* problem: ``learning_
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import difflib
 import json
 import math
 import os
@@ -19,6 +22,7 @@ from hf_fg2u.hypergrad import DEFAULT_JVP, DIRECTIONS, JVP_MODES, METHOD_SPECS, 
 from hf_fg2u.hypergrad.inner_optimizers import INNER_OPTIMIZERS
 from hf_fg2u.hypergrad.methods import data_parallel_methods, needs_second_order
 from hf_fg2u.hypergrad.zeroth_order import ZO_SCHEMES
+from hf_fg2u.recipe_yaml import recipe_values
 from hf_fg2u.registry import check_choice
 from hf_fg2u.trainer.redaction import PicklesRedacted, redact, redacted_args
 
@@ -347,6 +351,26 @@ class BilevelConfig(PicklesRedacted, TrainingArguments):
             return {"betas": (self.inner_beta1, self.inner_beta2), "eps": self.inner_eps,
                     "eps_root": self.inner_eps_root, "weight_decay": self.inner_weight_decay}  # fmt: skip
         return {"weight_decay": self.inner_weight_decay}
+
+    @classmethod
+    def from_recipe(cls, name: str, **overrides) -> BilevelConfig:
+        """The config of packaged recipe ``name`` (``hf_fg2u/recipes/NAME.yaml``, what ``hf-fg2u train --recipe
+        NAME`` runs), ``overrides`` applied: ``BilevelConfig.from_recipe("noisy_reweighting_real", output_dir="w")``.
+
+        Only the YAML's config fields are read; its recipe, data and model keys (``outer``, ``max_length``,
+        ``lora_r``, ``builtin_data``, ...) belong to the CLI's other argument groups. An override that is no field of
+        this config, or an unknown recipe, is a ValueError."""
+        fields = {field.name for field in dataclasses.fields(cls) if field.init}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            hints = {key: difflib.get_close_matches(key, fields, n=1) for key in unknown}
+            hint = "; ".join(f"{key!r}: did you mean {match[0]!r}?" for key, match in hints.items() if match)
+            raise ValueError(
+                f"{cls.__name__}.from_recipe({name!r}) got overrides {unknown}, which are not fields of "
+                f"{cls.__name__}{' (' + hint + ')' if hint else ''}. Pass fields of {cls.__name__} only."
+            )
+        values = {key: value for key, value in recipe_values(name).items() if key in fields}
+        return cls(**{**values, **overrides})
 
     def bilevel_fields(self) -> dict:
         """The bilevel part of the config (for checkpoints and the model card), credentials redacted."""

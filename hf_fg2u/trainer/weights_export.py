@@ -11,6 +11,8 @@ from hf_fg2u.lm.params import unwrap_model
 
 logger = logging.get_logger(__name__)
 
+SCORED_COLUMN = "scored"  # False: the row never entered an unroll and keeps its starting weight
+
 
 class WeightExportMixin:
     """The learned weights of a dataset's rows, a part of ``BilevelTrainer``."""
@@ -18,16 +20,23 @@ class WeightExportMixin:
     def export_weights(self, dataset=None, column: str = "weight"):
         """``dataset`` (default: the train dataset as given to the trainer) with every column it has except
         token ids, plus a ``weight`` column from the learned outer variables (mean 1; a ``weight`` column the
-        dataset had is replaced), ready for ``push_to_hub``. A raw dataset is tokenized like the train dataset;
-        rows without an id column are numbered 0..n-1 in order."""
+        dataset had is replaced), ready for ``push_to_hub``, and a ``scored`` column: False for a row that never
+        entered an unroll, whose weight is its starting one, not a learned one. A raw dataset is tokenized like the
+        train dataset; rows without an id column are numbered 0..n-1 in order. A plain ``Trainer`` or TRL's
+        ``SFTTrainer`` drops the ``weight`` column and trains unweighted: train with
+        :class:`~hf_fg2u.trainer.weighted_mixin.WeightedLossMixin` or ``hf-fg2u finetune``
+        (``check_keeps_weights(trainer)`` warns)."""
         if dataset is None:
             dataset, tokenized = self.user_train_dataset, self.train_dataset
         else:
             limits = ModelLimits.of(unwrap_model(self.model))
             tokenized = prepare_dataset(dataset, "exported", self.outer, self.processing_class, self.args, limits)
         weights = self.dataset_weights(tokenized)
-        keep = [c for c in dataset.column_names if c not in (*MODEL_INPUT_COLUMNS, column)]  # the learned replaces it
-        return dataset.select_columns(keep).add_column(column, weights.tolist())
+        scored = self.outer.scored_rows(tokenized)
+        keep = [c for c in dataset.column_names if c not in (*MODEL_INPUT_COLUMNS, column, SCORED_COLUMN)]
+        exported = dataset.select_columns(keep)
+        exported = exported.add_column(SCORED_COLUMN, [True] * len(exported) if scored is None else scored)
+        return exported.add_column(column, weights.tolist())
 
     @torch.no_grad()
     def dataset_weights(self, dataset) -> torch.Tensor:

@@ -336,6 +336,32 @@ def weighted_run(folder: Path) -> Path:
     return folder
 
 
+def test_export_filtered_never_drops_an_unscored_row_silently(tmp_path, capsys):
+    """Rows that never entered an unroll keep their starting weight: `weights` counts them, filtered keeps them all
+    whatever their weight and ranks the scored rows only, and only --drop_unscored leaves them out, saying so."""
+    from datasets import Dataset, load_dataset
+
+    folder = tmp_path / "run"
+    rows = {"text": [f"row {i}" for i in range(8)], "weight": [0.1, 1.2, 1.1, 1.3, 0.2, 0.9, 1.0, 1.4]}
+    rows["scored"] = [True, True, False, True, False, True, True, True]  # rows 2 and 4 at their starting weight
+    folder.mkdir()
+    Dataset.from_dict(rows).to_parquet(str(folder / "weighted_dataset.parquet"))
+    cli.run_weights([str(folder), "--export", "filtered", "--output_dir", str(tmp_path / "f")])
+    out = capsys.readouterr().out
+    assert "Never scored: 2 of 8 rows" in out and "2 never-scored rows kept" in out
+    kept = load_dataset(str(tmp_path / "f"), split="train")
+    assert kept.column_names == ["text"]  # neither weight nor scored
+    # scored rows at or above their mean weight (0.9833: rows 1, 3, 6, 7), and both unscored rows (2, and 4 at 0.2)
+    assert kept["text"] == ["row 1", "row 2", "row 3", "row 4", "row 6", "row 7"]
+    cli.run_weights([str(folder), "--export", "filtered", "--drop_unscored", "--output_dir", str(tmp_path / "d")])
+    assert "2 never-scored rows left out" in capsys.readouterr().out
+    assert load_dataset(str(tmp_path / "d"), split="train")["text"] == ["row 1", "row 3", "row 6", "row 7"]
+    argv = [str(folder), "--export", "resampled", "--drop_unscored", "--num_rows", "200"]
+    cli.run_weights([*argv, "--output_dir", str(tmp_path / "r")])
+    drawn = set(load_dataset(str(tmp_path / "r"), split="train")["text"])
+    assert not drawn & {"row 2", "row 4"}
+
+
 def test_weights_export_filtered_and_resampled_rows_without_weights(tmp_path):
     """Issue 23 item 1 (export): plain rows that `trl sft --dataset_name DIR` trains on as the weights say."""
     from datasets import load_dataset
@@ -628,6 +654,21 @@ def test_the_demo_meets_the_targets_it_prints(tmp_path):
     results = cli.run_demo(["--output_dir", str(tmp_path / "demo"), "--disable_tqdm", "true"])
     assert results["auroc_corrupted"] >= 0.9
     assert results["bilevel_meta_loss"] <= 0.95 * results["uniform_meta_loss"]
+
+
+def test_the_demo_runs_twice_in_a_row_and_still_refuses_another_run(tmp_path):
+    """`make demo` failed the second time: the demo's own earlier folder "holds a finished run". A demo replaces its
+    own earlier run (demo_run.json marks it) and still refuses a folder that holds another run."""
+    fast = ["--max_steps", "2", "--disable_tqdm", "true"]
+    demo = tmp_path / "demo"
+    first = cli.run_demo(["--output_dir", str(demo), *fast])
+    second = cli.run_demo(["--output_dir", str(demo), *fast])
+    assert second["bilevel_outer_steps"] == first["bilevel_outer_steps"] == 2
+    assert second["auroc_corrupted"] == pytest.approx(first["auroc_corrupted"], abs=1e-12)
+    assert (demo / cli.DEMO_MARKER).is_file()
+    (demo / cli.DEMO_MARKER).unlink()  # the same folder, no longer the demo's: refused as hf-fg2u train refuses it
+    with pytest.raises(ValueError, match="holds a finished run"):
+        cli.run_demo(["--output_dir", str(demo), *fast])
 
 
 def test_weights_push_to_hub_offline_says_why_and_where_the_rows_stay(tmp_path, monkeypatch, capsys):

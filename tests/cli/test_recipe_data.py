@@ -96,7 +96,7 @@ def test_own_jsonl_end_to_end_short_run_writes_results_in_the_users_terms(tmp_pa
     assert (out / "meta_loss.png").is_file()
     assert results["bilevel_eval_loss"] > 0 and results["bilevel_eval_loss"] != results["bilevel_meta_loss"]
     weighted = load_weighted_dataset(out)
-    assert weighted.column_names == ["prompt", "completion", "is_corrupted", "weight"]
+    assert weighted.column_names == ["prompt", "completion", "is_corrupted", "scored", "weight"]
     assert 0.0 <= results["auroc_corrupted"] <= 1.0
     text = cli.run_weights([str(out), "--top", "2"])
     lowest, highest = (min(weighted, key=lambda r: r["weight"]), max(weighted, key=lambda r: r["weight"]))
@@ -114,7 +114,7 @@ def test_built_in_recipe_shorter_than_logging_steps_finishes_and_writes_results(
     assert (out / "results.json").is_file() and (out / "meta_loss.png").is_file()
     assert "bilevel_eval_loss" not in results  # the built-in data has no held-out split beyond its meta set
     weighted = load_weighted_dataset(out)
-    assert weighted.column_names == ["prompt", "completion", "example_id", "is_corrupted", "domain", "weight"]
+    assert weighted.column_names == ["prompt", "completion", "example_id", "is_corrupted", "domain", "scored", "weight"]
 
 
 def test_time_budget_stops_the_run_after_the_step_that_passes_it_and_still_reports(tmp_path, capsys):

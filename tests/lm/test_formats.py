@@ -136,7 +136,7 @@ def test_trainer_tokenizes_each_raw_format_and_trains(tmp_path, tokenizer, kind)
     meta_losses = [entry["meta_loss"] for entry in trainer.state.log_history if "meta_loss" in entry]
     assert len(meta_losses) == 1 and meta_losses[0] > 0.5  # logged at the last step although logging_steps=8
     exported = trainer.export_weights()
-    assert exported.column_names == [*rows, "source", "weight"]  # the user's columns, no token ids, no added id
+    assert exported.column_names == [*rows, "source", "scored", "weight"]  # no token ids, no added id
     assert torch.tensor(exported["weight"]).mean().item() == pytest.approx(1.0, rel=1e-5)
 
 
@@ -194,7 +194,7 @@ def test_export_weights_of_a_raw_dataset_tokenizes_it_like_the_train_data(tmp_pa
     train = Dataset.from_dict({"prompt": [p for p, _ in pairs], "completion": [a for _, a in pairs]})
     trainer = build(tmp_path, tokenizer, train, train.select(range(4)), outer=WeightNet(hidden_size=4))
     exported = trainer.export_weights(train.select(range(8)))
-    assert exported.column_names == ["prompt", "completion", "weight"] and len(exported) == 8
+    assert exported.column_names == ["prompt", "completion", "scored", "weight"] and len(exported) == 8
     own = trainer.export_weights()["weight"]
     # WeightNet weights depend on each row's loss: the same rows, tokenized the same way, get the same weights
     # up to the mean-1 normalisation over the rows given.

@@ -117,3 +117,28 @@ def test_every_bilevel_field_is_documented_with_its_type_default_and_help():
         assert spec.metadata.get("help"), name
         assert f"{name} (``" in doc and f"defaults to ``{spec.default!r}``" in doc, name
     assert "learning_rate: ``5e-05`` -> ``0.1``" in doc and "logging_steps: ``500`` -> ``1``" in doc
+
+
+def test_from_recipe_carries_the_yaml_values_and_the_overrides(tmp_path):
+    from hf_fg2u.recipe_yaml import recipe_values
+
+    yaml_values = recipe_values("noisy_reweighting_real")
+    config = BilevelConfig.from_recipe("noisy_reweighting_real", output_dir=str(tmp_path), inner_lr=0.002)
+    assert (config.method, config.unroll_steps, config.meta_batch_size) == ("rgu", 2, 16)
+    assert (config.inner_optimizer, config.inner_warmup_steps, config.learning_rate) == ("adam", 4, 4.0)
+    assert config.keep_step_graphs is True and config.normalize_hypergradient is True
+    assert config.num_train_epochs == yaml_values["num_train_epochs"] == 3
+    assert config.inner_lr == 0.002 and config.output_dir == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "message"),
+    [
+        ("noisy_reweighting_real", {"unrol_steps": 4}, "did you mean 'unroll_steps'"),
+        ("noisy_reweighting_real", {"lora_r": 4}, "not fields of BilevelConfig"),
+        ("no_such_recipe", {}, "not a packaged recipe; use one of .*noisy_reweighting_real"),
+    ],
+)
+def test_from_recipe_refuses_unknown_fields_and_recipes(name, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        BilevelConfig.from_recipe(name, **overrides)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from datasets import DatasetDict, concatenate_datasets
 from peft import LoraConfig, PeftModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.utils._pytree import tree_leaves
 
 from hf_fg2u import BilevelTrainer, DomainWeights, ExampleWeights, OuterModule, SoftPrompt, WeightNet
@@ -51,6 +51,28 @@ def test_export_weights_adds_a_weight_column_with_mean_one(trained_example_weigh
     assert weights.mean().item() == pytest.approx(1.0, rel=1e-5)
     torch.testing.assert_close(weights, trainer.outer.weights()[torch.tensor(exported["example_id"])])
     assert auroc(-weights, torch.tensor(splits["train"]["is_corrupted"])) >= 0.9
+
+
+def test_export_flags_the_rows_that_never_entered_an_unroll(tmp_path):
+    """2 outer steps of 2 inner batches of 8 rows score 32 of 64 rows: those are flagged scored, the other 32 keep the
+    starting weight and are flagged, and the record survives a save and a load (a file from before it: all scored)."""
+    _, data = fact_data()
+    trainer = trainer_for(tmp_path, ExampleWeights(len(data["train"])), data, max_steps=2, num_directions=2)
+    seen = set()
+    for step, batch in enumerate(trainer.get_train_dataloader()):
+        seen |= set(batch["example_id"].tolist()) if step < 2 else set()
+    trainer.train()
+    exported = trainer.export_weights()
+    scored = dict(zip(exported["example_id"], exported["scored"], strict=True))
+    assert {row for row, flag in scored.items() if flag} == seen and len(seen) == 32
+    assert exported.column_names[-2:] == ["scored", "weight"]
+    logits = trainer.outer.logits.detach()
+    assert bool((logits[~trainer.outer.scored] == 0.0).all()) and bool((logits[trainer.outer.scored] != 0.0).any())
+    trainer.outer.save_pretrained(tmp_path / "outer")
+    assert torch.equal(OuterModule.from_pretrained(tmp_path / "outer").scored, trainer.outer.scored)
+    state = load_file(str(tmp_path / "outer" / "outer_model.safetensors"))
+    save_file({"logits": state["logits"]}, str(tmp_path / "outer" / "outer_model.safetensors"))  # an older file
+    assert bool(OuterModule.from_pretrained(tmp_path / "outer").scored.all())
 
 
 def test_saved_folder_loads_back_and_reproduces_the_metrics(trained_example_weights, tmp_path):
