@@ -154,17 +154,21 @@ def _first_pass(scorer, rows, keep_file: Path, args) -> tuple[float, int, int]:
 
 
 def _second_pass(keep_file: Path, out_file: Path, mean: float) -> None:
-    """``weight`` = keep-probability / its mean over the scored rows (0 for unscored rows), row group by row group."""
+    """``weight`` = keep-probability / its mean over the scored rows, and ``scored``: False (weight 0) for a row with no
+    answer to score; row group by row group."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
+
+    from hf_fg2u.hub.report import SCORED_COLUMN
 
     source, writer = pq.ParquetFile(str(keep_file)), None
     for index in range(source.num_row_groups):
         table = source.read_row_group(index)
         keep = table.column("keep_probability")
         weight = pc.fill_null(pc.if_else(pc.is_nan(keep), 0.0, pc.divide(keep, mean)), 0.0)
-        table = table.drop_columns([name for name in ("keep_probability", "weight") if name in table.column_names])
+        stale = [name for name in ("keep_probability", SCORED_COLUMN, "weight") if name in table.column_names]
+        table = table.drop_columns(stale).append_column(SCORED_COLUMN, pc.invert(pc.is_nan(keep)))
         table = table.append_column("weight", pa.array(weight, pa.float64()))
         writer = writer or pq.ParquetWriter(str(out_file), table.schema)
         writer.write_table(table)

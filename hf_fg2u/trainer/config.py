@@ -7,7 +7,6 @@ The Trainer's own fields keep their meaning for the *outer* problem: ``learning_
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import json

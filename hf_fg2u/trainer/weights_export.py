@@ -5,13 +5,12 @@ from __future__ import annotations
 import torch
 from transformers.utils import logging
 
+from hf_fg2u.hub.report import SCORED_COLUMN
 from hf_fg2u.lm.data_checks import ModelLimits, prepare_dataset
 from hf_fg2u.lm.formats import MODEL_INPUT_COLUMNS
 from hf_fg2u.lm.params import unwrap_model
 
 logger = logging.get_logger(__name__)
-
-SCORED_COLUMN = "scored"  # False: the row never entered an unroll and keeps its starting weight
 
 
 class WeightExportMixin:

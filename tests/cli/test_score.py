@@ -59,7 +59,8 @@ def test_score_weighs_new_rows_as_the_run_weighed_its_own(tiny_model, tmp_path, 
     scored = pq.read_table(out / "weighted_dataset.parquet").to_pylist()
     exported = pq.read_table(run / "weighted_dataset.parquet").to_pylist()
     assert len(scored) == len(exported) == 2 * len(WORDS)
-    assert {k for k in scored[0] if k != "weight"} == set(rows(row_format)[0])  # the user's columns, plus weight
+    assert set(scored[0]) == {*rows(row_format)[0], "scored", "weight"}  # the user's columns, as a run exports them
+    assert all(row["scored"] for row in scored)
     got, want = (torch.tensor([row["weight"] for row in table]) for table in (scored, exported))
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-5, atol=1e-6)  # the run's own export, mean 1
     results = json.loads((out / SCORE_RESULTS).read_text())
