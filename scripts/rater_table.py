@@ -28,7 +28,19 @@ import time
 from functools import partial
 from pathlib import Path
 
-from value_table import CLI, FINETUNE, HERE, IN_PROCESS, read_rows, resumed, run, run_tasks, timed_once, write_rows
+from value_table import (
+    CLI,
+    FINETUNE,
+    HERE,
+    IN_PROCESS,
+    read_rows,
+    resumed,
+    run,
+    run_tasks,
+    timed_once,
+    write_between_markers,
+    write_rows,
+)
 
 # value_table's fine-tune, with a step budget in place of its 3 epochs: every selection sees as many rows.
 POOL_FINETUNE = [arg for arg in FINETUNE if arg not in ("--num_train_epochs", "3")]
@@ -132,6 +144,8 @@ def learn_and_score(args, data: Path, runs: Path) -> dict:
         "sample_online": [*CLI, "train", "--recipe", "noisy_reweighting_real", "--output_dir",
                           str(runs / "sample_online"), *common],
     }  # fmt: skip
+    if "sample_online_weights" not in args.selections:
+        del commands["sample_online"]
     found = {}
     for name, command in commands.items():
         record = runs / name / ("score_results.json" if name == "pool_scored" else "epochs.json")
@@ -249,7 +263,8 @@ def report(table: dict) -> str:
     ]
     for label, key in (("learn the rater on the sample", "rater"), ("score the pool", "pool_scored"),
                        ("per-row online weights of the sample", "sample_online")):  # fmt: skip
-        lines.append(f"| {label} | " + " | ".join(f"{r['learned'][key]['seconds']:.0f} s" for r in results) + " |")
+        if all(key in r["learned"] for r in results):
+            lines.append(f"| {label} | " + " | ".join(f"{r['learned'][key]['seconds']:.0f} s" for r in results) + " |")
     throughput = [r["learned"]["pool_scored"]["record"]["rows_per_second"] for r in results]
     lines.append("| scoring throughput | " + " | ".join(f"{v:.0f} rows/s" for v in throughput) + " |")
     timings = ", ".join(f"{item['seconds'] / 60:.0f} min" for item in table.get("runs", []))
@@ -272,6 +287,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150, help="Optimizer steps of 16 rows of every fine-tune.")
     parser.add_argument("--jobs", type=int, default=2, help="Fine-tunes side by side, each on cores/jobs threads.")
     parser.add_argument("--report", type=Path, help="Also write the markdown here (e.g. docs/rater.md).")
+    parser.add_argument("--readme", type=Path, help="Also write the tables into this README's rater markers.")
     parser.add_argument("--report_only", action="store_true", help="Only write the report from OUT/table.json.")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -290,6 +306,8 @@ def main() -> None:
     print(text)
     if args.report:
         args.report.write_text(text)
+    if args.readme:  # the tables, without the title and the paragraph that repeats the README's
+        write_between_markers(args.readme, text.split("\n\n", 2)[2].strip(), "rater", "rater_table.py")
 
 
 if __name__ == "__main__":

@@ -559,10 +559,10 @@ def main() -> None:
         write_between_markers(args.readme, text.split("\n## ")[0].split("\n\n", 1)[1].strip())
 
 
-def write_between_markers(readme: Path, block: str, name: str = "value") -> None:
+def write_between_markers(readme: Path, block: str, name: str = "value", script: str = "value_table.py") -> None:
     """Put ``block`` between the README's ``<!-- name:begin -->`` and ``<!-- name:end -->`` lines."""
     text = readme.read_text()
-    begin, end = f"<!-- {name}:begin (written by scripts/value_table.py) -->", f"<!-- {name}:end -->"
+    begin, end = f"<!-- {name}:begin (written by scripts/{script}) -->", f"<!-- {name}:end -->"
     if begin not in text or end not in text:
         sys.exit(f"{readme} has no {begin} ... {end} markers.")
     head, rest = text.split(begin, 1)
