@@ -31,7 +31,8 @@ from hf_fg2u.trainer.checkpointing import STATE_CONFIG_NAME
 from hf_fg2u.trainer.model_setup import wrap_with_peft
 from hf_fg2u.trainer.redaction import PicklesRedacted
 from hf_fg2u.trainer.run_folder import LOCK_NAME, RunLock, check_output_dir, clear_checkpoints, holds_bilevel_run
-from hf_fg2u.trainer.weighted_loss import WeightedLossTrainer, check_weight_column
+from hf_fg2u.trainer.weighted_loss import WeightedLossTrainer
+from hf_fg2u.trainer.weighted_mixin import check_weight_column
 
 RESULTS_FILE = "finetune_results.json"
 

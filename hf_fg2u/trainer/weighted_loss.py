@@ -17,31 +17,18 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 from hf_fg2u.lm.collator import PaddingCollator
 from hf_fg2u.lm.data_checks import check_model_columns
 from hf_fg2u.lm.formats import prepare_split
-from hf_fg2u.lm.losses import (
-    causal_lm_outputs,
-    per_example_token_loss,
-    takes_logits_to_keep,
-    token_labels,
-    weighted_row_loss,
-)
 from hf_fg2u.trainer.model_setup import trainable_base, wrap_with_peft, write_base_model_file
-
-WEIGHT_HINT = (
-    "Add the learned weights with BilevelTrainer.export_weights(), or pass weight_column= the column that holds them."
-)
+from hf_fg2u.trainer.weighted_mixin import WeightedLossMixin, check_weight_column
 
 
-class WeightedLossTrainer(Trainer):
-    """A ``Trainer`` whose loss is the per-example-weighted mean Σ_i (w_i / w̄) ℓ_i / B of a causal LM.
+class WeightedLossTrainer(WeightedLossMixin, Trainer):
+    """A ``Trainer`` whose loss is the per-example-weighted mean Σ_i (w_i / w̄) ℓ_i / B of a causal LM: the weighted
+    fine-tune of ``hf-fg2u finetune`` and the final stage (:class:`WeightedLossMixin` on a plain ``Trainer``).
 
-    Args beyond ``Trainer``'s: ``weight_column`` (default ``"weight"``), a column of non-negative per-example
-    weights in the train dataset; it survives ``remove_unused_columns`` and is never passed to the model.
-    ``weight_normalizer`` w̄: fixed for the run, by default the train dataset's mean weight, so a row's share of the
-    objective never depends on its batch-mates and any per-device batch size, gradient accumulation and number of
-    processes train on the same objective (at batch 1 a per-batch Σ w_i would cancel the weight). Evaluation
-    batches without weights get the plain mean. The default collator is :class:`PaddingCollator`. A model loaded
-    from a GGUF file is made trainable (:func:`~hf_fg2u.trainer.model_setup.trainable_base`) and the save records
-    it in ``base_model.json``.
+    Args beyond ``Trainer``'s: ``weight_column`` and ``weight_normalizer`` (see :class:`WeightedLossMixin`).
+    Evaluation batches without weights get the plain mean of the per-example losses. The default collator is
+    :class:`PaddingCollator`. A model loaded from a GGUF file is made trainable
+    (:func:`~hf_fg2u.trainer.model_setup.trainable_base`) and the save records it in ``base_model.json``.
     """
 
     _tag_names = ["hf_fg2u", "weighted-loss", "data-reweighting"]
@@ -58,26 +45,17 @@ class WeightedLossTrainer(Trainer):
         weight_normalizer: float | None = None,
         **kwargs,
     ):
-        if not isinstance(weight_column, str) or not weight_column:
-            raise ValueError(f"weight_column must be a non-empty column name, got {weight_column!r}.")
-        self.weight_column = weight_column
         if train_dataset is not None and hasattr(train_dataset, "column_names"):
             check_model_columns(train_dataset, "train")
-            mean_weight = check_weight_column(train_dataset, weight_column)
-            weight_normalizer = mean_weight if weight_normalizer is None else weight_normalizer
-        if weight_normalizer is not None and not (math.isfinite(weight_normalizer) and weight_normalizer > 0):
-            raise ValueError(f"weight_normalizer must be a positive number (the mean weight), got {weight_normalizer}.")
-        self.weight_normalizer = weight_normalizer
+            check_weight_column(train_dataset, weight_column)  # before the Trainer is built
         model = trainable_base(model)
         if data_collator is None:
             data_collator = PaddingCollator.for_tokenizer(processing_class, model)
         super().__init__(
             model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-            eval_dataset=eval_dataset, processing_class=processing_class, **kwargs,
+            eval_dataset=eval_dataset, processing_class=processing_class, weight_column=weight_column,
+            weight_normalizer=weight_normalizer, **kwargs,
         )  # fmt: skip
-        # compute_loss returns a per-batch mean, so the Trainer must divide it by the accumulation steps itself.
-        self.model_accepts_loss_kwargs = False
-        self._keep_logits = takes_logits_to_keep(self.model)  # only the logits that predict an answer token
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
 
@@ -89,37 +67,10 @@ class WeightedLossTrainer(Trainer):
         if self.args.should_save and hasattr(model, "peft_config"):
             write_base_model_file(output_dir or self.args.output_dir, model)
 
-    def _set_signature_columns_if_needed(self):
-        # Keep the weight column through remove_unused_columns; compute_loss pops it before the forward pass.
-        super()._set_signature_columns_if_needed()
-        if self.weight_column not in self._signature_columns:
-            self._signature_columns.append(self.weight_column)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Σ_i (w_i / w̄) ℓ_i / B over the batch; the plain mean for an evaluation batch without weights."""
-        weights = inputs.pop(self.weight_column, None)
-        if weights is None and model.training:
-            raise ValueError(
-                f"The training batch has no {self.weight_column!r} column (keys: {sorted(inputs)}). {WEIGHT_HINT}"
-            )
-        self._set_signature_columns_if_needed()
-        labels = token_labels(inputs)
-        accepted = set(self._signature_columns) - {"labels", "label", "label_ids", self.weight_column}
-        # nn.DataParallel (several GPUs without torchrun) would split the positions between its replicas
-        keep = self._keep_logits and not isinstance(model, torch.nn.DataParallel)
-        outputs, positions = causal_lm_outputs(
-            model, {key: value for key, value in inputs.items() if key in accepted}, labels, keep
-        )
-        losses = per_example_token_loss(outputs.logits, labels, positions)
-        if weights is None:
-            loss = losses.mean()
-        elif self.weight_normalizer is None:
-            raise ValueError(
-                "The batch carries weights but no weight_normalizer is known (the train dataset has no column_names "
-                "to read the mean weight from): pass weight_normalizer=, the mean weight of the train rows."
-            )
-        else:
-            loss = weighted_row_loss(losses, weights, self.weight_normalizer)
+    def unweighted_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The plain mean of the per-example losses (an evaluation batch without weights)."""
+        losses, outputs = self.row_losses(model, inputs)
+        loss = losses.mean()
         return (loss, outputs) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -128,24 +79,6 @@ class WeightedLossTrainer(Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
-
-
-def check_weight_column(dataset, weight_column: str = "weight") -> float | None:
-    """The mean of ``dataset[weight_column]`` (None for no rows); ``ValueError`` unless it holds finite, non-negative
-    weights, not all zero."""
-    if weight_column not in dataset.column_names:
-        raise ValueError(
-            f"The train dataset has no {weight_column!r} column (columns: {dataset.column_names}). {WEIGHT_HINT}"
-        )
-    weights = torch.as_tensor(list(dataset[weight_column]), dtype=torch.float64)
-    if weights.numel() and not torch.isfinite(weights).all():
-        raise ValueError(f"Column {weight_column!r} holds NaN or infinite weights; export the weights again.")
-    if weights.numel() and (weights.min() < 0 or weights.sum() <= 0):
-        raise ValueError(
-            f"Column {weight_column!r} must hold non-negative weights, not all zero; got min {float(weights.min())}, "
-            f"sum {float(weights.sum())}."
-        )
-    return float(weights.mean()) if weights.numel() else None
 
 
 def train_final_adapter(

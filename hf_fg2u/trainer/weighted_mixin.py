@@ -27,7 +27,28 @@ from hf_fg2u.lm.losses import (
     token_labels,
     weighted_row_loss,
 )
-from hf_fg2u.trainer.weighted_loss import WeightedLossTrainer, check_weight_column
+
+WEIGHT_HINT = (
+    "Add the learned weights with BilevelTrainer.export_weights(), or pass weight_column= the column that holds them."
+)
+
+
+def check_weight_column(dataset, weight_column: str = "weight") -> float | None:
+    """The mean of ``dataset[weight_column]`` (None for no rows); ``ValueError`` unless it holds finite, non-negative
+    weights, not all zero."""
+    if weight_column not in dataset.column_names:
+        raise ValueError(
+            f"The train dataset has no {weight_column!r} column (columns: {dataset.column_names}). {WEIGHT_HINT}"
+        )
+    weights = torch.as_tensor(list(dataset[weight_column]), dtype=torch.float64)
+    if weights.numel() and not torch.isfinite(weights).all():
+        raise ValueError(f"Column {weight_column!r} holds NaN or infinite weights; export the weights again.")
+    if weights.numel() and (weights.min() < 0 or weights.sum() <= 0):
+        raise ValueError(
+            f"Column {weight_column!r} must hold non-negative weights, not all zero; got min {float(weights.min())}, "
+            f"sum {float(weights.sum())}."
+        )
+    return float(weights.mean()) if weights.numel() else None
 
 
 class WeightCollator:
@@ -92,29 +113,36 @@ class WeightedLossMixin:
             self._signature_columns.append(self.weight_column)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Σ_i (w_i / w̄) ℓ_i / B over the batch; the trainer's own loss for an evaluation batch without weights."""
+        """Σ_i (w_i / w̄) ℓ_i / B over the batch; ``unweighted_loss`` for an evaluation batch without weights."""
         weights = inputs.pop(self.weight_column, None)
         if weights is None:
             if model.training:
                 raise ValueError(
-                    f"The training batch has no {self.weight_column!r} column (keys: {sorted(inputs)}): add the "
-                    "weights (BilevelTrainer.export_weights(), a run's weighted_dataset.parquet) or pass "
-                    "weight_column= the column that holds them."
+                    f"The training batch has no {self.weight_column!r} column (keys: {sorted(inputs)}). {WEIGHT_HINT}"
                 )
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return self.unweighted_loss(model, inputs, return_outputs, num_items_in_batch)
         if self.weight_normalizer is None:
             raise ValueError(
                 "The batch carries weights but no weight_normalizer is known (the train dataset has no column_names "
                 "to read the mean weight from): pass weight_normalizer=, the mean weight of the train rows."
             )
+        losses, outputs = self.row_losses(model, inputs)
+        loss = weighted_row_loss(losses, weights, self.weight_normalizer)
+        return (loss, outputs) if return_outputs else loss
+
+    def unweighted_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The loss of a batch without weights (evaluation): the trainer's own."""
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def row_losses(self, model, inputs: dict) -> tuple[torch.Tensor, object]:
+        """(ℓ_i [B], the model's outputs): each row's mean loss over its labelled tokens, the model given every input
+        but the labels and asked only for the logits that predict a labelled token (not under nn.DataParallel, which
+        would split the positions between its replicas)."""
         labels = token_labels(inputs)
         model_inputs = {key: value for key, value in inputs.items() if key not in ("labels", "num_items_in_batch")}
         keep = self._keep_logits and not isinstance(model, torch.nn.DataParallel)
         outputs, positions = causal_lm_outputs(model, model_inputs, labels, keep)
-        loss = weighted_row_loss(
-            per_example_token_loss(outputs.logits, labels, positions), weights, self.weight_normalizer
-        )
-        return (loss, outputs) if return_outputs else loss
+        return per_example_token_loss(outputs.logits, labels, positions), outputs
 
 
 def _refuse_merged_rows(args) -> None:
@@ -129,12 +157,12 @@ def _refuse_merged_rows(args) -> None:
 
 def check_keeps_weights(trainer, column: str = "weight") -> bool:
     """Whether ``trainer`` trains on ``column`` of its train dataset. A warning, and False, when the dataset has the
-    column and the trainer would drop it (any trainer but :class:`WeightedLossMixin`'s and ``WeightedLossTrainer``);
+    column and the trainer would drop it (any trainer but a :class:`WeightedLossMixin`'s, ``WeightedLossTrainer`` too);
     True when it is a weighted trainer; False without a weight column."""
     columns = getattr(trainer.train_dataset, "column_names", None) or []
     if column not in columns:
         return False
-    if isinstance(trainer, WeightedLossMixin | WeightedLossTrainer):
+    if isinstance(trainer, WeightedLossMixin):
         return True
     warnings.warn(
         f"The train dataset of this {type(trainer).__name__} has a {column!r} column, which it drops "
