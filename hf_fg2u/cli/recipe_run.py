@@ -28,7 +28,7 @@ from transformers import TrainerCallback
 from hf_fg2u.cli.arguments import ModelArguments, ScriptArguments
 from hf_fg2u.cli.data_loading import user_splits, uses_own_data
 from hf_fg2u.cli.models import load_model_and_tokenizer, lora_config
-from hf_fg2u.cli.registry import builtin_splits, make_outer, with_meta_groups
+from hf_fg2u.cli.registry import RECIPES, builtin_splits, make_outer, with_meta_groups
 from hf_fg2u.hub.model_card import WEIGHTED_DATASET_FILE
 from hf_fg2u.lm.evaluation import auroc
 from hf_fg2u.outer import DomainWeights
@@ -72,6 +72,9 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
             results[f"{name}_eval_loss"] = trainer.evaluate()["eval_loss"]
         runs[name] = trainer
     trainer = runs["bilevel"]
+    after_training = RECIPES[script_args.recipe].after_training
+    if after_training is not None:
+        results.update(after_training(script_args, raw, trainer))
     results.update(summarize(script_args, raw, trainer, results, output_dir))
     if script_args.plot and trainer.args.should_save:
         from hf_fg2u.hub.report import meta_loss_history, plot_meta_loss_curves

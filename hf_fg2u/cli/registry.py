@@ -32,6 +32,8 @@ class Recipe:
 
     builtin_data: Callable[[ScriptArguments], DatasetDict]
     make_outer: Callable
+    # after the bilevel run: (script_args, raw splits, trainer) -> numbers for results.json (data_rater: the fit)
+    after_training: Callable | None = None
 
     @staticmethod
     def yaml(name: str) -> Path:
@@ -208,4 +210,11 @@ register_recipe("domain_mixture", Recipe(_domain_facts, _domain_weights))
 register_recipe("soft_prompt", Recipe(_clean_facts, _soft_prompt))
 
 
-register_recipe("data_rater", Recipe(_facts, _row_weights))
+def _fit_data_rater(s: ScriptArguments, splits: DatasetDict, trainer) -> dict:
+    """The rater fitted to the per-row weights the run learned (nothing to fit when it learned a rater itself)."""
+    from hf_fg2u.trainer.rater_fit import fit_rater
+
+    return fit_rater(trainer, _data_rater(s, splits["train"])) if isinstance(trainer.outer, ExampleWeights) else {}
+
+
+register_recipe("data_rater", Recipe(_facts, _row_weights, after_training=_fit_data_rater))

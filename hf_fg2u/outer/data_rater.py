@@ -10,6 +10,13 @@ time the run's final adapter) and, with ``group_column`` (e.g. ``completion`` wh
 which group the row is in. Never its id or its text. With the default ``hidden_size=0`` the rater is a logistic
 rule σ(a·log ℓ + c_g): a learned soft threshold on the loss, one per group — the small-loss rule, with its
 threshold and sharpness learned from the meta rows instead of set from a known noise rate.
+
+Two ways to learn it: as the outer variable of the bilevel loop itself (``outer=data_rater``: the hypergradient
+of the meta loss moves its parameters), or fitted (``fit_``) to the per-row keep-probabilities the online loop
+learned for a sample (``--recipe data_rater``). On the words task of ``make rater`` the first learned the opposite
+rule — early in the online loop the rows with a high loss are mostly right answers not yet learned, whose weight
+speeds up the meta loss, and the slope stayed positive (+1.5 after two epochs, the meta loss flat at 0.33) — so the
+recipe takes the second.
 """
 
 from __future__ import annotations
@@ -117,6 +124,28 @@ class DataRater(OuterModule):
                 "learn a rater on rows that include them."
             )
         return dataset.map(lambda row: {self.group_index_column: index[str(row[column])]}, desc="Rater groups")
+
+    def fit_(self, losses: torch.Tensor, targets: torch.Tensor, groups: torch.Tensor | None = None,
+             steps: int = 100) -> float:  # fmt: skip
+        """Fit the network so that σ(net(features)) matches ``targets`` [N] in [0, 1] (e.g. the keep-probabilities
+        the bilevel loop learned for N rows), by cross-entropy with L-BFGS from the current parameters; ``losses``
+        [N] the rows' losses, ``groups`` [N] their group indices. Returns the final mean cross-entropy."""
+        batch = {} if groups is None else {self.group_index_column: groups}
+        features = self.features(batch, losses.float())
+        targets = targets.float().clamp(0.0, 1.0)
+        optimizer = torch.optim.LBFGS(self.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(self.net(features).squeeze(-1), targets)
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            optimizer.step(closure)
+            final = closure().detach()
+        optimizer.zero_grad()
+        return float(final)
 
     def summary(self):
         """The slope on the log loss (negative: higher loss, lower weight) and the bias, for the logs."""

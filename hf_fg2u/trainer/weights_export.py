@@ -40,20 +40,31 @@ class WeightExportMixin:
     @torch.no_grad()
     def dataset_weights(self, dataset) -> torch.Tensor:
         """Per-example weight of every row of ``dataset`` (mean 1), from the current θ and φ."""
-        model = unwrap_model(self.model)
-        outer = self.outer.outer_dict()
-        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        columns = [c for c in (*MODEL_INPUT_COLUMNS, *self.outer.required_columns) if c in dataset.column_names]
-        view, chunks = dataset.select_columns(columns), []
-        _, _, per_example_losses = self._problem(model, self.args.method)
-        for start in range(0, len(view), 64):
-            rows = [view[i] for i in range(start, min(start + 64, len(view)))]
-            batch = self._prepare_inputs(self.data_collator(rows))
-            if self.outer.reads_losses:
-                losses = per_example_losses(params, outer, batch)
-            else:  # weights of ids or domains: no forward pass over the dataset
-                losses = torch.zeros(len(rows), device=batch["input_ids"].device)
+        outer, chunks = self.outer.outer_dict(), []
+        for batch, losses in self._row_batches(dataset):
             weights = self.outer.row_weights(outer, batch, losses)
             chunks.append(torch.ones_like(losses) if weights is None else weights)
         weights = torch.cat(chunks).double().cpu()
         return (weights / weights.mean()).float()
+
+    @torch.no_grad()
+    def dataset_losses(self, dataset) -> torch.Tensor:
+        """Each row's loss [N] under the current θ (and φ's soft prompt, where there is one)."""
+        return torch.cat([losses.cpu() for _, losses in self._row_batches(dataset, need_losses=True)])
+
+    def _row_batches(self, dataset, need_losses: bool = False):
+        """(batch, per-row losses) for every 64 rows of ``dataset``; zeros for losses where the outer module reads
+        none (weights of ids or domains need no forward pass over the dataset)."""
+        model = unwrap_model(self.model)
+        outer = self.outer.outer_dict()
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        columns = [c for c in (*MODEL_INPUT_COLUMNS, *self.outer.required_columns) if c in dataset.column_names]
+        view = dataset.select_columns(columns)
+        _, _, per_example_losses = self._problem(model, self.args.method)
+        for start in range(0, len(view), 64):
+            rows = [view[i] for i in range(start, min(start + 64, len(view)))]
+            batch = self._prepare_inputs(self.data_collator(rows))
+            if need_losses or self.outer.reads_losses:
+                yield batch, per_example_losses(params, outer, batch)
+            else:
+                yield batch, torch.zeros(len(rows), device=batch["input_ids"].device)

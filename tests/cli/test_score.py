@@ -38,11 +38,11 @@ def write(path, items):
     return str(path)
 
 
-def learn_rater(tiny_model, tmp_path, row_format="prompt_completion", *extra):
+def learn_rater(tiny_model, tmp_path, row_format="prompt_completion", *extra, recipe="data_rater"):
     train = write(tmp_path / "train.jsonl", rows(row_format) * 2)
     meta = write(tmp_path / "meta.jsonl", rows(row_format, WORDS[:8], flip_every=10**6))
     out = tmp_path / f"rater_{row_format}"
-    main(["train", "--recipe", "data_rater", "--model_name_or_path", tiny_model, "--data_files", f"train={train}",
+    main(["train", "--recipe", recipe, "--model_name_or_path", tiny_model, "--data_files", f"train={train}",
           f"meta={meta}", "--output_dir", str(out), "--max_steps", "3", "--per_device_train_batch_size", "4",
           "--unroll_steps", "1", "--inner_warmup_steps", "0", "--meta_batch_size", "4", "--max_length", "64",
           "--disable_tqdm", "true", "--plot", "false", *extra])  # fmt: skip
@@ -117,7 +117,7 @@ def test_every_refusal_names_the_fix_and_writes_nothing(tiny_model, tmp_path):
 
 
 def test_a_run_of_per_row_weights_is_not_a_rater(tiny_model, tmp_path):
-    run = learn_rater(tiny_model, tmp_path, "prompt_completion", "--outer", "example_weights")
+    run = learn_rater(tiny_model, tmp_path, recipe="noisy_reweighting_real")
     pool = write(tmp_path / "pool.jsonl", rows("prompt_completion"))
     refused([str(run), "--data_files", pool, "--output_dir", str(tmp_path / "o")], "this run learned ExampleWeights")
     assert not (tmp_path / "o").exists()

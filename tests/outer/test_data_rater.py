@@ -55,6 +55,22 @@ def test_save_and_load_round_trip_bit_for_bit(tmp_path):
                        rater.row_weights(rater.outer_dict(), batch, losses))  # fmt: skip
 
 
+def test_fit_recovers_the_logistic_rule_that_made_the_targets():
+    rater = DataRater(group_column="completion", groups=[" no", " yes"])
+    generator = torch.Generator().manual_seed(0)
+    losses = torch.rand(400, generator=generator) * 3 + 0.01
+    groups = torch.randint(0, 2, (400,), generator=generator)
+    true = DataRater(group_column="completion", groups=[" no", " yes"])
+    set_rule(true, slope=-3.0, bias=0.2, group_biases=(0.5, -0.5))
+    targets = true.row_weights(true.outer_dict(), {true.group_index_column: groups}, losses)
+    cross_entropy = rater.fit_(losses, targets, groups)
+    fitted = rater.row_weights(rater.outer_dict(), {rater.group_index_column: groups}, losses)
+    torch.testing.assert_close(fitted, targets, atol=1e-3, rtol=0)  # the same rule (its bias split differently)
+    assert rater.summary()["rater_loss_slope"] == pytest.approx(-3.0, abs=1e-2)
+    entropy = torch.nn.functional.binary_cross_entropy(targets, targets)  # the least cross-entropy possible
+    assert cross_entropy == pytest.approx(float(entropy), abs=1e-4)
+
+
 def test_rows_of_a_group_the_rater_never_saw_are_refused():
     rater = DataRater(group_column="completion", groups=[" no", " yes"])
     rows = Dataset.from_list([{"prompt": "a", "completion": " yes"}, {"prompt": "b", "completion": " maybe"}])
@@ -87,3 +103,31 @@ def test_the_bilevel_loop_teaches_it_to_down_weight_wrong_rows_it_never_saw(tmp_
     assert trainer.outer.summary()["rater_loss_slope"] < -1.0  # a higher loss, a lower weight (seed 0: -2.5)
     weights = trainer.dataset_weights(unseen)
     assert auroc(-weights.double(), torch.tensor(unseen["is_corrupted"])) > 0.95  # seed 0: 1.0
+
+
+def test_fitted_to_the_weights_the_loop_learned_it_weighs_rows_it_never_saw(tmp_path):
+    """The recipe's way: per-row keep-probabilities learned by the online loop on half the rows, the rater fitted to
+    them from each row's loss; it then separates the wrong rows of the other half, and becomes the run's outer
+    module (its export is the rater's)."""
+    from hf_fg2u import ExampleWeights
+    from hf_fg2u.trainer.rater_fit import fit_rater
+
+    _, data = fact_data(copies=16)
+    order = torch.randperm(len(data["train"]), generator=torch.Generator().manual_seed(0)).tolist()
+    seen, unseen = data["train"].select(order[:64]), data["train"].select(order[64:])
+    seen = seen.map(lambda _, i: {"example_id": i}, with_indices=True)
+    weights = ExampleWeights(64, parametrization="sigmoid")
+    trainer = trainer_for(tmp_path, weights, DatasetDict({**data, "train": seen}), method="rgu", max_steps=24,
+                          learning_rate=4.0, optim="sgd", normalize_hypergradient=True, inner_optimizer="adam",
+                          inner_lr=1e-2)  # fmt: skip
+    trainer.train()
+    with torch.no_grad():
+        weights.scored[:3] = False  # rows no unroll reached are left out of the fit
+        weights.logits[:3] = 50.0
+    found = fit_rater(trainer, DataRater())
+    assert trainer.outer is not weights and isinstance(trainer.outer, DataRater)
+    assert found["rater_fit_rows"] == 61 and found["rater_loss_slope"] < 0
+    separation = auroc(-trainer.dataset_weights(unseen).double(), torch.tensor(unseen["is_corrupted"]))
+    assert separation > 0.95, separation  # seed 0: 1.0
+    with pytest.raises(ValueError, match="outer=example_weights with weight_parametrization=sigmoid"):
+        fit_rater(trainer, DataRater())
