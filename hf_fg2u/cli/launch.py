@@ -52,15 +52,17 @@ def launched() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
-def launch_command(num_processes: int, accelerate_config: str | None, argv: list[str]) -> list[str]:
-    """``accelerate launch`` of ``hf-fg2u train argv`` on ``num_processes`` ranks. Without a config: the multi-GPU
-    launcher, which BilevelConfig runs on CPU (gloo) where there is no GPU; ``--cpu`` would start one process."""
+def launch_command(
+    num_processes: int, accelerate_config: str | None, argv: list[str], subcommand: str = "train"
+) -> list[str]:
+    """``accelerate launch`` of ``hf-fg2u SUBCOMMAND argv`` on ``num_processes`` ranks. Without a config: the multi-GPU
+    launcher, which runs on CPU (gloo) where there is no GPU (``launch_env``); ``--cpu`` would start one process."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
     if accelerate_config:
         command += ["--config_file", str(accelerate_config_path(accelerate_config))]
     else:
         command += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    return [*command, "-m", "hf_fg2u.cli.main", "train", *argv]
+    return [*command, "-m", "hf_fg2u.cli.main", subcommand, *argv]
 
 
 SECRET_ARGS_ENV = "HF_FG2U_SECRET_ARGS"

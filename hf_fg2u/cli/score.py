@@ -14,6 +14,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -35,6 +36,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_length", type=int, default=512, help="Longer rows keep their end (the answer).")
     parser.add_argument("--bf16", action="store_true", help="Forward passes under bf16 autocast.")
     parser.add_argument("--disable_tqdm", action="store_true", help="No progress bar.")
+    parser.add_argument("--num_processes", type=int, default=1, help="Ranks that split the rows (accelerate launch).")
+    parser.add_argument("--accelerate_config", default=None, help="An accelerate config for the ranks.")
     return parser
 
 
@@ -86,38 +89,56 @@ def load_rows(files: list[str]):
     return rows
 
 
-def score(args: argparse.Namespace) -> dict:
+def score(args: argparse.Namespace) -> dict | None:
     """Check everything, then weigh the rows in two streaming passes (keep-probabilities, then weights over their
-    mean); returns what ``score_results.json`` holds."""
+    mean); returns what ``score_results.json`` holds. Launched on several ranks (``--num_processes``), each rank
+    scores a contiguous share of the rows into a part of its own and the first writes the weights (the others
+    return None); the launching process checked the output folder before starting them."""
+    from accelerate import PartialState
+
     from hf_fg2u.hub.load import load_run
     from hf_fg2u.lm.scoring import RowScorer
 
+    state = PartialState()
     output_dir = Path(args.output_dir)
-    check_output_dir(output_dir, args.overwrite_output_dir)
+    if state.num_processes == 1:
+        check_output_dir(output_dir, args.overwrite_output_dir)
     rows = load_rows(args.data_files)
     kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     run = load_run(args.run, base_model=args.model_name_or_path, **kwargs)
     check_same_base(run, args.model_name_or_path)
-    scorer = RowScorer(run.model, run.outer, run.tokenizer, args.max_length, args.batch_size)
+    scorer = RowScorer(run.model.to(state.device), run.outer, run.tokenizer, args.max_length, args.batch_size)
     scorer.check_format(rows.column_names, f"--data_files {args.data_files}")
-    if output_dir.exists():  # an earlier score's output, --overwrite_output_dir given
-        shutil.rmtree(output_dir)
     partial = output_dir / PARTIAL
-    partial.mkdir(parents=True)
+    if state.is_main_process:
+        if output_dir.exists():  # an earlier score's output, --overwrite_output_dir given
+            shutil.rmtree(output_dir)
+        partial.mkdir(parents=True)
+    state.wait_for_everyone()
     start = time.perf_counter()
-    keep_file = partial / "keep.parquet"
-    total, counted, unscored = _first_pass(scorer, rows, keep_file, args)
+    share = rows.shard(state.num_processes, state.process_index, contiguous=True)
+    totals = _first_pass(scorer, share, partial / f"keep-{state.process_index:05d}.parquet", args)
+    (partial / f"totals-{state.process_index:05d}.json").write_text(json.dumps(totals))
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    shares = [json.loads(path.read_text()) for path in sorted(partial.glob("totals-*.json"))]
+    total, counted, unscored = (sum(share[i] for share in shares) for i in range(3))
     seconds = time.perf_counter() - start
     mean = total / counted if counted else float("nan")
     if not counted or not math.isfinite(mean) or mean <= 0:
         shutil.rmtree(output_dir)
         raise ValueError(f"No row of {args.data_files} could be scored (every completion is empty).")
-    _second_pass(keep_file, output_dir / "weighted_dataset.parquet", mean)
+    if unscored:
+        warnings.warn(f"{unscored} of {len(rows)} rows have no answer token to score (an empty completion): their "
+                      "weight is 0.", stacklevel=2)  # fmt: skip
+    _second_pass(sorted(partial.glob("keep-*.parquet")), output_dir / "weighted_dataset.parquet", mean)
     shutil.rmtree(partial)
     _write_base_record(run.folder, output_dir)
     results = {
         "run": str(args.run), "data_files": list(args.data_files), "rows": len(rows), "unscored_rows": unscored,
-        "mean_keep_probability": mean, "seconds": seconds, "rows_per_second": len(rows) / seconds,
+        "processes": state.num_processes, "mean_keep_probability": mean, "seconds": seconds,
+        "rows_per_second": len(rows) / seconds,
     }  # fmt: skip
     results.update(_separation(output_dir / "weighted_dataset.parquet"))
     (output_dir / SCORE_RESULTS).write_text(json.dumps(results, indent=2))
@@ -144,16 +165,12 @@ def _first_pass(scorer, rows, keep_file: Path, args) -> tuple[float, int, int]:
             counted += int(scored.sum())
             unscored += int((~scored).sum())
             bar.update(len(keep))
-    writer.close()
-    if unscored:
-        import warnings
-
-        warnings.warn(f"{unscored} of {len(rows)} rows have no answer token to score (an empty completion): their "
-                      "weight is 0.", stacklevel=2)  # fmt: skip
+    if writer is not None:  # a rank's share may hold no row
+        writer.close()
     return total, counted, unscored
 
 
-def _second_pass(keep_file: Path, out_file: Path, mean: float) -> None:
+def _second_pass(keep_files: list[Path], out_file: Path, mean: float) -> None:
     """``weight`` = keep-probability / its mean over the scored rows, and ``scored``: False (weight 0) for a row with no
     answer to score; row group by row group."""
     import pyarrow as pa
@@ -162,9 +179,9 @@ def _second_pass(keep_file: Path, out_file: Path, mean: float) -> None:
 
     from hf_fg2u.hub.report import SCORED_COLUMN
 
-    source, writer = pq.ParquetFile(str(keep_file)), None
-    for index in range(source.num_row_groups):
-        table = source.read_row_group(index)
+    writer = None
+    for keep_file, index in ((path, i) for path in keep_files for i in range(pq.ParquetFile(str(path)).num_row_groups)):
+        table = pq.ParquetFile(str(keep_file)).read_row_group(index)
         keep = table.column("keep_probability")
         weight = pc.fill_null(pc.if_else(pc.is_nan(keep), 0.0, pc.divide(keep, mean)), 0.0)
         stale = [name for name in ("keep_probability", SCORED_COLUMN, "weight") if name in table.column_names]
@@ -204,8 +221,28 @@ def _separation(weighted_file: Path) -> dict:
 
 
 def run_score(argv: list[str]) -> dict:
+    """Score here, or with ``--num_processes N`` on N ranks started through ``accelerate launch`` (the output folder and
+    the files are checked here first)."""
+    import os
+    import subprocess
+
+    from hf_fg2u.cli import launch
+
+    launch_args, argv = launch.split_launch_args(argv)
     args = make_parser().parse_args(argv)
-    results = score(args)
+    if launch_args.num_processes > 1 and not launch.launched():
+        check_output_dir(Path(args.output_dir), args.overwrite_output_dir)
+        load_rows(args.data_files)
+        command = launch.launch_command(launch_args.num_processes, launch_args.accelerate_config, argv, "score")
+        env = launch.launch_env(launch_args.accelerate_config)
+        print("[hf_fg2u] " + launch.echo_command(command, env))
+        if subprocess.run(command, check=False, env={**os.environ, **env}).returncode:
+            raise RuntimeError("accelerate launch of the scoring ranks failed (command above).")
+        results = json.loads((Path(args.output_dir) / SCORE_RESULTS).read_text())
+    else:
+        results = score(args)
+        if results is None:  # a rank other than the first: the first reports
+            return {}
     print(f"hf-fg2u score: {results['rows']} rows in {results['seconds']:.1f} s ({results['rows_per_second']:.1f} "
           f"rows/s) -> {Path(args.output_dir) / 'weighted_dataset.parquet'}")  # fmt: skip
     if "auroc_corrupted" in results:

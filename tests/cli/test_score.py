@@ -121,3 +121,20 @@ def test_a_run_of_per_row_weights_is_not_a_rater(tiny_model, tmp_path):
     pool = write(tmp_path / "pool.jsonl", rows("prompt_completion"))
     refused([str(run), "--data_files", pool, "--output_dir", str(tmp_path / "o")], "this run learned ExampleWeights")
     assert not (tmp_path / "o").exists()
+
+
+def test_two_processes_split_the_rows_and_write_what_one_writes(tiny_model, tmp_path):
+    """--num_processes 2: each rank scores half the rows (gloo on CPU), the first writes the weights over the mean
+    of all of them: the same file as one process writes."""
+    run = learn_rater(tiny_model, tmp_path)
+    pool = write(tmp_path / "pool.jsonl", rows("prompt_completion") * 3)
+    tables = {}
+    for processes in ("1", "2"):
+        out = tmp_path / f"scored_{processes}"
+        main(["score", str(run), "--data_files", pool, "--output_dir", str(out), "--disable_tqdm",
+              "--num_processes", processes])  # fmt: skip
+        tables[processes] = pq.read_table(out / "weighted_dataset.parquet").to_pylist()
+        assert json.loads((out / SCORE_RESULTS).read_text())["processes"] == int(processes)
+    assert [row["prompt"] for row in tables["2"]] == [row["prompt"] for row in tables["1"]]
+    got, want = (torch.tensor([row["weight"] for row in tables[n]]) for n in ("2", "1"))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
