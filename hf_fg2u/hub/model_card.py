@@ -39,7 +39,7 @@ method **{method}**{phase}, inner variables: the LoRA adapter of this run{base}.
 ## Learned outer variables
 
 {summary}{plot}
-
+{rater}
 ## Final metrics
 
 {metrics}
@@ -130,6 +130,28 @@ def table(values: dict[str, float], empty: str) -> str:
     return "| name | value |\n|---|---|\n" + rows
 
 
+def rater_section(outer, location: str) -> str:
+    """For a data rater: what it reads, what it was learned on, how well it separated the rows, and how to score."""
+    from hf_fg2u.outer import DataRater
+
+    if not isinstance(outer, DataRater):
+        return ""
+    config, found = outer.config, outer.learned_on
+    reads = "the log of the row's loss under this run's adapter" + (
+        f" and its `{config.group_column}` ({', '.join(repr(g) for g in config.groups)})" if config.groups else ""
+    )
+    learned = (f"Fitted to the keep-probabilities the online loop learned for {found['rater_fit_rows']} of its "
+               f"{found['rater_rows']} train rows (those an unroll reached). ") if found else ""  # fmt: skip
+    separated = (f"On those rows its weights separate the rows flagged `is_corrupted` at AUROC "
+                 f"{found['rater_auroc_corrupted']:.3f}. ") if "rater_auroc_corrupted" in found else ""  # fmt: skip
+    return (
+        f"\n## Scoring rows with this rater\n\nIt reads {reads}, never a row's id or text, and weighs "
+        f"{config.row_format or 'any'} rows. {learned}{separated}Weigh rows it never saw (a weighted_dataset.parquet "
+        f"that `hf-fg2u weights` and `hf-fg2u finetune` read):\n\n```bash\nhf-fg2u score {location} --data_files "
+        "pool.jsonl --output_dir scored_pool\n```\n"
+    )
+
+
 def build_model_card(trainer, directory: Path, model_name: str | None = None, **kwargs) -> ModelCard:
     """The card of ``trainer``'s run saved in ``directory``. The config holds only bilevel fields, never a token.
     The quick start names the Hub repo when the run is pushed, else the folder."""
@@ -156,6 +178,7 @@ def build_model_card(trainer, directory: Path, model_name: str | None = None, **
         '(`datasets.load_dataset("parquet", data_files=...)`). A plain `Trainer` or TRL\'s `SFTTrainer` drops '
         "`weight`: train with `hf_fg2u.WeightedLossMixin` or `hf-fg2u finetune`.\n" if has_weighted else "",
         summary=table(trainer.outer.summary(), "no summary for this outer module"),
+        rater=rater_section(trainer.outer, location),
         plot=f"\n\n![learned weights]({PLOT_NAME})" if (Path(directory) / PLOT_NAME).is_file() else "",
         metrics=table(final_metrics(trainer.state.log_history), "none yet"),
         config=json.dumps(method_config(args), indent=2, default=str),

@@ -86,6 +86,7 @@ class DataRater(OuterModule):
         with torch.no_grad():  # a zero output: uniform weights to start
             self.net[-1].weight.zero_()
             self.net[-1].bias.zero_()
+        self.learned_on: dict = {}  # what it was fitted on (hf_fg2u.trainer.rater_fit), for the model card
 
     def features(self, batch: dict, losses: torch.Tensor) -> torch.Tensor:
         """[B, F]: log(loss + loss_floor), then the group's one-hot when there are groups."""

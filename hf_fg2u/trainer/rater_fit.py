@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from hf_fg2u.lm.evaluation import auroc
 from hf_fg2u.outer import DataRater, ExampleWeights
 
 
@@ -34,4 +35,10 @@ def fit_rater(trainer, rater: DataRater) -> dict[str, float]:
     if groups is not None:  # the rater reads each row's group from its own column
         trainer.train_dataset = dataset.add_column(rater.group_index_column, groups.tolist())
     trainer.outer = rater.to(weights.logits.device)
-    return {"rater_fit_rows": int(scored.sum()), "rater_fit_cross_entropy": cross_entropy, **rater.summary()}
+    found = {"rater_rows": len(dataset), "rater_fit_rows": int(scored.sum()), "rater_fit_cross_entropy": cross_entropy}
+    flags = dataset["is_corrupted"] if "is_corrupted" in dataset.column_names else None
+    if flags is not None and all(isinstance(flag, bool) for flag in flags) and len(set(flags)) == 2:
+        rated = trainer.dataset_weights(trainer.train_dataset).double()
+        found["rater_auroc_corrupted"] = auroc(-rated, torch.tensor(flags))
+    rater.learned_on = found  # for the run's model card
+    return {**found, **rater.summary()}
