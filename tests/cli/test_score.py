@@ -68,7 +68,8 @@ def test_score_weighs_new_rows_as_the_run_weighed_its_own(tiny_model, tmp_path, 
     assert json.loads((out / "base_model.json").read_text())["base_model_name_or_path"] == tiny_model
     assert not (out / ".scoring").exists()
     card = (run / "README.md").read_text()  # what the rater reads, what it was fitted on, how to score with it
-    assert "## Scoring rows with this rater" in card and f"weighs {row_format} rows" in card
+    kind = {"text": "language_modeling", "messages": "conversational"}.get(row_format, row_format)
+    assert "## Scoring rows with this rater" in card and f"weighs {kind} rows" in card
     assert f"hf-fg2u score {run.resolve()}" in card and "keep-probabilities the online loop learned" in card
 
 
