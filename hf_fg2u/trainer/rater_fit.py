@@ -38,7 +38,8 @@ def fit_rater(trainer, rater: DataRater) -> dict[str, float]:
     found = {"rater_rows": len(dataset), "rater_fit_rows": int(scored.sum()), "rater_fit_cross_entropy": cross_entropy}
     flags = dataset["is_corrupted"] if "is_corrupted" in dataset.column_names else None
     if flags is not None and all(isinstance(flag, bool) for flag in flags) and len(set(flags)) == 2:
-        rated = trainer.dataset_weights(trainer.train_dataset).double()
+        batch = {} if groups is None else {rater.group_index_column: groups.to(losses.device)}
+        rated = rater.row_weights(rater.outer_dict(), batch, losses).double().cpu()  # no second forward pass
         found["rater_auroc_corrupted"] = auroc(-rated, torch.tensor(flags))
     rater.learned_on = found  # for the run's model card
     return {**found, **rater.summary()}
