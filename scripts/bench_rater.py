@@ -5,7 +5,8 @@ Each command runs alone, one after the other, in a process of its own, on one da
 - a plain LoRA epoch over the pool (`hf-fg2u finetune POOL --uniform true --num_train_epochs 1`, the fine-tune
   settings of the table, no evaluation);
 - learning the rater on the sample (`hf-fg2u train --recipe data_rater`);
-- scoring the pool with it (`hf-fg2u score`), and scoring the pool repeated 10 times (memory: flat in the rows).
+- scoring the pool with it (`hf-fg2u score`); and (--parts memory, valid beside other work) the peak memory of
+  scoring the pool and the pool repeated 10 times (flat in the rows).
 
 Writes the seconds and the peak resident memory of each command (the largest child process, getrusage), and the
 ratio (learn + score) / plain epoch.
@@ -46,37 +47,58 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/bench/rater.json"))
     parser.add_argument("--data_seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=10, help="The pool repeated this many times for the memory run.")
+    parser.add_argument("--parts", nargs="+", default=["timing", "memory"], choices=["timing", "memory"],
+                        help="timing: each command alone (nothing else may run); memory: peak RSS of scoring the pool "
+                        "and the pool repeated (valid beside other work).")  # fmt: skip
+    parser.add_argument("--rater", type=Path, help="memory: score with this rater run (default: the timing part's).")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     data, runs = args.work / "data", args.work / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, str(HERE / "pool_task.py"), "--lexicon", str(args.lexicon), "--out", str(data),
                     "--data_seed", str(args.data_seed)], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
-    big = write_rows(args.work / "pool_x10.jsonl", read_rows(data / "pool.jsonl") * args.repeat)
-    score = [*CLI, "score", str(runs / "rater"), "--max_length", "32", "--disable_tqdm", "--bf16",
-             "--overwrite_output_dir"]  # fmt: skip
-    commands = {
-        "plain_lora_epoch_over_pool": [*CLI, "finetune", str(data / "pool.jsonl"), "--uniform", "true",
-                                       "--model_name_or_path", args.model, "--num_train_epochs", "1", "--output_dir",
-                                       str(runs / "plain_epoch"), "--use_cpu", "true", *POOL_FINETUNE],
-        "learn_rater": [*CLI, "train", "--recipe", "data_rater", "--model_name_or_path", args.model, "--max_length",
-                        "32", "--disable_tqdm", "true", *BALANCE, "--output_dir", str(runs / "rater"),
-                        "--overwrite_output_dir", "true", "--data_files", f"train={data / 'sample.jsonl'}",
-                        f"meta={data / 'meta.jsonl'}"],
-        "score_pool": [*score, "--data_files", str(data / "pool.jsonl"), "--output_dir", str(runs / "scored")],
-        "score_pool_x10": [*score, "--data_files", big, "--output_dir", str(runs / "scored_x10")],
-    }  # fmt: skip
-    found = {"machine": {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count()}}
+    rater = args.rater or runs / "rater"
+    score = [*CLI, "score", str(rater), "--max_length", "32", "--disable_tqdm", "--bf16", "--overwrite_output_dir"]
+    commands = {}
+    if "timing" in args.parts:
+        commands.update({
+            "plain_lora_epoch_over_pool": [*CLI, "finetune", str(data / "pool.jsonl"), "--uniform", "true",
+                                           "--model_name_or_path", args.model, "--num_train_epochs", "1",
+                                           "--output_dir", str(runs / "plain_epoch"), "--overwrite_output_dir", "true",
+                                           "--use_cpu", "true", *POOL_FINETUNE],
+            "learn_rater": [*CLI, "train", "--recipe", "data_rater", "--model_name_or_path", args.model, "--max_length",
+                            "32", "--disable_tqdm", "true", *BALANCE, "--output_dir", str(runs / "rater"),
+                            "--overwrite_output_dir", "true", "--data_files", f"train={data / 'sample.jsonl'}",
+                            f"meta={data / 'meta.jsonl'}"],
+            "score_pool": [*score, "--data_files", str(data / "pool.jsonl"), "--output_dir", str(runs / "scored")],
+        })  # fmt: skip
+    if "memory" in args.parts:
+        big = write_rows(args.work / "pool_x10.jsonl", read_rows(data / "pool.jsonl") * args.repeat)
+        commands.update({
+            "memory_score_pool": [*score, "--data_files", str(data / "pool.jsonl"), "--output_dir",
+                                  str(runs / "memory_scored")],
+            "memory_score_pool_x10": [*score, "--data_files", big, "--output_dir", str(runs / "memory_scored_x10")],
+        })  # fmt: skip
+    found = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    found["machine"] = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count()}
     for name, command in commands.items():
         found[name] = measured(command, runs / f"{name}.log")
         print(name, found[name], flush=True)
-    for name in ("score_pool", "score_pool_x10"):
-        found[name].update(json.loads((runs / name.replace("score_pool", "scored") / "score_results.json").read_text()))
-    plain = found["plain_lora_epoch_over_pool"]["seconds"]
-    found["learn_plus_score_over_plain_epoch"] = (
-        found["learn_rater"]["seconds"] + found["score_pool"]["seconds"]
-    ) / plain
-    found["peak_memory_x10_over_x1"] = found["score_pool_x10"]["peak_mb"] / found["score_pool"]["peak_mb"]
+    folders = {
+        "score_pool": "scored",
+        "memory_score_pool": "memory_scored",
+        "memory_score_pool_x10": "memory_scored_x10",
+    }
+    for name, folder in folders.items():
+        if name in commands:
+            found[name].update(json.loads((runs / folder / "score_results.json").read_text()))
+    if "timing" in args.parts:
+        rater_seconds = found["learn_rater"]["seconds"] + found["score_pool"]["seconds"]
+        found["learn_plus_score_over_plain_epoch"] = rater_seconds / found["plain_lora_epoch_over_pool"]["seconds"]
+    if "memory" in args.parts:
+        found["peak_memory_x10_over_x1"] = (
+            found["memory_score_pool_x10"]["peak_mb"] / found["memory_score_pool"]["peak_mb"]
+        )
     print(json.dumps({k: v for k, v in found.items() if not isinstance(v, dict)}, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(found, indent=2))
