@@ -310,3 +310,48 @@ def test_train_rows_with_a_weight_column_train_and_get_the_learned_weights_in_it
     saved = pandas.read_parquet(tmp_path / "run" / "weighted_dataset.parquet")
     assert list(saved.columns) == ["prompt", "completion", "is_corrupted", "weight"]
     assert saved["weight"].mean() == pytest.approx(1.0, abs=1e-5) and 0.0 <= results["auroc_corrupted"] <= 1.0
+
+
+def test_settings_that_train_nothing_are_refused_at_the_start():
+    """Round 3 C71, C16: lora_alpha 0 (an adapter scaled by 0) and num_train_epochs 0 without max_steps ran, trained
+    nothing and reported done."""
+    with pytest.raises(ValueError, match=r"lora_alpha=0 .*Set --lora_alpha > 0"):
+        lora_config(ModelArguments(lora_alpha=0))
+    with pytest.raises(ValueError, match=r"num_train_epochs=0 with max_steps=-1 trains no step.*--max_steps > 0"):
+        BilevelConfig(output_dir="unused", num_train_epochs=0, max_steps=-1)
+    BilevelConfig(output_dir="unused", num_train_epochs=0, max_steps=2)  # max_steps decides: fine
+
+
+def test_a_missing_model_folder_or_gguf_file_is_named_before_anything_loads(tmp_path, monkeypatch):
+    """Round 3 C82, C83, F03: a missing model folder or GGUF file was a raw OSError from transformers."""
+    from hf_fg2u.cli.models import check_model_arguments
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    (tmp_path / "models" / "tiny" / "model.gguf").write_bytes(b"")
+    for name in ("/nope", "models/nope", "./nope"):
+        with pytest.raises(FileNotFoundError, match=rf"--model_name_or_path '{name}': no such folder.*Hub id"):
+            check_model_arguments(ModelArguments(model_name_or_path=name))
+    with pytest.raises(FileNotFoundError, match=r"--gguf_file 'nope.gguf': no such file in models/tiny.*model.gguf"):
+        check_model_arguments(ModelArguments(model_name_or_path="models/tiny", gguf_file="nope.gguf"))
+    check_model_arguments(ModelArguments(model_name_or_path="models/tiny", gguf_file="model.gguf"))
+    check_model_arguments(ModelArguments(model_name_or_path="HuggingFaceTB/SmolLM2-135M"))  # a Hub id: not checked
+
+
+def test_options_whose_package_is_missing_name_the_option_and_what_to_install(monkeypatch):
+    """Round 3 C34, C67, C76: flash-attn, bitsandbytes and deepspeed missing were raw ImportError /
+    PackageNotFoundError tracebacks (the model loaded first for flash-attn)."""
+    import transformers.integrations
+    import transformers.trainer_optimizer
+
+    from hf_fg2u.cli import models
+
+    monkeypatch.setitem(models.FLASH_ATTENTION, "flash_attention_2", lambda: False)
+    with pytest.raises(ValueError, match=r"--attn_implementation flash_attention_2 needs the flash-attn.*pip install"):
+        models.check_model_arguments(ModelArguments(attn_implementation="flash_attention_2"))
+    monkeypatch.setattr(transformers.trainer_optimizer, "is_bitsandbytes_available", lambda: False)
+    with pytest.raises(ValueError, match=r"--optim adamw_bnb_8bit needs a package .*bitsandbytes.*another --optim"):
+        BilevelConfig(output_dir="unused", optim="adamw_bnb_8bit")
+    monkeypatch.setattr(transformers.integrations, "is_deepspeed_available", lambda: False)
+    with pytest.raises(ValueError, match=r"--deepspeed 'ds.json' needs the deepspeed package.*pip install deepspeed"):
+        BilevelConfig(output_dir="unused", deepspeed="ds.json")

@@ -21,6 +21,7 @@ from transformers.hf_argparser import string_to_bool
 
 from hf_fg2u.cli import arguments, launch, recipe_run
 from hf_fg2u.hub.report import EXPORTS
+from hf_fg2u.trainer.run_folder import check_output_dir
 
 # The demo is the noisy-data recipe on its packaged offline default (hf_fg2u/recipes/noisy_reweighting.yaml).
 DEMO_ARGS = ["--recipe", "noisy_reweighting", "--output_dir", "outputs/demo", "--compare_uniform", "true"]
@@ -150,6 +151,8 @@ def run_weights(argv: list[str]) -> str:
     from hf_fg2u.hub.report import export_weighted, load_weighted_dataset, report_weights
 
     path = Path(args.output_dir or args.run / f"export_{args.export}") / "train.jsonl"
+    if args.export:
+        check_output_dir(str(path.parent), overwrite=True)  # a file or an unwritable folder: before any work
     if args.export and path.exists() and not args.overwrite_output_dir:
         raise ValueError(
             f"{path} exists: the export would replace it. Pass another --output_dir, or --overwrite_output_dir true "

@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 
 from hf_fg2u.cli.arguments import ModelArguments, ScriptArguments
 from hf_fg2u.cli.data_loading import user_splits, uses_own_data
-from hf_fg2u.cli.models import load_model_and_tokenizer, lora_config
+from hf_fg2u.cli.models import check_model_arguments, load_model_and_tokenizer, lora_config
 from hf_fg2u.cli.registry import RECIPES, builtin_splits, make_outer, with_meta_groups
 from hf_fg2u.hub.model_card import WEIGHTED_DATASET_FILE
 from hf_fg2u.lm.evaluation import auroc
@@ -43,6 +43,7 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
     output_dir = Path(training_args.output_dir)
     quiet_replicas(training_args.process_index)
     resume = resume_target(training_args.resume_from_checkpoint)
+    check_model_arguments(model_args)
     raw = user_splits(script_args) if uses_own_data(script_args) else builtin_splits(script_args)
     results, runs = {}, {}
     for name in ("bilevel", "uniform") if script_args.compare_uniform else ("bilevel",):

@@ -168,6 +168,17 @@ def read_json(path: Path) -> dict:
         raise ValueError(f"Could not read {path}: {error}. {EARLIER}") from error
 
 
+def check_steps_left(directory: Path, max_steps: int) -> None:
+    """Refuse a checkpoint that already reached ``max_steps``: the Trainer would train no step and report the run
+    as done."""
+    step = read_json(directory / "trainer_state.json").get("global_step", 0)
+    if max_steps > 0 and isinstance(step, int) and step >= max_steps:
+        raise ValueError(
+            f"Checkpoint {directory} is at outer step {step}, and max_steps={max_steps}: resuming would train no "
+            f"step. Pass --max_steps above {step} to train on, or an earlier checkpoint."
+        )
+
+
 def verify_checkpoint(directory: Path) -> None:
     """Read every file of a checkpoint before resuming from it, so that a truncated or missing file is an
     error that names it rather than a raw library error halfway through loading."""

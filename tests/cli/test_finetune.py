@@ -214,3 +214,21 @@ def test_train_final_adapter_takes_raw_rows_like_tokenized_ones(tiny_model, tmp_
         adapters.append({n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad})
     for name, tensor in adapters[0].items():
         torch.testing.assert_close(tensor, adapters[1][name], rtol=0, atol=0)
+
+
+def test_finetune_settings_that_train_nothing_or_a_missing_model_are_refused_before_loading(tmp_path):
+    """Round 3 F20, F03: --num_train_epochs 0 fine-tuned 0 steps and said done; a missing model folder was a raw
+    OSError."""
+    from hf_fg2u.cli.finetune import finetune as run_finetune
+    from hf_fg2u.cli.finetune import parse_finetune_args
+
+    source = tmp_path / "rows.jsonl"
+    write(source, rows(WORDS[:4], weight=lambda index: 1.0))
+    with pytest.raises(ValueError, match=r"num_train_epochs=0.0 with max_steps=-1 trains no step"):
+        parse_finetune_args([str(source), "--num_train_epochs", "0"])
+    out = tmp_path / "out"
+    missing = str(tmp_path / "nope")
+    parsed = parse_finetune_args([str(source), "--model_name_or_path", missing, "--output_dir", str(out)])
+    with pytest.raises(FileNotFoundError, match=r"--model_name_or_path '.*nope': no such folder"):
+        run_finetune(*parsed)
+    assert not out.exists()

@@ -363,3 +363,28 @@ def test_resuming_with_changed_settings_names_them_and_another_data_position_is_
         fast_trainer(tmp_path, data, max_steps=2, inner_lr=0.02).train(resume_from_checkpoint=checkpoint)
     with pytest.raises(ValueError, match=r"incompatible config \(rows_per_outer_step: .*unroll_steps"):
         fast_trainer(tmp_path, data, max_steps=2, unroll_steps=1).train(resume_from_checkpoint=checkpoint)
+
+
+def test_resuming_a_checkpoint_at_or_past_max_steps_is_refused_naming_the_step(tmp_path, data, checkpoint):
+    """Round 3 K04: a checkpoint at step >= max_steps trained nothing and reported the run as done."""
+    copy_run(checkpoint, tmp_path)
+    with pytest.raises(ValueError, match=r"checkpoint-2 is at outer step 2, and max_steps=2.*--max_steps above 2"):
+        fast_trainer(tmp_path, data, max_steps=2).train(resume_from_checkpoint=True)
+    assert not (tmp_path / "run" / LOCK_NAME).exists()
+
+
+def test_a_run_whose_hypergradient_is_always_zero_is_warned_about(tmp_path, data, monkeypatch):
+    """Round 3 C66/C71: an inner_lr that diverges or lora_alpha 0 gave a hypergradient of 0 at every step, and the
+    run ended as done with φ untouched."""
+    monkeypatch.setattr(trainer_module.BilevelTrainer, "_record", zero_norm_record(trainer_module.BilevelTrainer))
+    with pytest.warns(UserWarning, match=r"hypergradient was exactly 0 at every one of the 2 outer steps.*inner_lr"):
+        fast_trainer(tmp_path, data, max_steps=2, save_strategy="no").train()
+
+
+def zero_norm_record(cls):
+    real = cls._record
+
+    def record(self, result, method, step, seconds, grad_norm):
+        real(self, result, method, step, seconds, 0.0)
+
+    return record
