@@ -701,3 +701,18 @@ def test_weights_export_into_a_file_or_an_unwritable_folder_is_refused_before_th
     finally:
         locked.chmod(0o700)
     assert capsys.readouterr().out == ""
+
+
+def test_a_config_naming_another_recipe_than_the_flag_is_refused_and_one_without_starts_from_the_flags(tmp_path):
+    """Round 3 C80, Y11: --recipe noisy_reweighting with a config saying recipe: domain_mixture ran one recipe on the
+    other's defaults; a config without recipe: ran on the bare dataclass defaults, not any recipe's."""
+    other = tmp_path / "other.yaml"
+    other.write_text("recipe: domain_mixture\nmax_steps: 3\n")
+    with pytest.raises(ValueError, match=r"other.yaml says recipe: domain_mixture, but --recipe noisy_reweighting"):
+        arguments.parse_args(["--recipe", "noisy_reweighting", "--config", str(other)])
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("max_steps: 3\n")
+    for flags in ([], ["--recipe", "noisy_reweighting"], ["--recipe", "domain_mixture"]):
+        script, training, _ = arguments.parse_args([*flags, "--config", str(bare)])
+        expected = arguments.parse_args([*flags, "--max_steps", "3"])
+        assert (script, training.to_dict()) == (expected[0], expected[1].to_dict())
