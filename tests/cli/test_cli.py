@@ -716,3 +716,17 @@ def test_a_config_naming_another_recipe_than_the_flag_is_refused_and_one_without
         script, training, _ = arguments.parse_args([*flags, "--config", str(bare)])
         expected = arguments.parse_args([*flags, "--max_steps", "3"])
         assert (script, training.to_dict()) == (expected[0], expected[1].to_dict())
+
+
+def test_a_yaml_value_of_the_wrong_type_is_shown_without_its_credentials_and_cut_short(tmp_path):
+    """Round 3 b3, Y02: a model_init_kwargs mapping was refused with its token and proxy password printed, and a
+    list of aliases was printed whole (25 MB)."""
+    token = "hf_" + "Sekrit" * 5
+    config = write_yaml(tmp_path, f"model_init_kwargs: {{token: {token}, proxies: {{https: 'http://u:PW@proxy'}}}}\n")
+    with pytest.raises(ValueError, match=r"model_init_kwargs expects a string") as refused:
+        arguments.parse_args(["--config", config])
+    assert token not in str(refused.value) and "PW" not in str(refused.value)
+    config = write_yaml(tmp_path, "lora_target_modules: [[" + ", ".join(["q_proj"] * 1000) + "]]\n")
+    with pytest.raises(ValueError, match=r"lora_target_modules expects a string") as refused:
+        arguments.parse_args(["--config", config])
+    assert len(str(refused.value)) < 400

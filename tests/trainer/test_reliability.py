@@ -388,3 +388,20 @@ def zero_norm_record(cls):
         real(self, result, method, step, seconds, 0.0)
 
     return record
+
+
+def test_credentials_under_other_key_names_and_in_signed_urls_are_redacted():
+    """Round 3 b2: passwd, pwd, auth_header, http_headers, bearer and a signed URL's ?sig= were written in clear to
+    the card, bilevel_state.json and training_args.bin (all of which go through redact)."""
+    from hf_fg2u.trainer.redaction import REDACTED, redact
+
+    kwargs = {
+        "passwd": "P1", "pwd": "P2", "auth_header": "P3", "http_headers": {"X-Api": "P4"}, "bearer": "P5",
+        "cache_url": "https://acct.blob.core.windows.net/c/f?sv=2022&sig=P6", "nested": [{"db_password": "P7"}],
+        "s3": "https://b.s3.amazonaws.com/f?X-Amz-Signature=P8", "author": "kept", "directions_per_pass": "kept",
+        "url": "https://example.com/data?page=2",
+    }  # fmt: skip
+    clean = redact(kwargs)
+    assert not [secret for secret in (f"P{i}" for i in range(1, 9)) if secret in json.dumps(clean)]
+    assert clean["http_headers"] == REDACTED and clean["nested"] == [{"db_password": REDACTED}]
+    assert (clean["author"], clean["directions_per_pass"], clean["url"]) == ("kept", "kept", kwargs["url"])
