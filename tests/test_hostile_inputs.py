@@ -355,3 +355,22 @@ def test_options_whose_package_is_missing_name_the_option_and_what_to_install(mo
     monkeypatch.setattr(transformers.integrations, "is_deepspeed_available", lambda: False)
     with pytest.raises(ValueError, match=r"--deepspeed 'ds.json' needs the deepspeed package.*pip install deepspeed"):
         BilevelConfig(output_dir="unused", deepspeed="ds.json")
+
+
+def billion_laughs(levels: int = 9) -> str:
+    """A YAML mapping whose last key expands to 9**levels strings through aliases."""
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{k}: &l{k} [{', '.join([f'*l{k - 1}'] * 9)}]" for k in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("where", ["lora_target_modules: *l8", "env:\n  HF_FG2U_BOMB: *l8"], ids=["option", "env"])
+def test_a_yaml_alias_bomb_is_refused_before_it_is_built(tmp_path, where):
+    """Round 3 Y02, Y03: a 'billion laughs' config was expanded (a 25 MB error message; ~200 MB exported to
+    os.environ) instead of being refused."""
+    path = tmp_path / "bomb.yaml"
+    path.write_text("recipe: noisy_reweighting\n" + billion_laughs() + where + "\n")
+    with pytest.raises(ValueError, match=r"bomb.yaml is not valid YAML: its aliases \(\*name\) expand to \d+ values"):
+        load_yaml_config(path)
+    path.write_text("base: &base [q_proj, v_proj]\nlora_target_modules: *base\n")  # a few aliases are fine
+    assert load_yaml_config(path)["lora_target_modules"] == ["q_proj", "v_proj"]
