@@ -365,12 +365,14 @@ def test_resuming_with_changed_settings_names_them_and_another_data_position_is_
         fast_trainer(tmp_path, data, max_steps=2, unroll_steps=1).train(resume_from_checkpoint=checkpoint)
 
 
-def test_resuming_a_checkpoint_at_or_past_max_steps_is_refused_naming_the_step(tmp_path, data, checkpoint):
-    """Round 3 K04: a checkpoint at step >= max_steps trained nothing and reported the run as done."""
+def test_resuming_a_checkpoint_past_max_steps_is_refused_and_one_at_it_warned_about(tmp_path, data, checkpoint):
+    """Round 3 K04: a checkpoint at step 1000 with max_steps 4 trained nothing, and the results said 1000 steps."""
     copy_run(checkpoint, tmp_path)
-    with pytest.raises(ValueError, match=r"checkpoint-2 is at outer step 2, and max_steps=2.*--max_steps above 2"):
-        fast_trainer(tmp_path, data, max_steps=2).train(resume_from_checkpoint=True)
+    with pytest.raises(ValueError, match=r"checkpoint-2 is at outer step 2, past max_steps=1.*--max_steps above 2"):
+        fast_trainer(tmp_path, data, max_steps=1).train(resume_from_checkpoint=True)
     assert not (tmp_path / "run" / LOCK_NAME).exists()
+    with pytest.warns(UserWarning, match=r"checkpoint-2 is at outer step 2 = max_steps: no outer step is left"):
+        fast_trainer(tmp_path, data, max_steps=2, save_strategy="no").train(resume_from_checkpoint=True)
 
 
 def test_a_run_whose_hypergradient_is_always_zero_is_warned_about(tmp_path, data, monkeypatch):
