@@ -30,6 +30,7 @@ from hf_fg2u.cli.data_loading import user_splits, uses_own_data
 from hf_fg2u.cli.models import check_model_arguments, load_model_and_tokenizer, lora_config
 from hf_fg2u.cli.registry import RECIPES, builtin_splits, make_outer, with_meta_groups
 from hf_fg2u.hub.model_card import WEIGHTED_DATASET_FILE
+from hf_fg2u.lm.data_checks import EvalInMetaWarning, MetaInTrainWarning
 from hf_fg2u.lm.evaluation import auroc
 from hf_fg2u.outer import DomainWeights
 from hf_fg2u.trainer.bilevel import BilevelTrainer
@@ -196,14 +197,24 @@ def build_trainer(script_args, training_args: BilevelConfig, model_args: ModelAr
     format): model, tokenizer, outer module, LoRA."""
     raw = with_meta_groups(script_args, raw, training_args.project_group_shift)  # refused before the model loads
     model, tokenizer = load_model_and_tokenizer(model_args, training_args.seed, training_args.model_init_kwargs)
-    trainer = BilevelTrainer(
-        model, training_args, train_dataset=raw["train"], meta_dataset=raw["meta"],
-        eval_dataset=raw.get("eval", raw["meta"]), outer=make_outer(script_args, raw, model),
-        processing_class=tokenizer, peft_config=lora_config(model_args),
-    )  # fmt: skip
+    with warnings.catch_warnings():
+        for category in own_overlaps(script_args, raw):
+            warnings.simplefilter("ignore", category)
+        trainer = BilevelTrainer(
+            model, training_args, train_dataset=raw["train"], meta_dataset=raw["meta"],
+            eval_dataset=raw.get("eval", raw["meta"]), outer=make_outer(script_args, raw, model),
+            processing_class=tokenizer, peft_config=lora_config(model_args),
+        )  # fmt: skip
     # The card's `datasets` metadata (Hub names only; local files and folders are left out there).
     trainer.card_datasets = [name for name in (script_args.dataset_name, script_args.meta_dataset_name) if name]
     return trainer
+
+
+def own_overlaps(script_args, raw: DatasetDict) -> list[type[Warning]]:
+    """The split overlaps this script sets up itself, so not worth a warning on every run: the meta rows as eval
+    rows when there is no eval split, and the built-in data's meta rows, which are clean copies of train facts."""
+    overlaps = [] if "eval" in raw else [EvalInMetaWarning]
+    return overlaps if uses_own_data(script_args) else [*overlaps, MetaInTrainWarning]
 
 
 def final_stage(script_args, training_args, model_args, trainer) -> dict[str, float]:

@@ -730,3 +730,25 @@ def test_a_yaml_value_of_the_wrong_type_is_shown_without_its_credentials_and_cut
     with pytest.raises(ValueError, match=r"lora_target_modules expects a string") as refused:
         arguments.parse_args(["--config", config])
     assert len(str(refused.value)) < 400
+
+
+def test_a_default_run_does_not_warn_about_its_own_split_layout_but_a_users_overlap_is_warned(tmp_path):
+    """Round 3 C86: every default run (and every run without an eval split) warned that the meta rows repeat train
+    rows and the eval rows are the meta rows: the recipe's own built-in data and its own choice of eval rows."""
+    import warnings
+
+    def overlap_warnings(argv):
+        script, training, model = arguments.parse_args([*argv, "--output_dir", str(tmp_path / "run")])
+        raw = recipe_run.user_splits(script) if recipe_run.uses_own_data(script) else registry.builtin_splits(script)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            recipe_run.build_trainer(script, training, model, raw)
+        return [str(w.message).split(":")[0] for w in caught if "Every one of the" in str(w.message)]
+
+    assert overlap_warnings(["--recipe", "noisy_reweighting"]) == []
+    rows = [{"prompt": f"fact {i} is", "completion": f" {i % 3}"} for i in range(16)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "meta.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[:4]))
+    files = ["--data_files", f"train={tmp_path / 'train.jsonl'}", f"meta={tmp_path / 'meta.jsonl'}"]
+    warned = overlap_warnings(["--recipe", "noisy_reweighting", *files])
+    assert warned == ["Every one of the 4 rows of the meta dataset is also a row of the train dataset"]
