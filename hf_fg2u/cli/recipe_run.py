@@ -137,11 +137,22 @@ def run_banner(script_args, args: BilevelConfig, name: str, trainer) -> str:
     return "\n".join(lines + [line])
 
 
+EPOCHS_FOLDER = "epochs"  # output_dir/epochs/weighted_dataset_epoch{k}.parquet
+KEPT_EPOCHS = 5  # the first epoch's weights and the last 5 are kept: a long run writes 6 files, not one an epoch
+
+
+def epoch_weights_file(epoch: int) -> str:
+    """Where epoch ``epoch``'s weights go, relative to the run's output_dir."""
+    return f"{EPOCHS_FOLDER}/weighted_dataset_epoch{epoch}.parquet"
+
+
 class EpochWeights(TrainerCallback):
     """What every epoch of a run that weights rows did, in ``epochs.json``: the mean meta loss of its outer steps,
     the eval loss after it (with ``eval_strategy="epoch"``), and, when the train rows carry ``is_corrupted``, the
     weights' AUROC (also logged as ``auroc_corrupted``). The weights after epoch k go to
-    ``weighted_dataset_epoch{k}.parquet``: a fine-tune can start from any epoch's."""
+    ``epochs/weighted_dataset_epoch{k}.parquet`` (``epoch_weights_file``): a fine-tune can start from any kept
+    epoch's. The first epoch's and the last ``KEPT_EPOCHS`` epochs' are kept; each record's ``weights`` names its
+    file, or is None once it was removed."""
 
     def __init__(self, trainer: BilevelTrainer):
         self.trainer, self.epochs = trainer, []
@@ -153,7 +164,11 @@ class EpochWeights(TrainerCallback):
         record = {"epoch": epoch, "step": state.global_step, "meta_loss": sum(meta) / len(meta) if meta else None}
         weighted = self.trainer.export_weights()
         if args.should_save:
-            weighted.to_parquet(str(Path(args.output_dir) / f"weighted_dataset_epoch{epoch}.parquet"))
+            output_dir = Path(args.output_dir)
+            (output_dir / EPOCHS_FOLDER).mkdir(parents=True, exist_ok=True)
+            weighted.to_parquet(str(output_dir / epoch_weights_file(epoch)))
+            if epoch - KEPT_EPOCHS > 1:  # the epoch that just left the window of kept ones
+                (output_dir / epoch_weights_file(epoch - KEPT_EPOCHS)).unlink(missing_ok=True)
         if "is_corrupted" in weighted.column_names:
             record["auroc_corrupted"] = auroc(-torch.tensor(weighted["weight"]), torch.tensor(weighted["is_corrupted"]))
             self.trainer.log({"auroc_corrupted": record["auroc_corrupted"]})
@@ -165,7 +180,11 @@ class EpochWeights(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if args.should_save and self.epochs:
-            (Path(args.output_dir) / "epochs.json").write_text(json.dumps(self.epochs, indent=2))
+            output_dir = Path(args.output_dir)
+            for record in self.epochs:
+                name = epoch_weights_file(record["epoch"])
+                record["weights"] = name if (output_dir / name).is_file() else None
+            (output_dir / "epochs.json").write_text(json.dumps(self.epochs, indent=2))
 
 
 class TimeBudget(TrainerCallback):

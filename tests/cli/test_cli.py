@@ -638,11 +638,12 @@ def test_every_epoch_records_auroc_meta_and_eval_losses_and_its_weights(tmp_path
     epochs = json.loads((out / "epochs.json").read_text())
     assert [e["epoch"] for e in epochs] == [1, 2]
     for record in epochs:
-        weighted = pandas.read_parquet(out / f"weighted_dataset_epoch{record['epoch']}.parquet")
+        assert record["weights"] == f"epochs/weighted_dataset_epoch{record['epoch']}.parquet"
+        weighted = pandas.read_parquet(out / record["weights"])
         expected = auroc(-torch.tensor(weighted["weight"].values), torch.tensor(weighted["is_corrupted"].values))
         assert record["auroc_corrupted"] == pytest.approx(expected, abs=1e-12)
         assert record["meta_loss"] > 0 and record["eval_loss"] > 0
-    last = pandas.read_parquet(out / "weighted_dataset_epoch2.parquet")["weight"]
+    last = pandas.read_parquet(out / "epochs" / "weighted_dataset_epoch2.parquet")["weight"]
     final = pandas.read_parquet(out / "weighted_dataset.parquet")["weight"]
     assert (last.values == final.values).all()
 
@@ -752,3 +753,21 @@ def test_a_default_run_does_not_warn_about_its_own_split_layout_but_a_users_over
     files = ["--data_files", f"train={tmp_path / 'train.jsonl'}", f"meta={tmp_path / 'meta.jsonl'}"]
     warned = overlap_warnings(["--recipe", "noisy_reweighting", *files])
     assert warned == ["Every one of the 4 rows of the meta dataset is also a row of the train dataset"]
+
+
+def test_a_long_run_keeps_the_first_and_the_last_epochs_weights_in_their_own_folder(tmp_path):
+    """Round 3 Y23: one weighted_dataset_epochN.parquet per epoch at the top of output_dir, without limit (128 files
+    in 60 s of a long run). Now in epochs/, epoch 1 and the last KEPT_EPOCHS kept, epochs.json saying which."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    trainer = SimpleNamespace(export_weights=lambda: Dataset.from_dict({"text": ["a"], "weight": [1.0]}), log=print)
+    callback, args = recipe_run.EpochWeights(trainer), SimpleNamespace(should_save=True, output_dir=str(tmp_path))
+    for epoch in range(1, 13):
+        callback.on_epoch_end(args, SimpleNamespace(epoch=float(epoch), global_step=epoch, log_history=[]), None)
+    callback.on_train_end(args, None, None)
+    kept = sorted(int(re.findall(r"\d+", path.stem)[0]) for path in (tmp_path / "epochs").iterdir())
+    assert kept == [1, *range(13 - recipe_run.KEPT_EPOCHS, 13)] and list(tmp_path.glob("*.parquet")) == []
+    records = json.loads((tmp_path / "epochs.json").read_text())
+    assert [record["weights"] is not None for record in records] == [epoch in kept for epoch in range(1, 13)]
