@@ -18,6 +18,7 @@ class Yaml12Loader(yaml.SafeLoader):
     key given twice in one mapping (plain YAML keeps the last silently: a typo'd override wins unseen)."""
 
     def construct_mapping(self, node, deep=False):
+        self.flatten_mapping(node)  # merge keys (<<: *base) first: their tag has no constructor of its own
         seen = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
@@ -75,6 +76,8 @@ def find_config(path: str | Path) -> Path:
     path = Path(path)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise ValueError(f"Config {path} is a folder; pass a YAML file (e.g. {path / 'config.yaml'}).")
     packaged = PACKAGED_CONFIGS / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
     if packaged.is_file():
         return packaged
@@ -91,6 +94,8 @@ def load_yaml_config(path: str | Path) -> dict:
         values = yaml.load(path.read_text(), Loader=Yaml12Loader) or {}
     except yaml.YAMLError as error:
         raise ValueError(f"{path} is not valid YAML: {error}") from error
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error}); save it as UTF-8.") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path} must hold a mapping of option: value, got {type(values).__name__}.")
     return values

@@ -158,6 +158,13 @@ def export_yaml_env(path: str | Path, env: dict) -> None:
             f"{path}: env may not set {refused}: a YAML's env: block sets only {sorted(YAML_ENV_ALLOWED)} and "
             f"{YAML_ENV_PREFIX}* (no tokens, paths or loaders). Set the others in your shell if you mean them."
         )
+    odd = sorted(str(name) for name, value in env.items()
+                 if isinstance(value, dict | list) or "\0" in str(value))  # fmt: skip
+    if odd:
+        raise ValueError(
+            f"{path}: env values of {odd} are lists, mappings or hold a NUL byte; an environment variable is one "
+            "line of text. Write each as a plain string."
+        )
     for name, value in env.items():
         name, value = str(name), str(value)
         if os.environ.get(name, value) != value:

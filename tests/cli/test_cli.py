@@ -771,3 +771,31 @@ def test_a_long_run_keeps_the_first_and_the_last_epochs_weights_in_their_own_fol
     assert kept == [1, *range(13 - recipe_run.KEPT_EPOCHS, 13)] and list(tmp_path.glob("*.parquet")) == []
     records = json.loads((tmp_path / "epochs.json").read_text())
     assert [record["weights"] is not None for record in records] == [epoch in kept for epoch in range(1, 13)]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"base: &base\n  max_steps: 3\nrun:\n  <<: *base\n", None),  # Y25: merge keys load
+        (b"recipe: noisy_reweighting\nmax_steps: 3 # caf\xe9\n", r"config.yaml is not UTF-8 text .*save it as UTF-8"),
+        (b'recipe: noisy_reweighting\nenv:\n  HF_FG2U_X: "a\\0b"\n', r"env values of \['HF_FG2U_X'\] .* NUL byte"),
+        (b"recipe: noisy_reweighting\nenv:\n  HF_FG2U_X: [a, b]\n", r"env values of \['HF_FG2U_X'\] are lists"),
+    ],
+    ids=["merge_key", "latin1", "nul_in_env", "list_in_env"],
+)
+def test_yaml_merge_keys_load_and_bad_bytes_or_env_values_name_the_file_and_key(tmp_path, content, message):
+    """Round 3 Y25, Y26, Y24: merge keys were a cryptic constructor error; invalid UTF-8 and a NUL byte in an env
+    value were errors naming neither the file nor the key (a list value was exported as its str())."""
+    path = tmp_path / "config.yaml"
+    path.write_bytes(content)
+    if message is None:
+        assert parsing.load_yaml_config(path)["run"] == {"max_steps": 3}
+        return
+    with pytest.raises(ValueError, match=message):
+        arguments.parse_args(["--config", str(path)])
+
+
+def test_a_config_path_that_is_a_folder_says_so(tmp_path):
+    """Round 3 Y28: --config pointing at a folder said the file 'does not exist'."""
+    with pytest.raises(ValueError, match=r"Config .* is a folder; pass a YAML file"):
+        arguments.parse_args(["--config", str(tmp_path)])
