@@ -374,3 +374,9 @@ def test_a_yaml_alias_bomb_is_refused_before_it_is_built(tmp_path, where):
         load_yaml_config(path)
     path.write_text("base: &base [q_proj, v_proj]\nlora_target_modules: *base\n")  # a few aliases are fine
     assert load_yaml_config(path)["lora_target_modules"] == ["q_proj", "v_proj"]
+
+
+def test_max_steps_zero_is_refused_naming_both_ways_to_train():
+    """Round 3 C01: --max_steps 0 ran one outer step under a banner saying '3 epochs'."""
+    with pytest.raises(ValueError, match=r"max_steps=0 trains no step.*or -1 to train num_train_epochs epochs"):
+        BilevelConfig(output_dir="unused", max_steps=0)

@@ -65,6 +65,10 @@ def check_optimizer_installed(args: TrainingArguments) -> None:
 
 def check_trains_a_step(args: TrainingArguments) -> None:
     """Refuse ``num_train_epochs`` <= 0 without a ``max_steps``: the Trainer would run no step and report success."""
+    if args.max_steps == 0:
+        raise ValueError(
+            "max_steps=0 trains no step. Pass a positive number of outer steps, or -1 to train num_train_epochs epochs."
+        )
     if args.max_steps <= 0 and not args.num_train_epochs > 0:
         raise ValueError(
             f"num_train_epochs={args.num_train_epochs} with max_steps={args.max_steps} trains no step. Set "

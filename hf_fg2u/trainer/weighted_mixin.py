@@ -48,7 +48,21 @@ def check_weight_column(dataset, weight_column: str = "weight") -> float | None:
             f"Column {weight_column!r} must hold non-negative weights, not all zero; got min {float(weights.min())}, "
             f"sum {float(weights.sum())}."
         )
+    check_float32_range(weights, weight_column)
     return float(weights.mean()) if weights.numel() else None
+
+
+def check_float32_range(weights: torch.Tensor, weight_column: str) -> None:
+    """Refuse weights that the float32 loss turns into 0 (all below its smallest normal number: the run trains
+    nothing) or inf (one above its largest: the loss is NaN)."""
+    tiny, huge = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
+    largest = float(weights.max()) if weights.numel() else 1.0
+    if not tiny <= largest <= huge:
+        raise ValueError(
+            f"Column {weight_column!r} holds weights up to {largest:g}, outside the float32 range [{tiny:g}, "
+            f"{huge:g}] the loss is computed in: they would train as {'0' if largest < tiny else 'inf'}. Divide "
+            "the weights by their mean (only their ratios matter)."
+        )
 
 
 class WeightCollator:

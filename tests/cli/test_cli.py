@@ -799,3 +799,16 @@ def test_a_config_path_that_is_a_folder_says_so(tmp_path):
     """Round 3 Y28: --config pointing at a folder said the file 'does not exist'."""
     with pytest.raises(ValueError, match=r"Config .* is a folder; pass a YAML file"):
         arguments.parse_args(["--config", str(tmp_path)])
+
+
+def test_weights_on_a_read_only_run_still_prints_the_report(tmp_path, monkeypatch, capsys):
+    """Round 3 W24: a run folder on a read-only filesystem crashed writing weights_histogram.png, and the report
+    was never printed."""
+    from hf_fg2u.hub import report
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(report, "plot_weight_histogram", read_only)
+    text = cli.run_weights([str(weighted_run(tmp_path / "run"))])
+    assert "most up-weighted" in text and "Histogram skipped:" in text and "Read-only file system" in text
