@@ -380,3 +380,26 @@ def test_max_steps_zero_is_refused_naming_both_ways_to_train():
     """Round 3 C01: --max_steps 0 ran one outer step under a banner saying '3 epochs'."""
     with pytest.raises(ValueError, match=r"max_steps=0 trains no step.*or -1 to train num_train_epochs epochs"):
         BilevelConfig(output_dir="unused", max_steps=0)
+
+
+def test_negative_final_stage_and_implicit_steps_are_refused():
+    """Round 3 C29, C52: --final_stage_steps -1 trained a final stage of 3 epochs; --implicit_steps -1 was accepted
+    silently."""
+    from hf_fg2u.cli.arguments import ScriptArguments
+
+    with pytest.raises(ValueError, match=r"final_stage_steps=-1: pass a number of steps >= 1 .*or 0"):
+        ScriptArguments(final_stage_steps=-1)
+    with pytest.raises(ValueError, match=r"implicit_steps=-1 must be >= 1"):
+        BilevelConfig(output_dir="unused", implicit_steps=-1)
+
+
+def test_a_meta_split_named_as_the_train_split_is_called_the_train_split(tmp_path):
+    """Round 3 C95: --dataset_meta_split train was refused as "The meta split 'train' is also the meta split"."""
+    from hf_fg2u.cli.arguments import parse_args
+    from hf_fg2u.cli.data_loading import user_splits
+
+    for name in ("train", "meta"):
+        (tmp_path / f"{name}.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    script, _, _ = parse_args(["--dataset_name", str(tmp_path), "--dataset_meta_split", "train"])
+    with pytest.raises(ValueError, match=r"The meta split 'train' is also the train split"):
+        user_splits(script)

@@ -103,6 +103,13 @@ class ScriptArguments:
                   "split, a second one on uniform weights is trained and both are scored there."},
     )  # fmt: skip
 
+    def __post_init__(self):
+        if self.final_stage_steps < 0:
+            raise ValueError(
+                f"final_stage_steps={self.final_stage_steps}: pass a number of steps >= 1 for the final stage, or 0 "
+                "(the default) for none."
+            )
+
 
 @dataclass
 class ModelArguments:

@@ -161,7 +161,7 @@ def user_splits(script_args: ScriptArguments) -> DatasetDict:
             )
         splits["meta"] = _split(loaded, meta_name, source, "--dataset_meta_split")
     eval_name = s.dataset_eval_split or next((n for n in ("eval", "test") if n in loaded and n != meta_name), None)
-    used = {s.dataset_train_split: "train", meta_name: "meta"}
+    used = {meta_name: "meta", s.dataset_train_split: "train"}  # train last: it names a split both roles claim
     for role, name in (("meta", meta_name), ("eval", eval_name)):
         if name is not None and (name == s.dataset_train_split or (role == "eval" and name == meta_name)):
             raise ValueError(

@@ -299,7 +299,7 @@ class BilevelConfig(PicklesRedacted, TrainingArguments):
     def _check_counts(self) -> None:
         """Counts are positive (or zero where 0 means off)."""
         names = ("num_directions", "directions_per_pass", "unroll_steps", "meta_batch_size", "truncation",
-                 "per_device_train_batch_size", "per_device_eval_batch_size")  # fmt: skip
+                 "implicit_steps", "per_device_train_batch_size", "per_device_eval_batch_size")  # fmt: skip
         for name in (*names, "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")

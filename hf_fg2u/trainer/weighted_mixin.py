@@ -40,7 +40,15 @@ def check_weight_column(dataset, weight_column: str = "weight") -> float | None:
         raise ValueError(
             f"The train dataset has no {weight_column!r} column (columns: {dataset.column_names}). {WEIGHT_HINT}"
         )
-    weights = torch.as_tensor(list(dataset[weight_column]), dtype=torch.float64)
+    values = list(dataset[weight_column])
+    try:
+        weights = torch.as_tensor(values, dtype=torch.float64)
+    except (TypeError, ValueError):
+        odd = next((value for value in values if not isinstance(value, int | float)), values[0])
+        raise ValueError(
+            f"Column {weight_column!r} must hold numbers; got {type(odd).__name__} values such as {odd!r}. Write "
+            "the weights as numbers (not quoted)."
+        ) from None
     if weights.numel() and not torch.isfinite(weights).all():
         raise ValueError(f"Column {weight_column!r} holds NaN or infinite weights; export the weights again.")
     if weights.numel() and (weights.min() < 0 or weights.sum() <= 0):

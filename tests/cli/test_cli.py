@@ -812,3 +812,17 @@ def test_weights_on_a_read_only_run_still_prints_the_report(tmp_path, monkeypatc
     monkeypatch.setattr(report, "plot_weight_histogram", read_only)
     text = cli.run_weights([str(weighted_run(tmp_path / "run"))])
     assert "most up-weighted" in text and "Histogram skipped:" in text and "Read-only file system" in text
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--top", "0"], r"--top 0: pass how many rows"), (["--top", "-1"], r"--top -1: pass how many rows"),
+     (["--export", "resampled", "--num_rows", "0"], r"--num_rows 0: pass how many rows to draw"),
+     (["--num_rows", "-1"], r"--num_rows -1: pass how many rows to draw")],
+)  # fmt: skip
+def test_weights_counts_below_one_are_refused_by_their_flag(tmp_path, flags, message, capsys):
+    """Round 3 W01, W02, W09, W10: --top 0 said 'k must be a positive int' (no flag), --num_rows 0 was torch's
+    'cannot sample n_sample <= 0 samples'."""
+    with pytest.raises(ValueError, match=message):
+        cli.run_weights([str(weighted_run(tmp_path / "run")), *flags])
+    assert capsys.readouterr().out == ""

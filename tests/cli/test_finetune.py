@@ -96,8 +96,10 @@ def test_eval_file_keeps_the_best_epoch_and_test_file_is_scored(tiny_model, tmp_
      ([{"prompt": "is a:", "completion": " no"}], "no 'weight' column"),
      # round 3 F14 and F13: weights that float32 makes 0 (trained nothing, said done) or inf (NaN in the results)
      ([{"prompt": "is a:", "completion": " no", "weight": 1e-320}] * 2, r"up to [0-9.e-]+, outside the float32.*as 0"),
-     ([{"prompt": "is a:", "completion": " no", "weight": w} for w in (1.0, 1e300)], r"up to 1e\+300, .* inf")],
-    ids=["negative", "missing", "below_float32", "above_float32"],
+     ([{"prompt": "is a:", "completion": " no", "weight": w} for w in (1.0, 1e300)], r"up to 1e\+300, .* inf"),
+     ([{"prompt": "is a:", "completion": " no", "weight": "high"}], r"must hold numbers; got str values such as"),
+    ],
+    ids=["negative", "missing", "below_float32", "above_float32", "strings"],  # round 3 F10: "strings"
 )  # fmt: skip
 def test_bad_weights_are_refused_before_training(tiny_model, tmp_path, content, message):
     source = write(tmp_path / "bad.jsonl", content)
