@@ -403,3 +403,12 @@ def test_a_meta_split_named_as_the_train_split_is_called_the_train_split(tmp_pat
     script, _, _ = parse_args(["--dataset_name", str(tmp_path), "--dataset_meta_split", "train"])
     with pytest.raises(ValueError, match=r"The meta split 'train' is also the train split"):
         user_splits(script)
+
+
+def test_a_data_file_url_with_a_password_is_refused_without_printing_it():
+    """Round 3 D58: a URL with user:password as a data file was refused with the fix, but the message echoed the
+    password."""
+    url = "https://bob:PW_SEKRIT@files.example.com/train.jsonl?sv=1&sig=SIG_SEKRIT"
+    with pytest.raises(ValueError, match=r"https://<redacted>@files.example.com/train.jsonl\?sv=1&sig=<redacted>") as e:
+        load_files({"train": [url]})
+    assert "SEKRIT" not in str(e.value)

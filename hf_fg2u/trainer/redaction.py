@@ -21,7 +21,7 @@ CREDENTIAL_CONTAINER = re.compile(r"^(.*[_-])?(auth|authorization|headers?|proxi
 SECRET_SHAPES = re.compile(
     r"[a-z][a-z0-9+.-]*://[^/@\s]+@"  # scheme://user:password@host
     r"|[?&](sig|signature|token|access_token|api_key|apikey|key|password|x-amz-signature|x-amz-security-token"
-    r"|x-goog-signature)=[^&#\s]"  # https://host/file?sv=...&sig=... (Azure SAS, S3 and GCS signed URLs)
+    r"|x-goog-signature)=[^&#\s]+"  # https://host/file?sv=...&sig=... (Azure SAS, S3 and GCS signed URLs)
     r"|\b(Bearer|Basic|Token)\s+\S+"
     r"|\b(hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_\w{20,}|sk-[A-Za-z0-9_-]{20,}|xox[abprs]-[\w-]+"
     r"|AKIA[0-9A-Z]{16})",
@@ -43,6 +43,21 @@ def redact(value):
     if isinstance(value, str) and SECRET_SHAPES.search(value):
         return REDACTED
     return value
+
+
+def redact_text(text: str) -> str:
+    """``text`` (a path or URL in a message) with each credential-shaped part replaced: the user and password of a
+    URL, a signed query parameter's value, an auth scheme's value, a token."""
+    return SECRET_SHAPES.sub(_hide, text)
+
+
+def _hide(match: re.Match) -> str:
+    found = match.group(0)
+    if "://" in found:  # keep the scheme and the host: the message still says which URL
+        return found.split("://", 1)[0] + f"://{REDACTED}@"
+    if found[0] in "?&":
+        return found.split("=", 1)[0] + f"={REDACTED}"
+    return REDACTED
 
 
 def _redact_item(key: str, value):
