@@ -685,22 +685,22 @@ def test_weights_push_to_hub_offline_says_why_and_where_the_rows_stay(tmp_path, 
     assert (run / "weighted_dataset.parquet").is_file()
 
 
-def test_weights_export_into_a_file_or_an_unwritable_folder_is_refused_before_the_report(tmp_path, capsys):
+def test_weights_export_into_a_file_or_an_unwritable_folder_is_refused_before_the_report(tmp_path, capsys, monkeypatch):
     """Round 3 W18, W23: --output_dir naming a file, or a read-only folder, was a raw FileExistsError / OSError
     after the report was printed."""
+    from hf_fg2u.trainer import run_folder
+
     run, taken = weighted_run(tmp_path / "run"), tmp_path / "data.jsonl"
     taken.write_text("{}\n")
     with pytest.raises(ValueError, match=r"output_dir='.*data.jsonl' is a file, not a folder"):
         cli.run_weights([str(run), "--export", "filtered", "--output_dir", str(taken)])
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        if not os.access(locked, os.W_OK):  # as root every folder is writable: nothing to refuse
-            with pytest.raises(ValueError, match=r"output_dir='.*locked' is not writable"):
-                cli.run_weights([str(run), "--export", "filtered", "--output_dir", str(locked)])
-    finally:
-        locked.chmod(0o700)
+
+    def read_only(*args, **kwargs):  # as a read-only folder answers (chmod does not stop root)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(run_folder.tempfile, "TemporaryFile", read_only)
+    with pytest.raises(ValueError, match=r"output_dir='.*locked' is not writable"):
+        cli.run_weights([str(run), "--export", "filtered", "--output_dir", str(tmp_path / "locked")])
     assert capsys.readouterr().out == ""
 
 
