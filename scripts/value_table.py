@@ -197,6 +197,14 @@ def adapter_loss_filter(model_path: str, adapter: Path, data: Path, out: Path, n
     return {"auroc": auroc(-scores, corrupted), "seconds": time.perf_counter() - start}
 
 
+def epoch_weights(run: Path, epoch: int) -> Path:
+    """Epoch ``epoch``'s weights of ``run``: in its epochs/ folder, or at its top in a run of an older version."""
+    from hf_fg2u.cli.recipe_run import epoch_weights_file
+
+    kept = run / epoch_weights_file(epoch)
+    return kept if kept.is_file() else run / Path(epoch_weights_file(epoch)).name
+
+
 def selections(data: Path, runs: Path, work: Path) -> dict[str, list[str]]:
     """Name -> (source, extra finetune options) of every fine-tune of one data seed."""
     from datasets import Dataset
@@ -205,7 +213,8 @@ def selections(data: Path, runs: Path, work: Path) -> dict[str, list[str]]:
     meta = read_rows(data / "meta.jsonl")
     clean = write_rows(work / "clean.jsonl", [row for row in train if not row["is_corrupted"]])
     both = write_rows(work / "train_and_meta.jsonl", train + [{**row, "is_corrupted": False} for row in meta])
-    online_epochs = len(list((runs / "online").glob("weighted_dataset_epoch*.parquet")))
+    record = runs / "online" / "epochs.json"
+    online_epochs = len(json.loads(record.read_text())) if record.is_file() else 0
     learned = runs / "online" / "weighted_dataset.parquet"
     if learned.is_file():  # what a user with the meta rows in hand fine-tunes on: the weighted rows and the meta rows
         weighted = Dataset.from_parquet(str(learned)).to_list()
@@ -222,7 +231,7 @@ def selections(data: Path, runs: Path, work: Path) -> dict[str, list[str]]:
         "online_loss_filter": [str(work / "online_loss_filter.jsonl"), "--balance_column", "completion"],
         "uniform_model_filter": [str(work / "uniform_model_filter.jsonl"), "--balance_column", "completion"],
         "learned_one_shot": [str(runs / "one_shot" / "weighted_dataset.parquet")],
-        "learned_online_epoch1": [str(runs / "online" / "weighted_dataset_epoch1.parquet")],
+        "learned_online_epoch1": [str(epoch_weights(runs / "online", 1))],
         f"learned_online_epoch{online_epochs}": [str(runs / "online" / "weighted_dataset.parquet")],
         f"learned_unprojected_epoch{online_epochs}": [str(runs / "online_unprojected" / "weighted_dataset.parquet")],
         "learned_balanced_and_meta": [str(work / "learned_and_meta.jsonl"), "--balance_column", "completion"],

@@ -310,3 +310,105 @@ def test_train_rows_with_a_weight_column_train_and_get_the_learned_weights_in_it
     saved = pandas.read_parquet(tmp_path / "run" / "weighted_dataset.parquet")
     assert list(saved.columns) == ["prompt", "completion", "is_corrupted", "weight"]
     assert saved["weight"].mean() == pytest.approx(1.0, abs=1e-5) and 0.0 <= results["auroc_corrupted"] <= 1.0
+
+
+def test_settings_that_train_nothing_are_refused_at_the_start():
+    """Round 3 C71, C16: lora_alpha 0 (an adapter scaled by 0) and num_train_epochs 0 without max_steps ran, trained
+    nothing and reported done."""
+    with pytest.raises(ValueError, match=r"lora_alpha=0 .*Set --lora_alpha > 0"):
+        lora_config(ModelArguments(lora_alpha=0))
+    with pytest.raises(ValueError, match=r"num_train_epochs=0 with max_steps=-1 trains no step.*--max_steps > 0"):
+        BilevelConfig(output_dir="unused", num_train_epochs=0, max_steps=-1)
+    BilevelConfig(output_dir="unused", num_train_epochs=0, max_steps=2)  # max_steps decides: fine
+
+
+def test_a_missing_model_folder_or_gguf_file_is_named_before_anything_loads(tmp_path, monkeypatch):
+    """Round 3 C82, C83, F03: a missing model folder or GGUF file was a raw OSError from transformers."""
+    from hf_fg2u.cli.models import check_model_arguments
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    (tmp_path / "models" / "tiny" / "model.gguf").write_bytes(b"")
+    for name in ("/nope", "models/nope", "./nope"):
+        with pytest.raises(FileNotFoundError, match=rf"--model_name_or_path '{name}': no such folder.*Hub id"):
+            check_model_arguments(ModelArguments(model_name_or_path=name))
+    with pytest.raises(FileNotFoundError, match=r"--gguf_file 'nope.gguf': no such file in models/tiny.*model.gguf"):
+        check_model_arguments(ModelArguments(model_name_or_path="models/tiny", gguf_file="nope.gguf"))
+    check_model_arguments(ModelArguments(model_name_or_path="models/tiny", gguf_file="model.gguf"))
+    check_model_arguments(ModelArguments(model_name_or_path="HuggingFaceTB/SmolLM2-135M"))  # a Hub id: not checked
+
+
+def test_options_whose_package_is_missing_name_the_option_and_what_to_install(monkeypatch):
+    """Round 3 C34, C67, C76: flash-attn, bitsandbytes and deepspeed missing were raw ImportError /
+    PackageNotFoundError tracebacks (the model loaded first for flash-attn)."""
+    import transformers.integrations
+    import transformers.trainer_optimizer
+
+    from hf_fg2u.cli import models
+
+    monkeypatch.setitem(models.FLASH_ATTENTION, "flash_attention_2", lambda: False)
+    with pytest.raises(ValueError, match=r"--attn_implementation flash_attention_2 needs the flash-attn.*pip install"):
+        models.check_model_arguments(ModelArguments(attn_implementation="flash_attention_2"))
+    monkeypatch.setattr(transformers.trainer_optimizer, "is_bitsandbytes_available", lambda: False)
+    with pytest.raises(ValueError, match=r"--optim adamw_bnb_8bit needs a package .*bitsandbytes.*another --optim"):
+        BilevelConfig(output_dir="unused", optim="adamw_bnb_8bit")
+    monkeypatch.setattr(transformers.integrations, "is_deepspeed_available", lambda: False)
+    with pytest.raises(ValueError, match=r"--deepspeed 'ds.json' needs the deepspeed package.*pip install deepspeed"):
+        BilevelConfig(output_dir="unused", deepspeed="ds.json")
+
+
+def billion_laughs(levels: int = 9) -> str:
+    """A YAML mapping whose last key expands to 9**levels strings through aliases."""
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{k}: &l{k} [{', '.join([f'*l{k - 1}'] * 9)}]" for k in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("where", ["lora_target_modules: *l8", "env:\n  HF_FG2U_BOMB: *l8"], ids=["option", "env"])
+def test_a_yaml_alias_bomb_is_refused_before_it_is_built(tmp_path, where):
+    """Round 3 Y02, Y03: a 'billion laughs' config was expanded (a 25 MB error message; ~200 MB exported to
+    os.environ) instead of being refused."""
+    path = tmp_path / "bomb.yaml"
+    path.write_text("recipe: noisy_reweighting\n" + billion_laughs() + where + "\n")
+    with pytest.raises(ValueError, match=r"bomb.yaml is not valid YAML: its aliases \(\*name\) expand to \d+ values"):
+        load_yaml_config(path)
+    path.write_text("base: &base [q_proj, v_proj]\nlora_target_modules: *base\n")  # a few aliases are fine
+    assert load_yaml_config(path)["lora_target_modules"] == ["q_proj", "v_proj"]
+
+
+def test_max_steps_zero_is_refused_naming_both_ways_to_train():
+    """Round 3 C01: --max_steps 0 ran one outer step under a banner saying '3 epochs'."""
+    with pytest.raises(ValueError, match=r"max_steps=0 trains no step.*or -1 to train num_train_epochs epochs"):
+        BilevelConfig(output_dir="unused", max_steps=0)
+
+
+def test_negative_final_stage_and_implicit_steps_are_refused():
+    """Round 3 C29, C52: --final_stage_steps -1 trained a final stage of 3 epochs; --implicit_steps -1 was accepted
+    silently."""
+    from hf_fg2u.cli.arguments import ScriptArguments
+
+    with pytest.raises(ValueError, match=r"final_stage_steps=-1: pass a number of steps >= 1 .*or 0"):
+        ScriptArguments(final_stage_steps=-1)
+    with pytest.raises(ValueError, match=r"implicit_steps=-1 must be >= 1"):
+        BilevelConfig(output_dir="unused", implicit_steps=-1)
+
+
+def test_a_meta_split_named_as_the_train_split_is_called_the_train_split(tmp_path):
+    """Round 3 C95: --dataset_meta_split train was refused as "The meta split 'train' is also the meta split"."""
+    from hf_fg2u.cli.arguments import parse_args
+    from hf_fg2u.cli.data_loading import user_splits
+
+    for name in ("train", "meta"):
+        (tmp_path / f"{name}.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    script, _, _ = parse_args(["--dataset_name", str(tmp_path), "--dataset_meta_split", "train"])
+    with pytest.raises(ValueError, match=r"The meta split 'train' is also the train split"):
+        user_splits(script)
+
+
+def test_a_data_file_url_with_a_password_is_refused_without_printing_it():
+    """Round 3 D58: a URL with user:password as a data file was refused with the fix, but the message echoed the
+    password."""
+    url = "https://bob:PW_SEKRIT@files.example.com/train.jsonl?sv=1&sig=SIG_SEKRIT"
+    with pytest.raises(ValueError, match=r"https://<redacted>@files.example.com/train.jsonl\?sv=1&sig=<redacted>") as e:
+        load_files({"train": [url]})
+    assert "SEKRIT" not in str(e.value)

@@ -103,6 +103,13 @@ class ScriptArguments:
                   "split, a second one on uniform weights is trained and both are scored there."},
     )  # fmt: skip
 
+    def __post_init__(self):
+        if self.final_stage_steps < 0:
+            raise ValueError(
+                f"final_stage_steps={self.final_stage_steps}: pass a number of steps >= 1 for the final stage, or 0 "
+                "(the default) for none."
+            )
+
 
 @dataclass
 class ModelArguments:
@@ -153,8 +160,8 @@ def make_parser() -> ConfigParser:
     parser = ConfigParser(
         (ScriptArguments, BilevelConfig, ModelArguments), prog="hf-fg2u train",
         usage="hf-fg2u train [--recipe NAME | --config FILE] [--num_processes N] [--OPTION VALUE ...]",
-        description="Learn outer variables (data weights, a soft prompt) by bilevel meta-tuning. Without --config, "
-        "the packaged YAML of --recipe gives the defaults.",
+        description="Learn outer variables (data weights, a soft prompt) by bilevel meta-tuning. The packaged YAML "
+        "of --recipe (or of --config's recipe:) gives the defaults.",
     )  # fmt: skip
     add_launch_arguments(parser.run_group)
     parser.set_defaults(output_dir="outputs/hf_fg2u")
@@ -207,6 +214,21 @@ def move_to_last_group(parser: argparse.ArgumentParser, dests: tuple[str, ...], 
             group._group_actions.extend(moved)
 
 
+def config_recipe(config, flag: str | None):
+    """The recipe whose packaged YAML a user's ``config`` starts from: the one its ``recipe:`` names, else
+    ``--recipe`` (default noisy_reweighting), as without ``--config``. A ``--recipe`` naming another is refused:
+    one of the two would be silently ignored."""
+    named = load_yaml_config(config).get("recipe")
+    if named is None:
+        return flag or ScriptArguments.recipe
+    if flag is not None and named != flag:
+        raise ValueError(
+            f"{config} says recipe: {named}, but --recipe {flag} was given: the run would mix one recipe's defaults "
+            f"with the other's code. Drop --recipe, or make the two agree."
+        )
+    return named
+
+
 def parse_args(argv: list[str] | None = None):
     """(script_args, training_args, model_args) from ``--config FILE`` or else the packaged YAML of ``--recipe``
     (default noisy_reweighting), overridden by the CLI flags. The YAML's ``builtin_data:`` options (toy sizes, a
@@ -216,13 +238,13 @@ def parse_args(argv: list[str] | None = None):
     parser = make_parser()
     config = None
     own_config, _ = _pop_config(argv)
+    early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    early.add_argument("--recipe")
+    flag = early.parse_known_args(argv)[0].recipe
     if own_config is None:
-        early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-        early.add_argument("--recipe", default=ScriptArguments.recipe)
-        named, _ = early.parse_known_args(argv)
-        config = recipe_config(named.recipe)
+        config = recipe_config(flag or ScriptArguments.recipe)
     else:  # a user's config starts from the packaged recipe it names, as --recipe does, then overrides it
-        named = load_yaml_config(own_config).get("recipe")
+        named = config_recipe(own_config, flag)
         if isinstance(named, str) and find_config(own_config).resolve() != recipe_config(named).resolve():
             parser.set_defaults(**parser.typed_config(recipe_config(named)))
     parsed = parser.parse_args_and_config(argv, config=config)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from datasets import DatasetDict, load_dataset
 
+from hf_fg2u.trainer.redaction import redact_text
+
 DATA_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
@@ -103,8 +105,9 @@ def check_local_file(split: str, path: str) -> None:
     """A data file that exists, is a file and holds something; a URL or a folder is named with what to pass."""
     if re.match(r"[a-z][a-z0-9+.-]*://", path):
         raise ValueError(
-            f"--data_files {split}={path} is a URL; files are read from this machine. Download it first (e.g. "
-            "huggingface_hub.hf_hub_download or curl) and pass the local path, or pass a Hub dataset as --dataset_name."
+            f"--data_files {split}={redact_text(path)} is a URL; files are read from this machine. Download it first "
+            "(e.g. huggingface_hub.hf_hub_download or curl) and pass the local path, or pass a Hub dataset as "
+            "--dataset_name."
         )
     if Path(path).is_dir():
         raise ValueError(
@@ -161,7 +164,7 @@ def user_splits(script_args: ScriptArguments) -> DatasetDict:
             )
         splits["meta"] = _split(loaded, meta_name, source, "--dataset_meta_split")
     eval_name = s.dataset_eval_split or next((n for n in ("eval", "test") if n in loaded and n != meta_name), None)
-    used = {s.dataset_train_split: "train", meta_name: "meta"}
+    used = {meta_name: "meta", s.dataset_train_split: "train"}  # train last: it names a split both roles claim
     for role, name in (("meta", meta_name), ("eval", eval_name)):
         if name is not None and (name == s.dataset_train_split or (role == "eval" and name == meta_name)):
             raise ValueError(

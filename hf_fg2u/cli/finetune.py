@@ -28,6 +28,7 @@ from hf_fg2u.hub.base_model import BASE_MODEL_FILE
 from hf_fg2u.lm.evaluation import MAX_CHOICES, answer_choices, choice_accuracy
 from hf_fg2u.lm.formats import prepare_split
 from hf_fg2u.trainer.checkpointing import STATE_CONFIG_NAME
+from hf_fg2u.trainer.config import check_deepspeed_installed, check_optimizer_installed, check_trains_a_step
 from hf_fg2u.trainer.model_setup import wrap_with_peft
 from hf_fg2u.trainer.redaction import PicklesRedacted
 from hf_fg2u.trainer.run_folder import LOCK_NAME, RunLock, check_output_dir, clear_checkpoints, holds_bilevel_run
@@ -136,6 +137,12 @@ class FinetuneTrainingArguments(PicklesRedacted, TrainingArguments):
 
     pickled_as = TrainingArguments
 
+    def __post_init__(self):
+        check_deepspeed_installed(self)
+        super().__post_init__()
+        check_optimizer_installed(self)
+        check_trains_a_step(self)
+
 
 class FinetuneTrainer(WeightedLossTrainer):
     """The weighted-loss trainer whose model card says where the weights came from and what the model scored."""
@@ -183,6 +190,8 @@ def finetune(args: FinetuneArguments, model_args, training_args: TrainingArgumen
     """Train, score and save the fine-tuned model; returns (and writes) the numbers of ``RESULTS_FILE``. The
     output_dir and the rows are checked first, then the folder's run lock is held throughout: a live run writing
     there refuses the fine-tune."""
+    from hf_fg2u.cli.models import check_model_arguments
+
     replaces = check_finetune_output_dir(training_args.output_dir, args.overwrite_output_dir)
     recorded = base_model_of(args.source)
     if model_args.model_name_or_path is None:
@@ -190,6 +199,7 @@ def finetune(args: FinetuneArguments, model_args, training_args: TrainingArgumen
             raise ValueError("Pass --model_name_or_path: the model to fine-tune (the source records no base model).")
         model_args.model_name_or_path = recorded["base_model_name_or_path"]
         model_args.gguf_file = model_args.gguf_file or recorded.get("gguf_file")
+    check_model_arguments(model_args)
     rows = load_weighted_rows(args.source, args.weight_column, args.uniform, args.balance_column)
     with RunLock(training_args.output_dir):
         if replaces:

@@ -21,6 +21,7 @@ from transformers.hf_argparser import string_to_bool
 
 from hf_fg2u.cli import arguments, launch, recipe_run
 from hf_fg2u.hub.report import EXPORTS
+from hf_fg2u.trainer.run_folder import check_output_dir
 
 # The demo is the noisy-data recipe on its packaged offline default (hf_fg2u/recipes/noisy_reweighting.yaml).
 DEMO_ARGS = ["--recipe", "noisy_reweighting", "--output_dir", "outputs/demo", "--compare_uniform", "true"]
@@ -149,7 +150,10 @@ def run_weights(argv: list[str]) -> str:
     args = parser.parse_args(argv)
     from hf_fg2u.hub.report import export_weighted, load_weighted_dataset, report_weights
 
+    check_weights_counts(args)
     path = Path(args.output_dir or args.run / f"export_{args.export}") / "train.jsonl"
+    if args.export:
+        check_output_dir(str(path.parent), overwrite=True)  # a file or an unwritable folder: before any work
     if args.export and path.exists() and not args.overwrite_output_dir:
         raise ValueError(
             f"{path} exists: the export would replace it. Pass another --output_dir, or --overwrite_output_dir true "
@@ -171,6 +175,17 @@ def run_weights(argv: list[str]) -> str:
     if args.push_to_hub:
         push_weighted(weighted, args.push_to_hub, args.run)
     return text
+
+
+def check_weights_counts(args) -> None:
+    """``--top`` and ``--num_rows`` are counts of rows: refused below 1 by their own names."""
+    if args.top < 1:
+        raise ValueError(f"--top {args.top}: pass how many rows to show at each end of the weights, 1 or more.")
+    if args.num_rows is not None and args.num_rows < 1:
+        raise ValueError(
+            f"--num_rows {args.num_rows}: pass how many rows to draw, 1 or more (leave it out: as many as the data "
+            "has)."
+        )
 
 
 def unscored_note(weighted, args) -> str:

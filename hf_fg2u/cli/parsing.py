@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import os
+import reprlib
 import warnings
 from pathlib import Path
 from typing import get_type_hints
@@ -26,6 +27,7 @@ from transformers.hf_argparser import string_to_bool
 
 from hf_fg2u.cli.launch import SECRET_ARGS_ENV
 from hf_fg2u.recipe_yaml import PACKAGED_CONFIGS, Yaml12Loader, find_config, load_yaml_config  # noqa: F401
+from hf_fg2u.trainer.redaction import redact
 
 TRAINER_GROUP = "transformers.TrainingArguments (the outer optimizer, logging, saving, the Hub)"
 BUILTIN_DATA = "builtin_data"  # a YAML section of options that apply only to a script's built-in data
@@ -96,7 +98,7 @@ class ConfigParser(HfArgumentParser):
         not the parser."""
         section = values.pop(BUILTIN_DATA, None) or {}
         if not isinstance(section, dict):
-            raise ValueError(f"{path}: {BUILTIN_DATA} must be a mapping of option: value, got {section!r}.")
+            raise ValueError(f"{path}: {BUILTIN_DATA} must be a mapping of option: value, got {_shown(section)}.")
         return section
 
     def typed_config(self, path: str | Path) -> dict:
@@ -105,7 +107,7 @@ class ConfigParser(HfArgumentParser):
         section = self._builtin_data_section(path, values)
         env = values.pop("env", None) or {}
         if not isinstance(env, dict):
-            raise ValueError(f"{path}: env must be a mapping of NAME: value, got {type(env).__name__} {env!r}.")
+            raise ValueError(f"{path}: env must be a mapping of NAME: value, got {type(env).__name__} {_shown(env)}.")
         actions = {}
         for action in self._actions:  # the first action of a dest: --plot, not its complement --no_plot
             if action is not self._config_action:
@@ -156,6 +158,13 @@ def export_yaml_env(path: str | Path, env: dict) -> None:
             f"{path}: env may not set {refused}: a YAML's env: block sets only {sorted(YAML_ENV_ALLOWED)} and "
             f"{YAML_ENV_PREFIX}* (no tokens, paths or loaders). Set the others in your shell if you mean them."
         )
+    odd = sorted(str(name) for name, value in env.items()
+                 if isinstance(value, dict | list) or "\0" in str(value))  # fmt: skip
+    if odd:
+        raise ValueError(
+            f"{path}: env values of {odd} are lists, mappings or hold a NUL byte; an environment variable is one "
+            "line of text. Write each as a plain string."
+        )
     for name, value in env.items():
         name, value = str(name), str(value)
         if os.environ.get(name, value) != value:
@@ -173,8 +182,8 @@ def typed_value(where: str, value, action: argparse.Action):
         return [_one_value(where, item, action) for item in (value if isinstance(value, list) else [value])]
     if isinstance(value, list):
         raise ValueError(
-            f"{where} takes a single value ({_type_name(action)}), got the list {value!r}. Write a single value "
-            f"(`{where.rsplit(': ', 1)[-1]}: {value[0] if value else '...'}`)."
+            f"{where} takes a single value ({_type_name(action)}), got the list {_shown(value)}. Write a single "
+            f"value (`{where.rsplit(': ', 1)[-1]}: {_shown(value[0]) if value else '...'}`)."
         )
     return _one_value(where, value, action)
 
@@ -197,12 +206,22 @@ def _one_value(where: str, value, action: argparse.Action):
             value = kind(str(value))
     except (TypeError, ValueError, argparse.ArgumentTypeError):
         raise ValueError(
-            f"{where} expects {_type_name(action)}, got {type(value).__name__} {value!r}. Write a value of that "
+            f"{where} expects {_type_name(action)}, got {type(value).__name__} {_shown(value)}. Write a value of that "
             "type (quote a string that YAML would read otherwise)."
         ) from None
     if action.choices is not None and value not in action.choices:
-        raise ValueError(f"{where} is {value!r}; use one of {list(action.choices)}.")
+        raise ValueError(f"{where} is {_shown(value)}; use one of {list(action.choices)}.")
     return value
+
+
+def _shown(value) -> str:
+    """``value`` for an error message: credentials redacted (a ``model_init_kwargs`` mapping with a token), and
+    long or deep values cut (a list that YAML aliases expanded)."""
+    return _SHOWN.repr(redact(value))
+
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict, _SHOWN.maxstring, _SHOWN.maxother = 3, 6, 6, 80, 80
 
 
 def _as_str(value) -> str:

@@ -27,9 +27,10 @@ from transformers import TrainerCallback
 
 from hf_fg2u.cli.arguments import ModelArguments, ScriptArguments
 from hf_fg2u.cli.data_loading import user_splits, uses_own_data
-from hf_fg2u.cli.models import load_model_and_tokenizer, lora_config
+from hf_fg2u.cli.models import check_model_arguments, load_model_and_tokenizer, lora_config
 from hf_fg2u.cli.registry import RECIPES, builtin_splits, make_outer, with_meta_groups
 from hf_fg2u.hub.model_card import WEIGHTED_DATASET_FILE
+from hf_fg2u.lm.data_checks import EvalInMetaWarning, MetaInTrainWarning
 from hf_fg2u.lm.evaluation import auroc
 from hf_fg2u.outer import DomainWeights
 from hf_fg2u.trainer.bilevel import BilevelTrainer
@@ -43,6 +44,7 @@ def main(script_args: ScriptArguments, training_args: BilevelConfig, model_args:
     output_dir = Path(training_args.output_dir)
     quiet_replicas(training_args.process_index)
     resume = resume_target(training_args.resume_from_checkpoint)
+    check_model_arguments(model_args)
     raw = user_splits(script_args) if uses_own_data(script_args) else builtin_splits(script_args)
     results, runs = {}, {}
     for name in ("bilevel", "uniform") if script_args.compare_uniform else ("bilevel",):
@@ -135,11 +137,22 @@ def run_banner(script_args, args: BilevelConfig, name: str, trainer) -> str:
     return "\n".join(lines + [line])
 
 
+EPOCHS_FOLDER = "epochs"  # output_dir/epochs/weighted_dataset_epoch{k}.parquet
+KEPT_EPOCHS = 5  # the first epoch's weights and the last 5 are kept: a long run writes 6 files, not one an epoch
+
+
+def epoch_weights_file(epoch: int) -> str:
+    """Where epoch ``epoch``'s weights go, relative to the run's output_dir."""
+    return f"{EPOCHS_FOLDER}/weighted_dataset_epoch{epoch}.parquet"
+
+
 class EpochWeights(TrainerCallback):
     """What every epoch of a run that weights rows did, in ``epochs.json``: the mean meta loss of its outer steps,
     the eval loss after it (with ``eval_strategy="epoch"``), and, when the train rows carry ``is_corrupted``, the
     weights' AUROC (also logged as ``auroc_corrupted``). The weights after epoch k go to
-    ``weighted_dataset_epoch{k}.parquet``: a fine-tune can start from any epoch's."""
+    ``epochs/weighted_dataset_epoch{k}.parquet`` (``epoch_weights_file``): a fine-tune can start from any kept
+    epoch's. The first epoch's and the last ``KEPT_EPOCHS`` epochs' are kept; each record's ``weights`` names its
+    file, or is None once it was removed."""
 
     def __init__(self, trainer: BilevelTrainer):
         self.trainer, self.epochs = trainer, []
@@ -151,7 +164,11 @@ class EpochWeights(TrainerCallback):
         record = {"epoch": epoch, "step": state.global_step, "meta_loss": sum(meta) / len(meta) if meta else None}
         weighted = self.trainer.export_weights()
         if args.should_save:
-            weighted.to_parquet(str(Path(args.output_dir) / f"weighted_dataset_epoch{epoch}.parquet"))
+            output_dir = Path(args.output_dir)
+            (output_dir / EPOCHS_FOLDER).mkdir(parents=True, exist_ok=True)
+            weighted.to_parquet(str(output_dir / epoch_weights_file(epoch)))
+            if epoch - KEPT_EPOCHS > 1:  # the epoch that just left the window of kept ones
+                (output_dir / epoch_weights_file(epoch - KEPT_EPOCHS)).unlink(missing_ok=True)
         if "is_corrupted" in weighted.column_names:
             record["auroc_corrupted"] = auroc(-torch.tensor(weighted["weight"]), torch.tensor(weighted["is_corrupted"]))
             self.trainer.log({"auroc_corrupted": record["auroc_corrupted"]})
@@ -163,7 +180,11 @@ class EpochWeights(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if args.should_save and self.epochs:
-            (Path(args.output_dir) / "epochs.json").write_text(json.dumps(self.epochs, indent=2))
+            output_dir = Path(args.output_dir)
+            for record in self.epochs:
+                name = epoch_weights_file(record["epoch"])
+                record["weights"] = name if (output_dir / name).is_file() else None
+            (output_dir / "epochs.json").write_text(json.dumps(self.epochs, indent=2))
 
 
 class TimeBudget(TrainerCallback):
@@ -195,14 +216,24 @@ def build_trainer(script_args, training_args: BilevelConfig, model_args: ModelAr
     format): model, tokenizer, outer module, LoRA."""
     raw = with_meta_groups(script_args, raw, training_args.project_group_shift)  # refused before the model loads
     model, tokenizer = load_model_and_tokenizer(model_args, training_args.seed, training_args.model_init_kwargs)
-    trainer = BilevelTrainer(
-        model, training_args, train_dataset=raw["train"], meta_dataset=raw["meta"],
-        eval_dataset=raw.get("eval", raw["meta"]), outer=make_outer(script_args, raw, model),
-        processing_class=tokenizer, peft_config=lora_config(model_args),
-    )  # fmt: skip
+    with warnings.catch_warnings():
+        for category in own_overlaps(script_args, raw):
+            warnings.simplefilter("ignore", category)
+        trainer = BilevelTrainer(
+            model, training_args, train_dataset=raw["train"], meta_dataset=raw["meta"],
+            eval_dataset=raw.get("eval", raw["meta"]), outer=make_outer(script_args, raw, model),
+            processing_class=tokenizer, peft_config=lora_config(model_args),
+        )  # fmt: skip
     # The card's `datasets` metadata (Hub names only; local files and folders are left out there).
     trainer.card_datasets = [name for name in (script_args.dataset_name, script_args.meta_dataset_name) if name]
     return trainer
+
+
+def own_overlaps(script_args, raw: DatasetDict) -> list[type[Warning]]:
+    """The split overlaps this script sets up itself, so not worth a warning on every run: the meta rows as eval
+    rows when there is no eval split, and the built-in data's meta rows, which are clean copies of train facts."""
+    overlaps = [] if "eval" in raw else [EvalInMetaWarning]
+    return overlaps if uses_own_data(script_args) else [*overlaps, MetaInTrainWarning]
 
 
 def final_stage(script_args, training_args, model_args, trainer) -> dict[str, float]:

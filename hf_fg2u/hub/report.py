@@ -315,6 +315,8 @@ def report_weights(output_dir: str | Path, dataset=None, k: int = 10, histogram:
             parts.append(f"Histogram: {path}")
         except ImportError:
             parts.append(f"Histogram skipped: matplotlib is not installed ({PLOTS_HINT}).")
+        except OSError as error:  # a run folder on a read-only filesystem: the report itself still stands
+            parts.append(f"Histogram skipped: {output_dir / HISTOGRAM_NAME} could not be written ({error.strerror}).")
     return "\n\n".join(parts)
 
 

@@ -39,14 +39,24 @@ def prepare_datasets(train, meta, eval_, outer: OuterModule, tokenizer, args: Bi
     elif eval_ is not None:
         eval_ = prepare(eval_, "eval")
     check_unroll_fits(len(train), args.per_device_train_batch_size, args.unroll_steps, args.world_size)
-    warn_if_contained(meta, train, "meta", "train", "the meta loss then rewards fitting train rows, wrong ones too")
+    warn_if_contained(meta, train, "meta", "train", "the meta loss then rewards fitting train rows, wrong ones too",
+                      MetaInTrainWarning)  # fmt: skip
     for name, split in (eval_ if isinstance(eval_, dict) else {"eval": eval_}).items():
         if split is not None:
-            warn_if_contained(split, meta, name, "meta", "its loss is not held out from what the weights learned from")
+            warn_if_contained(split, meta, name, "meta", "its loss is not held out from what the weights learned from",
+                              EvalInMetaWarning)  # fmt: skip
     return train, meta, eval_
 
 
-def warn_if_contained(dataset, other, name: str, other_name: str, consequence: str) -> None:
+class MetaInTrainWarning(UserWarning):
+    """Every meta row is also a train row (a script's own toy data may be built so: it filters this one out)."""
+
+
+class EvalInMetaWarning(UserWarning):
+    """Every eval row is also a meta row (a script that evaluates on the meta rows by choice filters this one out)."""
+
+
+def warn_if_contained(dataset, other, name: str, other_name: str, consequence: str, category=UserWarning) -> None:
     """Warn when every row of ``dataset`` is also a row of ``other`` (by tokens, not by split name)."""
     rows = {tuple(ids) for ids in other["input_ids"]}
     shared = sum(tuple(ids) in rows for ids in dataset["input_ids"])
@@ -54,6 +64,7 @@ def warn_if_contained(dataset, other, name: str, other_name: str, consequence: s
         warnings.warn(
             f"Every one of the {len(dataset)} rows of the {name} dataset is also a row of the {other_name} "
             f"dataset: {consequence}. Use rows of their own.",
+            category,
             stacklevel=4,
         )
 

@@ -32,7 +32,7 @@ from hf_fg2u.lm.formats import MODEL_INPUT_COLUMNS
 from hf_fg2u.lm.group_shift import check_meta_groups
 from hf_fg2u.lm.params import load_parameters, trainable_parameters, unwrap_model
 from hf_fg2u.outer import OuterModule
-from hf_fg2u.trainer.checkpointing import run_settings, verify_checkpoint
+from hf_fg2u.trainer.checkpointing import check_steps_left, run_settings, verify_checkpoint
 from hf_fg2u.trainer.config import BilevelConfig
 from hf_fg2u.trainer.inner_resets import ResetPolicy
 from hf_fg2u.trainer.inner_state import InnerStateMixin, outer_step_seed
@@ -176,6 +176,7 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
         self._outer_buffers: list | None = None  # where they are copied, reused every step
         self._save_error: Exception | None = None  # rank 0's checkpoint write failure, reported to every rank
         self._steps_run, self._steps_skipped, self._meta_loss_sum = 0, 0, 0.0
+        self._largest_hypergrad = 0.0  # of this train(): 0 after every step means φ never moved
         self._staging: str | None = None
 
     def _check_methods(self) -> None:
@@ -264,9 +265,11 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
                 raise ValueError(f"No checkpoint-N folder to resume from in output_dir={self.args.output_dir!r}.")
         if resume_from_checkpoint:
             verify_checkpoint(Path(resume_from_checkpoint))
+            check_steps_left(Path(resume_from_checkpoint), self.args.max_steps)
         else:
             check_new_run(self.args.output_dir, self.args.overwrite_output_dir)
         self._steps_run, self._steps_skipped, self._meta_loss_sum = 0, 0, 0.0
+        self._largest_hypergrad = 0.0
         with contextlib.ExitStack() as held:
             refused = None
             if self.args.should_save:
@@ -284,6 +287,14 @@ class BilevelTrainer(InnerStateMixin, OuterStepSafeguards, MetricsMixin, WeightE
                 f"The learned weights collapsed: their normalized entropy is {entropy:.3f} (1 = uniform, 0 = all "
                 "weight on one row), so a few rows carry the whole loss. Lower learning_rate, use "
                 "weight_regularization, or the sigmoid parametrization (keep-probabilities).",
+                stacklevel=2,
+            )
+        if self._steps_run and self._largest_hypergrad == 0.0 and self.args.learning_rate > 0:
+            warnings.warn(
+                f"The hypergradient was exactly 0 at every one of the {self._steps_run} outer steps: the outer "
+                "variables never moved, so the run learned nothing. Usually the inner steps do not change the meta "
+                "loss: an inner_lr so large that the inner loss diverges (try 10x lower), a LoRA adapter that does "
+                "nothing (lora_alpha 0), or outer variables that no train row uses.",
                 stacklevel=2,
             )
         if self._steps_skipped and not self._steps_run:

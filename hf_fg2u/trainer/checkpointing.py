@@ -168,6 +168,25 @@ def read_json(path: Path) -> dict:
         raise ValueError(f"Could not read {path}: {error}. {EARLIER}") from error
 
 
+def check_steps_left(directory: Path, max_steps: int) -> None:
+    """Refuse a checkpoint past ``max_steps`` (of a longer run: the Trainer would train no step, and report the
+    checkpoint's step count as this run's); one at ``max_steps`` is warned about: nothing is left to train, which is
+    what a recipe resumed after its finished bilevel run (stopped in its uniform baseline) expects."""
+    step = read_json(directory / "trainer_state.json").get("global_step", 0)
+    if max_steps <= 0 or not isinstance(step, int) or step < max_steps:
+        return
+    if step > max_steps:
+        raise ValueError(
+            f"Checkpoint {directory} is at outer step {step}, past max_steps={max_steps}: resuming would train no "
+            f"step. Pass --max_steps above {step} to train on, or an earlier checkpoint."
+        )
+    warnings.warn(
+        f"Checkpoint {directory} is at outer step {step} = max_steps: no outer step is left to train. Pass "
+        f"--max_steps above {step} to train on.",
+        stacklevel=3,
+    )
+
+
 def verify_checkpoint(directory: Path) -> None:
     """Read every file of a checkpoint before resuming from it, so that a truncated or missing file is an
     error that names it rather than a raw library error halfway through loading."""

@@ -36,6 +36,46 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
+def check_deepspeed_installed(args: TrainingArguments) -> None:
+    """Refuse ``--deepspeed`` without the deepspeed package, naming what to install."""
+    from transformers.integrations import is_deepspeed_available
+
+    if args.deepspeed and not is_deepspeed_available():
+        raise ValueError(
+            f"--deepspeed {args.deepspeed!r} needs the deepspeed package, which is not installed. Install it "
+            "(pip install deepspeed), or leave --deepspeed out."
+        )
+
+
+def check_optimizer_installed(args: TrainingArguments) -> None:
+    """Refuse an ``--optim`` whose package is missing (bitsandbytes, galore, ...) now, naming what to install, not
+    at the first step with a raw ImportError."""
+    from transformers import Trainer
+
+    try:
+        Trainer.get_optimizer_cls_and_kwargs(args)
+    except ImportError as error:
+        raise ValueError(
+            f"--optim {getattr(args.optim, 'value', args.optim)} needs a package that is not installed: "
+            f"{str(error).strip().splitlines()[0]} Or pick another --optim (e.g. adamw_torch)."
+        ) from None
+    except Exception:  # other problems (an optimizer that needs the model) are the Trainer's to report
+        pass
+
+
+def check_trains_a_step(args: TrainingArguments) -> None:
+    """Refuse ``num_train_epochs`` <= 0 without a ``max_steps``: the Trainer would run no step and report success."""
+    if args.max_steps == 0:
+        raise ValueError(
+            "max_steps=0 trains no step. Pass a positive number of outer steps, or -1 to train num_train_epochs epochs."
+        )
+    if args.max_steps <= 0 and not args.num_train_epochs > 0:
+        raise ValueError(
+            f"num_train_epochs={args.num_train_epochs} with max_steps={args.max_steps} trains no step. Set "
+            "--num_train_epochs > 0, or --max_steps > 0."
+        )
+
+
 def _check_range(name: str, value, low: float, high: float, low_open: bool = False, high_open: bool = True):
     """A finite number in [low, high) (by default): NaN and inf fail every comparison or the bound."""
     ok = isinstance(value, int | float) and math.isfinite(value)
@@ -219,7 +259,9 @@ class BilevelConfig(PicklesRedacted, TrainingArguments):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
             # `accelerate launch` with a multi-GPU config on a machine without GPUs: run the ranks on CPU (gloo).
             self.use_cpu = True
+        check_deepspeed_installed(self)  # the Trainer's own check is a raw PackageNotFoundError
         super().__post_init__()
+        check_optimizer_installed(self)
         if self.use_cpu or not _has_accelerator():
             self.dataloader_pin_memory = False  # torch warns that pinning needs an accelerator, once per loader
         self._check_choices()
@@ -257,13 +299,14 @@ class BilevelConfig(PicklesRedacted, TrainingArguments):
     def _check_counts(self) -> None:
         """Counts are positive (or zero where 0 means off)."""
         names = ("num_directions", "directions_per_pass", "unroll_steps", "meta_batch_size", "truncation",
-                 "per_device_train_batch_size", "per_device_eval_batch_size")  # fmt: skip
+                 "implicit_steps", "per_device_train_batch_size", "per_device_eval_batch_size")  # fmt: skip
         for name in (*names, "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
         for name in ("inner_reset_every", "inner_reset_patience", "inner_warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0 = off).")
+        check_trains_a_step(self)
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length={self.max_length} must be >= 2 (a token and the one it predicts) or None.")
 

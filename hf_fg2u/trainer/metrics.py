@@ -46,6 +46,7 @@ class MetricsMixin:
         metrics["meta_loss"].append(result.outer_loss)
         metrics["inner_loss"].append(sum(result.inner_losses) / len(result.inner_losses))
         metrics["hypergrad_norm"].append(grad_norm)  # of the whole estimate, not of this process's share
+        self._largest_hypergrad = max(self._largest_hypergrad, grad_norm)
         if self.args.phase1_method is not None:  # a two-phase schedule: which phase this step was in
             metrics["phase"].append(1.0 if method != self.args.method or step < self.args.phase1_steps else 2.0)
         metrics["outer_step_seconds"].append(seconds)

@@ -40,7 +40,15 @@ def check_weight_column(dataset, weight_column: str = "weight") -> float | None:
         raise ValueError(
             f"The train dataset has no {weight_column!r} column (columns: {dataset.column_names}). {WEIGHT_HINT}"
         )
-    weights = torch.as_tensor(list(dataset[weight_column]), dtype=torch.float64)
+    values = list(dataset[weight_column])
+    try:
+        weights = torch.as_tensor(values, dtype=torch.float64)
+    except (TypeError, ValueError):
+        odd = next((value for value in values if not isinstance(value, int | float)), values[0])
+        raise ValueError(
+            f"Column {weight_column!r} must hold numbers; got {type(odd).__name__} values such as {odd!r}. Write "
+            "the weights as numbers (not quoted)."
+        ) from None
     if weights.numel() and not torch.isfinite(weights).all():
         raise ValueError(f"Column {weight_column!r} holds NaN or infinite weights; export the weights again.")
     if weights.numel() and (weights.min() < 0 or weights.sum() <= 0):
@@ -48,7 +56,21 @@ def check_weight_column(dataset, weight_column: str = "weight") -> float | None:
             f"Column {weight_column!r} must hold non-negative weights, not all zero; got min {float(weights.min())}, "
             f"sum {float(weights.sum())}."
         )
+    check_float32_range(weights, weight_column)
     return float(weights.mean()) if weights.numel() else None
+
+
+def check_float32_range(weights: torch.Tensor, weight_column: str) -> None:
+    """Refuse weights that the float32 loss turns into 0 (all below its smallest normal number: the run trains
+    nothing) or inf (one above its largest: the loss is NaN)."""
+    tiny, huge = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
+    largest = float(weights.max()) if weights.numel() else 1.0
+    if not tiny <= largest <= huge:
+        raise ValueError(
+            f"Column {weight_column!r} holds weights up to {largest:g}, outside the float32 range [{tiny:g}, "
+            f"{huge:g}] the loss is computed in: they would train as {'0' if largest < tiny else 'inf'}. Divide "
+            "the weights by their mean (only their ratios matter)."
+        )
 
 
 class WeightCollator:

@@ -638,11 +638,12 @@ def test_every_epoch_records_auroc_meta_and_eval_losses_and_its_weights(tmp_path
     epochs = json.loads((out / "epochs.json").read_text())
     assert [e["epoch"] for e in epochs] == [1, 2]
     for record in epochs:
-        weighted = pandas.read_parquet(out / f"weighted_dataset_epoch{record['epoch']}.parquet")
+        assert record["weights"] == f"epochs/weighted_dataset_epoch{record['epoch']}.parquet"
+        weighted = pandas.read_parquet(out / record["weights"])
         expected = auroc(-torch.tensor(weighted["weight"].values), torch.tensor(weighted["is_corrupted"].values))
         assert record["auroc_corrupted"] == pytest.approx(expected, abs=1e-12)
         assert record["meta_loss"] > 0 and record["eval_loss"] > 0
-    last = pandas.read_parquet(out / "weighted_dataset_epoch2.parquet")["weight"]
+    last = pandas.read_parquet(out / "epochs" / "weighted_dataset_epoch2.parquet")["weight"]
     final = pandas.read_parquet(out / "weighted_dataset.parquet")["weight"]
     assert (last.values == final.values).all()
 
@@ -682,3 +683,146 @@ def test_weights_push_to_hub_offline_says_why_and_where_the_rows_stay(tmp_path, 
     with pytest.raises(SystemExit, match=refused):
         cli.run_weights([str(run), "--push_to_hub", "tester/weights"])
     assert (run / "weighted_dataset.parquet").is_file()
+
+
+def test_weights_export_into_a_file_or_an_unwritable_folder_is_refused_before_the_report(tmp_path, capsys, monkeypatch):
+    """Round 3 W18, W23: --output_dir naming a file, or a read-only folder, was a raw FileExistsError / OSError
+    after the report was printed."""
+    from hf_fg2u.trainer import run_folder
+
+    run, taken = weighted_run(tmp_path / "run"), tmp_path / "data.jsonl"
+    taken.write_text("{}\n")
+    with pytest.raises(ValueError, match=r"output_dir='.*data.jsonl' is a file, not a folder"):
+        cli.run_weights([str(run), "--export", "filtered", "--output_dir", str(taken)])
+
+    def read_only(*args, **kwargs):  # as a read-only folder answers (chmod does not stop root)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(run_folder.tempfile, "TemporaryFile", read_only)
+    with pytest.raises(ValueError, match=r"output_dir='.*locked' is not writable"):
+        cli.run_weights([str(run), "--export", "filtered", "--output_dir", str(tmp_path / "locked")])
+    assert capsys.readouterr().out == ""
+
+
+def test_a_config_naming_another_recipe_than_the_flag_is_refused_and_one_without_starts_from_the_flags(tmp_path):
+    """Round 3 C80, Y11: --recipe noisy_reweighting with a config saying recipe: domain_mixture ran one recipe on the
+    other's defaults; a config without recipe: ran on the bare dataclass defaults, not any recipe's."""
+    other = tmp_path / "other.yaml"
+    other.write_text("recipe: domain_mixture\nmax_steps: 3\n")
+    with pytest.raises(ValueError, match=r"other.yaml says recipe: domain_mixture, but --recipe noisy_reweighting"):
+        arguments.parse_args(["--recipe", "noisy_reweighting", "--config", str(other)])
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("max_steps: 3\n")
+    for flags in ([], ["--recipe", "noisy_reweighting"], ["--recipe", "domain_mixture"]):
+        script, training, _ = arguments.parse_args([*flags, "--config", str(bare)])
+        expected = arguments.parse_args([*flags, "--max_steps", "3"])
+        assert (script, training.to_dict()) == (expected[0], expected[1].to_dict())
+
+
+def test_a_yaml_value_of_the_wrong_type_is_shown_without_its_credentials_and_cut_short(tmp_path):
+    """Round 3 b3, Y02: a model_init_kwargs mapping was refused with its token and proxy password printed, and a
+    list of aliases was printed whole (25 MB)."""
+    token = "hf_" + "Sekrit" * 5
+    config = write_yaml(tmp_path, f"model_init_kwargs: {{token: {token}, proxies: {{https: 'http://u:PW@proxy'}}}}\n")
+    with pytest.raises(ValueError, match=r"model_init_kwargs expects a string") as refused:
+        arguments.parse_args(["--config", config])
+    assert token not in str(refused.value) and "PW" not in str(refused.value)
+    config = write_yaml(tmp_path, "lora_target_modules: [[" + ", ".join(["q_proj"] * 1000) + "]]\n")
+    with pytest.raises(ValueError, match=r"lora_target_modules expects a string") as refused:
+        arguments.parse_args(["--config", config])
+    assert len(str(refused.value)) < 400
+
+
+def test_a_default_run_does_not_warn_about_its_own_split_layout_but_a_users_overlap_is_warned(tmp_path):
+    """Round 3 C86: every default run (and every run without an eval split) warned that the meta rows repeat train
+    rows and the eval rows are the meta rows: the recipe's own built-in data and its own choice of eval rows."""
+    import warnings
+
+    def overlap_warnings(argv):
+        script, training, model = arguments.parse_args([*argv, "--output_dir", str(tmp_path / "run")])
+        raw = recipe_run.user_splits(script) if recipe_run.uses_own_data(script) else registry.builtin_splits(script)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            recipe_run.build_trainer(script, training, model, raw)
+        return [str(w.message).split(":")[0] for w in caught if "Every one of the" in str(w.message)]
+
+    assert overlap_warnings(["--recipe", "noisy_reweighting"]) == []
+    rows = [{"prompt": f"fact {i} is", "completion": f" {i % 3}"} for i in range(16)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "meta.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[:4]))
+    files = ["--data_files", f"train={tmp_path / 'train.jsonl'}", f"meta={tmp_path / 'meta.jsonl'}"]
+    warned = overlap_warnings(["--recipe", "noisy_reweighting", *files])
+    assert warned == ["Every one of the 4 rows of the meta dataset is also a row of the train dataset"]
+
+
+def test_a_long_run_keeps_the_first_and_the_last_epochs_weights_in_their_own_folder(tmp_path):
+    """Round 3 Y23: one weighted_dataset_epochN.parquet per epoch at the top of output_dir, without limit (128 files
+    in 60 s of a long run). Now in epochs/, epoch 1 and the last KEPT_EPOCHS kept, epochs.json saying which."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    trainer = SimpleNamespace(export_weights=lambda: Dataset.from_dict({"text": ["a"], "weight": [1.0]}), log=print)
+    callback, args = recipe_run.EpochWeights(trainer), SimpleNamespace(should_save=True, output_dir=str(tmp_path))
+    for epoch in range(1, 13):
+        callback.on_epoch_end(args, SimpleNamespace(epoch=float(epoch), global_step=epoch, log_history=[]), None)
+    callback.on_train_end(args, None, None)
+    kept = sorted(int(re.findall(r"\d+", path.stem)[0]) for path in (tmp_path / "epochs").iterdir())
+    assert kept == [1, *range(13 - recipe_run.KEPT_EPOCHS, 13)] and list(tmp_path.glob("*.parquet")) == []
+    records = json.loads((tmp_path / "epochs.json").read_text())
+    assert [record["weights"] is not None for record in records] == [epoch in kept for epoch in range(1, 13)]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"base: &base\n  max_steps: 3\nrun:\n  <<: *base\n", None),  # Y25: merge keys load
+        (b"recipe: noisy_reweighting\nmax_steps: 3 # caf\xe9\n", r"config.yaml is not UTF-8 text .*save it as UTF-8"),
+        (b'recipe: noisy_reweighting\nenv:\n  HF_FG2U_X: "a\\0b"\n', r"env values of \['HF_FG2U_X'\] .* NUL byte"),
+        (b"recipe: noisy_reweighting\nenv:\n  HF_FG2U_X: [a, b]\n", r"env values of \['HF_FG2U_X'\] are lists"),
+    ],
+    ids=["merge_key", "latin1", "nul_in_env", "list_in_env"],
+)
+def test_yaml_merge_keys_load_and_bad_bytes_or_env_values_name_the_file_and_key(tmp_path, content, message):
+    """Round 3 Y25, Y26, Y24: merge keys were a cryptic constructor error; invalid UTF-8 and a NUL byte in an env
+    value were errors naming neither the file nor the key (a list value was exported as its str())."""
+    path = tmp_path / "config.yaml"
+    path.write_bytes(content)
+    if message is None:
+        assert parsing.load_yaml_config(path)["run"] == {"max_steps": 3}
+        return
+    with pytest.raises(ValueError, match=message):
+        arguments.parse_args(["--config", str(path)])
+
+
+def test_a_config_path_that_is_a_folder_says_so(tmp_path):
+    """Round 3 Y28: --config pointing at a folder said the file 'does not exist'."""
+    with pytest.raises(ValueError, match=r"Config .* is a folder; pass a YAML file"):
+        arguments.parse_args(["--config", str(tmp_path)])
+
+
+def test_weights_on_a_read_only_run_still_prints_the_report(tmp_path, monkeypatch, capsys):
+    """Round 3 W24: a run folder on a read-only filesystem crashed writing weights_histogram.png, and the report
+    was never printed."""
+    from hf_fg2u.hub import report
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(report, "plot_weight_histogram", read_only)
+    text = cli.run_weights([str(weighted_run(tmp_path / "run"))])
+    assert "most up-weighted" in text and "Histogram skipped:" in text and "Read-only file system" in text
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--top", "0"], r"--top 0: pass how many rows"), (["--top", "-1"], r"--top -1: pass how many rows"),
+     (["--export", "resampled", "--num_rows", "0"], r"--num_rows 0: pass how many rows to draw"),
+     (["--num_rows", "-1"], r"--num_rows -1: pass how many rows to draw")],
+)  # fmt: skip
+def test_weights_counts_below_one_are_refused_by_their_flag(tmp_path, flags, message, capsys):
+    """Round 3 W01, W02, W09, W10: --top 0 said 'k must be a positive int' (no flag), --num_rows 0 was torch's
+    'cannot sample n_sample <= 0 samples'."""
+    with pytest.raises(ValueError, match=message):
+        cli.run_weights([str(weighted_run(tmp_path / "run")), *flags])
+    assert capsys.readouterr().out == ""

@@ -93,8 +93,13 @@ def test_eval_file_keeps_the_best_epoch_and_test_file_is_scored(tiny_model, tmp_
 @pytest.mark.parametrize(
     ("content", "message"),
     [([{"prompt": "is a:", "completion": " no", "weight": -1.0}], "non-negative"),
-     ([{"prompt": "is a:", "completion": " no"}], "no 'weight' column")],
-    ids=["negative", "missing"],
+     ([{"prompt": "is a:", "completion": " no"}], "no 'weight' column"),
+     # round 3 F14 and F13: weights that float32 makes 0 (trained nothing, said done) or inf (NaN in the results)
+     ([{"prompt": "is a:", "completion": " no", "weight": 1e-320}] * 2, r"up to [0-9.e-]+, outside the float32.*as 0"),
+     ([{"prompt": "is a:", "completion": " no", "weight": w} for w in (1.0, 1e300)], r"up to 1e\+300, .* inf"),
+     ([{"prompt": "is a:", "completion": " no", "weight": "high"}], r"must hold numbers; got str values such as"),
+    ],
+    ids=["negative", "missing", "below_float32", "above_float32", "strings"],  # round 3 F10: "strings"
 )  # fmt: skip
 def test_bad_weights_are_refused_before_training(tiny_model, tmp_path, content, message):
     source = write(tmp_path / "bad.jsonl", content)
@@ -214,3 +219,21 @@ def test_train_final_adapter_takes_raw_rows_like_tokenized_ones(tiny_model, tmp_
         adapters.append({n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad})
     for name, tensor in adapters[0].items():
         torch.testing.assert_close(tensor, adapters[1][name], rtol=0, atol=0)
+
+
+def test_finetune_settings_that_train_nothing_or_a_missing_model_are_refused_before_loading(tmp_path):
+    """Round 3 F20, F03: --num_train_epochs 0 fine-tuned 0 steps and said done; a missing model folder was a raw
+    OSError."""
+    from hf_fg2u.cli.finetune import finetune as run_finetune
+    from hf_fg2u.cli.finetune import parse_finetune_args
+
+    source = tmp_path / "rows.jsonl"
+    write(source, rows(WORDS[:4], weight=lambda index: 1.0))
+    with pytest.raises(ValueError, match=r"num_train_epochs=0.0 with max_steps=-1 trains no step"):
+        parse_finetune_args([str(source), "--num_train_epochs", "0"])
+    out = tmp_path / "out"
+    missing = str(tmp_path / "nope")
+    parsed = parse_finetune_args([str(source), "--model_name_or_path", missing, "--output_dir", str(out)])
+    with pytest.raises(FileNotFoundError, match=r"--model_name_or_path '.*nope': no such folder"):
+        run_finetune(*parsed)
+    assert not out.exists()

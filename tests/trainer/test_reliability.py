@@ -363,3 +363,47 @@ def test_resuming_with_changed_settings_names_them_and_another_data_position_is_
         fast_trainer(tmp_path, data, max_steps=2, inner_lr=0.02).train(resume_from_checkpoint=checkpoint)
     with pytest.raises(ValueError, match=r"incompatible config \(rows_per_outer_step: .*unroll_steps"):
         fast_trainer(tmp_path, data, max_steps=2, unroll_steps=1).train(resume_from_checkpoint=checkpoint)
+
+
+def test_resuming_a_checkpoint_past_max_steps_is_refused_and_one_at_it_warned_about(tmp_path, data, checkpoint):
+    """Round 3 K04: a checkpoint at step 1000 with max_steps 4 trained nothing, and the results said 1000 steps."""
+    copy_run(checkpoint, tmp_path)
+    with pytest.raises(ValueError, match=r"checkpoint-2 is at outer step 2, past max_steps=1.*--max_steps above 2"):
+        fast_trainer(tmp_path, data, max_steps=1).train(resume_from_checkpoint=True)
+    assert not (tmp_path / "run" / LOCK_NAME).exists()
+    with pytest.warns(UserWarning, match=r"checkpoint-2 is at outer step 2 = max_steps: no outer step is left"):
+        fast_trainer(tmp_path, data, max_steps=2, save_strategy="no").train(resume_from_checkpoint=True)
+
+
+def test_a_run_whose_hypergradient_is_always_zero_is_warned_about(tmp_path, data, monkeypatch):
+    """Round 3 C66/C71: an inner_lr that diverges or lora_alpha 0 gave a hypergradient of 0 at every step, and the
+    run ended as done with φ untouched."""
+    monkeypatch.setattr(trainer_module.BilevelTrainer, "_record", zero_norm_record(trainer_module.BilevelTrainer))
+    with pytest.warns(UserWarning, match=r"hypergradient was exactly 0 at every one of the 2 outer steps.*inner_lr"):
+        fast_trainer(tmp_path, data, max_steps=2, save_strategy="no").train()
+
+
+def zero_norm_record(cls):
+    real = cls._record
+
+    def record(self, result, method, step, seconds, grad_norm):
+        real(self, result, method, step, seconds, 0.0)
+
+    return record
+
+
+def test_credentials_under_other_key_names_and_in_signed_urls_are_redacted():
+    """Round 3 b2: passwd, pwd, auth_header, http_headers, bearer and a signed URL's ?sig= were written in clear to
+    the card, bilevel_state.json and training_args.bin (all of which go through redact)."""
+    from hf_fg2u.trainer.redaction import REDACTED, redact
+
+    kwargs = {
+        "passwd": "P1", "pwd": "P2", "auth_header": "P3", "http_headers": {"X-Api": "P4"}, "bearer": "P5",
+        "cache_url": "https://acct.blob.core.windows.net/c/f?sv=2022&sig=P6", "nested": [{"db_password": "P7"}],
+        "s3": "https://b.s3.amazonaws.com/f?X-Amz-Signature=P8", "author": "kept", "directions_per_pass": "kept",
+        "url": "https://example.com/data?page=2",
+    }  # fmt: skip
+    clean = redact(kwargs)
+    assert not [secret for secret in (f"P{i}" for i in range(1, 9)) if secret in json.dumps(clean)]
+    assert clean["http_headers"] == REDACTED and clean["nested"] == [{"db_password": REDACTED}]
+    assert (clean["author"], clean["directions_per_pass"], clean["url"]) == ("kept", "kept", kwargs["url"])
