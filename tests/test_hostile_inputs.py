@@ -63,8 +63,8 @@ def test_batch_size_zero_and_lora_rank_zero_are_refused_at_the_start():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"num_examples": 10**12}, r"declares tensors \{'logits': \(1000000000000,\)\} but .* holds"),
-        ({"num_examples": 7}, r"declares tensors \{'logits': \(7,\)\}"),
+        ({"num_examples": 10**12}, r"declares tensors \{'logits': \(1000000000000,\), 'scored'.* but .* holds"),
+        ({"num_examples": 7}, r"declares tensors \{'logits': \(7,\), 'scored': \(7,\)\}"),
         ({"num_examples": -3}, r"num_examples >= 1"),
     ],
     ids=["declared_size_far_too_large", "declared_size_other", "negative_size"],
@@ -308,7 +308,7 @@ def test_train_rows_with_a_weight_column_train_and_get_the_learned_weights_in_it
     with pytest.warns(UserWarning, match=r"has a 'weight' column \(an earlier run's weights\?\); it is left out"):
         results = cli.run_train(argv)
     saved = pandas.read_parquet(tmp_path / "run" / "weighted_dataset.parquet")
-    assert list(saved.columns) == ["prompt", "completion", "is_corrupted", "weight"]
+    assert list(saved.columns) == ["prompt", "completion", "is_corrupted", "scored", "weight"]
     assert saved["weight"].mean() == pytest.approx(1.0, abs=1e-5) and 0.0 <= results["auroc_corrupted"] <= 1.0
 
 
