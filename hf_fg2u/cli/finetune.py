@@ -25,6 +25,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from transformers import HfArgumentParser, TrainingArguments
 
 from hf_fg2u.hub.base_model import BASE_MODEL_FILE
+from hf_fg2u.lm.data_checks import ModelLimits, check_token_rows
 from hf_fg2u.lm.evaluation import MAX_CHOICES, answer_choices, choice_accuracy
 from hf_fg2u.lm.formats import prepare_split
 from hf_fg2u.trainer.checkpointing import STATE_CONFIG_NAME
@@ -61,7 +62,9 @@ class FinetuneArguments:
                   "labels): the weights are rescaled within each value so its share of the total weight is its "
                   "share of the rows; the ranking within a value is kept."},
     )  # fmt: skip
-    max_length: int = field(default=128, metadata={"help": "Rows longer than this many tokens are cut or dropped."})
+    max_length: int = field(
+        default=512, metadata={"help": "Rows longer than this many tokens are cut or dropped (train's default too)."}
+    )
     truncation_mode: str = field(
         default="keep_start",
         metadata={"help": "A row longer than max_length: keep_start cuts its end, keep_end its start (the "
@@ -212,6 +215,7 @@ def _train_and_score(args: FinetuneArguments, model_args, training_args: Trainin
 
     model, tokenizer = load_model_and_tokenizer(model_args, training_args.seed)
     train = prepare_split(rows, "train", tokenizer, args.max_length, truncation_mode=args.truncation_mode)
+    check_token_rows(train, "train", ModelLimits.of(model))  # e.g. an answer max_length cut off: loss 0, weight kept
     splits = {
         name: prepare_split(_read_rows(path), name, tokenizer, args.max_length, truncation_mode=args.truncation_mode)
         for name, path in (("eval", args.eval_file), ("test", args.test_file))

@@ -237,3 +237,11 @@ def test_finetune_settings_that_train_nothing_or_a_missing_model_are_refused_bef
     with pytest.raises(FileNotFoundError, match=r"--model_name_or_path '.*nope': no such folder"):
         run_finetune(*parsed)
     assert not out.exists()
+
+
+def test_rows_whose_answer_max_length_cut_off_are_refused_as_train_refuses_them(tiny_model, tmp_path):
+    """A row cut before its answer would add loss 0 while its weight still counts in the normaliser."""
+    source = write(tmp_path / "w.jsonl", rows(WORDS, lambda i: 1.0))
+    with pytest.raises(SystemExit, match=r"have no token to learn from.*max_length"):
+        finetune(tiny_model, source, tmp_path / "out", "--max_length", "6")
+    assert not (tmp_path / "out" / "finetune_results.json").exists()
