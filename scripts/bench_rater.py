@@ -51,6 +51,8 @@ def main() -> None:
                         help="timing: each command alone (nothing else may run); memory: peak RSS of scoring the pool "
                         "and the pool repeated (valid beside other work).")  # fmt: skip
     parser.add_argument("--rater", type=Path, help="memory: score with this rater run (default: the timing part's).")
+    parser.add_argument("--memory_base", default="pool", choices=["pool", "tenth"],
+                        help="memory: score the pool and 10x the pool, or a tenth of it and the pool's size.")  # fmt: skip
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     data, runs = args.work / "data", args.work / "runs"
@@ -72,11 +74,13 @@ def main() -> None:
                             f"meta={data / 'meta.jsonl'}"],
             "score_pool": [*score, "--data_files", str(data / "pool.jsonl"), "--output_dir", str(runs / "scored")],
         })  # fmt: skip
-    if "memory" in args.parts:
-        big = write_rows(args.work / "pool_x10.jsonl", read_rows(data / "pool.jsonl") * args.repeat)
+    if "memory" in args.parts:  # the base: the pool, or its first tenth (10x fewer rows to stream, same ratio)
+        pool = read_rows(data / "pool.jsonl")
+        base = pool if args.memory_base == "pool" else pool[: len(pool) // 10]
+        small = write_rows(args.work / "memory_base.jsonl", base)
+        big = write_rows(args.work / "memory_x10.jsonl", base * args.repeat)
         commands.update({
-            "memory_score_pool": [*score, "--data_files", str(data / "pool.jsonl"), "--output_dir",
-                                  str(runs / "memory_scored")],
+            "memory_score_pool": [*score, "--data_files", small, "--output_dir", str(runs / "memory_scored")],
             "memory_score_pool_x10": [*score, "--data_files", big, "--output_dir", str(runs / "memory_scored_x10")],
         })  # fmt: skip
     found = json.loads(args.out.read_text()) if args.out.is_file() else {}
