@@ -52,7 +52,7 @@ def main() -> None:
                         "and the pool repeated (valid beside other work).")  # fmt: skip
     parser.add_argument("--rater", type=Path, help="memory: score with this rater run (default: the timing part's).")
     parser.add_argument("--memory_base", default="pool", choices=["pool", "tenth"],
-                        help="memory: score the pool and 10x the pool, or a tenth of it and the pool's size.")  # fmt: skip
+                        help="memory: score the pool and 10x it, or a tenth of it and the pool.")  # fmt: skip
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     data, runs = args.work / "data", args.work / "runs"
