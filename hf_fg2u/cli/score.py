@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import shutil
 import time
 import warnings
@@ -20,8 +20,11 @@ from pathlib import Path
 import torch
 
 SCORE_RESULTS = "score_results.json"
-PARTIAL = ".scoring"  # the first pass's keep-probabilities, removed once the weights are written
+WEIGHTED = "weighted_dataset.parquet"
+PARTIAL = ".scoring"  # the work of a score in progress: parts, then the new outputs, moved into place at the end
 RUN_MARKERS = ("bilevel_state.json", "outer_config.json", "adapter_config.json", "_hf_fg2u.lock")
+OWN_FILES = (SCORE_RESULTS, WEIGHTED, "base_model.json", PARTIAL)  # what a score writes, and may replace
+KEEP = "__hf_fg2u_keep_probability"  # the first pass's column, a name no user column has
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -32,8 +35,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite_output_dir", action="store_true", help="Replace an earlier score's output.")
     parser.add_argument("--model_name_or_path", default=None, help="The base model, when the run's is not here.")
     parser.add_argument("--gguf_file", default=None, help="The base model's GGUF file inside --model_name_or_path.")
-    parser.add_argument("--batch_size", type=int, default=64, help="Rows per forward pass.")
-    parser.add_argument("--max_length", type=int, default=512, help="Longer rows keep their end (the answer).")
+    parser.add_argument("--batch_size", type=at_least(1), default=64, help="Rows per forward pass.")
+    parser.add_argument("--max_length", type=at_least(2), default=512, help="Longer rows keep their end (the answer).")
     parser.add_argument("--bf16", action="store_true", help="Forward passes under bf16 autocast.")
     parser.add_argument("--disable_tqdm", action="store_true", help="No progress bar.")
     parser.add_argument("--num_processes", type=int, default=1, help="Ranks that split the rows (accelerate launch).")
@@ -41,8 +44,21 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def at_least(low: int):
+    """An argparse type: an int of at least ``low``."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
 def check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """Refuse a folder holding a run or the user's files; an earlier score's output only with ``overwrite``."""
+    """Refuse a folder holding a run or any file a score does not write; an earlier (or interrupted) score's output
+    only with ``overwrite``, and then only its own files are replaced."""
     if not output_dir.exists():
         return
     if not output_dir.is_dir():
@@ -52,10 +68,13 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
         raise ValueError(f"--output_dir {output_dir} holds a run ({', '.join(held)}); scoring would mix its files "
                          "with the scored rows. Choose another folder.")  # fmt: skip
     entries = {path.name for path in output_dir.iterdir()}
-    if entries and not (SCORE_RESULTS in entries and overwrite):
-        what = "an earlier score's output" if SCORE_RESULTS in entries else f"other files ({sorted(entries)[:3]})"
-        fix = "pass --overwrite_output_dir to replace it" if SCORE_RESULTS in entries else "choose an empty folder"
-        raise ValueError(f"--output_dir {output_dir} holds {what}: {fix}.")
+    others = sorted(entries - set(OWN_FILES))
+    if others:
+        raise ValueError(f"--output_dir {output_dir} holds files a score does not write ({others[:3]}): choose an "
+                         "empty folder.")  # fmt: skip
+    if entries and not overwrite:
+        what = "an earlier score's output" if SCORE_RESULTS in entries else "an interrupted score's files"
+        raise ValueError(f"--output_dir {output_dir} holds {what}: pass --overwrite_output_dir to replace it.")
 
 
 def check_same_base(run, model_name_or_path: str | None) -> None:
@@ -83,7 +102,17 @@ def load_rows(files: list[str]):
     empty = [path for path in files if Path(path).stat().st_size == 0]
     if empty:
         raise ValueError(f"--data_files: {empty} are empty; give files with rows to weigh.")
-    rows = load_files({"train": files}, builder_of({"train": files}))["train"]
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        rows = load_files({"train": files}, builder_of({"train": files}))["train"]
+    except DatasetGenerationError as error:  # e.g. files of two formats: their columns cannot be joined
+        raise ValueError(f"--data_files {files} could not be read as one table ({error.__cause__ or error}): give "
+                         "files of one format and the same columns.") from error  # fmt: skip
+    except ValueError as error:
+        if "corresponds to no data" not in str(error):
+            raise
+        raise ValueError(f"--data_files {files} hold no rows; give files with rows to weigh.") from error
     if len(rows) == 0:
         raise ValueError(f"--data_files {files} hold no rows; give files with rows to weigh.")
     return rows
@@ -99,7 +128,11 @@ def score(args: argparse.Namespace) -> dict | None:
     from hf_fg2u.hub.load import load_run
     from hf_fg2u.lm.scoring import RowScorer
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # CPU ranks (gloo) where there is no GPU
+    expected = int(os.environ.get("WORLD_SIZE", 1))
+    if state.num_processes != expected:
+        raise RuntimeError(f"This rank sees {state.num_processes} processes of {expected} launched: the ranks would "
+                           "each score every row. Check the accelerate config.")  # fmt: skip
     output_dir = Path(args.output_dir)
     if state.num_processes == 1:
         check_output_dir(output_dir, args.overwrite_output_dir)
@@ -109,12 +142,26 @@ def score(args: argparse.Namespace) -> dict | None:
     check_same_base(run, args.model_name_or_path)
     scorer = RowScorer(run.model.to(state.device), run.outer, run.tokenizer, args.max_length, args.batch_size)
     scorer.check_format(rows.column_names, f"--data_files {args.data_files}")
+    scorer.rater.check_groups(rows, "scored")  # before anything is written
     partial = output_dir / PARTIAL
     if state.is_main_process:
-        if output_dir.exists():  # an earlier score's output, --overwrite_output_dir given
-            shutil.rmtree(output_dir)
+        shutil.rmtree(partial, ignore_errors=True)  # an interrupted score's (--overwrite_output_dir checked it)
         partial.mkdir(parents=True)
     state.wait_for_everyone()
+    try:
+        results = _score_rows(args, state, scorer, rows, partial)
+        if results is not None:
+            _write_base_record(run.folder, partial)
+            for name in (WEIGHTED, SCORE_RESULTS, "base_model.json"):  # the earlier score's files, replaced only now
+                os.replace(partial / name, output_dir / name)
+    finally:  # the other ranks are done once the first has results (they passed its last barrier)
+        if state.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+    return results
+
+
+def _score_rows(args, state, scorer, rows, partial: Path) -> dict | None:
+    """Both passes into ``partial``: this rank's share of keep-probabilities, then (first rank) the weights."""
     start = time.perf_counter()
     share = rows.shard(state.num_processes, state.process_index, contiguous=True)
     totals = _first_pass(scorer, share, partial / f"keep-{state.process_index:05d}.parquet", args)
@@ -125,23 +172,21 @@ def score(args: argparse.Namespace) -> dict | None:
     shares = [json.loads(path.read_text()) for path in sorted(partial.glob("totals-*.json"))]
     total, counted, unscored = (sum(share[i] for share in shares) for i in range(3))
     seconds = time.perf_counter() - start
-    mean = total / counted if counted else float("nan")
-    if not counted or not math.isfinite(mean) or mean <= 0:
-        shutil.rmtree(output_dir)
-        raise ValueError(f"No row of {args.data_files} could be scored (every completion is empty).")
+    if not counted:
+        raise ValueError(f"No row of {args.data_files} has an answer to score (every completion is empty, or "
+                         f"--max_length {args.max_length} cut it off).")  # fmt: skip
+    mean = total / counted
     if unscored:
-        warnings.warn(f"{unscored} of {len(rows)} rows have no answer token to score (an empty completion): their "
-                      "weight is 0.", stacklevel=2)  # fmt: skip
-    _second_pass(sorted(partial.glob("keep-*.parquet")), output_dir / "weighted_dataset.parquet", mean)
-    shutil.rmtree(partial)
-    _write_base_record(run.folder, output_dir)
+        warnings.warn(f"{unscored} of {len(rows)} rows have no answer to score (an empty completion): their weight "
+                      "is 0 and their scored column False.", stacklevel=2)  # fmt: skip
+    _second_pass(sorted(partial.glob("keep-*.parquet")), partial / WEIGHTED, mean)
     results = {
         "run": str(args.run), "data_files": list(args.data_files), "rows": len(rows), "unscored_rows": unscored,
         "processes": state.num_processes, "mean_keep_probability": mean, "seconds": seconds,
         "rows_per_second": len(rows) / seconds,
     }  # fmt: skip
-    results.update(_separation(output_dir / "weighted_dataset.parquet"))
-    (output_dir / SCORE_RESULTS).write_text(json.dumps(results, indent=2))
+    results.update(_separation(partial / WEIGHTED))
+    (partial / SCORE_RESULTS).write_text(json.dumps(results, indent=2))
     return results
 
 
@@ -157,7 +202,7 @@ def _first_pass(scorer, rows, keep_file: Path, args) -> tuple[float, int, int]:
     with tqdm(total=len(rows), desc="Scoring rows", unit="rows", disable=args.disable_tqdm) as bar, autocast:
         for start, keep in scorer.chunks(rows):
             chunk = rows.with_format("arrow")[start : start + len(keep)]
-            table = chunk.append_column("keep_probability", pa.array(keep.numpy()))
+            table = chunk.append_column(KEEP, pa.array(keep.numpy()))
             writer = writer or pq.ParquetWriter(str(keep_file), table.schema)
             writer.write_table(table)
             scored = ~torch.isnan(keep)
@@ -182,9 +227,9 @@ def _second_pass(keep_files: list[Path], out_file: Path, mean: float) -> None:
     writer = None
     for keep_file, index in ((path, i) for path in keep_files for i in range(pq.ParquetFile(str(path)).num_row_groups)):
         table = pq.ParquetFile(str(keep_file)).read_row_group(index)
-        keep = table.column("keep_probability")
+        keep = table.column(KEEP)
         weight = pc.fill_null(pc.if_else(pc.is_nan(keep), 0.0, pc.divide(keep, mean)), 0.0)
-        stale = [name for name in ("keep_probability", SCORED_COLUMN, "weight") if name in table.column_names]
+        stale = [name for name in (KEEP, SCORED_COLUMN, "weight") if name in table.column_names]
         table = table.drop_columns(stale).append_column(SCORED_COLUMN, pc.invert(pc.is_nan(keep)))
         table = table.append_column("weight", pa.array(weight, pa.float64()))
         writer = writer or pq.ParquetWriter(str(out_file), table.schema)
@@ -223,7 +268,6 @@ def _separation(weighted_file: Path) -> dict:
 def run_score(argv: list[str]) -> dict:
     """Score here, or with ``--num_processes N`` on N ranks started through ``accelerate launch`` (the output folder and
     the files are checked here first)."""
-    import os
     import subprocess
 
     from hf_fg2u.cli import launch
@@ -239,6 +283,9 @@ def run_score(argv: list[str]) -> dict:
         if subprocess.run(command, check=False, env={**os.environ, **env}).returncode:
             raise RuntimeError("accelerate launch of the scoring ranks failed (command above).")
         results = json.loads((Path(args.output_dir) / SCORE_RESULTS).read_text())
+        if results.get("processes") != launch_args.num_processes:
+            raise RuntimeError(f"The ranks scored as {results.get('processes')} processes, not "
+                               f"{launch_args.num_processes}: check the accelerate config.")  # fmt: skip
     else:
         results = score(args)
         if results is None:  # a rank other than the first: the first reports

@@ -57,13 +57,14 @@ class RowScorer:
 
     def chunks(self, dataset) -> Iterator[tuple[int, torch.Tensor]]:
         """(first row, keep-probabilities [n] in float64) for every ``chunk_size`` rows of the raw ``dataset``, in
-        order; NaN where a row has no answer token to score (its completion is empty)."""
+        order; NaN where a row has no answer to score (an empty completion, or one max_length cut off)."""
         for start in range(0, len(dataset), self.chunk_size):
             rows = dataset.select(range(start, min(start + self.chunk_size, len(dataset))))
             yield start, self.keep_probabilities(rows)
 
     @torch.no_grad()
     def keep_probabilities(self, rows) -> torch.Tensor:
+        empty = torch.tensor(empty_answers(rows), dtype=torch.bool)
         rows = self.rater.prepare_dataset(rows, "scored")  # its group column, before tokenizing replaces it
         tokenized = tokenize_dataset(rows, self.tokenizer, self.max_length, "scored", truncation_mode="keep_end")
         columns = [c for c in (*MODEL_INPUT_COLUMNS, *self.rater.required_columns) if c in tokenized.column_names]
@@ -77,4 +78,16 @@ class RowScorer:
             keep = self.rater.keep_probabilities(outer, batch, losses.float()).double()
             scored = (batch["labels"][:, 1:] != -100).any(-1)
             out.append(torch.where(scored, keep, torch.full_like(keep, float("nan"))).cpu())
-        return torch.cat(out)
+        keep = torch.cat(out)
+        return torch.where(empty, torch.full_like(keep, float("nan")), keep)
+
+
+def empty_answers(rows) -> list[bool]:
+    """Rows whose answer is empty text (a blank completion, or a blank last message): their only labelled token would
+    be the end-of-text the tokenization appends, no answer to judge."""
+    kind = dataset_format(rows.column_names)
+    if kind == "prompt_completion":
+        return [isinstance(value, str) and not value.strip() for value in rows["completion"]]
+    if kind == "conversational":
+        return [not messages or not str(messages[-1].get("content") or "").strip() for messages in rows["messages"]]
+    return [not str(text or "").strip() for text in rows["text"]]

@@ -110,20 +110,27 @@ class DataRater(OuterModule):
     def row_weights(self, outer, batch, losses):
         return self.keep_probabilities(outer, batch, losses)
 
-    def prepare_dataset(self, dataset, role):
-        """Number each row's group (train, and any rows to score); a value the rater has no group for is refused."""
-        if not self.config.groups or role not in ("train", "scored", "exported"):
-            return dataset
+    def check_groups(self, dataset, role: str) -> None:
+        """Refuse rows without the group column, or with a value the rater has no group for."""
+        if not self.config.groups:
+            return
         column = self.config.group_column
         require_columns(dataset, (column,), role, "DataRater")
-        index = {name: i for i, name in enumerate(self.config.groups)}
-        unknown = sorted({str(value) for value in dataset[column]} - set(index))
+        unknown = sorted({str(value) for value in dataset.unique(column)} - set(self.config.groups))
         if unknown:
             raise ValueError(
                 f"The {role} rows hold {column!r} values {unknown[:5]} that the rater has no group for (it knows "
                 f"{self.config.groups}): it can weigh only rows of the groups it was learned on. Drop those rows, or "
                 "learn a rater on rows that include them."
             )
+
+    def prepare_dataset(self, dataset, role):
+        """Number each row's group (train, and any rows to score); a value the rater has no group for is refused."""
+        if not self.config.groups or role not in ("train", "scored", "exported"):
+            return dataset
+        self.check_groups(dataset, role)
+        index = {name: i for i, name in enumerate(self.config.groups)}
+        column = self.config.group_column
         return dataset.map(lambda row: {self.group_index_column: index[str(row[column])]}, desc="Rater groups")
 
     def fit_(self, losses: torch.Tensor, targets: torch.Tensor, groups: torch.Tensor | None = None,

@@ -142,3 +142,43 @@ def test_two_processes_split_the_rows_and_write_what_one_writes(tiny_model, tmp_
     assert [row["prompt"] for row in tables["2"]] == [row["prompt"] for row in tables["1"]]
     got, want = (torch.tensor([row["weight"] for row in tables[n]]) for n in ("2", "1"))
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_replacing_an_earlier_score_keeps_it_until_the_new_one_is_written(tiny_model, tmp_path):
+    """--overwrite_output_dir replaces only what a score writes, and only once the new weights exist: a score that
+    fails leaves the earlier output as it was; a folder with the user's files, or an interrupted score's files
+    without the flag, is refused."""
+    run = learn_rater(tiny_model, tmp_path)
+    pool = rows("prompt_completion")
+    out = tmp_path / "scored"
+    main(["score", str(run), "--data_files", write(tmp_path / "pool.jsonl", pool), "--output_dir", str(out),
+          "--disable_tqdm"])  # fmt: skip
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    blank = write(tmp_path / "blank.jsonl", [{**row, "completion": " "} for row in pool])
+    refused([str(run), "--data_files", blank, "--output_dir", str(out), "--overwrite_output_dir"],
+            "has an answer to score")  # fmt: skip
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before  # nothing lost, no .scoring left
+    (out / ".scoring").mkdir()  # as a killed score leaves it
+    refused([str(run), "--data_files", blank, "--output_dir", str(out)], "overwrite_output_dir to replace")
+    (out / "notes.txt").write_text("mine")
+    refused([str(run), "--data_files", blank, "--output_dir", str(out), "--overwrite_output_dir"],
+            r"files a score does not write \(\['notes.txt'\]\)")  # fmt: skip
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_rows_without_an_answer_weigh_0_and_columns_of_the_users_are_kept(tiny_model, tmp_path):
+    run = learn_rater(tiny_model, tmp_path)
+    pool = [{**row, "keep_probability": -1.0} for row in rows("prompt_completion")]
+    pool[0]["completion"] = ""
+    out = tmp_path / "scored"
+    with pytest.warns(UserWarning, match="1 of 14 rows have no answer to score"):
+        main(["score", str(run), "--data_files", write(tmp_path / "pool.jsonl", pool), "--output_dir", str(out),
+              "--disable_tqdm"])  # fmt: skip
+    scored = pq.read_table(out / "weighted_dataset.parquet").to_pylist()
+    assert scored[0]["scored"] is False and scored[0]["weight"] == 0.0 and all(row["scored"] for row in scored[1:])
+    assert [row["keep_probability"] for row in scored] == [-1.0] * 14  # the user's column, untouched
+    assert sum(row["weight"] for row in scored[1:]) == pytest.approx(13.0)  # mean 1 over the scored rows
+    with pytest.raises(SystemExit) as error:
+        main(["score", str(run), "--data_files", str(tmp_path / "pool.jsonl"), "--output_dir", str(tmp_path / "o"),
+              "--batch_size", "0"])  # fmt: skip
+    assert error.value.code == 2 and not (tmp_path / "o").exists()
