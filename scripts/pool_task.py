@@ -11,12 +11,9 @@ Writes OUT/{sample,pool,meta,stop,test}.jsonl; the sample's rows are rows of the
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
-from pathlib import Path
 
-from sentiment_task import ANSWERS, PROMPT, make_splits, read_lexicon
+from sentiment_task import ANSWERS, PROMPT, make_splits, read_lexicon, task_parser, write_splits
 
 TEMPLATES = (
     PROMPT,
@@ -53,23 +50,13 @@ def make_pool(words, data_seed: int, meta_rows: int, stop_rows: int, test_rows: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lexicon", type=Path, required=True, help="vader_lexicon.txt of vaderSentiment.")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--data_seed", type=int, default=0)
+    parser = task_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--sample_rows", type=int, default=600)
     parser.add_argument("--pool_rows", type=int, default=6000)
-    parser.add_argument("--meta_rows", type=int, default=64)
-    parser.add_argument("--stop_rows", type=int, default=100)
-    parser.add_argument("--test_rows", type=int, default=300)
-    parser.add_argument("--corrupted_fraction", type=float, default=0.4)
     args = parser.parse_args()
     splits = make_pool(read_lexicon(args.lexicon), args.data_seed, args.meta_rows, args.stop_rows, args.test_rows,
                        args.pool_rows, args.sample_rows, args.corrupted_fraction)  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, rows in splits.items():
-        (args.out / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    print(", ".join(f"{name} {len(rows)}" for name, rows in splits.items()) + f" in {args.out}")
+    print(write_splits(args.out, splits))
 
 
 if __name__ == "__main__":

@@ -65,26 +65,35 @@ def make_splits(words, data_seed: int, train_rows: int, meta_rows: int, stop_row
     return splits
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def task_parser(description: str) -> argparse.ArgumentParser:
+    """The options every build of the words task takes (this one and scripts/pool_task.py)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--lexicon", type=Path, required=True, help="vader_lexicon.txt of vaderSentiment.")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--data_seed", type=int, default=0)
-    parser.add_argument("--train_rows", type=int, default=600)
     parser.add_argument("--meta_rows", type=int, default=64)
     parser.add_argument("--stop_rows", type=int, default=100)
     parser.add_argument("--test_rows", type=int, default=300)
     parser.add_argument("--corrupted_fraction", type=float, default=0.4)
+    return parser
+
+
+def write_splits(out: Path, splits: dict[str, list[dict]]) -> str:
+    """Each split as OUT/NAME.jsonl; a line saying what was written."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in splits.items():
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return ", ".join(f"{name} {len(rows)}" for name, rows in splits.items()) + f" in {out}"
+
+
+def main() -> None:
+    parser = task_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--train_rows", type=int, default=600)
     args = parser.parse_args()
     words = read_lexicon(args.lexicon)
     splits = make_splits(words, args.data_seed, args.train_rows, args.meta_rows, args.stop_rows, args.test_rows,
                          args.corrupted_fraction)  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, rows in splits.items():
-        (args.out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    print(
-        f"{len(words)} words; " + ", ".join(f"{name} {len(rows)}" for name, rows in splits.items()) + f" in {args.out}"
-    )
+    print(f"{len(words)} words; " + write_splits(args.out, splits))
 
 
 if __name__ == "__main__":
