@@ -252,7 +252,8 @@ def report(table: dict) -> str:
     for label, values in (("the rater, on the pool", rater), ("the loss at the rater's adapter, on the pool", loss)):
         lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {statistics.mean(values):.3f} |")
     sample = [r["learned"]["rater"]["record"][-1]["auroc_corrupted"] for r in results]
-    lines.append("| the rater, on its own sample | " + " | ".join(f"{v:.3f}" for v in sample)
+    lines.append("| the loop's per-row weights on the sample (what the rater is fitted to) | "
+                 + " | ".join(f"{v:.3f}" for v in sample)
                  + f" | {statistics.mean(sample):.3f} |")  # fmt: skip
     lines += [
         "",
