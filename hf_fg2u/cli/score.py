@@ -239,13 +239,11 @@ def _second_pass(keep_files: list[Path], out_file: Path, mean: float) -> None:
 
 def _write_base_record(run_folder: Path, output_dir: Path) -> None:
     """What the run records of its base model, so ``hf-fg2u finetune OUT`` finds it as it does for a run."""
+    from hf_fg2u.cli.finetune import base_model_of
     from hf_fg2u.hub.base_model import BASE_MODEL_FILE
 
-    if (Path(run_folder) / BASE_MODEL_FILE).is_file():
-        shutil.copy(Path(run_folder) / BASE_MODEL_FILE, output_dir / BASE_MODEL_FILE)
-        return
-    config = json.loads((Path(run_folder) / "adapter_config.json").read_text())
-    record = {"base_model_name_or_path": config.get("base_model_name_or_path")}
+    recorded = base_model_of(run_folder)  # base_model.json, else the adapter's config
+    record = {key: recorded[key] for key in ("base_model_name_or_path", "gguf_file") if key in recorded}
     (output_dir / BASE_MODEL_FILE).write_text(json.dumps(record, indent=2))
 
 
