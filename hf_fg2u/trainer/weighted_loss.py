@@ -47,7 +47,8 @@ class WeightedLossTrainer(WeightedLossMixin, Trainer):
     ):
         if train_dataset is not None and hasattr(train_dataset, "column_names"):
             check_model_columns(train_dataset, "train")
-            check_weight_column(train_dataset, weight_column)  # before the Trainer is built
+            mean_weight = check_weight_column(train_dataset, weight_column)  # before the Trainer is built
+            weight_normalizer = mean_weight if weight_normalizer is None else weight_normalizer  # read once
         model = trainable_base(model)
         if data_collator is None:
             data_collator = PaddingCollator.for_tokenizer(processing_class, model)
